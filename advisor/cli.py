@@ -1,0 +1,317 @@
+"""Command line: parse options, call one library function per stage, report.
+
+`pc-advise LOGS` is `pc-advise run LOGS`. Every stage is also its own command
+taking the run folder, so a later stage can rerun alone. This module reads
+the environment (cache folder, API keys) and passes plain values down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from advisor import __version__
+from advisor.errors import AdvisorError
+from advisor.pipeline import StageOutcome, run_stage
+from advisor.runfolder import RunDir
+import advisor.runfolder as rf
+
+def default_out_dir(log: str) -> Path:
+    """./pc-advise-out/<input name without .jsonl/.gz/.zst>/ ('stdin' for '-')."""
+    if log == "-":
+        return Path("pc-advise-out") / "stdin"
+    name = Path(log).name
+    for suffix in (".zst", ".gz", ".jsonl", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return Path("pc-advise-out") / (name or "log")
+
+
+def cache_dir() -> Path:
+    """Where built assets (the embedded tokenizer) are kept between runs."""
+    base = os.environ.get("PC_ADVISE_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(base) / "pc-advise" if base else Path.home() / ".cache" / "pc-advise"
+
+
+class Console:
+    """Human output on stderr (quiet with -q); the --json object on stdout."""
+
+    def __init__(self, quiet: bool, as_json: bool) -> None:
+        self.quiet = quiet or as_json
+        self.as_json = as_json
+        self.result: dict[str, Any] = {}
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+    def stage(self, outcome: StageOutcome, summary: str) -> None:
+        self.result.setdefault("stages", {})[outcome.stage] = {
+            "skipped": outcome.skipped,
+            "wall_s": round(outcome.wall_s, 3),
+            **dict(outcome.counts),
+        }
+        if outcome.skipped:
+            self.say(f"{outcome.stage}: unchanged inputs and options, skipped ({summary})")
+        else:
+            self.say(f"{outcome.stage}: {summary} [{outcome.wall_s:.1f}s]")
+
+    def finish(self) -> None:
+        if self.as_json:
+            click.echo(json.dumps(self.result, indent=2, default=str))
+
+
+def _fail(err: AdvisorError) -> None:
+    click.echo(f"Error: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+class DefaultRunGroup(click.Group):
+    """A group where an unknown first argument means `run` (pc-advise LOGS)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            if not args[0].startswith("-") or args[0] == "-":
+                args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+# --- shared options (decorators, applied to each stage command and to `run`) ---
+def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)
+    f = click.option("--force", is_flag=True, help="Rerun stages even when unchanged.")(f)
+    return f
+
+
+def ingest_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from advisor.schema import FORMATS
+
+    f = click.option(
+        "--format", "fmt", type=click.Choice(FORMATS), default=None,
+        help="Force one input format instead of detecting it per line.",
+    )(f)
+    f = click.option(
+        "--trace-block-size", type=int, default=512, show_default=True,
+        help="Tokens per hash id in block-hash traces (Mooncake: 512).",
+    )(f)
+    f = click.option(
+        "--rate", type=float, default=1.0, show_default=True,
+        help="Arrival rate (requests/s) assumed for lines without a timestamp.",
+    )(f)
+    f = click.option(
+        "--max-line-mb", type=float, default=32.0, show_default=True,
+        help="Lines longer than this are rejected (not read into memory).",
+    )(f)
+    return f
+
+
+def tokenize_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--tokenizer", default=None,
+        help="Local tokenizer folder or a model name already in the HF cache "
+        "(default: the embedded Qwen2.5 tokenizer).",
+    )(f)
+    f = click.option(
+        "--workers", type=int, default=None,
+        help="Tokenizer threads (default: all cores).",
+    )(f)
+    return f
+
+
+@click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pc-advise")
+def main() -> None:
+    """Prefix-cache advisor for vLLM: how much prefill your logs can reuse,
+    which --block-size and KV memory to run, what breaks reuse, and a replay
+    through vLLM that confirms it.
+
+    \b
+    Example:
+      pc-advise sample_logs/multiturn_chat.jsonl
+      pc-advise run logs.jsonl.zst -o out/ --tokenizer ./my-tokenizer
+    """
+
+
+# --- stage bodies (shared by the stage commands and `run`) ---
+def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Console) -> None:
+    from advisor import ingest as ing
+
+    options = ing.IngestOptions(
+        format=opts["fmt"],
+        trace_block_size=opts["trace_block_size"],
+        rate=opts["rate"],
+        max_line_bytes=int(opts["max_line_mb"] * (1 << 20)),
+    )
+    from_stdin = log == "-"
+    inputs = [] if from_stdin else [Path(log)]
+
+    def body(r: RunDir) -> dict[str, Any]:
+        res = ing.ingest_source(log, r.path(rf.REQUESTS), r.path(rf.REJECTS), options)
+        return res.as_counts()
+
+    out = run_stage(
+        run, "ingest", inputs, {**options.as_dict(), "log": log}, [rf.REQUESTS, rf.REJECTS],
+        body, force=force, fingerprintable=not from_stdin,
+    )
+    c = out.counts
+    con.stage(out, f"read {c['lines_read']}, accepted {c['accepted']}, rejected {c['rejected']}")
+    for line, reason in c.get("first_rejects", [])[:5]:
+        con.say(f"  rejected line {line}: {reason}")
+    if c["rejected"]:
+        con.say(f"  all rejects with their raw lines: {run.path(rf.REJECTS)}")
+
+
+def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
+    from advisor import tokens as tok
+
+    options = tok.TokenizeOptions(tokenizer=opts["tokenizer"], workers=opts["workers"] or os.cpu_count() or 1)
+
+    def body(r: RunDir) -> dict[str, Any]:
+        tokenizer = tok.load_tokenizer(options.tokenizer, cache_dir())
+        res = tok.tokenize_file(r.require(rf.REQUESTS), r.path(rf.TOKENS), tokenizer, options)
+        return res.as_counts()
+
+    out = run_stage(
+        run, "tokenize", [run.require(rf.REQUESTS)], options.as_dict(), [rf.TOKENS],
+        body, force=force,
+    )
+    c = out.counts
+    con.stage(out, f"{c['rows']} requests, {c['tokens']:,} prompt tokens ({c['tokenizer']})")
+
+
+def _not_built(stages: tuple[str, ...], con: Console) -> None:
+    if stages:
+        con.say(
+            "not built yet in this version: " + ", ".join(stages)
+            + " (no numbers are produced for them)"
+        )
+        con.result["not_built"] = list(stages)
+
+
+# --- commands ---
+@main.command()
+@click.argument("log")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default ./pc-advise-out/<log name>/).")
+@ingest_options
+@tokenize_options
+@common_options
+def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Run the whole pipeline on LOG (a .jsonl, .jsonl.gz, .jsonl.zst file, or - for stdin).
+
+    \b
+    Example:
+      pc-advise run sample_logs/rag_documents.jsonl -o out/rag
+    """
+    con = Console(quiet, as_json)
+    rundir = RunDir(out or default_out_dir(log))
+    con.result["run_dir"] = str(rundir.root)
+    try:
+        _do_ingest(rundir, log, opts, force, con)
+        _do_tokenize(rundir, opts, force, con)
+        _do_analyze(rundir, opts, force, con)
+        _do_simulate(rundir, opts, force, con)
+        _do_recommend(rundir, opts, force, con)
+        _do_replay(rundir, opts, force, con)
+        _do_report(rundir, opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.say(f"run folder: {rundir.root}")
+    con.finish()
+
+
+@main.command()
+@click.argument("log")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default ./pc-advise-out/<log name>/).")
+@ingest_options
+@common_options
+def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Read LOG into requests.parquet; bad lines go to rejects.jsonl with a reason.
+
+    \b
+    Example:
+      pc-advise ingest logs.jsonl.gz -o out/
+      cat logs.jsonl | pc-advise ingest - -o out/
+    """
+    con = Console(quiet, as_json)
+    rundir = RunDir(out or default_out_dir(log))
+    try:
+        _do_ingest(rundir, log, opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@tokenize_options
+@common_options
+def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Render and tokenize the requests of RUN_DIR into tokens.parquet.
+
+    \b
+    Example:
+      pc-advise tokenize pc-advise-out/multiturn_chat --tokenizer ./my-tokenizer
+    """
+    con = Console(quiet, as_json)
+    try:
+        _do_tokenize(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
+# --- stages built by later issues. Each owner replaces its placeholder `_do_<stage>`,
+# adds a `<stage>_options` decorator if needed, and replaces the `_stub(...)` line of its
+# command with a real command (pattern: `tokenize` above). ---
+def _do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
+    _not_built(("analyze",), con)
+
+
+def _do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
+    _not_built(("simulate",), con)
+
+
+def _do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
+    _not_built(("recommend",), con)
+
+
+def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
+    _not_built(("replay",), con)
+
+
+def _do_report(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
+    _not_built(("report",), con)
+
+
+def _stub(name: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+    def _cmd(run_dir: Path) -> None:
+        click.echo(f"pc-advise {name}: not built yet in this version; it writes nothing.", err=True)
+        sys.exit(3)
+
+
+# analyze
+_stub("analyze", "Prefix statistics, cache breakers and clusters of RUN_DIR (not built yet).\n\n"
+      "\b\nExample:\n  pc-advise analyze pc-advise-out/multiturn_chat")
+# simulate
+_stub("simulate", "Simulate vLLM's prefix cache over block sizes x budgets (not built yet).\n\n"
+      "\b\nExample:\n  pc-advise simulate pc-advise-out/multiturn_chat")
+# recommend
+_stub("recommend", "Pick the vLLM flags to run (not built yet).\n\n"
+      "\b\nExample:\n  pc-advise recommend pc-advise-out/multiturn_chat")
+# replay
+_stub("replay", "Replay the recommendation through vLLM (not built yet).\n\n"
+      "\b\nExample:\n  pc-advise replay pc-advise-out/multiturn_chat")
+# report
+_stub("report", "Write report.html and report.md (not built yet).\n\n"
+      "\b\nExample:\n  pc-advise report pc-advise-out/multiturn_chat")

@@ -1,0 +1,198 @@
+"""The run folder: artifact paths, atomic writes, and manifest.json.
+
+A run folder holds every artifact of one analysis (DESIGN §2). Every file is
+written to a temporary name in the same folder and renamed into place, so an
+interrupted run never leaves a half-written artifact. `manifest.json` records,
+per stage, a fingerprint of its inputs and options; a stage whose fingerprint
+is unchanged is skipped on rerun, and because each fingerprint covers the
+checksums of the upstream artifacts, a change upstream invalidates everything
+after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from advisor import __version__
+from advisor.errors import MissingStage
+
+# Artifact file names (DESIGN §2).
+REQUESTS = "requests.parquet"
+REJECTS = "rejects.jsonl"
+TOKENS = "tokens.parquet"
+PREFIXES = "prefixes.parquet"
+CLUSTERS = "clusters.parquet"
+STATS = "stats.json"
+SIM = "sim.parquet"
+SIM_REQUESTS = "sim_requests.parquet"
+RECOMMENDATION = "recommendation.json"
+REPLAY = "replay.json"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+MANIFEST = "manifest.json"
+
+# Which stage writes which artifact, so a missing input can name the command to run.
+PRODUCER = {
+    REQUESTS: "ingest",
+    REJECTS: "ingest",
+    TOKENS: "tokenize",
+    PREFIXES: "analyze",
+    CLUSTERS: "analyze",
+    STATS: "analyze",
+    SIM: "simulate",
+    SIM_REQUESTS: "simulate",
+    RECOMMENDATION: "recommend",
+    REPLAY: "replay",
+}
+
+STAGES = ("ingest", "tokenize", "analyze", "simulate", "recommend", "replay", "report")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` on success only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_table(path: Path, table: pa.Table, schema: pa.Schema | None = None) -> None:
+    """Write a whole table as Parquet (zstd), atomically."""
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run folder. Stateless: the manifest lives on disk."""
+
+    root: Path
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def require(self, name: str) -> Path:
+        """The artifact's path, or a MissingStage error naming the command that writes it."""
+        p = self.path(name)
+        if not p.exists():
+            stage = PRODUCER.get(name, "an earlier stage")
+            raise MissingStage(
+                f"{p} does not exist: run `pc-advise {stage}` for this run folder first "
+                f"(or `pc-advise run LOGS -o {self.root}` for the whole pipeline)."
+            )
+        return p
+
+    def read_table(self, name: str) -> pa.Table:
+        return pq.read_table(self.require(name))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.require(name).read_text(encoding="utf-8"))
+
+    # --- manifest ---
+    def manifest(self) -> dict[str, Any]:
+        p = self.path(MANIFEST)
+        if not p.exists():
+            return {"tool": "pc-advise", "version": __version__, "stages": {}}
+        return json.loads(p.read_text(encoding="utf-8"))
+
+    def fingerprint(
+        self, stage: str, inputs: list[Path], options: Mapping[str, Any]
+    ) -> tuple[str, dict[str, str]]:
+        """Content hash of a stage's inputs and options, plus the per-input checksums."""
+        sums = {str(p.name if p.parent == self.root else p): file_checksum(p) for p in inputs}
+        blob = json.dumps(
+            {"stage": stage, "version": __version__, "inputs": sums, "options": options},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest(), sums
+
+    def is_fresh(self, stage: str, key: str, outputs: list[str]) -> bool:
+        """True when the stage ran with this fingerprint and all its outputs are present."""
+        entry = self.manifest().get("stages", {}).get(stage)
+        return (
+            entry is not None
+            and entry.get("key") == key
+            and all(self.path(o).exists() for o in outputs)
+        )
+
+    def record(
+        self,
+        stage: str,
+        key: str,
+        input_sums: Mapping[str, str],
+        options: Mapping[str, Any],
+        wall_s: float,
+        counts: Mapping[str, Any],
+    ) -> None:
+        m = self.manifest()
+        m["tool"] = "pc-advise"
+        m["version"] = __version__
+        m.setdefault("stages", {})[stage] = {
+            "key": key,
+            "inputs": dict(input_sums),
+            "options": dict(options),
+            "wall_s": round(wall_s, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "counts": dict(counts),
+        }
+        write_json(self.path(MANIFEST), m)
+
+
+class StageTimer:
+    """Wall time of a stage, for the manifest."""
+
+    def __enter__(self) -> StageTimer:
+        self.start = time.perf_counter()
+        self.elapsed = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self.start

@@ -1,0 +1,123 @@
+"""Every Parquet column of the run folder, defined once.
+
+Each artifact has one pyarrow schema here; stages build tables against it and
+readers may rely on it. Columns are only ever added, never renamed.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- requests.parquet: one row per accepted log line, in arrival (line) order ---
+KIND_CHAT = "chat"  # OpenAI chat-completions body (messages, tools)
+KIND_COMPLETION = "completion"  # text prompt
+KIND_TOKENS = "tokens"  # pre-tokenized prompt_token_ids
+KIND_HASH_TRACE = "hash_trace"  # block-hash trace (Mooncake style): no text, no tokens
+KINDS = (KIND_CHAT, KIND_COMPLETION, KIND_TOKENS, KIND_HASH_TRACE)
+
+# Input formats ingest recognises (per line); `--format` forces one.
+FORMAT_CHAT = "openai-chat"  # bare chat body, or wrapped {"request": {...}, "response": ...}
+FORMAT_BATCH = "openai-batch"  # {"custom_id", "method", "url", "body"}
+FORMAT_COMPLETION = "completion"  # {"prompt": "..."} or {"prompt_token_ids": [...]}
+FORMAT_HASH_TRACE = "hash-trace"  # {"timestamp", "input_length", "output_length", "hash_ids"}
+FORMATS = (FORMAT_CHAT, FORMAT_BATCH, FORMAT_COMPLETION, FORMAT_HASH_TRACE)
+
+REQUESTS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),  # unique; from the log or "L<line>"
+        pa.field("line", pa.int64(), nullable=False),  # 1-based source line number
+        pa.field("timestamp", pa.float64()),  # seconds; null when the log has none
+        pa.field("kind", pa.string(), nullable=False),  # one of KINDS
+        pa.field("format", pa.string(), nullable=False),  # one of FORMATS
+        pa.field("model", pa.string()),
+        # The request as given (JSON text, so any shape the API allows round-trips).
+        pa.field("messages", pa.string()),  # JSON array of chat messages
+        pa.field("tools", pa.string()),  # JSON array of tool definitions
+        pa.field("prompt", pa.string()),  # completion prompt text
+        pa.field("prompt_token_ids", pa.list_(pa.int32())),  # pre-tokenized prompt
+        pa.field("output_tokens", pa.int64()),  # null when unknown
+        pa.field("output_text", pa.string()),  # the logged response text, when given
+        pa.field("hash_ids", pa.list_(pa.int64())),  # hash traces: one id per trace block
+        pa.field("input_length", pa.int64()),  # hash traces: prompt tokens
+        pa.field("trace_block_size", pa.int32()),  # hash traces: tokens per hash id
+        pa.field("lora", pa.string()),  # LoRA adapter name (a block-hash extra key)
+        pa.field("cache_salt", pa.string()),  # vLLM cache_salt (extra key of block 0)
+        pa.field("session_id", pa.string()),  # conversation / user id when the log has one
+        pa.field("latency_s", pa.float64()),  # logged end-to-end latency, when given
+        pa.field("ttft_s", pa.float64()),  # logged time to first token, when given
+    ]
+)
+
+# --- tokens.parquet: same rows and order as requests.parquet ---
+TOKENS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32())),  # null for hash traces
+        pa.field("n_tokens", pa.int64(), nullable=False),  # prompt length (input_length for traces)
+    ]
+)
+
+# --- sim.parquet: one row per (block_size, budget, policy, mode, window) ---
+POLICY_LRU = "lru"  # vLLM's free queue
+POLICY_FIFO = "fifo"
+POLICY_BELADY = "belady"
+MODE_SEQUENTIAL = "sequential"
+MODE_CONCURRENT = "concurrent"
+WINDOW_COLD = "cold"  # whole log counted
+WINDOW_WARM = "warm"  # only requests after the warm-up window counted
+
+SIM = pa.schema(
+    [
+        pa.field("block_size", pa.int32(), nullable=False),
+        pa.field("num_blocks", pa.int64()),  # usable blocks; null = infinite-cache ceiling row
+        pa.field("kv_gib", pa.float64()),  # KV memory of num_blocks; null when no model known
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("window", pa.string(), nullable=False),
+        pa.field("requests", pa.int64(), nullable=False),  # requests counted in this window
+        pa.field("queries", pa.int64(), nullable=False),  # prompt tokens (vLLM prefix_cache_queries)
+        pa.field("hit_tokens", pa.int64(), nullable=False),  # vLLM prefix_cache_hits
+        pa.field("hit_rate", pa.float64(), nullable=False),  # hit_tokens / queries
+        pa.field("evictions", pa.int64(), nullable=False),  # hashed blocks evicted
+        pa.field("peak_blocks_in_use", pa.int64(), nullable=False),
+        pa.field("ceiling_hit_rate", pa.float64(), nullable=False),  # block ceiling, same window
+    ]
+)
+
+SIM_REQUESTS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("block_size", pa.int32(), nullable=False),
+        pa.field("num_blocks", pa.int64()),  # null = infinite cache
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),  # queries for this request
+        pa.field("hit_tokens", pa.int64(), nullable=False),
+    ]
+)
+
+# --- prefixes.parquet: per request prefix statistics (analysis) ---
+PREFIXES = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),
+        # longest prefix shared with ANY earlier request, at token granularity (ceiling_tokens)
+        pa.field("shared_tokens", pa.int64(), nullable=False),
+        pa.field("shared_blocks", pa.int64(), nullable=False),  # at the analysis block size
+        pa.field("best_match_id", pa.string()),  # the earlier request it shares most with
+        pa.field("same_session", pa.bool_()),  # best match is from the same session
+        pa.field("cluster", pa.int32()),
+    ]
+)
+
+CLUSTERS = pa.schema(
+    [
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("requests", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("shared_tokens", pa.int64(), nullable=False),
+        pa.field("ceiling", pa.float64(), nullable=False),  # shared_tokens / tokens
+        pa.field("representative_id", pa.string()),
+        pa.field("prefix_tokens", pa.int64()),  # length of the cluster's common prefix
+        pa.field("prefix_text", pa.string()),  # decoded, null for hash traces
+    ]
+)
