@@ -54,6 +54,9 @@ TOKENS = pa.schema(
         pa.field("request_id", pa.string(), nullable=False),
         pa.field("token_ids", pa.list_(pa.int32())),  # null for hash traces
         pa.field("n_tokens", pa.int64(), nullable=False),  # prompt length (input_length for traces)
+        # Why vLLM would refuse this request before scheduling it (template failed, empty
+        # prompt, non-text part); then token_ids = [] and n_tokens = 0. Null when tokenized.
+        pa.field("tokenize_error", pa.string()),
     ]
 )
 
