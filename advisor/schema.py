@@ -26,7 +26,7 @@ REQUESTS = pa.schema(
     [
         pa.field("request_id", pa.string(), nullable=False),  # unique; from the log or "L<line>"
         pa.field("line", pa.int64(), nullable=False),  # 1-based source line number
-        pa.field("timestamp", pa.float64()),  # seconds; null when the log has none
+        pa.field("timestamp", pa.float64()),  # seconds; line order at --rate when the log has none
         pa.field("kind", pa.string(), nullable=False),  # one of KINDS
         pa.field("format", pa.string(), nullable=False),  # one of FORMATS
         pa.field("model", pa.string()),
@@ -45,6 +45,12 @@ REQUESTS = pa.schema(
         pa.field("session_id", pa.string()),  # conversation / user id when the log has one
         pa.field("latency_s", pa.float64()),  # logged end-to-end latency, when given
         pa.field("ttft_s", pa.float64()),  # logged time to first token, when given
+        # False when the line had no time and `timestamp` is its place in line order at --rate
+        pa.field("timestamp_logged", pa.bool_()),
+        pa.field("max_tokens", pa.int64()),  # the request's max_(completion_)tokens: a bound only
+        pa.field("prompt_tokens_logged", pa.int64()),  # response usage.prompt_tokens, when given
+        pa.field("chat_template_kwargs", pa.string()),  # JSON object, when the body has one
+        pa.field("logged_id", pa.string()),  # the id as logged (request_id adds "#n" to repeats)
     ]
 )
 
