@@ -125,6 +125,40 @@ def tokenize_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def recommend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options only `recommend` reads (applied to `run` too)."""
+    f = click.option(
+        "--backend", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+        help="Attention backend: its block sizes are allowed (cuda: multiples of 16, cpu: of 32).",
+    )(f)
+    f = click.option(
+        "--min-gain-per-gib", type=float, default=0.1, show_default=True,
+        help="Hit-rate points one more GiB of KV memory must buy to be worth it (memory's price).",
+    )(f)
+    f = click.option(
+        "--prefill-tokens-per-s", type=float, default=None,
+        help="Prefill throughput for the TTFT gain (default: simulate's --prefill-tps, else 10000).",
+    )(f)
+    return f
+
+
+def recommend_model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Model/GPU options of the `recommend` command alone: under `run` the simulate stage's
+    options of the same names are used, and `recommend RUN_DIR` falls back to what the
+    simulate stage recorded in manifest.json."""
+    f = click.option("--model", default=None,
+                     help="Catalog name (e.g. llama-3.1-8b) or local HF folder/config.json.")(f)
+    f = click.option("--gpu-memory-gib", "--gpu", "gpu_memory_gib", default=None,
+                     help="GPU memory: GiB or a name (h100, h200, a100-40gb, l40s, l4, ...).")(f)
+    f = click.option("--gpu-memory-utilization", type=float, default=None,
+                     help="vLLM's --gpu-memory-utilization ceiling (default 0.92, vLLM 0.32's).")(f)
+    f = click.option("--tensor-parallel-size", type=int, default=None,
+                     help="GPUs the model is sharded over (KV heads and weights split).")(f)
+    f = click.option("--headroom-gib", type=float, default=None,
+                     help="Activation/runtime memory per GPU besides weights and KV (default 2.0).")(f)
+    return f
+
+
 @click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pc-advise")
 def main() -> None:
@@ -202,6 +236,7 @@ def _not_built(stages: tuple[str, ...], con: Console) -> None:
               help="Run folder (default ./pc-advise-out/<log name>/).")
 @ingest_options
 @tokenize_options
+@recommend_options
 @common_options
 def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Run the whole pipeline on LOG (a .jsonl, .jsonl.gz, .jsonl.zst file, or - for stdin).
@@ -281,7 +316,56 @@ def _do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
 
 
 def _do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    _not_built(("recommend",), con)
+    import pyarrow.parquet as pq
+    import polars as pl
+
+    from advisor import kvmemory as kvm
+    from advisor import recommend as rec
+
+    sim_path = run.require(rf.SIM)
+    sim_opts = run.manifest().get("stages", {}).get("simulate", {}).get("options", {})
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = opts.get(name)
+        return value if value is not None else sim_opts.get(name, default)
+
+    tps = opts.get("prefill_tokens_per_s") or pick("prefill_tps") or 10_000.0
+    options = rec.RecommendOptions(
+        model=pick("model"),
+        gpu=None if pick("gpu_memory_gib") is None else str(pick("gpu_memory_gib")),
+        gpu_memory_utilization=float(pick("gpu_memory_utilization", kvm.VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)),
+        headroom_gib=pick("headroom_gib"),
+        tensor_parallel_size=int(pick("tensor_parallel_size", 1)),
+        backend=opts.get("backend") or "cuda",
+        prefill_tokens_per_s=float(tps),
+        min_gain_per_gib=float(opts.get("min_gain_per_gib") or 0.1) / 100,
+    )
+    inputs = [sim_path] + [p for p in (run.path(rf.STATS), run.path(rf.REQUESTS)) if p.exists()]
+
+    def body(r: RunDir) -> dict[str, Any]:
+        geom = kvm.resolve_model(options.model) if options.model else None
+        gpu_gib = kvm.resolve_gpu(options.gpu) if options.gpu else None
+        kind = "tokens"
+        if r.path(rf.REQUESTS).exists():
+            kinds = set(pq.read_table(r.path(rf.REQUESTS), columns=["kind"])["kind"].to_pylist())
+            kind = "hash_trace" if kinds == {"hash_trace"} else "tokens"
+        stats = r.read_json(rf.STATS) if r.path(rf.STATS).exists() else None
+        sim = pl.read_parquet(sim_path)
+        result = rec.recommend(sim, stats, options, geom=geom, gpu_gib=gpu_gib, input_kind=kind)
+        rf.write_json(r.path(rf.RECOMMENDATION), result)
+        best = result["recommended"]
+        return {
+            "block_size": best["block_size"], "num_blocks": best["num_blocks"],
+            "kv_gib": best["kv_gib"], "hit_rate": best["hit_rate"],
+            "ceiling_hit_rate": best["ceiling_hit_rate"], "vllm_serve": result["vllm_serve"],
+        }
+
+    out = run_stage(run, "recommend", inputs, options.as_dict(), [rf.RECOMMENDATION], body, force=force)
+    c = out.counts
+    mem = f"{c['kv_gib']:.2f} GiB" if c.get("kv_gib") is not None else f"{c['num_blocks']:,} blocks"
+    con.stage(out, f"--block-size {c['block_size']}, {mem}: hit rate {c['hit_rate']:.1%} "
+                   f"(ceiling {c['ceiling_hit_rate']:.1%})")
+    con.say(f"  {c['vllm_serve']}")
 
 
 def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
@@ -307,8 +391,27 @@ _stub("analyze", "Prefix statistics, cache breakers and clusters of RUN_DIR (not
 _stub("simulate", "Simulate vLLM's prefix cache over block sizes x budgets (not built yet).\n\n"
       "\b\nExample:\n  pc-advise simulate pc-advise-out/multiturn_chat")
 # recommend
-_stub("recommend", "Pick the vLLM flags to run (not built yet).\n\n"
-      "\b\nExample:\n  pc-advise recommend pc-advise-out/multiturn_chat")
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@recommend_model_options
+@recommend_options
+@common_options
+def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Pick the vLLM flags to run from RUN_DIR's simulation: --block-size, KV memory,
+    offloading, ranked by prefill tokens saved per GiB; writes recommendation.json.
+
+    \b
+    Example:
+      pc-advise recommend pc-advise-out/multiturn_chat --model llama-3.1-8b --gpu h100
+    """
+    con = Console(quiet, as_json)
+    try:
+        _do_recommend(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
 # replay
 _stub("replay", "Replay the recommendation through vLLM (not built yet).\n\n"
       "\b\nExample:\n  pc-advise replay pc-advise-out/multiturn_chat")
