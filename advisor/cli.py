@@ -322,6 +322,10 @@ def _do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) 
     from advisor import kvmemory as kvm
     from advisor import recommend as rec
 
+    if not run.path(rf.SIM).exists() and "simulate" in con.result.get("not_built", []):
+        con.say("recommend: skipped, there is no simulation to recommend from (simulate not built)")
+        con.result.setdefault("skipped", []).append("recommend")
+        return
     sim_path = run.require(rf.SIM)
     sim_opts = run.manifest().get("stages", {}).get("simulate", {}).get("options", {})
 
