@@ -205,11 +205,20 @@ def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Co
 def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
     from advisor import tokens as tok
 
-    options = tok.TokenizeOptions(tokenizer=opts["tokenizer"], workers=opts["workers"] or os.cpu_count() or 1)
+    workers = opts["workers"] or os.cpu_count() or 1
+    if opts["workers"]:
+        # The Rust tokenizer sizes its thread pool from this once, at first use.
+        os.environ["RAYON_NUM_THREADS"] = str(workers)
+    options = tok.TokenizeOptions(tokenizer=opts["tokenizer"], workers=workers)
 
     def body(r: RunDir) -> dict[str, Any]:
         tokenizer = tok.load_tokenizer(options.tokenizer, cache_dir())
-        res = tok.tokenize_file(r.require(rf.REQUESTS), r.path(rf.TOKENS), tokenizer, options)
+        requests = r.require(rf.REQUESTS)
+        with click.progressbar(
+            length=tok.request_count(requests), label="tokenize", file=sys.stderr,
+            hidden=con.quiet,
+        ) as bar:
+            res = tok.tokenize_file(requests, r.path(rf.TOKENS), tokenizer, options, bar.update)
         return res.as_counts()
 
     out = run_stage(
@@ -218,6 +227,13 @@ def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
     )
     c = out.counts
     con.stage(out, f"{c['rows']} requests, {c['tokens']:,} prompt tokens ({c['tokenizer']})")
+    if c.get("errors"):
+        con.say(
+            f"  {c['errors']} requests vLLM would refuse (kept with 0 tokens, reason in "
+            f"tokens.parquet column tokenize_error):"
+        )
+        for request_id, line, reason in c.get("first_errors", [])[:5]:
+            con.say(f"  line {line} ({request_id}): {reason}")
 
 
 def _not_built(stages: tuple[str, ...], con: Console) -> None:

