@@ -1,0 +1,264 @@
+"""Byte level of ingest: open a log, undo its compression, refuse non-JSONL, split lines.
+
+Input: a path or a binary stream (stdin). Output: `(line_number, payload)` pairs where
+the payload is the line's bytes (without its newline), or an `Oversize` record for a line
+longer than the limit, which is never held in memory whole: it is read in chunks and
+skipped to its newline.
+
+Compression is recognised by magic bytes (gzip `1f 8b`, Zstandard `28 b5 2f fd`), never by
+the file name alone. Before anything is written, `sniff` looks at the first 64 KiB of the
+decompressed stream and raises `InputRefused` for a file that is not JSON Lines at all
+(Parquet, other binary data, one JSON array document, pretty-printed JSON, CSV/TSV, text).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from advisor.errors import InputRefused
+
+SNIFF_BYTES = 64 * 1024
+SNIFF_LINES = 50
+READ_CHUNK = 1 << 20
+RAW_KEEP = 64 * 1024  # bytes of a rejected line kept in rejects.jsonl
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+# Magic bytes of files people mistake for logs, and what to call them in the refusal.
+_BINARY_MAGIC = (
+    (b"PAR1", "a Parquet file"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"%PDF", "a PDF document"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"BZh", "a bzip2 file (decompress it first, or recompress as .gz or .zst)"),
+    (b"\xfd7zXZ\x00", "an xz file (decompress it first, or recompress as .gz or .zst)"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"\x7fELF", "an executable"),
+    (b"\x89PNG", "a PNG image"),
+    (b"ARROW1", "an Arrow IPC file"),
+)
+
+_JSONL_HINT = (
+    "pc-advise reads JSON Lines: one request object per line "
+    "(see docs/formats.md; `jq -c '.[]' file.json > file.jsonl` converts a JSON array)."
+)
+
+
+@dataclass(frozen=True)
+class Oversize:
+    """A line longer than the limit: its length and its first bytes only."""
+
+    n_bytes: int
+    head: bytes
+
+
+class _Prepend(io.RawIOBase):
+    """A raw stream that serves `head` first, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._head.nbytes:
+            n = min(len(b), self._head.nbytes)
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._stream.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    parts: list[bytes] = []
+    while n > 0:
+        data = stream.read(n)
+        if not data:
+            break
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+class CorruptStream(Exception):
+    """The compressed stream broke off or is damaged; carries the decompressor's words."""
+
+
+class _Guarded(io.RawIOBase):
+    """Turns a decompressor's errors into CorruptStream so the line reader can report them."""
+
+    def __init__(self, stream: BinaryIO, what: str) -> None:
+        self._stream = stream
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self._stream.read(len(b))
+        except (EOFError, OSError, zlib.error, ValueError) as e:
+            raise CorruptStream(f"the {self._what} stream is damaged or cut off ({e})") from e
+        except Exception as e:  # zstandard.ZstdError is not an OSError
+            if type(e).__name__ == "ZstdError":
+                raise CorruptStream(f"the {self._what} stream is damaged or cut off ({e})") from e
+            raise
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+def open_decompressed(raw: BinaryIO) -> tuple[BinaryIO, str]:
+    """Wrap `raw` in the decompressor its magic bytes call for; returns (stream, compression)."""
+    magic = _read_exact(raw, 4)
+    src: BinaryIO = io.BufferedReader(_Prepend(magic, raw), READ_CHUNK)  # type: ignore[arg-type]
+    if magic.startswith(GZIP_MAGIC):
+        inner: BinaryIO = gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[assignment]
+        return io.BufferedReader(_Guarded(inner, "gzip"), READ_CHUNK), "gzip"  # type: ignore[arg-type]
+    if magic == ZSTD_MAGIC:
+        import zstandard
+
+        inner = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore[assignment]
+        return io.BufferedReader(_Guarded(inner, "zstd"), READ_CHUNK), "zstd"  # type: ignore[arg-type]
+    return src, "none"
+
+
+def read_head(stream: BinaryIO) -> tuple[bytes, BinaryIO]:
+    """The first SNIFF_BYTES of `stream`, and a stream that still yields everything."""
+    try:
+        head = _read_exact(stream, SNIFF_BYTES)
+    except CorruptStream as e:
+        raise InputRefused(f"cannot read the input: {e}. Check the file is complete.") from e
+    return head, io.BufferedReader(_Prepend(head, stream), READ_CHUNK)  # type: ignore[arg-type]
+
+
+def sniff(head: bytes, compression: str) -> None:
+    """Raise InputRefused when `head` (start of the decompressed input) is not JSON Lines.
+
+    A file is JSON Lines when one of its first lines starts with `{`; per-line problems
+    (bad JSON, bad UTF-8, empty lines) are then rejected line by line, not refused here.
+    """
+    if not head:
+        return  # an empty log: zero lines read, nothing to refuse
+    where = "" if compression == "none" else f" (after {compression} decompression)"
+    for magic, what in _BINARY_MAGIC:
+        if head.startswith(magic):
+            raise InputRefused(f"the input is {what}{where}, not JSON Lines. {_JSONL_HINT}")
+    if compression == "none" and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)):
+        raise InputRefused("the input is compressed twice; decompress it once first.")
+    lines = head.split(b"\n")
+    if len(head) == SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last piece may be cut at the sniff boundary
+    lines = [ln.strip() for ln in lines]
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:].strip()
+    nonblank = [ln for ln in lines if ln][:SNIFF_LINES]
+    if not nonblank:
+        return  # only blank lines: each is rejected as empty
+    first = nonblank[0]
+    if first.startswith(b"["):
+        if not _is_json(first) or not any(ln.startswith(b"{") for ln in nonblank[1:]):
+            raise InputRefused(
+                f"the input is one JSON array document{where}, not JSON Lines. {_JSONL_HINT}"
+            )
+        return  # JSONL whose first line happens to be an array: rejected per line
+    if first == b"{" or (first.startswith(b"{") and not _is_json(first) and _pretty(nonblank)):
+        raise InputRefused(
+            f"the input is one JSON document spread over several lines{where}, not JSON Lines. "
+            f"{_JSONL_HINT}"
+        )
+    if any(ln.startswith(b"{") for ln in nonblank):
+        return
+    raise InputRefused(f"{_describe(head, nonblank)}{where}, not JSON Lines. {_JSONL_HINT}")
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _pretty(lines: list[bytes]) -> bool:
+    """Lines that look like the inside of an indented JSON object ("key": value,)."""
+    inner = lines[1:6]
+    return bool(inner) and all(ln.startswith(b'"') or ln in (b"}", b"},", b"]") for ln in inner)
+
+
+def _describe(head: bytes, lines: list[bytes]) -> str:
+    if b"\x00" in head[:4096]:
+        return "the input is binary data (it contains NUL bytes)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the sniff boundary
+            return "the input is binary data (not UTF-8 text)"
+    for sep, name in ((b",", "CSV"), (b"\t", "TSV"), (b";", "semicolon-separated")):
+        counts = [ln.count(sep) for ln in lines[:10]]
+        if counts and counts[0] > 0 and len(set(counts)) == 1:
+            return f"the input looks like {name} (first line: {_preview(lines[0])})"
+    return f"the input is text but no line starts with '{{' (first line: {_preview(lines[0])})"
+
+
+def _preview(line: bytes, n: int = 80) -> str:
+    text = line[:n].decode("utf-8", errors="replace")
+    return repr(text + ("..." if len(line) > n else ""))
+
+
+def iter_lines(
+    stream: BinaryIO, max_line_bytes: int
+) -> Iterator[tuple[int, bytes | Oversize | CorruptStream]]:
+    """Yield (1-based line number, line bytes without newline / Oversize / CorruptStream).
+
+    `readline(limit)` never returns more than `limit` bytes, so an oversized line is
+    consumed in READ_CHUNK pieces without being joined. A trailing '\\r' (CRLF files) is
+    dropped. A final line without a newline counts; the empty string after a final
+    newline does not. A damaged compressed stream ends the input with one CorruptStream
+    item carrying whatever partial line preceded the damage.
+    """
+    line_no = 0
+    readline = stream.readline
+    while True:
+        try:
+            data = readline(max_line_bytes + 1)
+        except CorruptStream as e:
+            yield line_no + 1, e
+            return
+        if not data:
+            return
+        line_no += 1
+        if data.endswith(b"\n"):
+            data = data[:-1]
+            yield line_no, data[:-1] if data.endswith(b"\r") else data
+            continue
+        if len(data) <= max_line_bytes:  # the last line, without a newline
+            yield line_no, data[:-1] if data.endswith(b"\r") else data
+            return
+        head, total = data[:RAW_KEEP], len(data)
+        try:
+            while True:
+                more = readline(READ_CHUNK)
+                total += len(more)
+                if not more or more.endswith(b"\n"):
+                    if more:
+                        total -= 1
+                    break
+        except CorruptStream as e:
+            yield line_no, e
+            return
+        yield line_no, Oversize(total, head)
+        if not more:
+            return
