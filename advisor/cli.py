@@ -187,7 +187,8 @@ def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Co
     inputs = [] if from_stdin else [Path(log)]
 
     def body(r: RunDir) -> dict[str, Any]:
-        res = ing.ingest_source(log, r.path(rf.REQUESTS), r.path(rf.REJECTS), options)
+        stdin = click.get_binary_stream("stdin") if from_stdin else None
+        res = ing.ingest_source(log, r.path(rf.REQUESTS), r.path(rf.REJECTS), options, stdin=stdin)
         return res.as_counts()
 
     out = run_stage(
