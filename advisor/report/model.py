@@ -1,0 +1,301 @@
+"""The one data object every report renderer reads: `ReportData`, gathered from a run folder.
+
+Inputs (each optional; a missing one is listed in `ReportData.missing` with the stage that
+writes it): manifest.json, rejects.jsonl, stats.json, clusters.parquet, prefixes.parquet,
+requests.parquet (request_id, timestamp), sim.parquet, sim_requests.parquet,
+recommendation.json, replay.json.
+Output: a frozen `ReportData` of plain Python values (no frames), already redacted when asked,
+so `html.render` and `markdown.render` are pure `ReportData -> str` steps.
+
+`load(root, redact)` is the I/O edge; `build(...)` is the pure part and what tests call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+import advisor.runfolder as rf
+from advisor import __version__
+
+# How many rows of each long list the report carries (the artifacts hold all of them).
+MAX_REJECTS = 10
+MAX_CLUSTERS = 20
+MAX_TIMELINE_POINTS = 200_000  # a plot of binned tokens needs no more than this
+
+# Artifacts the report reads, in the order its sections use them.
+INPUTS = (
+    rf.MANIFEST, rf.REJECTS, rf.STATS, rf.PREFIXES, rf.CLUSTERS, rf.REQUESTS,
+    rf.SIM, rf.SIM_REQUESTS, rf.RECOMMENDATION, rf.REPLAY,
+)
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    """One request on the time axis: arrival (s, or line order), prompt and cached tokens."""
+
+    t: float
+    n_tokens: int
+    hit_tokens: int
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the report shows. Strings from the logs are raw here; renderers escape."""
+
+    run_dir: str
+    tool_version: str = __version__
+    redacted: bool = False
+    missing: Mapping[str, str] = field(default_factory=dict)  # artifact -> stage writing it
+    stage_times: Sequence[tuple[str, float]] = ()  # (stage, wall seconds) in pipeline order
+    ingest: Mapping[str, Any] | None = None  # manifest counts of ingest
+    rejects: Sequence[tuple[int, str]] = ()  # first (line, reason)
+    tokenizer: str | None = None
+    input_kind: str | None = None  # "tokens" | "hash_trace"
+    stats: Mapping[str, Any] | None = None
+    clusters: Sequence[Mapping[str, Any]] = ()
+    sim: Sequence[Mapping[str, Any]] = ()  # rows of sim.parquet
+    timeline: Sequence[TimelinePoint] = ()
+    timeline_source: str | None = None  # what hit_tokens in the timeline mean
+    timeline_has_time: bool = False  # False: x is the request's position in the log
+    recommendation: Mapping[str, Any] | None = None
+    replay: Mapping[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """The whole object as JSON, so a report can be saved and re-rendered."""
+        from dataclasses import asdict
+
+        return json.dumps(asdict(self), indent=1, default=str)
+
+
+# --- redaction -------------------------------------------------------------------------
+def redact_text(text: str | None) -> str | None:
+    """A stand-in that keeps a text's length and identity but none of its content."""
+    if text is None:
+        return None
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"[redacted: {len(text):,} chars, sha256 {digest}]"
+
+
+def _redact_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(stats)
+    out["top_prefixes"] = [
+        {**p, "text_first": redact_text(p.get("text_first")), "text_last": redact_text(p.get("text_last"))}
+        for p in stats.get("top_prefixes") or []
+    ]
+    out["breakers"] = [
+        {
+            **b,
+            # descriptions may quote the differing text; labels and positions stay
+            "description": redact_text(b.get("description")),
+            "examples": [
+                {**e, "a_text": redact_text(e.get("a_text")), "b_text": redact_text(e.get("b_text"))}
+                for e in b.get("examples") or []
+            ],
+        }
+        for b in stats.get("breakers") or []
+    ]
+    return out
+
+
+def _redact_recommendation(rec: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(rec)
+    out["prompt_fixes"] = [
+        {**f, "description": redact_text(f.get("description"))} for f in rec.get("prompt_fixes") or []
+    ]
+    return out
+
+
+# --- the pure part ---------------------------------------------------------------------
+def _ordered_stage_times(manifest: Mapping[str, Any]) -> list[tuple[str, float]]:
+    stages = manifest.get("stages") or {}
+    return [(s, float(stages[s].get("wall_s", 0.0))) for s in rf.STAGES if s in stages]
+
+
+def main_view(sim: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The sim rows the sweep plot and table show: vLLM's LRU, one mode, the whole log.
+
+    The mode is the recommendation's when it names one, else sequential when simulated.
+    """
+    rows = [dict(r) for r in sim if r.get("policy") == "lru"] or [dict(r) for r in sim]
+    if not rows:
+        return []
+    windows = {r.get("window") for r in rows}
+    window = "cold" if "cold" in windows else sorted(map(str, windows))[0]
+    rows = [r for r in rows if str(r.get("window")) == window]
+    modes = {r.get("mode") for r in rows}
+    wanted = (rec or {}).get("mode") or (rec or {}).get("recommended", {}).get("mode")
+    mode = wanted if wanted in modes else ("sequential" if "sequential" in modes else sorted(map(str, modes))[0])
+    rows = [r for r in rows if r.get("mode") == mode]
+    rows.sort(key=lambda r: (r["block_size"], r["num_blocks"] is None, r["num_blocks"] or 0))
+    return rows
+
+
+def build_timeline(
+    request_ids: Sequence[str],
+    timestamps: Sequence[float | None],
+    n_tokens: Mapping[str, int],
+    hit_tokens: Mapping[str, int],
+) -> tuple[list[TimelinePoint], bool]:
+    """Requests in log order with their prompt and cached tokens; x is time when all have one."""
+    has_time = bool(timestamps) and all(t is not None for t in timestamps)
+    pts: list[TimelinePoint] = []
+    step = max(1, len(request_ids) // MAX_TIMELINE_POINTS)
+    for i in range(0, len(request_ids), step):
+        rid = request_ids[i]
+        if rid not in n_tokens:
+            continue
+        t = float(timestamps[i]) if has_time else float(i)  # type: ignore[arg-type]
+        pts.append(TimelinePoint(t, int(n_tokens[rid]), int(hit_tokens.get(rid, 0))))
+    if has_time and pts:
+        t0 = min(p.t for p in pts)
+        pts = [TimelinePoint(p.t - t0, p.n_tokens, p.hit_tokens) for p in pts]
+    return pts, has_time
+
+
+def build(
+    run_dir: str,
+    *,
+    manifest: Mapping[str, Any] | None = None,
+    rejects: Sequence[Mapping[str, Any]] = (),
+    stats: Mapping[str, Any] | None = None,
+    clusters: Sequence[Mapping[str, Any]] = (),
+    sim: Sequence[Mapping[str, Any]] = (),
+    timeline: Sequence[TimelinePoint] = (),
+    timeline_source: str | None = None,
+    timeline_has_time: bool = False,
+    recommendation: Mapping[str, Any] | None = None,
+    replay: Mapping[str, Any] | None = None,
+    missing: Mapping[str, str] | None = None,
+    redact: bool = False,
+) -> ReportData:
+    """Assemble (and, with `redact`, scrub) the report's data from already-read artifacts."""
+    manifest = manifest or {}
+    stages = manifest.get("stages") or {}
+    ingest = (stages.get("ingest") or {}).get("counts")
+    tokenizer = ((stages.get("tokenize") or {}).get("counts") or {}).get("tokenizer")
+    if stats and stats.get("tokenizer"):
+        tokenizer = stats["tokenizer"]
+    input_kind = (recommendation or {}).get("input_kind")
+    if input_kind is None and ingest and (ingest.get("by_kind") or {}).get("hash_trace"):
+        input_kind = "hash_trace" if len(ingest["by_kind"]) == 1 else None
+    first = [(int(r.get("line", 0)), str(r.get("reason", ""))) for r in list(rejects)[:MAX_REJECTS]]
+    if not first and ingest:
+        first = [(int(a), str(b)) for a, b in (ingest.get("first_rejects") or [])[:MAX_REJECTS]]
+    cl = sorted((dict(c) for c in clusters), key=lambda c: (-int(c.get("tokens") or 0), c.get("cluster", 0)))
+    cl = cl[:MAX_CLUSTERS]
+    if redact:
+        stats = _redact_stats(stats) if stats else stats
+        recommendation = _redact_recommendation(recommendation) if recommendation else recommendation
+        cl = [{**c, "prefix_text": redact_text(c.get("prefix_text"))} for c in cl]
+    return ReportData(
+        run_dir=run_dir,
+        redacted=redact,
+        missing=dict(missing or {}),
+        stage_times=_ordered_stage_times(manifest),
+        ingest=ingest,
+        rejects=first,
+        tokenizer=tokenizer,
+        input_kind=input_kind,
+        stats=stats,
+        clusters=cl,
+        sim=[dict(r) for r in sim],
+        timeline=list(timeline),
+        timeline_source=timeline_source,
+        timeline_has_time=timeline_has_time,
+        recommendation=recommendation,
+        replay=replay,
+    )
+
+
+# --- the I/O edge ----------------------------------------------------------------------
+def _read_rejects(path: Path, limit: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if len(out) >= limit:
+                break
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append({"line": obj.get("line", 0), "reason": obj.get("reason", "")})
+    return out
+
+
+def _timeline_from_run(run: rf.RunDir, rec: Mapping[str, Any] | None, sim_view: list[dict[str, Any]]):
+    """Per-request tokens and hits of the recommended configuration (else the token ceiling)."""
+    if not run.path(rf.REQUESTS).exists():
+        return [], None, False
+    req = pq.read_table(run.path(rf.REQUESTS), columns=["request_id", "timestamp"])
+    ids = req.column("request_id").to_pylist()
+    ts = req.column("timestamp").to_pylist()
+    n_tokens: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    source = None
+    recd = (rec or {}).get("recommended") or {}
+    if run.path(rf.SIM_REQUESTS).exists() and recd.get("block_size") is not None:
+        t = pq.read_table(run.path(rf.SIM_REQUESTS))
+        mode = sim_view[0]["mode"] if sim_view else None
+        for r in t.to_pylist():
+            if (
+                r["block_size"] == recd.get("block_size")
+                and r["num_blocks"] == recd.get("num_blocks")
+                and (mode is None or r["mode"] == mode)
+            ):
+                n_tokens[r["request_id"]] = r["n_tokens"]
+                hits[r["request_id"]] = r["hit_tokens"]
+        if n_tokens:
+            source = (
+                f"predicted cache hits of the recommended configuration "
+                f"(block size {recd.get('block_size')}, {recd.get('num_blocks')} blocks)"
+            )
+    if not n_tokens and run.path(rf.PREFIXES).exists():
+        t = pq.read_table(run.path(rf.PREFIXES), columns=["request_id", "n_tokens", "shared_tokens"])
+        for rid, n, s in zip(*(t.column(c).to_pylist() for c in ("request_id", "n_tokens", "shared_tokens"))):
+            n_tokens[rid] = n
+            hits[rid] = s
+        if n_tokens:
+            source = "tokens shared with an earlier request (the infinite-cache ceiling, not a prediction)"
+    if not n_tokens:
+        return [], None, False
+    pts, has_time = build_timeline(ids, ts, n_tokens, hits)
+    return pts, source, has_time
+
+
+def load(root: Path, redact: bool = False) -> ReportData:
+    """Read whatever artifacts the run folder has and build the report's data from them."""
+    run = rf.RunDir(Path(root))
+    missing = {name: rf.PRODUCER[name] for name in INPUTS if name in rf.PRODUCER and not run.path(name).exists()}
+
+    def opt_json(name: str) -> Any:
+        return run.read_json(name) if run.path(name).exists() else None
+
+    manifest = opt_json(rf.MANIFEST)
+    rec = opt_json(rf.RECOMMENDATION)
+    sim = pq.read_table(run.path(rf.SIM)).to_pylist() if run.path(rf.SIM).exists() else []
+    clusters = pq.read_table(run.path(rf.CLUSTERS)).to_pylist() if run.path(rf.CLUSTERS).exists() else []
+    rejects = _read_rejects(run.path(rf.REJECTS), MAX_REJECTS) if run.path(rf.REJECTS).exists() else []
+    timeline, source, has_time = _timeline_from_run(run, rec, main_view(sim, rec))
+    return build(
+        str(run.root),
+        manifest=manifest,
+        rejects=rejects,
+        stats=opt_json(rf.STATS),
+        clusters=clusters,
+        sim=sim,
+        timeline=timeline,
+        timeline_source=source,
+        timeline_has_time=has_time,
+        recommendation=rec,
+        replay=opt_json(rf.REPLAY),
+        missing=missing,
+        redact=redact,
+    )

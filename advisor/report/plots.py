@@ -1,0 +1,213 @@
+"""Static figures of the report as inline SVG strings (matplotlib, no pyplot state).
+
+Input: a `ReportData`. Output: one SVG string per figure, or None when its data is missing.
+Text is drawn as paths (`svg.fonttype = "path"`) so the figures render the same with no fonts
+installed; comments, metadata and the XML prolog are stripped; every id is prefixed per figure
+so several SVGs can sit in one HTML page. No string from the logs is drawn.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # a renderer never needs a display
+from matplotlib.backends.backend_svg import FigureCanvasSVG  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from advisor.report.model import ReportData, TimelinePoint, main_view  # noqa: E402
+
+PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
+HIT = "#059669"
+MISS = "#cbd5e1"
+RC = {
+    "svg.fonttype": "path",
+    "svg.hashsalt": "pc-advise",
+    "font.family": "DejaVu Sans",
+    "font.size": 9.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e5e7eb",
+    "grid.linewidth": 0.7,
+    "axes.edgecolor": "#6b7280",
+    "axes.labelcolor": "#111827",
+    "xtick.color": "#374151",
+    "ytick.color": "#374151",
+    "legend.frameon": False,
+}
+
+
+def _figure(width: float = 7.2, height: float = 3.4) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasSVG(fig)
+    return fig
+
+
+_ID = re.compile(r'\bid="([^"]+)"')
+
+
+def to_svg(fig: Figure, prefix: str, label: str) -> str:
+    """Serialise a figure to an inline-safe SVG element with ids unique to `prefix`."""
+    buf = io.StringIO()
+    with matplotlib.rc_context(RC):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+    ids = set(_ID.findall(svg))
+    for i in sorted(ids, key=len, reverse=True):
+        new = f"{prefix}-{i}"
+        svg = svg.replace(f'id="{i}"', f'id="{new}"').replace(f'"#{i}"', f'"#{new}"')
+        svg = svg.replace(f"url(#{i})", f"url(#{new})")
+    svg = svg.replace("<svg ", f'<svg role="img" aria-label="{label}" ', 1)
+    return re.sub(r"\n\s*\n", "\n", svg).strip()
+
+
+def _render(draw: Any, prefix: str, label: str, *args: Any) -> str:
+    with matplotlib.rc_context(RC):
+        fig = _figure()
+        draw(fig, *args)
+        return to_svg(fig, prefix, label)
+
+
+# --- hit rate vs KV memory -------------------------------------------------------------
+def _draw_curve(fig: Figure, view: Sequence[Mapping[str, Any]], rec: Mapping[str, Any], use_gib: bool) -> None:
+    ax = fig.add_subplot()
+    xkey = "kv_gib" if use_gib else "num_blocks"
+    sizes = sorted({int(r["block_size"]) for r in view})
+    for i, bs in enumerate(sizes):
+        color = PALETTE[i % len(PALETTE)]
+        pts = sorted((float(r[xkey]), float(r["hit_rate"]) * 100) for r in view
+                     if int(r["block_size"]) == bs and r.get("num_blocks") is not None and r.get(xkey))
+        ceil = [float(r["ceiling_hit_rate"]) * 100 for r in view if int(r["block_size"]) == bs]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, ms=3.5, lw=1.6,
+                    label=f"block size {bs}")
+        if ceil:
+            ax.axhline(max(ceil), color=color, ls="--", lw=1, alpha=0.8)
+    r = rec.get("recommended") or {}
+    if r.get(xkey) and r.get("hit_rate") is not None:
+        ax.plot([float(r[xkey])], [float(r["hit_rate"]) * 100], marker="*", ms=16, color="#111827",
+                mec="white", mew=1.2, ls="none", zorder=5, label="recommended")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV cache memory (GiB, log scale)" if use_gib else "KV cache blocks (log scale)")
+    ax.set_ylabel("prefix-cache hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8.5)
+    ax.text(0.01, 0.98, "dashed: block ceiling (infinite cache)", transform=ax.transAxes,
+            va="top", fontsize=8, color="#6b7280")
+
+
+def hit_rate_curve(data: ReportData) -> str | None:
+    view = main_view(data.sim, data.recommendation)
+    finite = [r for r in view if r.get("num_blocks") is not None]
+    if not finite:
+        return None
+    use_gib = all(r.get("kv_gib") is not None for r in finite)
+    return _render(_draw_curve, "curve", "hit rate versus KV cache memory per block size",
+                   view, data.recommendation or {}, use_gib)
+
+
+# --- shared-prefix lengths -------------------------------------------------------------
+def _draw_hist(fig: Figure, edges: Sequence[float], counts: Sequence[int]) -> None:
+    ax = fig.add_subplot()
+    labels = []
+    for i in range(len(counts)):
+        lo = edges[i] if i < len(edges) else None
+        hi = edges[i + 1] if i + 1 < len(edges) else None
+        labels.append(f"{_short(lo)}–{_short(hi)}" if hi is not None else f"≥{_short(lo)}")
+    ax.bar(range(len(counts)), counts, color=PALETTE[0], width=0.8)
+    ax.set_xticks(range(len(counts)), labels, rotation=40 if len(counts) > 6 else 0, ha="right" if len(counts) > 6 else "center")
+    ax.set_xlabel("longest prefix shared with an earlier request (tokens)")
+    ax.set_ylabel("requests")
+    ax.grid(axis="x", visible=False)
+
+
+def _short(x: Any) -> str:
+    if x is None:
+        return ""
+    x = float(x)
+    if math.isinf(x):
+        return "∞"
+    if x >= 10_000:
+        return f"{x / 1000:.0f}k"
+    return f"{x:.0f}"
+
+
+def prefix_histogram(data: ReportData) -> str | None:
+    hist = (data.stats or {}).get("shared_prefix_hist") or {}
+    counts = list(hist.get("counts") or [])
+    if not counts or not any(counts):
+        return None
+    return _render(_draw_hist, "hist", "distribution of shared-prefix lengths",
+                   list(hist.get("edges") or []), counts)
+
+
+# --- requests over time ----------------------------------------------------------------
+def bin_timeline(points: Sequence[TimelinePoint], bins: int = 48) -> list[tuple[float, float, int, int]]:
+    """(start, end, hit tokens, computed tokens) per equal-width bin over the x range."""
+    if not points:
+        return []
+    lo = min(p.t for p in points)
+    hi = max(p.t for p in points)
+    n = max(1, min(bins, len(points)))
+    width = (hi - lo) / n or 1.0
+    acc = [[0, 0] for _ in range(n)]
+    for p in points:
+        k = min(n - 1, int((p.t - lo) / width))
+        acc[k][0] += p.hit_tokens
+        acc[k][1] += p.n_tokens - p.hit_tokens
+    return [(lo + k * width, lo + (k + 1) * width, h, m) for k, (h, m) in enumerate(acc)]
+
+
+def _draw_timeline(fig: Figure, binned: Sequence[tuple[float, float, int, int]], has_time: bool) -> None:
+    ax = fig.add_subplot()
+    x = [b[0] for b in binned]
+    w = [(b[1] - b[0]) * 0.92 for b in binned]
+    hit = [b[2] for b in binned]
+    miss = [b[3] for b in binned]
+    ax.bar(x, hit, width=w, align="edge", color=HIT, label="served from cache (hit)")
+    ax.bar(x, miss, width=w, align="edge", bottom=hit, color=MISS, label="computed (miss)")
+    ax.set_xlabel("time since the first request (s)" if has_time else "request position in the log")
+    ax.set_ylabel("prompt tokens")
+    ax.legend(loc="upper left", fontsize=8.5)
+    ax.grid(axis="x", visible=False)
+
+
+def timeline(data: ReportData) -> str | None:
+    if not data.timeline:
+        return None
+    return _render(_draw_timeline, "time", "prompt tokens over time, cache hits versus misses",
+                   bin_timeline(data.timeline), data.timeline_has_time)
+
+
+# --- clusters --------------------------------------------------------------------------
+def _draw_clusters(fig: Figure, clusters: Sequence[Mapping[str, Any]]) -> None:
+    ax = fig.add_subplot()
+    cl = list(clusters)[:12][::-1]
+    y = range(len(cl))
+    tokens = [int(c.get("tokens") or 0) for c in cl]
+    shared = [int(c.get("shared_tokens") or 0) for c in cl]
+    ax.barh(y, tokens, color=MISS, label="prompt tokens")
+    ax.barh(y, shared, color=HIT, label="shared with an earlier request")
+    ax.set_yticks(list(y), [f"cluster {c.get('cluster')} ({int(c.get('requests') or 0):,} req)" for c in cl])
+    top = max(tokens or [1])
+    for i, c in enumerate(cl):
+        ax.text(tokens[i] + top * 0.01, i, f"{float(c.get('ceiling') or 0) * 100:.0f}%", va="center", fontsize=8)
+    ax.set_xlabel("prompt tokens")
+    ax.set_xlim(0, top * 1.1)
+    ax.legend(loc="lower right", fontsize=8.5)
+    ax.grid(axis="y", visible=False)
+
+
+def clusters_chart(data: ReportData) -> str | None:
+    if not data.clusters:
+        return None
+    return _render(_draw_clusters, "clus", "clusters of requests with their reuse", data.clusters)
