@@ -148,7 +148,7 @@ def recommend_model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     simulate stage recorded in manifest.json."""
     f = click.option("--model", default=None,
                      help="Catalog name (e.g. llama-3.1-8b) or local HF folder/config.json.")(f)
-    f = click.option("--gpu-memory-gib", "--gpu", "gpu_memory_gib", default=None,
+    f = click.option("--gpu", "--gpu-memory-gib", "gpu", default=None,
                      help="GPU memory: GiB or a name (h100, h200, a100-40gb, l40s, l4, ...).")(f)
     f = click.option("--gpu-memory-utilization", type=float, default=None,
                      help="vLLM's --gpu-memory-utilization ceiling (default 0.92, vLLM 0.32's).")(f)
@@ -351,9 +351,10 @@ def _do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) 
         return value if value is not None else sim_opts.get(name, default)
 
     tps = opts.get("prefill_tokens_per_s") or pick("prefill_tps") or 10_000.0
+    gpu = pick("gpu") if pick("gpu") is not None else pick("gpu_memory_gib")
     options = rec.RecommendOptions(
         model=pick("model"),
-        gpu=None if pick("gpu_memory_gib") is None else str(pick("gpu_memory_gib")),
+        gpu=None if gpu is None else str(gpu),
         gpu_memory_utilization=float(pick("gpu_memory_utilization", kvm.VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)),
         headroom_gib=pick("headroom_gib"),
         tensor_parallel_size=int(pick("tensor_parallel_size", 1)),

@@ -88,6 +88,7 @@ class ModelGeometry:
     sliding_window_layers: int = 0  # counted as full attention (module docstring)
     forced_block_size: int | None = None  # hybrid models where vLLM fixes the block size
     notes: tuple[str, ...] = field(default_factory=tuple)
+    serve_name: str | None = None  # what `vllm serve` takes: HF repo id or local folder
 
     @property
     def weight_bytes(self) -> float:
@@ -108,6 +109,7 @@ class ModelGeometry:
             "sliding_window": self.sliding_window,
             "sliding_window_layers": self.sliding_window_layers,
             "forced_block_size": self.forced_block_size,
+            "serve_name": self.serve_name,
             "sources": list(self.sources),
             "notes": list(self.notes),
         }
@@ -242,6 +244,7 @@ def _from_catalog(key: str) -> ModelGeometry:
         sliding_window_layers=int(e.get("sliding_window_layers", 0)),
         forced_block_size=e.get("forced_block_size"),
         notes=notes,
+        serve_name=e.get("hf_repo"),
     )
 
 
@@ -293,7 +296,7 @@ def geometry_from_config_path(path: Path) -> ModelGeometry:
     except (OSError, json.JSONDecodeError) as e:
         raise AdvisorError(f"cannot read {cfg_path} as JSON ({e}): pass the model's config.json.") from e
     name = folder.name if path.is_dir() else (cfg.get("_name_or_path") or folder.name or "model")
-    geom = geometry_from_config(cfg, name=str(name), source=str(cfg_path))
+    geom = replace(geometry_from_config(cfg, name=str(name), source=str(cfg_path)), serve_name=str(folder))
     measured = _params_from_weights(folder, geom)
     if measured is not None:
         geom = replace(geom, params=measured[0], sources=(*geom.sources, measured[1]),

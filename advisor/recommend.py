@@ -262,7 +262,9 @@ def recommend(
         )
 
     rec = best.as_row(tps, has_gib)
-    flags, serve = _serve_flags(best, options, geom, gpu_gib, gpu_kv_bytes, hash_trace, offload)
+    flags, serve, mem_notes = _serve_flags(best, options, geom, gpu_gib, hash_trace, offload,
+                                           concurrent=mode == MODE_CONCURRENT)
+    reasoning.extend(mem_notes)
     reasoning.insert(0, _headline(best, price, has_gib, options))
     if runner is not None:
         reasoning.append(f"Runner-up B={runner.block_size}, {runner.num_blocks:,} blocks: {_why_lost(runner, best, price, has_gib)}.")
@@ -344,8 +346,10 @@ def _why_lost(r: _Point, best: _Point, price: float, has_gib: bool) -> str:
     if d_hits > 0 and d_cost > 0:
         return (f"+{(r.hit_rate - best.hit_rate) * 100:.2f} points of hit rate for +{d_cost:.2f} {unit}: "
                 f"{d_hits / d_cost:,.0f} tokens per extra GiB, below the price of {price:,.0f}")
+    if d_hits <= 0 and abs(d_cost) < 0.005:
+        return f"saves {-d_hits:,} fewer prefill tokens with the same memory"
     if d_hits <= 0 and d_cost >= 0:
-        return f"saves {-d_hits:,} fewer prefill tokens with {d_cost:+.2f} {unit}"
+        return f"saves {-d_hits:,} fewer prefill tokens with {d_cost:.2f} {unit} more"
     if d_hits < 0:
         return (f"saves {d_cost * -1:.2f} {unit} but loses {-d_hits:,} prefill tokens "
                 f"({-d_hits / max(-d_cost, 1e-9):,.0f} per GiB saved, above the price of {price:,.0f})")
@@ -354,28 +358,50 @@ def _why_lost(r: _Point, best: _Point, price: float, has_gib: bool) -> str:
 
 def _serve_flags(
     best: _Point, options: RecommendOptions, geom: kv.ModelGeometry | None, gpu_gib: float | None,
-    gpu_kv_bytes: int | None, hash_trace: bool, offload: dict[str, Any] | None,
-) -> tuple[list[str], str]:
+    hash_trace: bool, offload: dict[str, Any] | None, concurrent: bool,
+) -> tuple[list[str], str, list[str]]:
+    """The flags, the `vllm serve` line, and notes on how the memory flag was chosen."""
     tp = options.tensor_parallel_size
+    notes: list[str] = []
     flags = ["--enable-prefix-caching"]  # the default in vLLM 0.32; stated so a config diff shows it
     if not hash_trace:
         flags.append(f"--block-size {best.block_size}")
-    if geom is not None and gpu_gib is not None:
-        need = kv.kv_bytes_for_blocks(geom, best.block_size, best.num_blocks, tp)
+    need = kv.kv_bytes_for_blocks(geom, best.block_size, best.num_blocks, tp) if geom is not None else None
+    if geom is not None and gpu_gib is not None and need is not None:
         util = kv.utilization_for_kv_bytes(geom, gpu_gib, need, options.headroom_gib, tp)
         util = min(options.gpu_memory_utilization, math.ceil(util * 100) / 100)
+        if not concurrent:
+            # Running requests were not simulated: do not shrink the pool below what vLLM would take.
+            notes.append(
+                f"The prefix cache needs {need / kv.GIB:.2f} GiB per GPU (--gpu-memory-utilization {util:.2f} "
+                f"would give it); the flag keeps {options.gpu_memory_utilization:.2f} because the sequential "
+                "simulation does not size the memory running requests need. To pin the cache exactly, use "
+                f"--kv-cache-memory-bytes {need}."
+            )
+            util = options.gpu_memory_utilization
+        else:
+            notes.append(f"--gpu-memory-utilization {util:.2f} gives the KV cache {need / kv.GIB:.2f} GiB per GPU "
+                         f"(or pin it exactly with --kv-cache-memory-bytes {need}).")
         flags.append(f"--gpu-memory-utilization {util:.2f}")
-    elif geom is not None:
-        flags.append(f"--kv-cache-memory-bytes {kv.kv_bytes_for_blocks(geom, best.block_size, best.num_blocks, tp)}")
+    elif need is not None:
+        flags.append(f"--kv-cache-memory-bytes {need}")
     elif not hash_trace:
         flags.append(f"--num-gpu-blocks-override {best.num_blocks + 1}")  # vLLM counts the null block
+    else:
+        blocks16 = -(-best.num_blocks * best.block_size // 16)
+        flags.append(f"--num-gpu-blocks-override {blocks16 + 1}")
+        notes.append(f"The trace's {best.num_blocks:,} blocks of {best.block_size} tokens are "
+                     f"{blocks16:,} blocks at vLLM's default --block-size 16 (plus the null block).")
     if tp > 1:
         flags.append(f"--tensor-parallel-size {tp}")
     if offload is not None:
         flags.append(f"--kv-offloading-size {offload['gib']}")
         flags.append("--kv-offloading-backend native")
-    model = options.model if options.model else MODEL_PLACEHOLDER
-    return flags, " ".join(["vllm serve", model, *flags])
+    if geom is not None and geom.serve_name:
+        model = geom.serve_name
+    else:
+        model = options.model or MODEL_PLACEHOLDER
+    return flags, " ".join(["vllm serve", model, *flags]), notes
 
 
 def _prompt_fixes(stats: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str]:

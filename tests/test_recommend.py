@@ -126,7 +126,7 @@ def test_model_without_gpu_pins_kv_bytes() -> None:
     out = recommend(sim([row(16, n, 0.5)]), None, RecommendOptions(model="llama-3.1-8b"), geom=LLAMA8)
     want = (n + 1) * 16 * 32 * 8 * 128 * 2 * 2
     assert f"--kv-cache-memory-bytes {want}" in out["vllm_serve"]
-    assert out["vllm_serve"].startswith("vllm serve llama-3.1-8b ")
+    assert out["vllm_serve"].startswith("vllm serve meta-llama/Llama-3.1-8B-Instruct ")  # the HF repo id
 
 
 def test_hash_trace_recommends_memory_only() -> None:
@@ -136,6 +136,8 @@ def test_hash_trace_recommends_memory_only() -> None:
     assert "--block-size" not in out["vllm_serve"]
     assert out["recommended"]["block_size"] == 512  # not dropped by the backend rule
     assert any("fixed by the trace" in c for c in out["constraints"])
+    # 400 blocks of 512 tokens = 12,800 blocks of vLLM's default 16, plus the null block
+    assert "--num-gpu-blocks-override 12801" in out["vllm_serve"]
 
 
 def test_running_requests_reserve_blocks_at_logged_concurrency() -> None:
@@ -180,14 +182,27 @@ def test_offloading_when_the_curve_climbs_past_the_gpu() -> None:
     assert "--gpu-memory-utilization" in out["vllm_serve"]
 
 
-def test_gpu_utilization_flag_buys_the_recommended_kv() -> None:
+def _util(serve: str) -> float:
+    return float(serve.split("--gpu-memory-utilization ")[1].split()[0])
+
+
+def test_gpu_utilization_flag_buys_the_recommended_kv_under_concurrency() -> None:
     gpu = kv.resolve_gpu("h100")
     n = blocks_for_gib(10)
-    out = recommend(sim([row(16, n, 0.5)]), None, RecommendOptions(model="llama-3.1-8b", gpu="h100"),
-                    geom=LLAMA8, gpu_gib=gpu)
-    util = float(out["vllm_serve"].split("--gpu-memory-utilization ")[1].split()[0])
-    got = kv.kv_bytes_for_gpu(LLAMA8, gpu, util)
-    assert kv.blocks_for_kv_bytes(LLAMA8, 16, got) >= n
+    out = recommend(sim([row(16, n, 0.5, mode="concurrent", peak=10)]), None,
+                    RecommendOptions(model="llama-3.1-8b", gpu="h100"), geom=LLAMA8, gpu_gib=gpu)
+    util = _util(out["vllm_serve"])
+    assert util < 0.92  # 10 GiB of KV needs far less than the whole H100
+    assert kv.blocks_for_kv_bytes(LLAMA8, 16, kv.kv_bytes_for_gpu(LLAMA8, gpu, util)) >= n
+    assert kv.blocks_for_kv_bytes(LLAMA8, 16, kv.kv_bytes_for_gpu(LLAMA8, gpu, util - 0.01)) < n
+
+
+def test_sequential_view_keeps_the_utilization_ceiling() -> None:
+    out = recommend(sim([row(16, blocks_for_gib(10), 0.5)]), None,
+                    RecommendOptions(model="llama-3.1-8b", gpu="h100", gpu_memory_utilization=0.9),
+                    geom=LLAMA8, gpu_gib=kv.resolve_gpu("h100"))
+    assert _util(out["vllm_serve"]) == 0.9
+    assert any("--kv-cache-memory-bytes" in r for r in out["reasoning"])
 
 
 def test_prompt_fixes_from_breakers_sorted_by_gain() -> None:
@@ -221,7 +236,7 @@ def test_cli_recommend_writes_recommendation_json(tmp_path: Path) -> None:
     run = _run_dir(tmp_path)
     res = CliRunner().invoke(main, ["recommend", str(run), "--model", "llama-3.1-8b", "--gpu", "h100"])
     assert res.exit_code == 0, res.output
-    assert "vllm serve llama-3.1-8b --enable-prefix-caching --block-size 16" in res.output
+    assert "vllm serve meta-llama/Llama-3.1-8B-Instruct --enable-prefix-caching --block-size 16" in res.output
     doc = json.loads((run / rf.RECOMMENDATION).read_text())
     for key in ("input_kind", "recommended", "runner_up", "flags", "vllm_serve", "reasoning", "offload",
                 "prompt_fixes", "candidates", "constraints", "cost_model"):
