@@ -159,6 +159,14 @@ def recommend_model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the report stage (applied to `report` and to `run`)."""
+    f = click.option("--redact", is_flag=True,
+                     help="Replace prompt text in the reports with its length and a short hash "
+                     "(for logs that cannot be shown); numbers are unchanged.")(f)
+    return f
+
+
 @click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pc-advise")
 def main() -> None:
@@ -254,6 +262,7 @@ def _not_built(stages: tuple[str, ...], con: Console) -> None:
 @ingest_options
 @tokenize_options
 @recommend_options
+@report_options
 @common_options
 def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Run the whole pipeline on LOG (a .jsonl, .jsonl.gz, .jsonl.zst file, or - for stdin).
@@ -395,7 +404,23 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
 
 
 def _do_report(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    _not_built(("report",), con)
+    from advisor import report as rep
+
+    redact = bool(opts.get("redact"))
+    # manifest.json is left out of the fingerprint: recording this stage rewrites it.
+    inputs = [p for p in rep.input_paths(run.root) if p.name != rf.MANIFEST]
+    if not inputs:
+        rep.write_report(run.root, redact)  # raises MissingStage naming `pc-advise run`
+
+    out = run_stage(
+        run, "report", inputs, {"redact": redact}, [rf.REPORT_HTML, rf.REPORT_MD],
+        lambda r: rep.write_report(r.root, redact), force=force,
+    )
+    missing = out.counts.get("missing") or []
+    con.stage(out, f"{run.path(rf.REPORT_HTML)} and {rf.REPORT_MD}"
+              + (" (redacted)" if redact else "")
+              + (f"; not available: {', '.join(missing)}" if missing else ""))
+    con.result["report"] = {"html": str(run.path(rf.REPORT_HTML)), "md": str(run.path(rf.REPORT_MD))}
 
 
 def _stub(name: str, doc: str) -> None:
@@ -438,5 +463,22 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
 _stub("replay", "Replay the recommendation through vLLM (not built yet).\n\n"
       "\b\nExample:\n  pc-advise replay pc-advise-out/multiturn_chat")
 # report
-_stub("report", "Write report.html and report.md (not built yet).\n\n"
-      "\b\nExample:\n  pc-advise report pc-advise-out/multiturn_chat")
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@report_options
+@common_options
+def report(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Write RUN_DIR's report.html (one self-contained page: inline plots, no script, no
+    network) and report.md (the same numbers, for GitHub) from whatever stages have run.
+
+    \b
+    Example:
+      pc-advise report pc-advise-out/multiturn_chat
+      pc-advise report out/ --redact
+    """
+    con = Console(quiet, as_json)
+    try:
+        _do_report(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
