@@ -213,8 +213,8 @@ def recommend(
             nb = int(r["num_blocks"])
             if nb < reserve.get(b, 0):
                 continue
-            kv_gib = r["kv_gib"] if r["kv_gib"] is not None else (
-                kv.kv_gib_for_blocks(geom, b, nb, tp) if geom is not None else None)
+            # the model recommend was given wins over the one simulate priced the rows with
+            kv_gib = kv.kv_gib_for_blocks(geom, b, nb, tp) if geom is not None else r["kv_gib"]
             cost = kv_gib if kv_gib is not None else (nb + 1) * b * per_token / kv.GIB
             hits = int(r["hit_tokens"])
             marginal = (hits - prev_hits) / (cost - prev_cost) if cost > prev_cost else 0.0
@@ -261,7 +261,8 @@ def recommend(
             "blocks; a CPU hit still costs a transfer, so the real gain is somewhat lower."
         )
 
-    rec = best.as_row(tps, has_gib)
+    where = {"policy": POLICY_LRU, "mode": mode, "window": window}
+    rec = {**best.as_row(tps, has_gib), **where}
     flags, serve, mem_notes = _serve_flags(best, options, geom, gpu_gib, hash_trace, offload,
                                            concurrent=mode == MODE_CONCURRENT)
     reasoning.extend(mem_notes)
@@ -275,21 +276,25 @@ def recommend(
     fixes, fixes_note = _prompt_fixes(stats)
     reasoning.append(fixes_note)
     all_rows = sorted(points, key=lambda p: (p.block_size, p.num_blocks))
+    ranked = sorted(points, key=key, reverse=True)
+    rank = {id(p): i + 1 for i, p in enumerate(ranked)}  # by value (score), GPU fit aside
     return {
         "input_kind": input_kind,
-        "view": {"policy": POLICY_LRU, "mode": mode, "window": window},
+        "view": where,
+        "mode": mode,
         "model": geom.as_dict() if geom is not None else None,
         "gpu_gib": _round(gpu_gib),
         "gpu_kv_gib": _round(gpu_kv_bytes / kv.GIB if gpu_kv_bytes is not None else None),
         "recommended": rec,
-        "runner_up": ({**runner.as_row(tps, has_gib), "why_lost": _why_lost(runner, best, price, has_gib)}
+        "runner_up": ({**runner.as_row(tps, has_gib), **where, "why_lost": _why_lost(runner, best, price, has_gib)}
                       if runner is not None else None),
         "flags": flags,
         "vllm_serve": serve,
         "reasoning": reasoning,
         "offload": offload,
         "prompt_fixes": fixes,
-        "candidates": [{**p.as_row(tps, has_gib), "score": round(p.score, 1)} for p in all_rows],
+        "candidates": [{**p.as_row(tps, has_gib), **where, "score": round(p.score, 1), "rank": rank[id(p)]}
+                       for p in all_rows],
         "constraints": constraints,
         "cost_model": {
             "value": "prefill tokens served from the prefix cache (vLLM prefix_cache_hits)",

@@ -54,6 +54,8 @@ def test_small_gain_that_needs_40_gib_more_loses() -> None:
     assert out["recommended"]["num_blocks"] == small
     assert out["runner_up"]["num_blocks"] == big
     assert "below the price" in out["runner_up"]["why_lost"]
+    ranks = {c["num_blocks"]: c["rank"] for c in out["candidates"]}
+    assert ranks == {small: 1, big: 2}
 
 
 def test_a_large_gain_per_gib_does_win() -> None:
@@ -77,7 +79,7 @@ def test_recommendation_maximises_value_and_marginals_match_naive(
     pts = sorted((round(g, 3), r) for g, r in points)
     hits_sorted = sorted(r for _, r in pts)  # hit rate grows with memory, as on any LRU curve
     rows = [row(16, blocks_for_gib(g), h, kv_gib=g) for (g, _), h in zip(pts, hits_sorted)]
-    out = recommend(sim(rows), None, RecommendOptions(min_gain_per_gib=min_gain), geom=LLAMA8)
+    out = recommend(sim(rows), None, RecommendOptions(min_gain_per_gib=min_gain))  # GiB from the rows
     price = min_gain * QUERIES
     # naive reference: value = hits - price x GiB, ties to less memory
     values = [(int(round(h * QUERIES)) - price * g, -g) for (g, _), h in zip(pts, hits_sorted)]
@@ -258,3 +260,9 @@ def test_cli_recommend_weights_too_big_for_gpu(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["recommend", str(run), "--model", "llama-3.1-70b", "--gpu", "l4"])
     assert res.exit_code == 1
     assert "--tensor-parallel-size" in res.output
+
+
+def test_recommend_model_reprices_rows_simulated_with_another_model() -> None:
+    n = blocks_for_gib(4)
+    out = recommend(sim([row(16, n, 0.5, kv_gib=999.0)]), None, RecommendOptions(), geom=LLAMA8)
+    assert out["recommended"]["kv_gib"] == pytest.approx((n + 1) * 16 * 131072 / kv.GIB, abs=1e-3)
