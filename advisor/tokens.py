@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,7 @@ def _require_chat_template(tokenizer: Any, spec: str) -> None:
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    """The Rust batch path: all threads, no offsets, GIL released while it runs."""
     if not texts:
         return []
     backend = tokenizer.backend_tokenizer
@@ -300,58 +302,84 @@ _COLUMNS = ["request_id", "line", "kind", "messages", "tools", "prompt", "prompt
             "input_length"]
 
 
-def tokenize_batch(
-    batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str
-) -> tuple[pa.Table, list[list[Any]]]:
-    """One batch of request rows -> (tokens rows, [[request_id, line, reason], ...] failures)."""
+@dataclass
+class _Pending:
+    """One batch between rendering (Python) and encoding (Rust threads)."""
+
+    request_id: list[str]
+    line: list[int]
+    ids: list[list[int] | None]
+    lengths: list[int]
+    errors: list[str | None]
+    chat_rows: list[int] = field(default_factory=list)
+    chat_texts: list[str] = field(default_factory=list)
+    comp_rows: list[int] = field(default_factory=list)
+    comp_texts: list[str] = field(default_factory=list)
+
+
+def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pending:
     cols = {c: batch.column(c).to_pylist() for c in _COLUMNS}
     n = len(cols["request_id"])
-    ids: list[list[int] | None] = [None] * n
-    lengths = [0] * n
-    errors: list[str | None] = [None] * n
-    chat_rows, chat_texts, comp_rows, comp_texts = [], [], [], []
-    for i in range(n):
-        kind = cols["kind"][i]
+    p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
+    for i, kind in enumerate(cols["kind"]):
         try:
             if kind == schema.KIND_CHAT:
                 _require_chat_template(tokenizer, spec)
                 msgs = json.loads(cols["messages"][i]) if cols["messages"][i] else None
                 tools = json.loads(cols["tools"][i]) if cols["tools"][i] else None
-                chat_rows.append(i)
-                chat_texts.append(render_chat(tokenizer, msgs, tools))
+                p.chat_texts.append(render_chat(tokenizer, msgs, tools))
+                p.chat_rows.append(i)
             elif kind == schema.KIND_COMPLETION:
                 if not cols["prompt"][i]:
                     raise RenderError("empty prompt; vLLM refuses it")
-                comp_rows.append(i)
-                comp_texts.append(cols["prompt"][i])
+                p.comp_texts.append(cols["prompt"][i])
+                p.comp_rows.append(i)
             elif kind == schema.KIND_TOKENS:
-                ids[i] = cols["prompt_token_ids"][i] or []
-                if not ids[i]:
+                if not cols["prompt_token_ids"][i]:
                     raise RenderError("empty prompt_token_ids; vLLM refuses it")
+                p.ids[i] = cols["prompt_token_ids"][i]
             elif kind == schema.KIND_HASH_TRACE:
-                lengths[i] = int(cols["input_length"][i] or 0)
+                p.lengths[i] = int(cols["input_length"][i] or 0)
             else:
                 raise RenderError(f"unknown request kind {kind!r}")
         except (RenderError, json.JSONDecodeError) as e:
-            errors[i] = str(e)
-            ids[i] = []
-    for rows, texts, special in ((chat_rows, chat_texts, False), (comp_rows, comp_texts, True)):
+            p.errors[i] = str(e)
+            p.ids[i] = []
+    return p
+
+
+def _encode_pending(p: _Pending, tokenizer: Any) -> _Pending:
+    # Chat prompts already carry the template's special tokens; completions get the
+    # tokenizer's own (vLLM: add_special_tokens False for chat, True for completions).
+    for rows, texts, special in ((p.chat_rows, p.chat_texts, False),
+                                 (p.comp_rows, p.comp_texts, True)):
         for i, row_ids in zip(rows, _encode(tokenizer, texts, special)):
-            ids[i] = row_ids
-    for i in range(n):
-        if ids[i] is not None:
-            lengths[i] = len(ids[i])  # type: ignore[arg-type]
+            p.ids[i] = row_ids
+    return p
+
+
+def _finish(p: _Pending) -> tuple[pa.Table, list[list[Any]]]:
+    for i, row_ids in enumerate(p.ids):
+        if row_ids is not None:
+            p.lengths[i] = len(row_ids)
     table = pa.table(
         {
-            "request_id": pa.array(cols["request_id"], pa.string()),
-            "token_ids": pa.array(ids, pa.list_(pa.int32())),
-            "n_tokens": pa.array(lengths, pa.int64()),
-            "tokenize_error": pa.array(errors, pa.string()),
+            "request_id": pa.array(p.request_id, pa.string()),
+            "token_ids": pa.array(p.ids, pa.list_(pa.int32())),
+            "n_tokens": pa.array(p.lengths, pa.int64()),
+            "tokenize_error": pa.array(p.errors, pa.string()),
         },
         schema=schema.TOKENS,
     )
-    failed = [[cols["request_id"][i], cols["line"][i], errors[i]] for i in range(n) if errors[i]]
+    failed = [[p.request_id[i], p.line[i], e] for i, e in enumerate(p.errors) if e]
     return table, failed
+
+
+def tokenize_batch(
+    batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str
+) -> tuple[pa.Table, list[list[Any]]]:
+    """One batch of request rows -> (tokens rows, [[request_id, line, reason], ...] refusals)."""
+    return _finish(_encode_pending(_prepare(batch, tokenizer, spec), tokenizer))
 
 
 def tokenize_file(
@@ -363,26 +391,40 @@ def tokenize_file(
 ) -> TokenizeResult:
     """Stream requests.parquet by row batches into tokens.parquet (written atomically).
 
-    `progress(n)` is called with the number of rows finished after each batch.
+    Batch k is encoded on a helper thread (the Rust encoder releases the GIL and
+    fans out over its own threads) while batch k+1 is read and rendered here, so
+    the Python-side work hides behind the encoder. `progress(n)` is called with
+    the number of rows finished after each batch.
     """
     spec = resolve_spec(options.tokenizer)
     out_schema = schema.TOKENS.with_metadata({METADATA_KEY: spec.encode()})
     src = pq.ParquetFile(requests_path)
+    batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
     rows = tokens = n_errors = 0
     by_kind: dict[str, int] = {}
     first_errors: list[list[Any]] = []
-    batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
-    with atomic_path(tokens_path) as tmp:
+
+    def write(writer: pq.ParquetWriter, encoded: _Pending) -> None:
+        nonlocal rows, tokens, n_errors
+        table, failed = _finish(encoded)
+        writer.write_table(table.replace_schema_metadata(out_schema.metadata))
+        rows += table.num_rows
+        tokens += pc.sum(table.column("n_tokens")).as_py() or 0
+        n_errors += len(failed)
+        first_errors.extend(failed[: max(0, FIRST_ERRORS - len(first_errors))])
+        if progress is not None:
+            progress(table.num_rows)
+
+    with atomic_path(tokens_path) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+            in_flight: Future[_Pending] | None = None
             for batch in src.iter_batches(batch_size=batch_rows, columns=_COLUMNS):
-                table, failed = tokenize_batch(batch, tokenizer, spec)
-                writer.write_table(table.replace_schema_metadata(out_schema.metadata))
-                rows += table.num_rows
-                tokens += pc.sum(table.column("n_tokens")).as_py() or 0
                 for k in batch.column("kind").to_pylist():
                     by_kind[k] = by_kind.get(k, 0) + 1
-                n_errors += len(failed)
-                first_errors.extend(failed[: max(0, FIRST_ERRORS - len(first_errors))])
-                if progress is not None:
-                    progress(table.num_rows)
+                pending = _prepare(batch, tokenizer, spec)
+                if in_flight is not None:
+                    write(writer, in_flight.result())
+                in_flight = pool.submit(_encode_pending, pending, tokenizer)
+            if in_flight is not None:
+                write(writer, in_flight.result())
     return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors)
