@@ -161,9 +161,13 @@ def recommend(
         mult = BACKEND_BLOCK_MULTIPLE.get(options.backend)
         if mult is None:
             raise AdvisorError(f"unknown --backend {options.backend!r}: use one of {', '.join(BACKEND_BLOCK_MULTIPLE)}.")
+        why = ""
+        if options.backend == "cuda" and geom is not None and geom.mla_latent_dim is not None:
+            mult = 64  # vLLM 0.32's FlashMLA kernel pages hold 64 tokens (CUTLASS MLA on Blackwell: 128)
+            why = " (MLA model: FlashMLA's page; on Blackwell's CUTLASS MLA use a multiple of 128)"
         dropped = [b for b in allowed if b % mult]
         allowed = [b for b in allowed if b % mult == 0]
-        constraints.append(f"backend {options.backend}: --block-size must be a multiple of {mult}"
+        constraints.append(f"backend {options.backend}: --block-size must be a multiple of {mult}{why}"
                            + (f" (dropped {', '.join(map(str, dropped))})" if dropped else ""))
         if geom is not None and geom.forced_block_size:
             allowed = [b for b in allowed if b == geom.forced_block_size]

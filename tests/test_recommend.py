@@ -266,3 +266,10 @@ def test_recommend_model_reprices_rows_simulated_with_another_model() -> None:
     n = blocks_for_gib(4)
     out = recommend(sim([row(16, n, 0.5, kv_gib=999.0)]), None, RecommendOptions(), geom=LLAMA8)
     assert out["recommended"]["kv_gib"] == pytest.approx((n + 1) * 16 * 131072 / kv.GIB, abs=1e-3)
+
+
+def test_mla_models_on_cuda_take_flashmla_pages_of_64() -> None:
+    ds = kv.resolve_model("deepseek-v3")
+    out = recommend(_three_sizes().vstack(sim([row(64, 250, 0.45)])), None, RecommendOptions(), geom=ds)
+    assert {c["block_size"] for c in out["candidates"]} == {64}
+    assert any("multiple of 64" in c for c in out["constraints"])
