@@ -1,0 +1,333 @@
+"""Fast path of the prefix-cache simulator: the same vLLM rules as `advisor.cache`, on arrays.
+
+Inputs: a workload's token ids (flat int32 array + offsets) or a trace's hash ids, a
+block size, and pool sizes in usable blocks. Outputs: per-request hit tokens,
+evictions and peak blocks in use, equal to `advisor.cache.PrefixCache` with policy
+"lru" (tests/test_fastsim.py checks this under eviction pressure), plus the
+infinite-cache ceiling.
+
+Two steps per block size:
+1. `trace_from_tokens` / `trace_from_hash_ids` turn every full block into a dense
+   integer id (a `BlockTrace`): equal ids exactly when the chained prefixes are equal.
+   Token blocks are hashed with numpy, no Python loop per block: a 64-bit mix of each
+   (position, token), summed per block, mixed with the block index, summed along the
+   request (the chain) and mixed again. Two different prefixes get the same key with
+   probability about 2^-64 per pair, so about n^2 / 2^65 for n distinct blocks (3e-6
+   for 10M blocks); a collision could only add a spurious hit.
+2. `simulate_sequential` replays vLLM's free queue and hash -> blocks map over those
+   ids in a compiled loop (numba when importable; the same code runs as plain Python
+   otherwise, slowly): a doubly linked free queue in two arrays, per-hash circular
+   lists of copies (oldest copy first, as vLLM's dict), lazy eviction, tail-first free.
+   It is the cache.py algorithm step for step, so it stays exact where the LRU stack
+   property does not hold (duplicate blocks, unhashed blocks at the queue head); each
+   budget costs one pass over the blocks.
+
+The infinite-cache ceiling (`ceiling_hits`) needs no simulation: a block hits when its
+hash was first cached by an earlier request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+try:  # numba ships with vLLM's CPU build; without it the loops run as Python.
+    from numba import njit as _njit
+
+    def compiled(fn: F) -> F:
+        return _njit(cache=True, nogil=True)(fn)  # type: ignore[no-any-return]
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+
+    def compiled(fn: F) -> F:
+        return fn
+
+    HAVE_NUMBA = False
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_TOKEN_CHUNK = 1 << 23  # tokens hashed per numpy pass (bounds temporary memory)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class BlockTrace:
+    """A workload at one block size: each request's full blocks as dense ids."""
+
+    block_size: int
+    ids: np.ndarray  # int64, the full blocks of all requests, concatenated
+    offsets: np.ndarray  # int64, len(requests) + 1: request r owns ids[offsets[r]:offsets[r+1]]
+    num_tokens: np.ndarray  # int64, prompt tokens per request
+    num_ids: int  # distinct block ids (ids < num_ids)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.num_tokens)
+
+    def working_set_blocks(self) -> int:
+        """Distinct full blocks of the whole workload."""
+        return self.num_ids
+
+
+def _dense(keys: np.ndarray, num_tokens: np.ndarray, block_size: int) -> BlockTrace:
+    full = num_tokens // block_size
+    offsets = np.zeros(len(num_tokens) + 1, np.int64)
+    np.cumsum(full, out=offsets[1:])
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return BlockTrace(block_size, inverse.astype(np.int64).reshape(-1), offsets, num_tokens.astype(np.int64), len(uniq))
+
+
+def _chain(block_values: np.ndarray, full: np.ndarray, salts: np.ndarray) -> np.ndarray:
+    """Chained 64-bit keys of blocks given each block's content value (vectorized)."""
+    n = len(block_values)
+    starts = np.zeros(len(full), np.int64)
+    np.cumsum(full[:-1], out=starts[1:])
+    req = np.repeat(np.arange(len(full)), full)
+    index = np.arange(n, dtype=np.int64) - starts[req]
+    d = _mix64(block_values ^ _mix64(index.astype(np.uint64) * _GOLDEN + salts[req]))
+    prefix = np.cumsum(d, dtype=np.uint64)
+    before = np.zeros(len(full), np.uint64)
+    nonempty = full > 0
+    before[nonempty] = prefix[starts[nonempty]] - d[starts[nonempty]]
+    return _mix64(prefix - before[req] + index.astype(np.uint64))
+
+
+def block_keys(tokens: np.ndarray, offsets: np.ndarray, block_size: int, salts: np.ndarray | None = None) -> np.ndarray:
+    """64-bit chained keys of every full block (requests concatenated, in order).
+
+    `tokens`: flat token ids; request r is tokens[offsets[r]:offsets[r+1]]. `salts`:
+    optional uint64 per request (e.g. a hash of LoRA name and cache_salt; 0 = none):
+    different salts never share a block, like vLLM's extra keys.
+    """
+    offsets = np.asarray(offsets, np.int64)
+    num_tokens = np.diff(offsets)
+    full = num_tokens // block_size
+    salts = np.zeros(len(num_tokens), np.uint64) if salts is None else np.asarray(salts, np.uint64)
+    out: list[np.ndarray] = []
+    r = 0
+    while r < len(num_tokens):  # chunks of whole requests
+        r_end = int(np.searchsorted(offsets, offsets[r] + _TOKEN_CHUNK, side="right"))
+        r_end = min(max(r_end - 1, r + 1), len(num_tokens))
+        t0, t1 = int(offsets[r]), int(offsets[r_end])
+        lens = num_tokens[r:r_end]
+        local = np.arange(t1 - t0, dtype=np.int64) - np.repeat(offsets[r:r_end] - t0, lens)
+        tok = np.asarray(tokens[t0:t1]).astype(np.uint64)
+        e = _mix64(tok * _GOLDEN + (local % block_size).astype(np.uint64) * _M1 + np.uint64(1))
+        csum = np.zeros(t1 - t0 + 1, np.uint64)
+        np.cumsum(e, out=csum[1:])
+        f = full[r:r_end]
+        req = np.repeat(np.arange(r_end - r), f)
+        first = np.zeros(r_end - r, np.int64)
+        np.cumsum(f[:-1], out=first[1:])
+        j = np.arange(int(f.sum()), dtype=np.int64) - first[req]
+        start = offsets[r:r_end][req] - t0 + j * block_size
+        content = csum[start + block_size] - csum[start]
+        out.append(_chain(content, f, salts[r:r_end]))
+        r = r_end
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
+
+
+def trace_from_tokens(tokens: np.ndarray, offsets: np.ndarray, block_size: int, salts: np.ndarray | None = None) -> BlockTrace:
+    """A `BlockTrace` of token-id requests (see `block_keys` for the arguments)."""
+    offsets = np.asarray(offsets, np.int64)
+    return _dense(block_keys(tokens, offsets, block_size, salts), np.diff(offsets), block_size)
+
+
+def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: np.ndarray, trace_block_size: int) -> BlockTrace:
+    """A `BlockTrace` of a block-hash trace (Mooncake style), chained like tokens.
+
+    Request r's ids are hash_ids[offsets[r]:offsets[r+1]], one per trace block; the
+    last covers a partial block when num_tokens[r] % trace_block_size and is dropped
+    (vLLM never caches a partial block).
+    """
+    offsets = np.asarray(offsets, np.int64)
+    num_tokens = np.asarray(num_tokens, np.int64)
+    full = num_tokens // trace_block_size
+    have = np.diff(offsets)
+    if np.any(have < full):
+        raise ValueError("a hash-trace request has fewer hash ids than input_length // trace_block_size")
+    req = np.repeat(np.arange(len(full)), full)
+    first = np.zeros(len(full), np.int64)
+    np.cumsum(full[:-1], out=first[1:])
+    j = np.arange(int(full.sum()), dtype=np.int64) - first[req]
+    values = _mix64(np.asarray(hash_ids, np.int64)[offsets[:-1][req] + j].astype(np.uint64) + _GOLDEN)
+    keys = _chain(values, full, np.zeros(len(full), np.uint64))
+    return _dense(keys, num_tokens, trace_block_size)
+
+
+def trace_from_hash_lists(block_hash_lists: Sequence[Sequence[Hashable]], num_tokens: Sequence[int], block_size: int) -> BlockTrace:
+    """A `BlockTrace` from explicit per-request block hashes (e.g. `cache.request_block_hashes`)."""
+    intern: dict[Hashable, int] = {}
+    ids: list[int] = []
+    offsets = [0]
+    for hashes, n in zip(block_hash_lists, num_tokens, strict=True):
+        for h in hashes[: n // block_size]:
+            ids.append(intern.setdefault(h, len(intern)))
+        offsets.append(len(ids))
+    return BlockTrace(block_size, np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(num_tokens, np.int64), len(intern))
+
+
+@dataclass(frozen=True)
+class SequentialResult:
+    """One budget, sequential mode: per-request hit tokens and the counters."""
+
+    num_blocks: int | None
+    hit_tokens: np.ndarray  # int64 per request (0 for a request too long for the pool)
+    evictions: int
+    peak_blocks_in_use: int
+    fits: np.ndarray  # bool per request: whether an empty pool holds the prompt
+
+    @property
+    def hits(self) -> int:
+        return int(self.hit_tokens.sum())
+
+
+@compiled
+def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, hits):  # type: ignore[no-untyped-def]
+    n = num_blocks
+    head, tail = n, n + 1
+    nxt = np.empty(n + 2, np.int64)  # free queue links; head/tail are sentinels
+    prv = np.empty(n + 2, np.int64)
+    for i in range(n):
+        prv[i] = i - 1
+        nxt[i] = i + 1
+    prv[0] = head
+    nxt[n - 1] = tail
+    nxt[head] = 0
+    prv[tail] = n - 1
+    block_id_hash = np.full(n, -1, np.int64)
+    first_copy = np.full(num_ids, -1, np.int64)  # oldest cached block of each id
+    cnext = np.empty(n, np.int64)  # circular list of the copies of one id
+    cprev = np.empty(n, np.int64)
+    req = np.empty(n, np.int64)
+    evictions = 0
+    peak = 0
+    for r in range(len(num_tokens)):
+        base = offsets[r]
+        nfull = offsets[r + 1] - base
+        length = num_tokens[r]
+        nreq = (length + block_size - 1) // block_size
+        if nreq > n or length <= 0:
+            hits[r] = 0
+            continue
+        peak = max(peak, nreq)
+        cap = min(nfull, (length - 1) // block_size)
+        k = 0
+        while k < cap:
+            b = first_copy[ids[base + k]]
+            if b < 0:
+                break
+            req[k] = b
+            k += 1
+        for i in range(k):  # a hit pulls the block off the free queue
+            b = req[i]
+            nxt[prv[b]] = nxt[b]
+            prv[nxt[b]] = prv[b]
+        for i in range(k, nreq):  # pop the head; evict its hash now
+            b = nxt[head]
+            nxt[head] = nxt[b]
+            prv[nxt[b]] = head
+            h = block_id_hash[b]
+            if h >= 0:
+                if cnext[b] == b:
+                    first_copy[h] = -1
+                else:
+                    cnext[cprev[b]] = cnext[b]
+                    cprev[cnext[b]] = cprev[b]
+                    if first_copy[h] == b:
+                        first_copy[h] = cnext[b]
+                block_id_hash[b] = -1
+                evictions += 1
+            req[i] = b
+        for i in range(k, nfull):  # cache the new full blocks (no de-duplication)
+            b = req[i]
+            h = ids[base + i]
+            block_id_hash[b] = h
+            f = first_copy[h]
+            if f < 0:
+                first_copy[h] = b
+                cnext[b] = b
+                cprev[b] = b
+            else:
+                last = cprev[f]
+                cnext[last] = b
+                cprev[b] = last
+                cnext[b] = f
+                cprev[f] = b
+        anchor = head  # free tail-first: unhashed blocks to the head, in that order
+        for i in range(nreq - 1, -1, -1):
+            b = req[i]
+            if block_id_hash[b] < 0:
+                after = nxt[anchor]
+                nxt[anchor] = b
+                prv[b] = anchor
+                nxt[b] = after
+                prv[after] = b
+                anchor = b
+        for i in range(nreq - 1, -1, -1):  # hashed blocks to the tail
+            b = req[i]
+            if block_id_hash[b] >= 0:
+                last = prv[tail]
+                nxt[last] = b
+                prv[b] = last
+                nxt[b] = tail
+                prv[tail] = b
+        hits[r] = k * block_size
+    return evictions, peak
+
+
+def simulate_sequential(trace: BlockTrace, num_blocks: int | None) -> SequentialResult:
+    """vLLM's prefix cache (LRU), one request at a time, prefill only, each freed before
+    the next; `num_blocks` usable blocks, None = infinite (the ceiling)."""
+    bs = trace.block_size
+    needed = -(-trace.num_tokens // bs)
+    if num_blocks is None:
+        hits = ceiling_hits(trace)
+        return SequentialResult(None, hits, 0, int(needed.max(initial=0)), np.ones(len(hits), bool))
+    if num_blocks <= 0:
+        raise ValueError("num_blocks must be positive")
+    hits = np.zeros(trace.num_requests, np.int64)
+    evictions, peak = _sequential_lru(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks), max(trace.num_ids, 1), hits)
+    return SequentialResult(int(num_blocks), hits, int(evictions), int(peak), needed <= num_blocks)
+
+
+def sweep_sequential(trace: BlockTrace, budgets: Sequence[int | None]) -> list[SequentialResult]:
+    """`simulate_sequential` for each budget (one pass over the blocks each)."""
+    return [simulate_sequential(trace, b) for b in budgets]
+
+
+@compiled
+def _ceiling(ids, offsets, num_tokens, block_size, first_req, hits):  # type: ignore[no-untyped-def]
+    for r in range(len(num_tokens)):
+        base = offsets[r]
+        cap = min(offsets[r + 1] - base, max(num_tokens[r] - 1, 0) // block_size)
+        k = 0
+        while k < cap and first_req[ids[base + k]] < r:
+            k += 1
+        hits[r] = k * block_size
+
+
+def ceiling_hits(trace: BlockTrace) -> np.ndarray:
+    """Per-request hit tokens of an infinite cache (vLLM rules, nothing ever evicted)."""
+    req = np.repeat(np.arange(trace.num_requests, dtype=np.int64), np.diff(trace.offsets))
+    first_req = np.full(max(trace.num_ids, 1), np.iinfo(np.int64).max, np.int64)
+    seen, first_index = np.unique(trace.ids, return_index=True)
+    first_req[seen] = req[first_index]  # requests are in order: first occurrence = first request
+    hits = np.zeros(trace.num_requests, np.int64)
+    _ceiling(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, first_req, hits)
+    return hits

@@ -1,0 +1,130 @@
+"""advisor.fastsim against the exact reference advisor.cache, under eviction pressure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, target
+from hypothesis import strategies as st
+
+from advisor import cache, fastsim
+
+SYSTEMS = [list(range(100 * k, 100 * k + n)) for k, n in enumerate((3, 8, 13, 16))]
+
+
+def flat(reqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(reqs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in reqs])
+    tokens = np.asarray([t for r in reqs for t in r], np.int32)
+    return tokens, offsets
+
+
+@st.composite
+def workloads(draw: st.DrawFn, max_len: int = 40) -> list[list[int]]:
+    """Requests sharing prefixes: system prompts, earlier prompts cut at a multiple of
+    4 or 8 tokens (repeated prompts whose length is a multiple of B), short tails."""
+    reqs: list[list[int]] = []
+    for _ in range(draw(st.integers(1, 40))):
+        heads = [[], *SYSTEMS] + [r[: len(r) // 8 * 8] for r in reqs[-5:]] + [r[: len(r) // 4 * 4] for r in reqs[-5:]]
+        head = draw(st.sampled_from(heads))
+        tail = draw(st.lists(st.integers(0, 2), max_size=12))
+        reqs.append((head + tail)[:max_len] or [7])
+    return reqs
+
+
+def reference(reqs: Sequence[Sequence[int]], block_size: int, num_blocks: int | None) -> cache.PrefixCache:
+    c = cache.PrefixCache(num_blocks, block_size)
+    for i, r in enumerate(reqs):
+        if c.fits(len(r)):
+            assert c.admit(str(i), cache.request_block_hashes(r, block_size), len(r)) is not None
+            c.free(str(i))
+    return c
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(reqs=workloads(), block_size=st.sampled_from([4, 8]), num_blocks=st.integers(1, 24))
+def test_sequential_lru_equals_the_reference(reqs, block_size, num_blocks):
+    tokens, offsets = flat(reqs)
+    trace = fastsim.trace_from_tokens(tokens, offsets, block_size)
+    got = fastsim.simulate_sequential(trace, num_blocks)
+    ref = reference(reqs, block_size, num_blocks)
+    target(float(ref.evictions))
+    assume(ref.evictions > 0)
+    assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, block_size, num_blocks)
+    assert (got.evictions, got.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
+    assert got.hits == ref.hits
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=workloads(), block_size=st.sampled_from([4, 8]))
+def test_ceiling_equals_an_infinite_reference_cache(reqs, block_size):
+    trace = fastsim.trace_from_tokens(*flat(reqs), block_size)
+    assert fastsim.ceiling_hits(trace).tolist() == cache.sequential_hits(reqs, block_size, None)
+    assert fastsim.simulate_sequential(trace, None).hits == reference(reqs, block_size, None).hits
+
+
+@settings(max_examples=80, deadline=None)
+@given(reqs=workloads(), block_size=st.sampled_from([1, 4, 8]))
+def test_vectorized_block_keys_are_equal_exactly_when_chained_hashes_are(reqs, block_size):
+    keys = fastsim.block_keys(*flat(reqs), block_size).tolist()
+    hashes = [h for r in reqs for h in cache.request_block_hashes(r, block_size)]
+    assert len(keys) == len(hashes)
+    pairs = set(zip(keys, hashes, strict=True))
+    assert len({k for k, _ in pairs}) == len({h for _, h in pairs}) == len(pairs)
+
+
+def test_salts_separate_identical_prompts_like_extra_keys():
+    reqs = [list(range(12))] * 3
+    salts = np.asarray([0, 5, 5], np.uint64)
+    keys = fastsim.block_keys(*flat(reqs), 4, salts).reshape(3, 3)
+    assert set(keys[0]).isdisjoint(keys[1])
+    assert keys[1].tolist() == keys[2].tolist()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data(), num_blocks=st.integers(2, 12))
+def test_hash_traces_match_the_reference_with_partial_last_blocks(data, num_blocks):
+    tbs = 4
+    lists = data.draw(st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=num_blocks), min_size=2, max_size=30))
+    # input_length: each id a full block, except that the last may be partial.
+    lengths = [len(ids) * tbs - data.draw(st.integers(0, tbs - 1)) for ids in lists]
+    flat_ids = np.asarray([i for ids in lists for i in ids], np.int64)
+    offsets = np.zeros(len(lists) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(ids) for ids in lists])
+    trace = fastsim.trace_from_hash_ids(flat_ids, offsets, np.asarray(lengths), tbs)
+    chained = [cache.chain_trace_hash_ids(ids, n, tbs) for ids, n in zip(lists, lengths, strict=True)]
+    ref = cache.sequential_hits_from_hashes(chained, lengths, tbs, num_blocks)
+    got = fastsim.simulate_sequential(trace, num_blocks)
+    assume(got.evictions > 0)
+    assert got.hit_tokens.tolist() == ref
+
+
+def test_a_repeated_multiple_of_b_prompt_duplicates_its_last_block():
+    # 8 tokens twice at B=4 with 3 blocks: the second run recomputes block 1 into a
+    # second copy; a request of new content evicts one copy, and the prompt extended
+    # still hits both blocks (a one-block-per-hash simulator would hit only 4 tokens).
+    reqs = [list(range(8)), list(range(8)), [50, 51, 52, 53], list(range(9))]
+    trace = fastsim.trace_from_tokens(*flat(reqs), 4)
+    got = fastsim.simulate_sequential(trace, 3)
+    assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 4, 3) == [0, 4, 0, 8]
+    assert got.evictions == 2  # a copy of hash 1, then the new content's block
+
+
+def test_a_prompt_too_long_for_the_pool_gets_no_hit_and_changes_nothing():
+    reqs = [list(range(8)), list(range(40)), list(range(9))]
+    got = fastsim.simulate_sequential(fastsim.trace_from_tokens(*flat(reqs), 4), 4)
+    assert got.hit_tokens.tolist() == [0, 0, 8]
+    assert got.fits.tolist() == [True, False, True]
+
+
+@pytest.mark.skipif(not fastsim.HAVE_NUMBA, reason="numba is not installed: only the Python loop exists")
+def test_the_python_loop_and_the_compiled_loop_agree():
+    reqs = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7, 8, 9], [1, 2, 3, 4, 5], [9] * 13, [1, 2, 3, 4, 6, 7, 8, 9, 1]]
+    trace = fastsim.trace_from_tokens(*flat(reqs), 4)
+    hits = np.zeros(len(reqs), np.int64)
+    counters = fastsim._sequential_lru.py_func(trace.ids, trace.offsets, trace.num_tokens, 4, 4, trace.num_ids, hits)
+    got = fastsim.simulate_sequential(trace, 4)
+    assert hits.tolist() == got.hit_tokens.tolist()
+    assert counters == (got.evictions, got.peak_blocks_in_use)
