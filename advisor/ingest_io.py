@@ -64,7 +64,7 @@ class _Prepend(io.RawIOBase):
 
     def __init__(self, head: bytes, stream: BinaryIO) -> None:
         self._head = memoryview(head)
-        self._stream = stream
+        self._read = getattr(stream, "read1", stream.read)  # never wait to fill the buffer
 
     def readable(self) -> bool:
         return True
@@ -75,7 +75,7 @@ class _Prepend(io.RawIOBase):
             b[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        data = self._stream.read(len(b))
+        data = self._read(len(b))
         n = len(data)
         b[:n] = data
         return n
@@ -100,7 +100,8 @@ class _Guarded(io.RawIOBase):
     """Turns a decompressor's errors into CorruptStream so the line reader can report them."""
 
     def __init__(self, stream: BinaryIO, what: str) -> None:
-        self._stream = stream
+        # read1: one decompression step at a time, so damage loses only the bytes after it
+        self._read = getattr(stream, "read1", stream.read)
         self._what = what
 
     def readable(self) -> bool:
@@ -108,13 +109,9 @@ class _Guarded(io.RawIOBase):
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         try:
-            data = self._stream.read(len(b))
+            data = self._read(len(b))
         except (EOFError, OSError, zlib.error, ValueError) as e:
             raise CorruptStream(f"the {self._what} stream is damaged or cut off ({e})") from e
-        except Exception as e:  # zstandard.ZstdError is not an OSError
-            if type(e).__name__ == "ZstdError":
-                raise CorruptStream(f"the {self._what} stream is damaged or cut off ({e})") from e
-            raise
         n = len(data)
         b[:n] = data
         return n
@@ -128,20 +125,90 @@ def open_decompressed(raw: BinaryIO) -> tuple[BinaryIO, str]:
         inner: BinaryIO = gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[assignment]
         return io.BufferedReader(_Guarded(inner, "gzip"), READ_CHUNK), "gzip"  # type: ignore[arg-type]
     if magic == ZSTD_MAGIC:
-        import zstandard
-
-        inner = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore[assignment]
-        return io.BufferedReader(_Guarded(inner, "zstd"), READ_CHUNK), "zstd"  # type: ignore[arg-type]
+        return io.BufferedReader(_Zstd(src), READ_CHUNK), "zstd"  # type: ignore[arg-type]
     return src, "none"
 
 
+class _Zstd(io.RawIOBase):
+    """Zstandard frames one after another; a frame cut off at the end raises CorruptStream.
+
+    (zstandard's stream_reader ends quietly at a truncated frame, so frames are fed to a
+    decompressobj here and the end of input checked against the frame's end.)
+    """
+
+    def __init__(self, src: BinaryIO) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._src = src
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._fed = False  # the current frame has received input
+        self._out = b""
+        self._error: CorruptStream | None = None  # raised once the output before it is served
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._out:
+            if self._error is not None:
+                raise self._error
+            chunk = self._src.read(READ_CHUNK)
+            if not chunk:
+                if self._fed and not self._obj.eof:
+                    raise CorruptStream("the zstd stream is cut off (its last frame is incomplete)")
+                return 0
+            try:
+                while chunk:
+                    self._out += self._obj.decompress(chunk)
+                    self._fed = True
+                    chunk = b""
+                    if self._obj.eof:
+                        chunk = self._obj.unused_data
+                        self._obj = self._zstd.ZstdDecompressor().decompressobj()
+                        self._fed = False
+            except self._zstd.ZstdError as e:
+                self._error = CorruptStream(f"the zstd stream is damaged ({e})")
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
+class _Failing(io.RawIOBase):
+    """A stream whose next read raises the error met while the head was read."""
+
+    def __init__(self, error: CorruptStream) -> None:
+        self._error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        raise self._error
+
+
 def read_head(stream: BinaryIO) -> tuple[bytes, BinaryIO]:
-    """The first SNIFF_BYTES of `stream`, and a stream that still yields everything."""
-    try:
-        head = _read_exact(stream, SNIFF_BYTES)
-    except CorruptStream as e:
-        raise InputRefused(f"cannot read the input: {e}. Check the file is complete.") from e
-    return head, io.BufferedReader(_Prepend(head, stream), READ_CHUNK)  # type: ignore[arg-type]
+    """The first SNIFF_BYTES of `stream`, and a stream that still yields everything.
+
+    A damaged compressed stream inside the head is not raised here: the lines before the
+    damage are still read, and the damage then surfaces where it is.
+    """
+    parts: list[bytes] = []
+    n = SNIFF_BYTES
+    rest: BinaryIO = stream
+    while n > 0:
+        try:
+            data = stream.read1(n)  # type: ignore[attr-defined]
+        except CorruptStream as e:
+            rest = _Failing(e)  # type: ignore[assignment]
+            break
+        if not data:
+            break
+        parts.append(data)
+        n -= len(data)
+    head = b"".join(parts)
+    return head, io.BufferedReader(_Prepend(head, rest), READ_CHUNK)  # type: ignore[arg-type]
 
 
 def sniff(head: bytes, compression: str) -> None:
