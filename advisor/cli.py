@@ -195,7 +195,7 @@ def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Co
     inputs = [] if from_stdin else [Path(log)]
 
     def body(r: RunDir) -> dict[str, Any]:
-        stdin = click.get_binary_stream("stdin") if from_stdin else None
+        stdin = sys.stdin.buffer if from_stdin else None
         res = ing.ingest_source(log, r.path(rf.REQUESTS), r.path(rf.REJECTS), options, stdin=stdin)
         return res.as_counts()
 
