@@ -210,12 +210,17 @@ def recommend(
     price = options.min_gain_per_gib * _queries(view)
     ceilings = _ceilings(view)
     points: list[_Point] = []
+    preempting: list[str] = []
     for b in allowed:
         rows = view.filter((pl.col("block_size") == b) & pl.col("num_blocks").is_not_null()).sort("num_blocks")
         prev_cost, prev_hits = 0.0, 0
         for r in rows.iter_rows(named=True):
             nb = int(r["num_blocks"])
             if nb < reserve.get(b, 0):
+                continue
+            if (r.get("preemptions") or 0) > 0 or (r.get("refused") or 0) > 0:
+                # simulate's extra columns: this budget preempted or refused requests at the logged load
+                preempting.append(f"{nb:,} blocks at B={b}")
                 continue
             # the model recommend was given wins over the one simulate priced the rows with
             kv_gib = kv.kv_gib_for_blocks(geom, b, nb, tp) if geom is not None else r["kv_gib"]
@@ -230,6 +235,9 @@ def recommend(
                 ceiling_hit_rate=ceilings.get(b, float(r["ceiling_hit_rate"])), marginal=marginal,
                 score=hits - price * cost, fits_gpu=fits,
             ))
+    if preempting:
+        constraints.append("budgets where the concurrent simulation preempted or refused requests are not "
+                           "recommended: " + ", ".join(preempting))
     if not points:
         raise AdvisorError(
             "every simulated budget is smaller than what running requests pin at the logged concurrency: "

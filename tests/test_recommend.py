@@ -273,3 +273,12 @@ def test_mla_models_on_cuda_take_flashmla_pages_of_64() -> None:
     out = recommend(_three_sizes().vstack(sim([row(64, 250, 0.45)])), None, RecommendOptions(), geom=ds)
     assert {c["block_size"] for c in out["candidates"]} == {64}
     assert any("multiple of 64" in c for c in out["constraints"])
+
+
+def test_budgets_that_preempt_under_load_are_not_recommended() -> None:
+    rows = [row(16, 200, 0.50, mode="concurrent", peak=150), row(16, 2000, 0.51, mode="concurrent", peak=150)]
+    rows[0]["preemptions"], rows[1]["preemptions"] = 7, 0
+    table = pl.DataFrame(rows, schema_overrides={"num_blocks": pl.Int64, "kv_gib": pl.Float64})
+    out = recommend(table, None, RecommendOptions())
+    assert out["recommended"]["num_blocks"] == 2000
+    assert any("preempted" in c and "200 blocks" in c for c in out["constraints"])
