@@ -137,3 +137,25 @@ def test_blocks_round_trip_against_naive(kv_bytes: int, block_size: int, tp: int
     assert n == max(0, kv_bytes // per_block - 1)
     # the inverse buys exactly n usable blocks
     assert kv.blocks_for_kv_bytes(g, block_size, kv.kv_bytes_for_blocks(g, block_size, n, tp), tp) == n
+
+
+def test_multimodal_text_config_and_sliding_window_layers(tmp_path: Path) -> None:
+    folder = _write_config(
+        tmp_path / "g3", model_type="gemma3", torch_dtype="bfloat16",
+        text_config={"num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 4,
+                     "head_dim": 256, "hidden_size": 2048, "sliding_window": 1024,
+                     "sliding_window_pattern": 6},
+    )
+    g = kv.resolve_model(str(folder))
+    assert (g.layers, g.kv_heads, g.head_dim) == (12, 4, 256)
+    assert g.sliding_window == 1024 and g.sliding_window_layers == 10  # 2 of 12 layers are global
+    assert kv.bytes_per_token(g) == 2 * 12 * 4 * 256 * 2  # all layers counted as full attention
+
+
+def test_qwen_style_disabled_sliding_window_is_ignored(tmp_path: Path) -> None:
+    folder = _write_config(
+        tmp_path / "q", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=256, sliding_window=131072, use_sliding_window=False,
+    )
+    g = kv.resolve_model(str(folder))
+    assert g.sliding_window is None and g.sliding_window_layers == 0
