@@ -1,0 +1,177 @@
+"""Stories for advisor.cache: exact hits, evictions and free-queue order (B = 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from advisor.cache import (
+    FreeBlockQueue,
+    Block,
+    PrefixCache,
+    chain_trace_hash_ids,
+    request_block_hashes,
+    sequential_hits,
+    sequential_hits_from_hashes,
+)
+
+B = 4
+
+
+def make_request(cache: PrefixCache, rid: str, tokens: Sequence[int], **keys: str) -> int | None:
+    return cache.admit(rid, request_block_hashes(list(tokens), B, **keys), len(tokens))
+
+
+def run_and_free(cache: PrefixCache, rid: str, tokens: Sequence[int]) -> int | None:
+    hit = make_request(cache, rid, tokens)
+    cache.free(rid)
+    return hit
+
+
+def test_free_queue_starts_in_id_order_and_frees_tail_first():
+    cache = PrefixCache(10, B)
+    assert cache.free_block_ids() == list(range(10))
+    make_request(cache, "a", range(10))  # blocks 0, 1 full; block 2 partial
+    assert cache.free_block_ids() == list(range(3, 10))
+    cache.free("a")
+    # The partial (unhashed) block goes to the head, full blocks tail-first to the tail.
+    assert cache.free_block_ids() == [2, 3, 4, 5, 6, 7, 8, 9, 1, 0]
+
+
+def test_hit_pulls_blocks_off_the_free_queue_and_pins_them():
+    cache = PrefixCache(10, B)
+    run_and_free(cache, "a", range(10))
+    assert make_request(cache, "b", range(9)) == 8
+    assert 0 not in cache.free_block_ids() and 1 not in cache.free_block_ids()
+    assert cache.blocks_in_use == 3
+
+
+@pytest.mark.parametrize(("length", "hit"), [(4, 0), (5, 4), (8, 4), (9, 8), (12, 8), (13, 12)])
+def test_the_last_prompt_token_is_always_recomputed(length, hit):
+    cache = PrefixCache(10, B)
+    run_and_free(cache, "warm", range(16))
+    assert cache.lookup(request_block_hashes(list(range(length)), B), length) == hit
+    assert make_request(cache, "probe", range(length)) == hit
+
+
+def test_lookup_changes_nothing():
+    cache = PrefixCache(4, B)
+    run_and_free(cache, "a", range(8))
+    before = cache.free_block_ids()
+    assert cache.lookup(request_block_hashes(list(range(9)), B), 9) == 8
+    assert cache.free_block_ids() == before and cache.queries == 8
+
+
+def test_same_prompt_twice_leaves_two_copies_of_one_hash():
+    cache = PrefixCache(3, B)
+    run_and_free(cache, "a", range(8))
+    assert run_and_free(cache, "b", range(8)) == 4
+    assert cache.free_block_ids() == [1, 2, 0]  # vLLM's [2, 3, 1], shifted by its null block
+    assert len(cache.pool.cached[request_block_hashes(list(range(8)), B)[1]]) == 2
+
+
+def test_lazy_eviction_takes_the_least_recently_used_tail_block_first():
+    cache = PrefixCache(4, B)
+    run_and_free(cache, "a", range(8))  # queue [2, 3, 1, 0]
+    run_and_free(cache, "b", range(100, 108))  # pops 2, 3 (unhashed); queue [1, 0, 3, 2]
+    assert cache.evictions == 0
+    assert run_and_free(cache, "c", range(200, 204)) == 0  # pops 1: a's tail block
+    assert cache.evictions == 1
+    assert make_request(cache, "d", range(9)) == 4  # a's block 0 survived, block 1 did not
+
+
+def test_admission_refused_changes_nothing_and_counts_nothing():
+    cache = PrefixCache(4, B)
+    make_request(cache, "a", range(12))
+    assert make_request(cache, "b", range(50, 58)) is None
+    assert (cache.queries, cache.blocks_in_use) == (12, 3)
+    cache.free("a")
+    assert make_request(cache, "b", range(50, 58)) == 0
+
+
+def test_decode_blocks_are_cached_once_full_and_others_hit_them():
+    cache = PrefixCache(10, B)
+    tokens = list(range(6))
+    make_request(cache, "a", tokens)
+    tokens += [6, 7, 8]
+    assert cache.grow("a", 8, request_block_hashes(tokens, B))  # KV for tokens 0..7
+    assert cache.lookup(request_block_hashes(tokens, B), 9) == 8
+    assert not cache.grow("a", 100)  # 25 blocks do not fit: nothing changes
+    assert cache.blocks_in_use == 2
+
+
+def test_unique_decode_blocks_are_hashed_so_they_free_to_the_tail():
+    cache = PrefixCache(6, B)
+    make_request(cache, "a", range(4))
+    assert cache.grow("a", 9)  # no hashes given: two unique output blocks
+    cache.free("a")
+    assert cache.free_block_ids() == [2, 3, 4, 5, 1, 0]
+
+
+def test_lora_on_every_block_and_cache_salt_on_block_zero_separate_requests():
+    plain = request_block_hashes(list(range(8)), B)
+    assert set(plain).isdisjoint(request_block_hashes(list(range(8)), B, lora="x"))
+    assert set(plain).isdisjoint(request_block_hashes(list(range(8)), B, cache_salt="s"))
+    assert request_block_hashes(list(range(8)), B, cache_salt="s") == request_block_hashes(list(range(8)), B, cache_salt="s")
+
+
+def test_infinite_cache_never_evicts():
+    reqs = [list(range(k, k + 9)) for k in range(0, 400, 4)] + [list(range(9))]
+    assert sequential_hits(reqs, B, None)[-1] == 8
+    assert sequential_hits(reqs, B, 8)[-1] == 0
+
+
+def test_hash_trace_partial_last_block_is_never_hit():
+    lists, lengths = [[1, 2, 3], [1, 2, 3], [1, 2, 4]], [10, 12, 12]
+    hashes = [chain_trace_hash_ids(ids, n, B) for ids, n in zip(lists, lengths, strict=True)]
+    assert [len(h) for h in hashes] == [2, 3, 3]
+    # Request 1 hits the two full blocks of request 0 (its own third block is capped by L-1).
+    assert sequential_hits_from_hashes(hashes, lengths, B, None) == [0, 8, 8]
+
+
+# --- reference policies ----------------------------------------------------------------
+
+A, Bp, C = list(range(5)), list(range(10, 15)), list(range(20, 25))  # one full block + 1 token
+
+
+def test_lru_refreshes_on_hit_fifo_does_not():
+    reqs = [A, Bp, A, C, A]  # 3 blocks: two hashed blocks survive between requests
+    assert sequential_hits(reqs, B, 3, "lru") == [0, 0, 4, 0, 4]
+    assert sequential_hits(reqs, B, 3, "fifo") == [0, 0, 4, 0, 0]
+
+
+def test_belady_keeps_the_block_wanted_soonest():
+    reqs = [A, Bp, C, A]
+    assert sequential_hits(reqs, B, 3, "lru") == [0, 0, 0, 0]
+    assert sequential_hits(reqs, B, 3, "belady") == [0, 0, 0, 4]
+
+
+def test_belady_needs_the_future():
+    with pytest.raises(ValueError, match="future"):
+        PrefixCache(4, B, "belady")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=14), min_size=1, max_size=25), st.integers(4, 12))
+def test_belady_never_loses_to_lru_or_fifo_and_nobody_beats_the_ceiling(reqs, num_blocks):
+    ceiling = sum(sequential_hits(reqs, B, None))
+    belady = sum(sequential_hits(reqs, B, num_blocks, "belady"))
+    assert belady <= ceiling
+    # Belady is optimal for single-block prompts (no chains): check that case exactly.
+    single = [r[:5] for r in reqs]
+    assert sum(sequential_hits(single, B, num_blocks, "belady")) >= max(
+        sum(sequential_hits(single, B, num_blocks, "lru")), sum(sequential_hits(single, B, num_blocks, "fifo"))
+    )
+
+
+def test_free_block_queue_append_prepend_remove():
+    blocks = [Block(i) for i in range(4)]
+    q = FreeBlockQueue(blocks[:2])
+    q.append_n([blocks[2]])
+    q.prepend_n([blocks[3]])
+    q.remove(blocks[0])
+    assert q.block_ids() == [3, 1, 2] and q.num_free_blocks == 3
+    assert q.popleft() is blocks[3]
