@@ -75,16 +75,17 @@ class ReplayStatus:
     level: str  # "ok" | "warn" | "bad" | "info"
     headline: str
     detail: str
+    commands: tuple[str, ...] = ()  # how to confirm, shown as code
 
 
-def missing_note(data: ReportData, *artifacts: str) -> str | None:
-    """'Not available: X is missing (run `pc-advise S ...`).' when any artifact is absent."""
+def missing_note(data: ReportData, *artifacts: str) -> tuple[str, list[str]] | None:
+    """('Not available: X missing ...', [commands that produce it]) when any artifact is absent."""
     gone = [a for a in artifacts if a in data.missing]
     if not gone:
         return None
     stages = sorted({data.missing[a] for a in gone}, key=lambda s: _STAGE_ORDER.get(s, 99))
-    cmds = " then ".join(f"pc-advise {s} {data.run_dir}" for s in stages)
-    return f"Not available: {', '.join(gone)} missing from the run folder. To produce it: {cmds}"
+    cmds = [f"pc-advise {s} {data.run_dir}" for s in stages]
+    return f"Not available: {', '.join(gone)} missing from the run folder. To produce it, run:", cmds
 
 
 _STAGE_ORDER = {s: i for i, s in enumerate(("ingest", "tokenize", "analyze", "simulate", "recommend", "replay"))}
@@ -92,10 +93,11 @@ _STAGE_ORDER = {s: i for i, s in enumerate(("ingest", "tokenize", "analyze", "si
 
 def replay_status(data: ReportData) -> ReplayStatus:
     rp = data.replay
-    how = f"{CONFIRM_INSTALL}, then pc-advise replay {data.run_dir}"
+    how = (CONFIRM_INSTALL, f"pc-advise replay {data.run_dir}")
     if not rp or rp.get("status") in (None, "not_run"):
-        reason = (rp or {}).get("reason") or "no replay was run"
-        return ReplayStatus("warn", "Prediction unconfirmed", f"{reason}. To confirm it against vLLM: {how}")
+        reason = str((rp or {}).get("reason") or "no replay was run").rstrip(".")
+        return ReplayStatus("warn", "Prediction unconfirmed",
+                            f"{reason}. To confirm it against vLLM, run the commands in the replay section.", how)
     engine = f"{rp.get('engine') or 'vLLM'} {rp.get('vllm_version') or ''}".strip()
     status = rp["status"]
     if status == "confirmed":
@@ -107,6 +109,7 @@ def replay_status(data: ReportData) -> ReplayStatus:
         )
     if status == "not_confirmable":
         return ReplayStatus("info", "Not confirmable by replay", str(rp.get("reason") or ""))
+    # unknown statuses are shown as given
     return ReplayStatus("info", f"Replay status: {status}", str(rp.get("reason") or ""))
 
 

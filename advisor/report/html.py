@@ -32,7 +32,7 @@ header .sub{color:var(--muted);font-size:13.5px;margin:0}
 h2{font-size:19px;margin:36px 0 10px;padding-bottom:6px;border-bottom:2px solid var(--line)}
 h3{font-size:15.5px;margin:22px 0 8px}
 p{margin:8px 0}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(190px,1fr));gap:12px;margin:18px 0 8px}
+.cards{display:grid;grid-template-columns:repeat(3,1fr);gap:12px;margin:18px 0 8px}
 .card{border:1px solid var(--line);border-radius:8px;padding:12px 14px;background:var(--bg)}
 .card .label{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:var(--muted)}
 .card .value{font-size:19px;font-weight:650;margin:2px 0 4px;font-variant-numeric:tabular-nums}
@@ -51,11 +51,12 @@ word-break:break-word;margin:8px 0}
 pre.prompt{background:var(--soft);color:var(--fg);border:1px solid var(--line);max-height:14em;margin:4px 0}
 table{border-collapse:collapse;width:100%;margin:8px 0 4px;font-size:13.5px}
 th,td{text-align:left;padding:6px 9px;border-bottom:1px solid var(--line);vertical-align:top}
-th{background:var(--soft);font-weight:600;color:#374151;white-space:nowrap}
+th{background:var(--soft);font-weight:600;color:#374151}
+.scroll{overflow-x:auto} table.compact{width:auto;min-width:40%}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.pick td{background:#eff6ff;font-weight:600}
 figure{margin:14px 0 6px}
-figure svg{max-width:100%;height:auto;display:block}
+figure svg{width:100%;height:auto;display:block}
 figcaption{font-size:13px;color:var(--muted);margin-top:4px}
 ul{margin:6px 0;padding-left:22px}
 .detail{font-size:12px;color:var(--muted)} .muted{color:var(--muted)}
@@ -68,14 +69,16 @@ def esc(x: Any) -> str:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Iterable[int] = (),
-           pick: int | None = None) -> str:
+           pick: int | None = None, compact: bool = False) -> str:
     nums = set(numeric)
     head = "".join(f'<th{" class=n" if i in nums else ""}>{esc(h)}</th>' for i, h in enumerate(header))
     body = []
     for k, row in enumerate(rows):
         cells = "".join(f'<td{" class=n" if i in nums else ""}>{esc(c)}</td>' for i, c in enumerate(row))
         body.append(f'<tr{" class=pick" if k == pick else ""}>{cells}</tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    cls = ' class="compact"' if compact else ""
+    return (f'<div class="scroll"><table{cls}><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def _prompt(text: Any) -> str:
@@ -95,7 +98,10 @@ def _figure(svg: str | None, caption: str, missing: str) -> str:
 
 def _missing(data: ReportData, *artifacts: str) -> str:
     note = fx.missing_note(data, *artifacts)
-    return f'<div class="missing">{esc(note)}</div>' if note else ""
+    if not note:
+        return ""
+    text, cmds = note
+    return f'<div class="missing">{esc(text)}<pre>{esc(chr(10).join(cmds))}</pre></div>'
 
 
 # --- sections --------------------------------------------------------------------------
@@ -276,6 +282,8 @@ def _replay(data: ReportData) -> str:
     rs = fx.replay_status(data)
     out = ['<section id="replay"><h2>Replay through vLLM</h2>',
            f'<div class="note {rs.level}"><b>{esc(rs.headline)}.</b> {esc(rs.detail)}</div>']
+    if rs.commands:
+        out.append(f"<pre>{esc(chr(10).join(rs.commands))}</pre>")
     rp = data.replay
     if not rp or not rp.get("configs"):
         return "".join(out) + "</section>"
@@ -302,7 +310,7 @@ def _inputs(data: ReportData) -> str:
     else:
         out.append(_table(("lines read", "accepted", "rejected"),
                           [(fx.num(ing.get("lines_read")), fx.num(ing.get("accepted")), fx.num(ing.get("rejected")))],
-                          numeric=(0, 1, 2)))
+                          numeric=(0, 1, 2), compact=True))
         kinds = ing.get("by_kind") or {}
         if kinds:
             out.append("<p>Accepted by kind: " + esc(", ".join(f"{k} {fx.num(v)}" for k, v in kinds.items())) + ".</p>")
@@ -311,8 +319,8 @@ def _inputs(data: ReportData) -> str:
         out.append(_table(("line", "reason"), [(fx.num(a), b) for a, b in data.rejects], numeric=(0,)))
     if data.stage_times:
         out.append("<h3>Stage wall times</h3>")
-        out.append(_table(("stage", "wall time"), [(s, fx.secs(t)) for s, t in data.stage_times], numeric=(1,)))
-    out.append(f"<p>{esc(fx.tokenizer_note(data))}</p>")
+        out.append(_table(("stage", "wall time"), [(s, fx.secs(t)) for s, t in data.stage_times], numeric=(1,),
+                          compact=True))
     return "".join(out) + "</section>"
 
 

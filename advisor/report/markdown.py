@@ -51,7 +51,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Iterabl
 
 def _missing(data: ReportData, *artifacts: str) -> str:
     note = fx.missing_note(data, *artifacts)
-    return f"> {md_text(note)}" if note else ""
+    if not note:
+        return ""
+    text, cmds = note
+    return f"> {md_text(text)}\n\n" + _shell(cmds)
+
+
+def _shell(cmds: Sequence[str]) -> str:
+    return fenced("\n".join(cmds)).replace("text\n", "sh\n", 1)
 
 
 def _summary(data: ReportData) -> list[str]:
@@ -64,7 +71,7 @@ def _summary(data: ReportData) -> list[str]:
         out += [_missing(data, "recommendation.json") or "> No recommendation.", ""]
     else:
         if rec.get("vllm_serve"):
-            out += ["Run vLLM with:", "", fenced(rec["vllm_serve"]).replace("```text", "```sh", 1), ""]
+            out += ["Run vLLM with:", "", _shell([rec["vllm_serve"]]), ""]
         out += [f"> **Flag:** {md_text(flag)}\n" for flag in rec.get("flags") or []]
     out += [md_text(fx.tokenizer_note(data)), ""]
     if data.redacted:
@@ -148,8 +155,10 @@ def _prompts(data: ReportData) -> list[str]:
                       [(p.get("rank"), fx.num(p.get("tokens")), fx.num(p.get("requests")), fx.num(p.get("saved_tokens")))
                        for p in tops], numeric=(0, 1, 2, 3)), ""]
         for p in tops:
-            out += [f"Prefix {md_text(p.get('rank'))}, start:", "", fenced(p.get("text_first")), "",
-                    "…end:", "", fenced(p.get("text_last")), ""]
+            if p.get("text_first") is not None:
+                out += [f"Prefix {md_text(p.get('rank'))}, start:", "", fenced(p.get("text_first")), ""]
+            if p.get("text_last") is not None:
+                out += [f"Prefix {md_text(p.get('rank'))}, end:", "", fenced(p.get("text_last")), ""]
     breakers = st.get("breakers") or []
     out += ["### Cache breakers", ""]
     if not breakers:
@@ -161,14 +170,10 @@ def _prompts(data: ReportData) -> list[str]:
                         b.get("description")) for b in breakers], numeric=range(1, 6)), ""]
         for b in breakers:
             for e in b.get("examples") or []:
-                out += [f"Example of *{md_text(b.get('label'))}*: request `{_code(e.get('a_request_id'))}` vs "
-                        f"`{_code(e.get('b_request_id'))}`", "", fenced(e.get("a_text")), "", fenced(e.get("b_text")), ""]
+                out += [f"Example of *{md_text(b.get('label'))}*: request {md_text(e.get('a_request_id'))} vs "
+                        f"{md_text(e.get('b_request_id'))}", ""]
+                out += [x for t in (e.get("a_text"), e.get("b_text")) if t is not None for x in (fenced(t), "")]
     return out
-
-
-def _code(x: Any) -> str:
-    """An id for an inline code span: no backticks, no line breaks, no table pipes."""
-    return " ".join(str(x).replace("`", "'").replace("|", "/").split()) or "?"
 
 
 def _timeline(data: ReportData) -> list[str]:
@@ -200,6 +205,8 @@ def _clusters(data: ReportData) -> list[str]:
 def _replay(data: ReportData) -> list[str]:
     rs = fx.replay_status(data)
     out = ["## Replay through vLLM", "", f"**{md_text(rs.headline)}.** {md_text(rs.detail)}", ""]
+    if rs.commands:
+        out += [_shell(rs.commands), ""]
     rp = data.replay
     if not rp or not rp.get("configs"):
         return out
@@ -235,7 +242,7 @@ def _inputs(data: ReportData) -> list[str]:
     if data.stage_times:
         out += ["### Stage wall times", "",
                 table(("stage", "wall time"), [(s, fx.secs(t)) for s, t in data.stage_times], numeric=(1,)), ""]
-    return out + [md_text(fx.tokenizer_note(data)), ""]
+    return out
 
 
 def render(data: ReportData, include_timings: bool = True) -> str:
@@ -246,7 +253,7 @@ def render(data: ReportData, include_timings: bool = True) -> str:
         data = replace(data, stage_times=())
     name = data.run_dir.rstrip("/").split("/")[-1] or data.run_dir
     lines = [f"# Prefix-cache report: {md_text(name)}", "",
-             f"Run folder `{_code(data.run_dir)}`" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
+             f"Run folder {md_text(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
              + ".", ""]
     for section in (_summary, _recommendation, _sweep, _prompts, _timeline, _clusters, _replay, _inputs):
         lines += section(data)

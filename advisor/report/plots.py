@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # a renderer never needs a display
 from matplotlib.backends.backend_svg import FigureCanvasSVG  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from advisor.report.model import ReportData, TimelinePoint, main_view  # noqa: E402
 
@@ -40,6 +41,7 @@ RC = {
     "xtick.color": "#374151",
     "ytick.color": "#374151",
     "legend.frameon": False,
+    "axes.axisbelow": True,
 }
 
 
@@ -97,12 +99,22 @@ def _draw_curve(fig: Figure, view: Sequence[Mapping[str, Any]], rec: Mapping[str
         ax.plot([float(r[xkey])], [float(r["hit_rate"]) * 100], marker="*", ms=16, color="#111827",
                 mec="white", mew=1.2, ls="none", zorder=5, label="recommended")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV cache memory (GiB, log scale)" if use_gib else "KV cache blocks (log scale)")
     ax.set_ylabel("prefix-cache hit rate (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="lower right", fontsize=8.5)
     ax.text(0.01, 0.98, "dashed: block ceiling (infinite cache)", transform=ax.transAxes,
             va="top", fontsize=8, color="#6b7280")
+
+
+def _plain(v: float, _pos: Any = None) -> str:
+    """Log-axis tick labels as plain numbers (0.2, 5, 1,000), not powers of ten."""
+    if v >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:g}"
 
 
 def hit_rate_curve(data: ReportData) -> str | None:
@@ -203,7 +215,7 @@ def _draw_clusters(fig: Figure, clusters: Sequence[Mapping[str, Any]]) -> None:
         ax.text(tokens[i] + top * 0.01, i, f"{float(c.get('ceiling') or 0) * 100:.0f}%", va="center", fontsize=8)
     ax.set_xlabel("prompt tokens")
     ax.set_xlim(0, top * 1.1)
-    ax.legend(loc="lower right", fontsize=8.5)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8.5)
     ax.grid(axis="y", visible=False)
 
 

