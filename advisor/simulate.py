@@ -1,0 +1,443 @@
+"""Simulate vLLM's prefix cache over a grid of block sizes x memory budgets.
+
+Inputs: requests.parquet + tokens.parquet (a `Workload`), `SimulateOptions`, and
+optionally a model geometry (advisor.kvmemory) for budgets in GiB. Outputs:
+sim.parquet rows (schema.SIM: one per block size x budget x policy x mode x
+window, plus the infinite-cache ceiling rows with `num_blocks` null) and
+sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens).
+
+Per block size the block hashes are computed once (LoRA name and cache_salt as
+extra keys; hash traces chain their `hash_ids` at the trace's block size, the only
+size they simulate at). Every configuration then runs the exact reference,
+`advisor.cache.PrefixCache`:
+- mode "sequential": log order, one request at a time, prefill only, each freed
+  before the next (DESIGN §5; what the exactness checks and replay confirm);
+- mode "concurrent": `advisor.events.run_concurrent` (arrivals, pinning, decode
+  blocks, `max_num_seqs`; its docstring states the simplifications);
+- policies: "lru" (vLLM) in both modes; "fifo" and "belady" as reference lines in
+  sequential mode only;
+- windows: "cold" counts every request; "warm" counts only those after the warm-up
+  (`warmup`: "50%" of the log by default, "N" requests, or "Ns" seconds after the
+  first timestamp). Both come from the same pass: the warm-up requests still fill
+  the cache.
+
+Counting is vLLM's: queries += prompt tokens and hits += hit tokens per request
+when it is (first) scheduled; hit_rate = hits / queries. A request too long for a
+budget's whole pool is never scheduled (vLLM refuses it): it adds no queries and is
+counted in the `refused` column.
+
+Budgets (`plan_budgets`): explicit `num_blocks`, `budget_tokens` (tokens // block
+size), `kv_cache_gib` (needs a model) replace the default sweep; a model with a
+GPU adds the GPU's budget. The default sweep is `sweep_points` geometric steps from
+1.5% of the block size's working set (distinct full prompt blocks), but never below
+the largest request, to 125% of it plus the largest request, so every curve
+flattens.
+
+sim_requests.parquet holds, per block size, the ceiling and every LRU budget in
+each mode, in that priority, until `max_request_rows` rows (then later budgets are
+left out and the counts say so); replay recomputes any configuration exactly with
+`simulate_one`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from advisor import kvmemory as kv
+from advisor import schema
+from advisor.cache import FutureUses, PrefixCache, chain_trace_hash_ids, request_block_hashes
+from advisor.errors import AdvisorError
+from advisor.events import CostModel, run_concurrent
+from advisor.workload import Workload, load_workload, warm_mask
+
+__all__ = [
+    "SimulateOptions", "ConfigResult", "GridResult", "Workload", "load_workload",
+    "block_hashes", "plan_budgets", "simulate_one", "simulate_grid", "simulate_run",
+]
+
+
+@dataclass(frozen=True)
+class SimulateOptions:
+    """Every option of the simulate stage (all of it goes into the fingerprint)."""
+
+    block_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    num_blocks: tuple[int, ...] = ()
+    budget_tokens: tuple[int, ...] = ()
+    kv_cache_gib: tuple[float, ...] = ()
+    model: str | None = None
+    gpu: str | None = None  # catalog name or GiB
+    gpu_memory_utilization: float = kv.VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+    headroom_gib: float | None = None
+    tensor_parallel_size: int = 1
+    policies: tuple[str, ...] = (schema.POLICY_LRU, schema.POLICY_FIFO, schema.POLICY_BELADY)
+    modes: tuple[str, ...] = (schema.MODE_SEQUENTIAL, schema.MODE_CONCURRENT)
+    warmup: str = "50%"
+    speedup: float = 1.0
+    prefill_tps: float = 10_000.0
+    decode_tps: float = 50.0
+    use_logged_latency: bool = True
+    max_num_seqs: int = 256
+    sweep_points: int = 10
+    max_request_rows: int = 5_000_000
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def cost_model(self) -> CostModel:
+        return CostModel(self.prefill_tps, self.decode_tps, self.use_logged_latency)
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """One configuration's outcome: per-request hits (log order) and pool counters."""
+
+    block_size: int
+    num_blocks: int | None  # None = infinite cache
+    policy: str
+    mode: str
+    n_tokens: np.ndarray  # int64, prompt tokens per request
+    hit_tokens: np.ndarray  # int64, 0 for requests never scheduled
+    scheduled: np.ndarray  # bool: the request ran, its queries count
+    evictions: int
+    peak_blocks_in_use: int
+    preemptions: int = 0
+
+    def totals(self, mask: np.ndarray | None = None) -> dict[str, Any]:
+        """requests, queries, hit_tokens, hit_rate, refused over the masked requests."""
+        m = self.scheduled if mask is None else self.scheduled & mask
+        considered = (self.n_tokens > 0) if mask is None else (self.n_tokens > 0) & mask
+        queries = int(self.n_tokens[m].sum())
+        hits = int(self.hit_tokens[m].sum())
+        return {
+            "requests": int(m.sum()),
+            "queries": queries,
+            "hit_tokens": hits,
+            "hit_rate": hits / queries if queries else 0.0,
+            "refused": int((considered & ~m).sum()),
+        }
+
+
+@dataclass(frozen=True)
+class GridResult:
+    sim: pa.Table  # schema.SIM (+ refused, preemptions)
+    sim_requests: pa.Table  # schema.SIM_REQUESTS
+    notes: list[str] = field(default_factory=list)
+
+
+def block_hashes(workload: Workload, block_size: int) -> list[list[Hashable]]:
+    """Each request's full-block hashes at `block_size` (hash traces: their own size only)."""
+    if workload.is_hash_trace:
+        _check_trace_block_size(workload, block_size)
+        return [
+            chain_trace_hash_ids(ids, int(n), block_size)
+            for ids, n in zip(workload.hash_ids, workload.n_tokens, strict=True)
+        ]
+    return [
+        request_block_hashes(workload.tokens(i).tolist(), block_size, workload.lora[i], workload.cache_salt[i])
+        for i in range(workload.num_requests)
+    ]
+
+
+def _check_trace_block_size(workload: Workload, block_size: int) -> None:
+    if block_size != workload.trace_block_size:
+        raise AdvisorError(
+            f"this is a block-hash trace at {workload.trace_block_size}-token blocks: it can only be "
+            f"simulated at --block-sizes {workload.trace_block_size} (its hash ids carry no tokens "
+            f"to re-block); rerun with --block-sizes {workload.trace_block_size}, or re-ingest with "
+            f"the right --trace-block-size if {workload.trace_block_size} is wrong."
+        )
+
+
+def simulate_one(
+    workload: Workload,
+    block_size: int,
+    num_blocks: int | None,
+    *,
+    mode: str = schema.MODE_SEQUENTIAL,
+    policy: str = schema.POLICY_LRU,
+    hashes: Sequence[Sequence[Hashable]] | None = None,
+    future: FutureUses | None = None,
+    options: SimulateOptions | None = None,
+) -> ConfigResult:
+    """Simulate ONE configuration exactly (advisor.cache.PrefixCache).
+
+    `workload`: a `Workload` (`load_workload(requests.parquet, tokens.parquet)` or
+    `Workload.from_token_lists(...)`); `num_blocks`: usable blocks (vLLM's count
+    minus the null block), None = infinite; `mode`: "sequential" (log order, one at
+    a time, prefill only) or "concurrent" (`options` gives the cost model,
+    `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
+    (sequential only). `hashes` / `future` may be passed to reuse them across
+    budgets of one block size. Returns a `ConfigResult`: `hit_tokens[i]` is
+    request i's (log order) vLLM `num_cached_tokens`; `.totals()` the sums.
+    """
+    opts = options or SimulateOptions()
+    if hashes is None:
+        hashes = block_hashes(workload, block_size)
+    n_tokens = workload.n_tokens
+    if mode == schema.MODE_SEQUENTIAL:
+        if policy == schema.POLICY_BELADY and future is None:
+            future = FutureUses(hashes, n_tokens.tolist(), block_size)
+        cache = PrefixCache(num_blocks, block_size, policy, future)
+        hits = np.zeros(len(n_tokens), dtype=np.int64)
+        scheduled = np.zeros(len(n_tokens), dtype=bool)
+        for i, n in enumerate(n_tokens.tolist()):
+            if n <= 0:
+                continue
+            hit = cache.admit(str(i), hashes[i], n, position=i)
+            if hit is None:  # longer than the whole pool: vLLM refuses it
+                continue
+            cache.free(str(i))
+            hits[i] = hit
+            scheduled[i] = True
+        return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hits, scheduled,
+                            cache.evictions, cache.peak_blocks_in_use)
+    if mode != schema.MODE_CONCURRENT:
+        raise ValueError(f"unknown mode {mode!r}")
+    if policy != schema.POLICY_LRU:
+        raise AdvisorError(f"policy {policy!r} is simulated in sequential mode only; use lru for concurrent mode.")
+    cache = PrefixCache(num_blocks, block_size, policy)
+    res = run_concurrent(
+        cache, hashes, n_tokens, workload.output_tokens, workload.arrivals(opts.speedup),
+        opts.cost_model(), opts.max_num_seqs, workload.latency_s, workload.ttft_s,
+    )
+    return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, res.hit_tokens, res.scheduled,
+                        res.evictions, res.peak_blocks_in_use, res.preemptions)
+
+
+# --- budgets ---
+def working_set_blocks(hashes: Sequence[Sequence[Hashable]], n_tokens: np.ndarray, block_size: int) -> int:
+    """Distinct full prompt blocks of the whole log at this block size."""
+    seen: set[Hashable] = set()
+    for h, n in zip(hashes, n_tokens.tolist(), strict=True):
+        seen.update(h[: n // block_size])
+    return len(seen)
+
+
+def sweep(working_set: int, largest_request: int, points: int) -> list[int]:
+    """Geometric budgets from ~1.5% of the working set (>= the largest request) past 125%."""
+    lo = max(largest_request, math.ceil(0.015 * working_set), 1)
+    hi = max(math.ceil(1.25 * working_set) + largest_request, 2 * lo)
+    values = sorted({int(round(v)) for v in np.geomspace(lo, hi, points)})
+    if len(values) < points:  # tiny range: fill linearly
+        values = sorted({int(round(v)) for v in np.linspace(lo, hi, points)} | set(values))
+    return values
+
+
+def plan_budgets(
+    workload: Workload,
+    options: SimulateOptions,
+    geom: kv.ModelGeometry | None,
+    block_size: int,
+    hashes: Sequence[Sequence[Hashable]],
+) -> tuple[list[int], list[str]]:
+    """Usable block counts to simulate at `block_size`, and notes on where they came from."""
+    notes: list[str] = []
+    if options.kv_cache_gib and geom is None:
+        raise AdvisorError("--kv-cache-gib needs --model (a catalog name or a local config.json) to turn GiB into blocks.")
+    if options.gpu is not None and geom is None:
+        raise AdvisorError("--gpu needs --model: the weights and KV bytes per token come from the model.")
+    tp = options.tensor_parallel_size
+    budgets = set(options.num_blocks)
+    budgets.update(t // block_size for t in options.budget_tokens)
+    if geom is not None:
+        budgets.update(kv.blocks_for_kv_bytes(geom, block_size, int(g * kv.GIB), tp) for g in options.kv_cache_gib)
+        if options.gpu is not None:
+            gpu_gib = kv.resolve_gpu(options.gpu)
+            kv_bytes = kv.kv_bytes_for_gpu(geom, gpu_gib, options.gpu_memory_utilization,
+                                           options.headroom_gib, tp)
+            gpu_blocks = kv.blocks_for_kv_bytes(geom, block_size, kv_bytes, tp)
+            budgets.add(gpu_blocks)
+            notes.append(f"block size {block_size}: GPU budget {gpu_gib:g} GiB x {options.gpu_memory_utilization:g} "
+                         f"minus weights and headroom = {kv_bytes / kv.GIB:.2f} GiB = {gpu_blocks:,} blocks")
+    if not (options.num_blocks or options.budget_tokens or options.kv_cache_gib):
+        n = workload.n_tokens
+        if schema.MODE_CONCURRENT in options.modes:  # a running request also holds its output
+            n = n + np.maximum(workload.output_tokens - 1, 0)
+        largest = int(max((-(-int(x) // block_size) for x in n.tolist()), default=1))
+        ws = working_set_blocks(hashes, workload.n_tokens, block_size)
+        budgets.update(sweep(ws, largest, options.sweep_points))
+        notes.append(f"block size {block_size}: working set {ws:,} blocks, largest request {largest:,} blocks")
+    if any(b <= 0 for b in budgets):
+        notes.append(f"block size {block_size}: budgets of 0 blocks left out")
+    return sorted(b for b in budgets if b > 0), notes
+
+
+# --- the grid ---
+def _kv_gib(geom: kv.ModelGeometry | None, bs: int, nb: int | None, tp: int) -> float | None:
+    return None if geom is None or nb is None else kv.kv_gib_for_blocks(geom, bs, nb, tp)
+
+
+def count_configs(options: SimulateOptions) -> int:
+    """About how many configurations `simulate_grid` runs (a progress bar's length)."""
+    explicit = len(set(options.num_blocks)) + len(set(options.budget_tokens)) + len(set(options.kv_cache_gib))
+    n_budgets = (explicit or options.sweep_points) + (1 if options.gpu is not None else 0)
+    per_budget = len(options.policies) if schema.MODE_SEQUENTIAL in options.modes else 0
+    per_budget += 1 if schema.MODE_CONCURRENT in options.modes else 0
+    return len(options.block_sizes) * (len(options.modes) + per_budget * n_budgets)
+
+
+def simulate_grid(
+    workload: Workload,
+    options: SimulateOptions,
+    geom: kv.ModelGeometry | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> GridResult:
+    """Every configuration of the grid: sim rows and per-request rows (module docstring)."""
+    _validate(workload, options)
+    notes: list[str] = []
+    warm = warm_mask(workload, options.warmup)
+    tp = options.tensor_parallel_size
+    rows: list[dict[str, Any]] = []
+    req_tables: list[pa.Table] = []
+    req_rows = 0
+    left_out = 0
+    tick = progress or (lambda _n: None)
+
+    def keep_requests(res: ConfigResult) -> None:
+        nonlocal req_rows, left_out
+        if req_rows + workload.num_requests > options.max_request_rows:
+            left_out += 1
+            return
+        req_rows += workload.num_requests
+        req_tables.append(_request_rows(workload, res))
+
+    for bs in options.block_sizes:
+        hashes = block_hashes(workload, bs)  # one block size in memory at a time
+        budgets, budget_notes = plan_budgets(workload, options, geom, bs, hashes)
+        notes.extend(budget_notes)
+        ceilings: dict[tuple[str, str], float] = {}
+        for mode in options.modes:
+            res = simulate_one(workload, bs, None, mode=mode, hashes=hashes, options=options)
+            for window, mask in ((schema.WINDOW_COLD, None), (schema.WINDOW_WARM, warm)):
+                t = res.totals(mask)
+                ceilings[(mode, window)] = t["hit_rate"]
+            rows.extend(_sim_rows(res, warm, ceilings, None))
+            keep_requests(res)
+            tick(1)
+        future = (FutureUses(hashes, workload.n_tokens.tolist(), bs)
+                  if schema.POLICY_BELADY in options.policies and schema.MODE_SEQUENTIAL in options.modes else None)
+        for nb in budgets:
+            for mode in options.modes:
+                for policy in options.policies if mode == schema.MODE_SEQUENTIAL else (schema.POLICY_LRU,):
+                    res = simulate_one(workload, bs, nb, mode=mode, policy=policy, hashes=hashes,
+                                       future=future, options=options)
+                    rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, nb, tp)))
+                    if policy == schema.POLICY_LRU:
+                        keep_requests(res)
+                    tick(1)
+    if left_out:
+        notes.append(f"sim_requests.parquet: {left_out} configurations left out (max_request_rows "
+                     f"{options.max_request_rows:,}); simulate_one recomputes them")
+    sim = pa.Table.from_pylist(rows, schema=SIM_OUT)
+    sim_requests = pa.concat_tables(req_tables) if req_tables else schema.SIM_REQUESTS.empty_table()
+    return GridResult(sim, sim_requests, notes)
+
+
+# sim.parquet as written: schema.SIM plus the counters only the simulator knows.
+SIM_OUT = schema.SIM.append(pa.field("refused", pa.int64(), nullable=False)).append(
+    pa.field("preemptions", pa.int64(), nullable=False))
+
+
+def _sim_rows(res: ConfigResult, warm: np.ndarray, ceilings: dict[tuple[str, str], float],
+              kv_gib: float | None) -> list[dict[str, Any]]:
+    out = []
+    for window, mask in ((schema.WINDOW_COLD, None), (schema.WINDOW_WARM, warm)):
+        t = res.totals(mask)
+        out.append({
+            "block_size": res.block_size, "num_blocks": res.num_blocks, "kv_gib": kv_gib,
+            "policy": res.policy, "mode": res.mode, "window": window,
+            **t,
+            "evictions": res.evictions, "peak_blocks_in_use": res.peak_blocks_in_use,
+            "ceiling_hit_rate": ceilings[(res.mode, window)], "preemptions": res.preemptions,
+        })
+    return out
+
+
+def _request_rows(workload: Workload, res: ConfigResult) -> pa.Table:
+    n = workload.num_requests
+    return pa.table({
+        "request_id": workload.request_ids,
+        "block_size": pa.array(np.full(n, res.block_size, dtype=np.int32)),
+        "num_blocks": pa.array([res.num_blocks] * n, type=pa.int64()),
+        "mode": pa.array([res.mode] * n, type=pa.string()),
+        "n_tokens": pa.array(res.n_tokens),
+        "hit_tokens": pa.array(res.hit_tokens),
+    }, schema=schema.SIM_REQUESTS)
+
+
+def _validate(workload: Workload, options: SimulateOptions) -> None:
+    if not options.block_sizes:
+        raise AdvisorError("no block sizes given: pass --block-sizes, e.g. 16,32,64,128.")
+    if any(b <= 0 for b in options.block_sizes):
+        raise AdvisorError(f"block sizes must be positive, got {list(options.block_sizes)}.")
+    for p in options.policies:
+        if p not in (schema.POLICY_LRU, schema.POLICY_FIFO, schema.POLICY_BELADY):
+            raise AdvisorError(f"unknown policy {p!r}: use lru, fifo, belady.")
+    if schema.POLICY_LRU not in options.policies:
+        raise AdvisorError("--policies must include lru (vLLM's policy; later stages read it).")
+    for m in options.modes:
+        if m not in (schema.MODE_SEQUENTIAL, schema.MODE_CONCURRENT):
+            raise AdvisorError(f"unknown mode {m!r}: use sequential, concurrent.")
+    if options.speedup <= 0 or options.max_num_seqs < 1:
+        raise AdvisorError("--speedup must be > 0 and --max-num-seqs >= 1.")
+    if workload.is_hash_trace:
+        for bs in options.block_sizes:
+            _check_trace_block_size(workload, bs)
+
+
+# --- the stage at the edge ---
+def simulate_run(
+    requests_path: Path,
+    tokens_path: Path,
+    sim_path: Path,
+    sim_requests_path: Path,
+    options: SimulateOptions,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Read the run folder's inputs, simulate the grid, write both outputs; return counts."""
+    from advisor.runfolder import write_table
+
+    workload = load_workload(requests_path, tokens_path)
+    if workload.is_hash_trace and options.block_sizes == SimulateOptions().block_sizes:
+        options = _replace(options, block_sizes=(workload.trace_block_size,))
+    geom = kv.resolve_model(options.model) if options.model else None
+    grid = simulate_grid(workload, options, geom, progress)
+    write_table(sim_path, grid.sim, SIM_OUT)
+    write_table(sim_requests_path, grid.sim_requests, schema.SIM_REQUESTS)
+    return summary_counts(grid, workload)
+
+
+def _replace(options: SimulateOptions, **changes: Any) -> SimulateOptions:
+    from dataclasses import replace
+    return replace(options, **changes)
+
+
+def summary_counts(grid: GridResult, workload: Workload) -> dict[str, Any]:
+    sim = grid.sim
+    ceil = sim.filter(pc.and_(pc.is_null(sim["num_blocks"]),
+                              pc.and_(pc.equal(sim["window"], schema.WINDOW_COLD),
+                                      pc.equal(sim["mode"], schema.MODE_SEQUENTIAL))))
+    return {
+        "requests": workload.num_requests,
+        "input_kind": "hash_trace" if workload.is_hash_trace else "tokens",
+        "prompt_tokens": int(workload.n_tokens.sum()),
+        "configs": sim.num_rows // 2,
+        "sim_request_rows": grid.sim_requests.num_rows,
+        "ceiling_by_block_size": {
+            str(b): round(r, 6) for b, r in zip(ceil["block_size"].to_pylist(), ceil["hit_rate"].to_pylist())
+        },
+        "notes": grid.notes,
+    }
+
+
+def read_sim(path: Path) -> pa.Table:
+    return pq.read_table(path)

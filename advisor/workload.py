@@ -1,0 +1,214 @@
+"""The workload the simulator replays: per-request arrays read from the run folder.
+
+Inputs: requests.parquet (arrival times, output lengths, logged latencies, LoRA
+name, cache_salt, hash-trace ids) and tokens.parquet (token ids, prompt lengths),
+same rows in the same order. Output: a `Workload` holding columns as numpy arrays
+(token ids flattened into one int32 array plus offsets, never a Python list per
+token), and `warm_mask`, the requests a warm (steady-state) window counts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from advisor import schema
+from advisor.errors import AdvisorError
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """Requests in log order. Unknown output lengths are 0, unknown times NaN."""
+
+    request_ids: pa.Array  # string
+    n_tokens: np.ndarray  # int64 prompt tokens (0: refused at tokenization, never run)
+    output_tokens: np.ndarray  # int64
+    timestamps: np.ndarray  # float64 seconds
+    latency_s: np.ndarray  # float64
+    ttft_s: np.ndarray  # float64
+    lora: list[str | None]
+    cache_salt: list[str | None]
+    token_values: np.ndarray | None  # int32, all requests' token ids back to back
+    token_offsets: np.ndarray | None  # int64, request i is values[off[i]:off[i+1]]
+    hash_ids: list[np.ndarray] | None  # hash traces: one id per trace block
+    trace_block_size: int | None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.n_tokens)
+
+    @property
+    def is_hash_trace(self) -> bool:
+        return self.hash_ids is not None
+
+    def tokens(self, i: int) -> np.ndarray:
+        assert self.token_values is not None and self.token_offsets is not None
+        return self.token_values[self.token_offsets[i] : self.token_offsets[i + 1]]
+
+    def arrivals(self, speedup: float = 1.0) -> np.ndarray:
+        """Arrival times in seconds from the first request, divided by `speedup`.
+
+        Missing timestamps take the previous request's (the first ones the first
+        known); a log with none arrives at one request per second.
+        """
+        t = self.timestamps.astype(np.float64, copy=True)
+        if not np.isfinite(t).any():
+            t = np.arange(len(t), dtype=np.float64)
+        else:
+            idx = np.where(np.isfinite(t), np.arange(len(t)), 0)
+            np.maximum.accumulate(idx, out=idx)
+            first = t[np.isfinite(t)][0]
+            t = np.where(np.isfinite(t[idx]), t[idx], first)
+        return (t - t.min()) / speedup
+
+    @classmethod
+    def from_token_lists(
+        cls,
+        token_lists: Sequence[Sequence[int]],
+        request_ids: Sequence[str] | None = None,
+        timestamps: Sequence[float] | None = None,
+        output_tokens: Sequence[int] | None = None,
+        lora: Sequence[str | None] | None = None,
+        cache_salt: Sequence[str | None] | None = None,
+    ) -> Workload:
+        """A workload from in-memory token lists (tests, replay)."""
+        n = len(token_lists)
+        lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = (np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists])
+                  if n and offsets[-1] else np.zeros(0, dtype=np.int32))
+        nan = np.full(n, np.nan)
+        return cls(
+            request_ids=pa.array(list(request_ids) if request_ids is not None else [f"r{i}" for i in range(n)],
+                                 type=pa.string()),
+            n_tokens=lengths,
+            output_tokens=np.asarray(output_tokens if output_tokens is not None else np.zeros(n), dtype=np.int64),
+            timestamps=np.asarray(timestamps, dtype=np.float64) if timestamps is not None else nan,
+            latency_s=nan, ttft_s=nan,
+            lora=list(lora) if lora is not None else [None] * n,
+            cache_salt=list(cache_salt) if cache_salt is not None else [None] * n,
+            token_values=values, token_offsets=offsets, hash_ids=None, trace_block_size=None,
+        )
+
+    @classmethod
+    def from_hash_trace(
+        cls,
+        hash_ids: Sequence[Sequence[int]],
+        input_lengths: Sequence[int],
+        trace_block_size: int,
+        timestamps: Sequence[float] | None = None,
+        output_tokens: Sequence[int] | None = None,
+    ) -> Workload:
+        """A workload from in-memory block-hash trace rows (tests)."""
+        n = len(hash_ids)
+        nan = np.full(n, np.nan)
+        return cls(
+            request_ids=pa.array([f"r{i}" for i in range(n)], type=pa.string()),
+            n_tokens=np.asarray(input_lengths, dtype=np.int64),
+            output_tokens=np.asarray(output_tokens if output_tokens is not None else np.zeros(n), dtype=np.int64),
+            timestamps=np.asarray(timestamps, dtype=np.float64) if timestamps is not None else nan,
+            latency_s=nan, ttft_s=nan, lora=[None] * n, cache_salt=[None] * n,
+            token_values=None, token_offsets=None,
+            hash_ids=[np.asarray(h, dtype=np.int64) for h in hash_ids], trace_block_size=int(trace_block_size),
+        )
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
+    """Read the two run-folder inputs into a `Workload` (rows must line up)."""
+    cols = ["request_id", "timestamp", "kind", "output_tokens", "hash_ids", "input_length",
+            "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s"]
+    have = set(pq.read_schema(requests_path).names)
+    req = pq.read_table(requests_path, columns=[c for c in cols if c in have])
+    tok = pq.read_table(tokens_path, columns=["request_id", "token_ids", "n_tokens"])
+    if req.num_rows != tok.num_rows or not req["request_id"].equals(tok["request_id"]):
+        raise AdvisorError(
+            f"{tokens_path} does not line up with {requests_path} (different rows): rerun "
+            "`pc-advise tokenize` for this run folder."
+        )
+    n = req.num_rows
+    kinds = set(req["kind"].unique().to_pylist()) if n else set()
+    is_trace = schema.KIND_HASH_TRACE in kinds
+    if is_trace and len(kinds) > 1:
+        raise AdvisorError(
+            "this log mixes block-hash trace lines with text/token requests, which cannot share one "
+            "cache simulation: split the log and ingest each part into its own run folder."
+        )
+    out = req["output_tokens"].fill_null(0).to_numpy().astype(np.int64) if "output_tokens" in have else np.zeros(n, np.int64)
+    common = dict(
+        request_ids=req["request_id"].combine_chunks(),
+        n_tokens=tok["n_tokens"].to_numpy().astype(np.int64),
+        output_tokens=np.maximum(out, 0),
+        timestamps=_floats(req, "timestamp"),
+        latency_s=_floats(req, "latency_s"),
+        ttft_s=_floats(req, "ttft_s"),
+        lora=req["lora"].to_pylist() if "lora" in have else [None] * n,
+        cache_salt=req["cache_salt"].to_pylist() if "cache_salt" in have else [None] * n,
+    )
+    if is_trace:
+        sizes = set(req["trace_block_size"].unique().to_pylist())
+        if len(sizes) != 1 or None in sizes:
+            raise AdvisorError(
+                f"hash-trace lines with block sizes {sorted(map(str, sizes))}: re-ingest the trace with "
+                "one --trace-block-size."
+            )
+        ids = req["hash_ids"].combine_chunks()
+        values = ids.values.to_numpy().astype(np.int64)
+        offs = ids.offsets.to_numpy()
+        hash_ids = [values[offs[i] : offs[i + 1]] for i in range(n)]
+        return Workload(**common, token_values=None, token_offsets=None, hash_ids=hash_ids,
+                        trace_block_size=int(sizes.pop()))
+    ids = tok["token_ids"].combine_chunks()
+    start = int(ids.offsets[0].as_py())
+    offs = ids.offsets.to_numpy().astype(np.int64) - start
+    lengths = np.diff(offs)  # a null list (refused at tokenization) spans nothing: 0 tokens
+    if ids.null_count:
+        lengths = np.where(ids.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    common["n_tokens"] = lengths.astype(np.int64)
+    values = ids.values.to_numpy().astype(np.int32, copy=False)[start:]
+    return Workload(**common, token_values=values, token_offsets=offs, hash_ids=None, trace_block_size=None)
+
+
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s\s*$")
+_COUNT = re.compile(r"^\s*(\d+)\s*$")
+
+
+def warm_mask(workload: Workload, warmup: str) -> np.ndarray:
+    """Requests the warm window counts: after the warm-up (`"50%"`, `"N"` requests, `"Ns"` seconds).
+
+    Warm-up requests are simulated (they fill the cache) but not counted.
+    """
+    n = workload.num_requests
+    pos = np.arange(n)
+    if m := _PERCENT.match(warmup):
+        frac = float(m.group(1)) / 100
+        if frac >= 1:
+            raise AdvisorError(f"--warmup {warmup} leaves nothing to count: give a share below 100%.")
+        return pos >= int(n * frac)
+    if m := _COUNT.match(warmup):
+        return pos >= int(m.group(1))
+    if m := _SECONDS.match(warmup):
+        t = workload.timestamps
+        if not np.isfinite(t).any():
+            raise AdvisorError(
+                f"--warmup {warmup} needs timestamps and this log has none: give the warm-up in "
+                "requests (e.g. --warmup 500) or as a share (--warmup 50%)."
+            )
+        start = np.nanmin(t) + float(m.group(1))
+        return np.isfinite(t) & (t >= start)
+    raise AdvisorError(
+        f"--warmup {warmup!r} not understood: give a share (50%), a request count (500) or seconds (30s)."
+    )

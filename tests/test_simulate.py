@@ -1,0 +1,283 @@
+"""The simulate stage: grid, budgets, windows, concurrency, hash traces, CLI.
+
+Exactness of the cache rules themselves is tests/test_oracle.py's job (advisor.cache
+against vLLM); here the stage is checked for the properties that must hold whatever
+the workload, against naive references, and on small stories worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from advisor import kvmemory as kv
+from advisor import schema
+from advisor.cli import main
+from advisor.errors import AdvisorError
+from advisor.simulate import SimulateOptions, plan_budgets, simulate_grid, simulate_one
+from advisor.workload import Workload, warm_mask
+
+B = 4
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- workloads ---
+@st.composite
+def structured(draw: st.DrawFn, max_requests: int = 24) -> list[list[int]]:
+    """Requests built from a few shared prefixes (system prompts, documents) plus own text."""
+    prefixes = draw(st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=14), min_size=1, max_size=4))
+    reqs = []
+    for _ in range(draw(st.integers(2, max_requests))):
+        p = draw(st.sampled_from(prefixes))
+        extra = draw(st.lists(st.integers(1, 50), min_size=0, max_size=10))
+        if draw(st.booleans()) and reqs:  # a follow-up turn repeats an earlier request
+            p = draw(st.sampled_from(reqs))
+        reqs.append(list(p) + extra or [1])
+    return reqs
+
+
+def blocks_needed(reqs: Sequence[Sequence[int]], bs: int = B) -> int:
+    return max(-(-len(r) // bs) for r in reqs)
+
+
+def naive_ceiling(reqs: Sequence[Sequence[int]], bs: int = B) -> list[int]:
+    """Infinite cache by definition: full-block prefixes seen before, capped at (L-1)//B blocks."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for r in reqs:
+        k = 0
+        while k < (len(r) - 1) // bs and tuple(r[: (k + 1) * bs]) in seen:
+            k += 1
+        out.append(k * bs)
+        seen.update(tuple(r[: (j + 1) * bs]) for j in range(len(r) // bs))
+    return out
+
+
+def write_run(root: Path, reqs: Sequence[Sequence[int]], timestamps: Sequence[float] | None = None,
+              output_tokens: Sequence[int] | None = None) -> Path:
+    """A run folder with requests.parquet + tokens.parquet written straight from the schemas."""
+    n = len(reqs)
+    ids = [f"req-{i}" for i in range(n)]
+    requests = {name: [None] * n for name in schema.REQUESTS.names}
+    requests.update(request_id=ids, line=list(range(1, n + 1)), kind=[schema.KIND_TOKENS] * n,
+                    format=[schema.FORMAT_COMPLETION] * n, prompt_token_ids=[list(r) for r in reqs],
+                    timestamp=list(timestamps) if timestamps is not None else [float(i) for i in range(n)],
+                    output_tokens=list(output_tokens) if output_tokens is not None else [None] * n)
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pydict(requests, schema=schema.REQUESTS), root / "requests.parquet")
+    tokens = {name: [None] * n for name in schema.TOKENS.names}
+    tokens.update(request_id=ids, token_ids=[list(r) for r in reqs], n_tokens=[len(r) for r in reqs])
+    tokens = pa.Table.from_pydict(tokens, schema=schema.TOKENS)
+    pq.write_table(tokens, root / "tokens.parquet")
+    return root
+
+
+def hits(w: Workload, num_blocks: int | None, **kw: object) -> np.ndarray:
+    return simulate_one(w, B, num_blocks, **kw).hit_tokens  # type: ignore[arg-type]
+
+
+# --- properties ---
+@FAST
+@given(structured(), st.integers(0, 12), st.integers(1, 12))
+def test_lru_sequential_hits_grow_with_budget(reqs: list[list[int]], extra: int, more: int) -> None:
+    """More memory never loses hits (sequential LRU, budgets that hold every request)."""
+    w = Workload.from_token_lists(reqs)
+    small = blocks_needed(reqs) + extra
+    assert hits(w, small).sum() <= hits(w, small + more).sum()
+
+
+@FAST
+@given(structured(), st.integers(0, 10))
+def test_ceiling_bounds_every_configuration(reqs: list[list[int]], extra: int) -> None:
+    """No policy, mode or budget beats the infinite cache, request by request."""
+    w = Workload.from_token_lists(reqs, timestamps=[i * 0.01 for i in range(len(reqs))],
+                                  output_tokens=[i % 5 for i in range(len(reqs))])
+    ceiling = np.array(naive_ceiling(reqs))
+    assert list(hits(w, None)) == list(ceiling)
+    nb = blocks_needed(reqs) + 3 + extra
+    for policy in ("lru", "fifo", "belady"):
+        assert (hits(w, nb, policy=policy) <= ceiling).all(), policy
+    opts = SimulateOptions(decode_tps=20.0)
+    assert list(hits(w, None, mode="concurrent", options=opts)) == list(ceiling)
+    assert (hits(w, nb, mode="concurrent", options=opts) <= ceiling).all()
+
+
+@FAST
+@given(structured(), st.integers(0, 10))
+def test_concurrent_without_overlap_is_sequential(reqs: list[list[int]], extra: int) -> None:
+    """Requests that never overlap in time and generate nothing: concurrent == sequential."""
+    w = Workload.from_token_lists(reqs, timestamps=[1000.0 * i for i in range(len(reqs))])
+    nb = blocks_needed(reqs) + extra
+    seq = simulate_one(w, B, nb)
+    con = simulate_one(w, B, nb, mode="concurrent")
+    assert list(seq.hit_tokens) == list(con.hit_tokens)
+    assert (seq.evictions, seq.peak_blocks_in_use) == (con.evictions, con.peak_blocks_in_use)
+
+
+@FAST
+@given(structured(), st.integers(0, 20))
+def test_warm_window_counts_only_requests_after_warmup(reqs: list[list[int]], warmup: int) -> None:
+    w = Workload.from_token_lists(reqs)
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(B,), modes=("sequential",), policies=("lru",),
+                                            num_blocks=(blocks_needed(reqs) + 2,), warmup=str(warmup)))
+    per_request = pl.from_arrow(grid.sim_requests)
+    rows = pl.from_arrow(grid.sim)
+    for nb in rows["num_blocks"].unique().to_list():
+        same = (pl.col("num_blocks").is_null() if nb is None else pl.col("num_blocks") == nb)
+        g = per_request.filter(same)
+        after = g.slice(warmup)
+        warm = rows.filter(same & (pl.col("window") == "warm")).row(0, named=True)
+        cold = rows.filter(same & (pl.col("window") == "cold")).row(0, named=True)
+        assert warm["requests"] == after.height
+        assert warm["queries"] == after["n_tokens"].sum()
+        assert warm["hit_tokens"] == after["hit_tokens"].sum()
+        assert cold["queries"] == g["n_tokens"].sum() and cold["hit_tokens"] == g["hit_tokens"].sum()
+
+
+def test_warmup_forms() -> None:
+    w = Workload.from_token_lists([[1]] * 10, timestamps=[float(i) for i in range(10)])
+    assert warm_mask(w, "50%").sum() == 5
+    assert warm_mask(w, "3").sum() == 7
+    assert warm_mask(w, "7.5s").sum() == 2
+    with pytest.raises(AdvisorError, match="--warmup"):
+        warm_mask(w, "soon")
+    with pytest.raises(AdvisorError, match="timestamps"):
+        warm_mask(Workload.from_token_lists([[1]] * 3), "5s")
+
+
+# --- stories ---
+def test_pinned_running_request_costs_hits_that_sequential_keeps() -> None:
+    """8 blocks of 4 tokens. X (12-token prompt, 9 output tokens) runs from t=0 to ~0.8 s and
+    pins 5 blocks from t=0.5 s. Sa = S+a arrives at 0.6 s and caches S's two blocks; F, an
+    unrelated prompt, arrives at 0.65 s and needs 3 blocks: concurrently only 3 are free, so
+    it evicts S's blocks and Sb (0.7 s) misses. One at a time, X's blocks are free again,
+    F takes X's, and Sb hits all of S (8 tokens)."""
+    s = [1, 2, 3, 4, 5, 6, 7, 8]
+    reqs = [list(range(100, 112)), s + [9], [200 + i for i in range(9)], s + [10]]
+    w = Workload.from_token_lists(reqs, timestamps=[0.0, 0.6, 0.65, 0.7], output_tokens=[9, 0, 0, 0])
+    opts = SimulateOptions(decode_tps=10.0)
+    seq = hits(w, 8)
+    con = hits(w, 8, mode="concurrent", options=opts)
+    assert list(seq) == [0, 0, 0, 8]
+    assert list(con) == [0, 0, 0, 0]
+    assert list(hits(w, None, mode="concurrent", options=opts)) == [0, 0, 0, 8]
+
+
+def test_max_num_seqs_one_serialises_arrivals() -> None:
+    """With one running request at a time and no output, simultaneous arrivals run in log order:
+    the same hits as sequential mode."""
+    reqs = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10], [1, 2, 3, 4, 11]]
+    w = Workload.from_token_lists(reqs, timestamps=[0.0, 0.0, 0.0])
+    con = hits(w, 6, mode="concurrent", options=SimulateOptions(max_num_seqs=1))
+    assert list(con) == list(hits(w, 6))
+
+
+def test_preemption_frees_the_latest_request_and_still_finishes_all() -> None:
+    """Two long generations in a pool that holds one of them at full length: the later one is
+    preempted (recompute), waits, and both finish; hits are counted once per request."""
+    reqs = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]
+    w = Workload.from_token_lists(reqs, timestamps=[0.0, 0.001], output_tokens=[12, 12])
+    res = simulate_one(w, B, 5, mode="concurrent", options=SimulateOptions(decode_tps=100.0))
+    assert res.preemptions >= 1
+    assert res.scheduled.all()
+    assert list(res.hit_tokens) == [0, 4]
+
+
+def test_too_long_request_is_refused_not_counted() -> None:
+    w = Workload.from_token_lists([[1] * 9, [2] * 30, [1] * 9])
+    res = simulate_one(w, B, 4)
+    assert list(res.scheduled) == [True, False, True]
+    t = res.totals()
+    assert t["refused"] == 1 and t["queries"] == 18
+
+
+def test_lora_and_cache_salt_separate_caches() -> None:
+    p = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    w = Workload.from_token_lists([p, p, p, p], lora=[None, "a", "a", None], cache_salt=[None, None, None, "s"])
+    assert list(hits(w, None)) == [0, 0, 8, 0]
+
+
+def test_hash_trace_simulates_at_its_block_size_only(tmp_path: Path) -> None:
+    """A Mooncake-style trace: hits follow shared hash-id prefixes, capped at (L-1)//B blocks;
+    the partial last block (input_length not a multiple of 512) is never hashed."""
+    ids = [[1, 2, 3], [1, 2, 4], [1, 2, 3, 5], [9]]
+    lengths = [3 * 512, 2 * 512 + 100, 4 * 512, 300]
+    w = Workload.from_hash_trace(ids, lengths, 512)
+    assert list(simulate_one(w, 512, None).hit_tokens) == [0, 1024, 1536, 0]
+    with pytest.raises(AdvisorError, match="--block-sizes 512"):
+        simulate_one(w, 16, None)
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(512,), budget_tokens=(4 * 512, 8 * 512)))
+    assert set(grid.sim["num_blocks"].drop_null().to_pylist()) == {4, 8}
+
+
+def test_model_catalog_budget_is_kv_bytes_over_bytes_per_block() -> None:
+    """llama-3.1-8b: 32 layers x 8 KV heads x 128 dims x K and V x 2 bytes = 128 KiB per token;
+    1 GiB at block size 16 is 2**30 // (16 * 128 KiB) = 512 blocks, one of them vLLM's null block."""
+    geom = kv.resolve_model("llama-3.1-8b")
+    w = Workload.from_token_lists([[1] * 20])
+    budgets, _ = plan_budgets(w, SimulateOptions(kv_cache_gib=(1.0,)), geom, 16, [[]])
+    assert budgets == [2**30 // (16 * 32 * 8 * 128 * 2 * 2) - 1]
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(16,), kv_cache_gib=(1.0,), modes=("sequential",)), geom)
+    gib = [g for g in grid.sim["kv_gib"].to_pylist() if g is not None]
+    assert gib and all(abs(g - 1.0) < 1e-9 for g in gib)
+    with pytest.raises(AdvisorError, match="--model"):
+        plan_budgets(w, SimulateOptions(kv_cache_gib=(1.0,)), None, 16, [[]])
+
+
+def test_default_sweep_spans_the_working_set_and_flattens() -> None:
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(1, 1000, 40)) for _ in range(6)]
+    reqs = [docs[int(rng.integers(0, 6))] + list(rng.integers(1, 1000, 5)) for _ in range(60)]
+    w = Workload.from_token_lists(reqs)
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(B,), modes=("sequential",), policies=("lru",)))
+    cold = pl.from_arrow(grid.sim).filter(pl.col("window") == "cold")
+    budgets = cold["num_blocks"].drop_nulls()
+    assert len(budgets) >= 8
+    ws = len({tuple(r[: (j + 1) * B]) for r in reqs for j in range(len(r) // B)})
+    assert budgets.min() <= max(0.05 * ws, blocks_needed(reqs)) and budgets.max() >= ws
+    rates = cold.drop_nulls("num_blocks").sort("num_blocks")["hit_rate"].to_numpy()
+    assert (np.diff(rates) >= 0).all()
+    assert rates[0] < rates[-1] == pytest.approx(cold["ceiling_hit_rate"][0])
+
+
+# --- CLI ---
+def test_cli_simulate_writes_both_artifacts_and_skips_when_unchanged(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    sys_prompt = list(rng.integers(1, 500, 70))
+    reqs = [sys_prompt + list(rng.integers(1, 500, int(rng.integers(1, 30)))) for _ in range(40)]
+    run = write_run(tmp_path / "run", reqs, output_tokens=[10] * 40)
+    args = ["simulate", str(run), "--block-sizes", "16,32", "--sweep-points", "8", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)["stages"]["simulate"]
+    assert out["skipped"] is False and out["requests"] == 40
+    sim = pq.read_table(run / "sim.parquet")
+    assert set(schema.SIM.names) <= set(sim.column_names)
+    assert set(sim["block_size"].to_pylist()) == {16, 32}
+    assert set(sim["policy"].to_pylist()) == {"lru", "fifo", "belady"}
+    assert set(sim["mode"].to_pylist()) == {"sequential", "concurrent"}
+    ceiling = sim.filter(pa.compute.is_null(sim["num_blocks"]))
+    assert ceiling.num_rows == 2 * 2 * 2  # block sizes x modes x windows
+    per_req = pq.read_table(run / "sim_requests.parquet")
+    assert per_req.schema.equals(schema.SIM_REQUESTS)
+    assert json.loads((run / "manifest.json").read_text())["stages"]["simulate"]["options"]["block_sizes"] == [16, 32]
+    again = CliRunner().invoke(main, args[:-1])
+    assert again.exit_code == 0 and "skipped" in again.output
+
+
+def test_cli_simulate_explains_missing_inputs_and_bad_block_size(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["simulate", str(tmp_path / "empty")])
+    assert res.exit_code == 1 and "pc-advise ingest" in res.output
+    run = write_run(tmp_path / "run", [[1, 2, 3]])
+    res = CliRunner().invoke(main, ["simulate", str(run), "--block-sizes", "0"])
+    assert res.exit_code == 1 and "positive" in res.output
