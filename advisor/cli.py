@@ -225,7 +225,7 @@ def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
         requests = r.require(rf.REQUESTS)
         with click.progressbar(
             length=tok.request_count(requests), label="tokenize", file=sys.stderr,
-            hidden=con.quiet,
+            hidden=con.quiet or not sys.stderr.isatty(),
         ) as bar:
             res = tok.tokenize_file(requests, r.path(rf.TOKENS), tokenizer, options, bar.update)
         return res.as_counts()

@@ -25,6 +25,7 @@ refused request never reaches the cache. Counts report how many and which.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +63,23 @@ class TokenizeOptions:
         out: dict[str, Any] = {"tokenizer": spec}
         if spec == EMBEDDED_SPEC:
             out["embedded_build"] = embedded_dirname()
+        elif Path(spec).is_dir():
+            out["tokenizer_files"] = _folder_digest(Path(spec))
         return out
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                    "chat_template.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _folder_digest(folder: Path) -> str:
+    """Content hash of a tokenizer folder, so editing its files reruns the stage."""
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -408,3 +408,15 @@ def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
                      "<|im_start|>assistant\n")
     assert json.loads(result.stdout)["stages"]["tokenize"]["tokens"] == sum(
         r["n_tokens"] for r in table)
+
+
+def test_editing_a_user_tokenizer_folder_changes_the_stage_fingerprint(tmp_path, tiny_folder):
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_folder, folder)
+    before = tk.TokenizeOptions(str(folder), 1).as_dict()
+    assert before == tk.TokenizeOptions(str(folder), 8).as_dict()  # threads do not matter
+    template = next(folder.glob("chat_template.jinja"), folder / "tokenizer_config.json")
+    template.write_text(template.read_text() + " ")
+    assert tk.TokenizeOptions(str(folder), 1).as_dict() != before
