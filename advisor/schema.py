@@ -115,6 +115,11 @@ PREFIXES = pa.schema(
         pa.field("best_match_id", pa.string()),  # the earlier request it shares most with
         pa.field("same_session", pa.bool_()),  # best match is from the same session
         pa.field("cluster", pa.int32()),
+        # shared_tokens capped at n_tokens - 1 (vLLM always recomputes the last prompt token)
+        pa.field("ceiling_tokens", pa.int64()),
+        pa.field("same_session_tokens", pa.int64()),  # of them, from the same session; null: none
+        pa.field("resembles_id", pa.string()),  # near-identical earlier request (cache breaker)
+        pa.field("diverge_token", pa.int64()),  # where it diverges from resembles_id
     ]
 )
 
@@ -128,5 +133,6 @@ CLUSTERS = pa.schema(
         pa.field("representative_id", pa.string()),
         pa.field("prefix_tokens", pa.int64()),  # length of the cluster's common prefix
         pa.field("prefix_text", pa.string()),  # decoded, null for hash traces
+        pa.field("representative_text", pa.string()),  # representative's first 64 tokens decoded
     ]
 )
