@@ -125,6 +125,82 @@ def tokenize_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+class _CommaList(click.ParamType):
+    """A comma-separated list of numbers (`16,32,64`)."""
+
+    def __init__(self, kind: type, choices: tuple[str, ...] | None = None) -> None:
+        self.kind = kind
+        self.choices = choices
+        self.name = f"{kind.__name__}[,{kind.__name__}...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(self.kind(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.kind.__name__}s", param, ctx)
+        if self.choices and any(i not in self.choices for i in items):
+            self.fail(f"{value!r}: each must be one of {', '.join(self.choices)}", param, ctx)
+        return items
+
+
+def _option_once(f: Callable[..., Any], *decls: str, **kw: Any) -> Callable[..., Any]:
+    """Add an option unless another decorator of the same command already has that flag."""
+    taken = {o for p in getattr(f, "__click_params__", []) for o in getattr(p, "opts", [])}
+    if any(d in taken for d in decls if d.startswith("-")):
+        return f
+    return click.option(*decls, **kw)(f)
+
+
+def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the simulate stage (applied to `simulate` and to `run`)."""
+    specs: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+
+    def o(_f: Any, *decls: str, **kw: Any) -> None:
+        specs.append((decls, kw))
+
+    o(f, "--block-sizes", type=_CommaList(int), default=None,
+      help="Block sizes to simulate [default: 16,32,64,128; a hash trace: its own].")
+    o(f, "--num-blocks", type=_CommaList(int), default=None,
+      help="KV budgets in usable blocks (replaces the default sweep).")
+    o(f, "--budget-tokens", type=_CommaList(int), default=None,
+      help="KV budgets in tokens, i.e. tokens // block size blocks (replaces the sweep).")
+    o(f, "--kv-cache-gib", type=_CommaList(float), default=None,
+      help="KV budgets in GiB per GPU; needs --model (replaces the sweep).")
+    o(f, "--model", default=None,
+      help="Catalog name (e.g. llama-3.1-8b) or local HF folder/config.json: KV bytes per block.")
+    o(f, "--gpu", "--gpu-memory-gib", "gpu", default=None,
+      help="GPU memory (GiB or a name: h100, a100-40gb, ...); with --model adds its KV budget.")
+    o(f, "--gpu-memory-utilization", type=float, default=None,
+      help="vLLM's --gpu-memory-utilization (default 0.92, vLLM 0.32's).")
+    o(f, "--tensor-parallel-size", type=int, default=None,
+      help="GPUs the model is sharded over (KV heads and weights split).")
+    o(f, "--headroom-gib", type=float, default=None,
+      help="Activation/runtime memory per GPU besides weights and KV (default 2.0).")
+    o(f, "--policies", type=_CommaList(str, ("lru", "fifo", "belady")), default=None,
+      help="Eviction policies: lru (vLLM) and the references fifo, belady [default: all].")
+    o(f, "--modes", type=_CommaList(str, ("sequential", "concurrent")), default=None,
+      help="sequential (one request at a time, prefill only) and/or concurrent [default: both].")
+    o(f, "--warmup", default="50%", show_default=True,
+      help="Warm-up not counted in the warm window: a share (50%), requests (500), seconds (30s).")
+    o(f, "--speedup", type=float, default=None,
+      help="Concurrent mode: divide logged inter-arrival times by this [default: 1].")
+    o(f, "--prefill-tps", type=float, default=None,
+      help="Cost model: uncached prompt tokens per second per request [default: 10000].")
+    o(f, "--decode-tps", type=float, default=None,
+      help="Cost model: output tokens per second per running request [default: 50].")
+    o(f, "--logged-latency/--no-logged-latency", "logged_latency", default=True, show_default=True,
+      help="Use latency_s/ttft_s from the log instead of the cost model where present.")
+    o(f, "--max-num-seqs", type=int, default=None,
+      help="Concurrent mode: most requests running at once (vLLM's flag) [default: 256].")
+    o(f, "--sweep-points", type=int, default=None,
+      help="Budgets in the default sweep per block size [default: 10].")
+    for decls, kw in reversed(specs):  # click lists options in reverse order of application
+        f = _option_once(f, *decls, **kw)
+    return f
+
+
 def recommend_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options only `recommend` reads (applied to `run` too)."""
     f = click.option(
@@ -261,6 +337,7 @@ def _not_built(stages: tuple[str, ...], con: Console) -> None:
               help="Run folder (default ./pc-advise-out/<log name>/).")
 @ingest_options
 @tokenize_options
+@simulate_options
 @recommend_options
 @report_options
 @common_options
@@ -338,7 +415,55 @@ def _do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) ->
 
 
 def _do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    _not_built(("simulate",), con)
+    from advisor import simulate as sim
+
+    options = _simulate_options_from(opts)
+
+    def body(r: RunDir) -> dict[str, Any]:
+        with click.progressbar(
+            length=sim.count_configs(options), label="simulate", file=sys.stderr, hidden=con.quiet,
+        ) as bar:
+            return sim.simulate_run(r.require(rf.REQUESTS), r.require(rf.TOKENS), r.path(rf.SIM),
+                                    r.path(rf.SIM_REQUESTS), options, bar.update)
+
+    out = run_stage(
+        run, "simulate", [run.require(rf.REQUESTS), run.require(rf.TOKENS)], options.as_dict(),
+        [rf.SIM, rf.SIM_REQUESTS], body, force=force,
+    )
+    c = out.counts
+    ceil = ", ".join(f"B={b}: {v:.1%}" for b, v in c.get("ceiling_by_block_size", {}).items())
+    con.stage(out, f"{c['configs']} configurations over {c['requests']} requests "
+                   f"({c['prompt_tokens']:,} prompt tokens); infinite-cache ceiling {ceil}")
+    for note in c.get("notes", []):
+        con.say(f"  {note}")
+
+
+def _simulate_options_from(opts: dict[str, Any]) -> Any:
+    from advisor import kvmemory as kvm
+    from advisor.simulate import SimulateOptions
+
+    d = SimulateOptions()
+    speedup = opts.get("speedup") or opts.get("replay_speedup") or 1.0  # `run` shares replay's --speedup
+    return SimulateOptions(
+        block_sizes=tuple(opts.get("block_sizes") or d.block_sizes),
+        num_blocks=tuple(opts.get("num_blocks") or ()),
+        budget_tokens=tuple(opts.get("budget_tokens") or ()),
+        kv_cache_gib=tuple(opts.get("kv_cache_gib") or ()),
+        model=opts.get("model"),
+        gpu=opts.get("gpu"),
+        gpu_memory_utilization=opts.get("gpu_memory_utilization") or kvm.VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+        headroom_gib=opts.get("headroom_gib"),
+        tensor_parallel_size=opts.get("tensor_parallel_size") or 1,
+        policies=tuple(opts.get("policies") or d.policies),
+        modes=tuple(opts.get("modes") or d.modes),
+        warmup=opts.get("warmup") or d.warmup,
+        speedup=float(speedup),
+        prefill_tps=opts.get("prefill_tps") or d.prefill_tps,
+        decode_tps=opts.get("decode_tps") or d.decode_tps,
+        use_logged_latency=opts.get("logged_latency", True),
+        max_num_seqs=opts.get("max_num_seqs") or d.max_num_seqs,
+        sweep_points=opts.get("sweep_points") or d.sweep_points,
+    )
 
 
 def _do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
@@ -435,8 +560,29 @@ def _stub(name: str, doc: str) -> None:
 _stub("analyze", "Prefix statistics, cache breakers and clusters of RUN_DIR (not built yet).\n\n"
       "\b\nExample:\n  pc-advise analyze pc-advise-out/multiturn_chat")
 # simulate
-_stub("simulate", "Simulate vLLM's prefix cache over block sizes x budgets (not built yet).\n\n"
-      "\b\nExample:\n  pc-advise simulate pc-advise-out/multiturn_chat")
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@simulate_options
+@common_options
+def simulate(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Simulate vLLM's prefix cache on RUN_DIR over block sizes x KV budgets.
+
+    Writes sim.parquet (hit rate per block size, budget, policy, mode, window, and
+    the infinite-cache ceiling) and sim_requests.parquet (hits per request).
+    Without budgets it sweeps from ~1.5% of the working set to past all of it.
+
+    \b
+    Example:
+      pc-advise simulate pc-advise-out/multiturn_chat
+      pc-advise simulate out/ --model llama-3.1-8b --gpu h100 --block-sizes 16,32
+      pc-advise simulate out/ --num-blocks 500,2000 --modes sequential --warmup 30s
+    """
+    con = Console(quiet, as_json)
+    try:
+        _do_simulate(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
 # recommend
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
