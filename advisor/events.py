@@ -194,13 +194,13 @@ def run_concurrent(
         elif ep != epoch[i]:
             continue  # the request was preempted after this event was pushed
         elif rank == _GROW:
-            while not cache.grow(str(i), tokens, block_hashes[i]):
+            while not cache.grow(str(i), tokens):  # decode blocks: hashes nobody else has
                 if preempt_last() == i:
                     break
             if i in running:
                 next_event(i, now, tokens, step_of[i])
         else:  # _FINISH: the last full block gets its hash, then everything is freed
-            ok = cache.grow(str(i), tokens, block_hashes[i])
+            ok = cache.grow(str(i), tokens)
             assert ok, "a finishing request needs no new block"
             cache.free(str(i))
             running.remove(i)

@@ -6,10 +6,12 @@ sim.parquet rows (schema.SIM: one per block size x budget x policy x mode x
 window, plus the infinite-cache ceiling rows with `num_blocks` null) and
 sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens).
 
-Per block size the block hashes are computed once (LoRA name and cache_salt as
-extra keys; hash traces chain their `hash_ids` at the trace's block size, the only
-size they simulate at). Every configuration then runs the exact reference,
-`advisor.cache.PrefixCache`:
+Per block size the blocks are keyed once (`block_trace`: advisor.fastsim's chained
+64-bit keys as dense ids; LoRA name and cache_salt keep requests apart; hash traces
+chain their `hash_ids` at the trace's block size, the only size they simulate at).
+Sequential LRU runs on fastsim's compiled replay of vLLM's rules (tested equal to
+cache.py under eviction pressure); everything else on the exact reference,
+`advisor.cache.PrefixCache`, fed the same ids:
 - mode "sequential": log order, one request at a time, prefill only, each freed
   before the next (DESIGN §5; what the exactness checks and replay confirm);
 - mode "concurrent": `advisor.events.run_concurrent` (arrivals, pinning, decode
@@ -42,7 +44,7 @@ left out and the counts say so); replay recomputes any configuration exactly wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,16 +54,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import hashlib
+
+from advisor import fastsim
 from advisor import kvmemory as kv
 from advisor import schema
-from advisor.cache import FutureUses, PrefixCache, chain_trace_hash_ids, request_block_hashes
+from advisor.cache import FutureUses, PrefixCache
 from advisor.errors import AdvisorError
 from advisor.events import CostModel, run_concurrent
 from advisor.workload import Workload, load_workload, warm_mask
 
 __all__ = [
     "SimulateOptions", "ConfigResult", "GridResult", "Workload", "load_workload",
-    "block_hashes", "plan_budgets", "simulate_one", "simulate_grid", "simulate_run",
+    "block_trace", "plan_budgets", "simulate_one", "simulate_grid", "simulate_run",
 ]
 
 
@@ -133,18 +138,53 @@ class GridResult:
     notes: list[str] = field(default_factory=list)
 
 
-def block_hashes(workload: Workload, block_size: int) -> list[list[Hashable]]:
-    """Each request's full-block hashes at `block_size` (hash traces: their own size only)."""
+def block_trace(workload: Workload, block_size: int) -> fastsim.BlockTrace:
+    """Every request's full blocks at `block_size` as dense ids (advisor.fastsim).
+
+    Equal ids exactly when vLLM's chained block hashes are equal (64-bit keys; see
+    fastsim for the collision odds). LoRA name and cache_salt become a per-request
+    salt, so requests that differ in them never share a block, as in vLLM. Hash
+    traces chain their ids at their own block size, the only one they simulate at.
+    """
     if workload.is_hash_trace:
         _check_trace_block_size(workload, block_size)
-        return [
-            chain_trace_hash_ids(ids, int(n), block_size)
-            for ids, n in zip(workload.hash_ids, workload.n_tokens, strict=True)
-        ]
-    return [
-        request_block_hashes(workload.tokens(i).tolist(), block_size, workload.lora[i], workload.cache_salt[i])
-        for i in range(workload.num_requests)
-    ]
+        assert workload.hash_ids is not None
+        offsets = np.zeros(workload.num_requests + 1, np.int64)
+        np.cumsum([len(h) for h in workload.hash_ids], out=offsets[1:])
+        flat = np.concatenate(workload.hash_ids) if workload.num_requests else np.zeros(0, np.int64)
+        return fastsim.trace_from_hash_ids(flat, offsets, workload.n_tokens, block_size)
+    assert workload.token_values is not None and workload.token_offsets is not None
+    return fastsim.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
+
+
+def _salts(workload: Workload) -> np.ndarray | None:
+    if all(x is None for x in workload.lora) and all(x is None for x in workload.cache_salt):
+        return None
+    memo: dict[tuple[str | None, str | None], int] = {(None, None): 0}
+    out = np.zeros(workload.num_requests, np.uint64)
+    for i, key in enumerate(zip(workload.lora, workload.cache_salt)):
+        if key not in memo:
+            memo[key] = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") | 1
+        out[i] = memo[key]
+    return out
+
+
+class TraceHashes(Sequence[list[int]]):
+    """Per-request block-hash lists for `advisor.cache` (dense ids), built on access."""
+
+    def __init__(self, trace: fastsim.BlockTrace) -> None:
+        self.trace = trace
+
+    def __len__(self) -> int:
+        return self.trace.num_requests
+
+    def __getitem__(self, r: int) -> list[int]:  # type: ignore[override]
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        return self.trace.ids[self.trace.offsets[r] : self.trace.offsets[r + 1]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[r] for r in range(len(self)))
 
 
 def _check_trace_block_size(workload: Workload, block_size: int) -> None:
@@ -164,9 +204,10 @@ def simulate_one(
     *,
     mode: str = schema.MODE_SEQUENTIAL,
     policy: str = schema.POLICY_LRU,
-    hashes: Sequence[Sequence[Hashable]] | None = None,
+    trace: fastsim.BlockTrace | None = None,
     future: FutureUses | None = None,
     options: SimulateOptions | None = None,
+    engine: str = "auto",
 ) -> ConfigResult:
     """Simulate ONE configuration exactly (advisor.cache.PrefixCache).
 
@@ -175,14 +216,24 @@ def simulate_one(
     minus the null block), None = infinite; `mode`: "sequential" (log order, one at
     a time, prefill only) or "concurrent" (`options` gives the cost model,
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
-    (sequential only). `hashes` / `future` may be passed to reuse them across
-    budgets of one block size. Returns a `ConfigResult`: `hit_tokens[i]` is
-    request i's (log order) vLLM `num_cached_tokens`; `.totals()` the sums.
+    (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
+    may be passed to reuse them across budgets of one block size. `engine`: "auto"
+    runs sequential LRU on advisor.fastsim's compiled replay (tested equal to
+    cache.py) and everything else on cache.PrefixCache; "reference" forces
+    PrefixCache. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
+    order) vLLM `num_cached_tokens`; `.totals()` the sums.
     """
     opts = options or SimulateOptions()
-    if hashes is None:
-        hashes = block_hashes(workload, block_size)
+    if trace is None:
+        trace = block_trace(workload, block_size)
     n_tokens = workload.n_tokens
+    if mode == schema.MODE_SEQUENTIAL and policy == schema.POLICY_LRU and engine == "auto":
+        fast = fastsim.simulate_sequential(trace, num_blocks)
+        scheduled = (n_tokens > 0) & fast.fits
+        return ConfigResult(block_size, num_blocks, policy, mode, n_tokens,
+                            np.where(scheduled, fast.hit_tokens, 0), scheduled,
+                            fast.evictions, fast.peak_blocks_in_use)
+    hashes = TraceHashes(trace)
     if mode == schema.MODE_SEQUENTIAL:
         if policy == schema.POLICY_BELADY and future is None:
             future = FutureUses(hashes, n_tokens.tolist(), block_size)
@@ -214,14 +265,6 @@ def simulate_one(
 
 
 # --- budgets ---
-def working_set_blocks(hashes: Sequence[Sequence[Hashable]], n_tokens: np.ndarray, block_size: int) -> int:
-    """Distinct full prompt blocks of the whole log at this block size."""
-    seen: set[Hashable] = set()
-    for h, n in zip(hashes, n_tokens.tolist(), strict=True):
-        seen.update(h[: n // block_size])
-    return len(seen)
-
-
 def sweep(working_set: int, largest_request: int, points: int) -> list[int]:
     """Geometric budgets from ~1.5% of the working set (>= the largest request) past 125%."""
     lo = max(largest_request, math.ceil(0.015 * working_set), 1)
@@ -237,7 +280,7 @@ def plan_budgets(
     options: SimulateOptions,
     geom: kv.ModelGeometry | None,
     block_size: int,
-    hashes: Sequence[Sequence[Hashable]],
+    trace: fastsim.BlockTrace,
 ) -> tuple[list[int], list[str]]:
     """Usable block counts to simulate at `block_size`, and notes on where they came from."""
     notes: list[str] = []
@@ -263,7 +306,7 @@ def plan_budgets(
         if schema.MODE_CONCURRENT in options.modes:  # a running request also holds its output
             n = n + np.maximum(workload.output_tokens - 1, 0)
         largest = int(max((-(-int(x) // block_size) for x in n.tolist()), default=1))
-        ws = working_set_blocks(hashes, workload.n_tokens, block_size)
+        ws = trace.working_set_blocks()
         budgets.update(sweep(ws, largest, options.sweep_points))
         notes.append(f"block size {block_size}: working set {ws:,} blocks, largest request {largest:,} blocks")
     if any(b <= 0 for b in budgets):
@@ -311,24 +354,24 @@ def simulate_grid(
         req_tables.append(_request_rows(workload, res))
 
     for bs in options.block_sizes:
-        hashes = block_hashes(workload, bs)  # one block size in memory at a time
-        budgets, budget_notes = plan_budgets(workload, options, geom, bs, hashes)
+        trace = block_trace(workload, bs)  # one block size in memory at a time
+        budgets, budget_notes = plan_budgets(workload, options, geom, bs, trace)
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
         for mode in options.modes:
-            res = simulate_one(workload, bs, None, mode=mode, hashes=hashes, options=options)
+            res = simulate_one(workload, bs, None, mode=mode, trace=trace, options=options)
             for window, mask in ((schema.WINDOW_COLD, None), (schema.WINDOW_WARM, warm)):
                 t = res.totals(mask)
                 ceilings[(mode, window)] = t["hit_rate"]
             rows.extend(_sim_rows(res, warm, ceilings, None))
             keep_requests(res)
             tick(1)
-        future = (FutureUses(hashes, workload.n_tokens.tolist(), bs)
+        future = (FutureUses(TraceHashes(trace), workload.n_tokens.tolist(), bs)
                   if schema.POLICY_BELADY in options.policies and schema.MODE_SEQUENTIAL in options.modes else None)
         for nb in budgets:
             for mode in options.modes:
                 for policy in options.policies if mode == schema.MODE_SEQUENTIAL else (schema.POLICY_LRU,):
-                    res = simulate_one(workload, bs, nb, mode=mode, policy=policy, hashes=hashes,
+                    res = simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace,
                                        future=future, options=options)
                     rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, nb, tp)))
                     if policy == schema.POLICY_LRU:

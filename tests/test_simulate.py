@@ -24,7 +24,7 @@ from advisor import kvmemory as kv
 from advisor import schema
 from advisor.cli import main
 from advisor.errors import AdvisorError
-from advisor.simulate import SimulateOptions, plan_budgets, simulate_grid, simulate_one
+from advisor.simulate import SimulateOptions, block_trace, plan_budgets, simulate_grid, simulate_one
 from advisor.workload import Workload, warm_mask
 
 B = 4
@@ -94,6 +94,18 @@ def test_lru_sequential_hits_grow_with_budget(reqs: list[list[int]], extra: int,
     w = Workload.from_token_lists(reqs)
     small = blocks_needed(reqs) + extra
     assert hits(w, small).sum() <= hits(w, small + more).sum()
+
+
+@FAST
+@given(structured(), st.integers(0, 8), st.lists(st.sampled_from([None, "a", "b"]), min_size=30, max_size=30))
+def test_fast_sequential_lru_equals_the_reference(reqs: list[list[int]], extra: int, loras: list[str | None]) -> None:
+    """The grid's sequential LRU (fastsim) gives the reference's per-request hits, LoRA included."""
+    w = Workload.from_token_lists(reqs, lora=loras[: len(reqs)])
+    for nb in (None, blocks_needed(reqs) + extra):
+        fast = simulate_one(w, B, nb)
+        ref = simulate_one(w, B, nb, engine="reference")
+        assert list(fast.hit_tokens) == list(ref.hit_tokens)
+        assert (fast.evictions, fast.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
 
 
 @FAST
@@ -225,13 +237,13 @@ def test_model_catalog_budget_is_kv_bytes_over_bytes_per_block() -> None:
     1 GiB at block size 16 is 2**30 // (16 * 128 KiB) = 512 blocks, one of them vLLM's null block."""
     geom = kv.resolve_model("llama-3.1-8b")
     w = Workload.from_token_lists([[1] * 20])
-    budgets, _ = plan_budgets(w, SimulateOptions(kv_cache_gib=(1.0,)), geom, 16, [[]])
+    budgets, _ = plan_budgets(w, SimulateOptions(kv_cache_gib=(1.0,)), geom, 16, block_trace(w, 16))
     assert budgets == [2**30 // (16 * 32 * 8 * 128 * 2 * 2) - 1]
     grid = simulate_grid(w, SimulateOptions(block_sizes=(16,), kv_cache_gib=(1.0,), modes=("sequential",)), geom)
     gib = [g for g in grid.sim["kv_gib"].to_pylist() if g is not None]
     assert gib and all(abs(g - 1.0) < 1e-9 for g in gib)
     with pytest.raises(AdvisorError, match="--model"):
-        plan_budgets(w, SimulateOptions(kv_cache_gib=(1.0,)), None, 16, [[]])
+        plan_budgets(w, SimulateOptions(kv_cache_gib=(1.0,)), None, 16, block_trace(w, 16))
 
 
 def test_default_sweep_spans_the_working_set_and_flattens() -> None:
