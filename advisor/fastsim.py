@@ -7,13 +7,14 @@ evictions and peak blocks in use, equal to `advisor.cache.PrefixCache` with poli
 infinite-cache ceiling.
 
 Two steps per block size:
-1. `trace_from_tokens` / `trace_from_hash_ids` turn every full block into a dense
+1. `traces_from_tokens` / `trace_from_hash_ids` turn every full block into a dense
    integer id (a `BlockTrace`): equal ids exactly when the chained prefixes are equal.
-   Token blocks are hashed with numpy, no Python loop per block: a 64-bit mix of each
-   (position, token), summed per block, mixed with the block index, summed along the
-   request (the chain) and mixed again. Two different prefixes get the same key with
-   probability about 2^-64 per pair, so about n^2 / 2^65 for n distinct blocks (3e-6
-   for 10M blocks); a collision could only add a spurious hit.
+   A block's key hashes the whole prefix it ends: the sum of a 64-bit mix of each
+   (position, token) up to the block's end, mixed again with the length and the
+   request's salt. One pass over the tokens serves every block size (a compiled loop,
+   or numpy without numba). Two different prefixes get the same key with probability
+   about 2^-64 per pair, so about n^2 / 2^65 for n distinct blocks (3e-6 for 10M
+   blocks); a collision could only add a spurious hit.
 2. `simulate_sequential` replays vLLM's free queue and hash -> blocks map over those
    ids in a compiled loop (numba when importable; the same code runs as plain Python
    otherwise, slowly): a doubly linked free queue in two arrays, per-hash circular
@@ -107,45 +108,102 @@ def _chain(block_values: np.ndarray, full: np.ndarray, salts: np.ndarray) -> np.
     return _mix64(prefix - before[req] + index.astype(np.uint64))
 
 
-def block_keys(tokens: np.ndarray, offsets: np.ndarray, block_size: int, salts: np.ndarray | None = None) -> np.ndarray:
-    """64-bit chained keys of every full block (requests concatenated, in order).
+def _token_values(tokens: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """A 64-bit value per (position in its request, token id)."""
+    return _mix64(tokens.astype(np.uint64) * _GOLDEN + local.astype(np.uint64) * _M1 + np.uint64(1))
 
-    `tokens`: flat token ids; request r is tokens[offsets[r]:offsets[r+1]]. `salts`:
-    optional uint64 per request (e.g. a hash of LoRA name and cache_salt; 0 = none):
-    different salts never share a block, like vLLM's extra keys.
-    """
-    offsets = np.asarray(offsets, np.int64)
+
+def _salt_values(salts: np.ndarray) -> np.ndarray:
+    return _mix64(salts.astype(np.uint64) + _M2)
+
+
+def _prefix_keys_numpy(tokens: np.ndarray, offsets: np.ndarray, block_sizes: Sequence[int], salts: np.ndarray) -> dict[int, np.ndarray]:
     num_tokens = np.diff(offsets)
-    full = num_tokens // block_size
-    salts = np.zeros(len(num_tokens), np.uint64) if salts is None else np.asarray(salts, np.uint64)
-    out: list[np.ndarray] = []
+    out: dict[int, list[np.ndarray]] = {bs: [] for bs in block_sizes}
     r = 0
-    while r < len(num_tokens):  # chunks of whole requests
+    while r < len(num_tokens):  # chunks of whole requests bound the temporaries
         r_end = int(np.searchsorted(offsets, offsets[r] + _TOKEN_CHUNK, side="right"))
         r_end = min(max(r_end - 1, r + 1), len(num_tokens))
         t0, t1 = int(offsets[r]), int(offsets[r_end])
         lens = num_tokens[r:r_end]
         local = np.arange(t1 - t0, dtype=np.int64) - np.repeat(offsets[r:r_end] - t0, lens)
-        tok = np.asarray(tokens[t0:t1]).astype(np.uint64)
-        e = _mix64(tok * _GOLDEN + (local % block_size).astype(np.uint64) * _M1 + np.uint64(1))
         csum = np.zeros(t1 - t0 + 1, np.uint64)
-        np.cumsum(e, out=csum[1:])
-        f = full[r:r_end]
-        req = np.repeat(np.arange(r_end - r), f)
-        first = np.zeros(r_end - r, np.int64)
-        np.cumsum(f[:-1], out=first[1:])
-        j = np.arange(int(f.sum()), dtype=np.int64) - first[req]
-        start = offsets[r:r_end][req] - t0 + j * block_size
-        content = csum[start + block_size] - csum[start]
-        out.append(_chain(content, f, salts[r:r_end]))
+        np.cumsum(_token_values(np.asarray(tokens[t0:t1]), local), out=csum[1:])
+        salt = _salt_values(salts[r:r_end])
+        for bs in block_sizes:
+            full = lens // bs
+            req = np.repeat(np.arange(r_end - r), full)
+            first = np.zeros(r_end - r, np.int64)
+            np.cumsum(full[:-1], out=first[1:])
+            end = (np.arange(int(full.sum()), dtype=np.int64) - first[req] + 1) * bs
+            start = offsets[r:r_end][req] - t0
+            out[bs].append(_mix64(csum[start + end] - csum[start] + salt[req] + end.astype(np.uint64)))
         r = r_end
-    return np.concatenate(out) if out else np.zeros(0, np.uint64)
+    return {bs: np.concatenate(v) if v else np.zeros(0, np.uint64) for bs, v in out.items()}
+
+
+@compiled
+def _prefix_keys_loop(tokens, offsets, block_sizes, salt, out_offsets, out):  # type: ignore[no-untyped-def]
+    g = np.uint64(0x9E3779B97F4A7C15)
+    m1 = np.uint64(0xBF58476D1CE4E5B9)
+    m2 = np.uint64(0x94D049BB133111EB)
+    for r in range(len(offsets) - 1):
+        base = offsets[r]
+        length = offsets[r + 1] - base
+        acc = np.uint64(0)
+        for i in range(length):
+            x = np.uint64(tokens[base + i]) * g + np.uint64(i) * m1 + np.uint64(1)
+            x = (x ^ (x >> np.uint64(30))) * m1
+            x = (x ^ (x >> np.uint64(27))) * m2
+            acc += x ^ (x >> np.uint64(31))
+            n = i + 1
+            for k in range(len(block_sizes)):
+                bs = block_sizes[k]
+                if n % bs == 0:
+                    y = acc + salt[r] + np.uint64(n)
+                    y = (y ^ (y >> np.uint64(30))) * m1
+                    y = (y ^ (y >> np.uint64(27))) * m2
+                    out[k, out_offsets[k, r] + n // bs - 1] = y ^ (y >> np.uint64(31))
+
+
+def prefix_keys(
+    tokens: np.ndarray, offsets: np.ndarray, block_sizes: Sequence[int], salts: np.ndarray | None = None
+) -> dict[int, np.ndarray]:
+    """64-bit chained keys of every full block, for several block sizes in one pass.
+
+    `tokens`: flat token ids; request r is tokens[offsets[r]:offsets[r+1]]. The key of
+    a block is a hash of the whole prefix it ends, so equal keys mean equal prefixes
+    (the chain of vLLM's block hashes). `salts`: optional uint64 per request (e.g. a
+    hash of LoRA name and cache_salt; 0 = none): different salts never share a block,
+    like vLLM's extra keys. Returns {block_size: keys of all requests' full blocks,
+    requests concatenated in order}.
+    """
+    offsets = np.asarray(offsets, np.int64)
+    num_tokens = np.diff(offsets)
+    salts = np.zeros(len(num_tokens), np.uint64) if salts is None else np.asarray(salts, np.uint64)
+    if not HAVE_NUMBA:
+        return _prefix_keys_numpy(tokens, offsets, block_sizes, salts)
+    sizes = np.asarray(block_sizes, np.int64)
+    out_offsets = np.zeros((len(sizes), len(num_tokens) + 1), np.int64)
+    for k, bs in enumerate(sizes):
+        np.cumsum(num_tokens // bs, out=out_offsets[k, 1:])
+    out = np.zeros((len(sizes), int(out_offsets[:, -1].max(initial=0))), np.uint64)
+    _prefix_keys_loop(np.asarray(tokens), offsets, sizes, _salt_values(salts), out_offsets, out)
+    return {int(bs): out[k, : out_offsets[k, -1]].copy() for k, bs in enumerate(sizes)}
 
 
 def trace_from_tokens(tokens: np.ndarray, offsets: np.ndarray, block_size: int, salts: np.ndarray | None = None) -> BlockTrace:
-    """A `BlockTrace` of token-id requests (see `block_keys` for the arguments)."""
+    """A `BlockTrace` of token-id requests (see `prefix_keys` for the arguments)."""
+    return traces_from_tokens(tokens, offsets, (block_size,), salts)[block_size]
+
+
+def traces_from_tokens(
+    tokens: np.ndarray, offsets: np.ndarray, block_sizes: Sequence[int], salts: np.ndarray | None = None
+) -> dict[int, BlockTrace]:
+    """`BlockTrace`s of token-id requests for several block sizes, hashing tokens once."""
     offsets = np.asarray(offsets, np.int64)
-    return _dense(block_keys(tokens, offsets, block_size, salts), np.diff(offsets), block_size)
+    keys = prefix_keys(tokens, offsets, block_sizes, salts)
+    return {bs: _dense(k, np.diff(offsets), bs) for bs, k in keys.items()}
 
 
 def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: np.ndarray, trace_block_size: int) -> BlockTrace:

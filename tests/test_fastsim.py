@@ -67,18 +67,30 @@ def test_ceiling_equals_an_infinite_reference_cache(reqs, block_size):
 
 @settings(max_examples=80, deadline=None)
 @given(reqs=workloads(), block_size=st.sampled_from([1, 4, 8]))
-def test_vectorized_block_keys_are_equal_exactly_when_chained_hashes_are(reqs, block_size):
-    keys = fastsim.block_keys(*flat(reqs), block_size).tolist()
+def test_block_keys_are_equal_exactly_when_chained_hashes_are(reqs, block_size):
+    keys = fastsim.prefix_keys(*flat(reqs), (block_size,))[block_size].tolist()
     hashes = [h for r in reqs for h in cache.request_block_hashes(r, block_size)]
     assert len(keys) == len(hashes)
     pairs = set(zip(keys, hashes, strict=True))
     assert len({k for k, _ in pairs}) == len({h for _, h in pairs}) == len(pairs)
 
 
+@settings(max_examples=30, deadline=None)
+@given(reqs=workloads())
+def test_numpy_keys_equal_compiled_keys_for_several_block_sizes_at_once(reqs):
+    tokens, offsets = flat(reqs)
+    salts = np.arange(len(reqs), dtype=np.uint64) % 3
+    both = fastsim.prefix_keys(tokens, offsets, (1, 4, 8), salts)
+    numpy_only = fastsim._prefix_keys_numpy(tokens, offsets, (1, 4, 8), salts)
+    for bs in (1, 4, 8):
+        assert both[bs].tolist() == numpy_only[bs].tolist()
+        assert both[bs].tolist() == fastsim.prefix_keys(tokens, offsets, (bs,), salts)[bs].tolist()
+
+
 def test_salts_separate_identical_prompts_like_extra_keys():
     reqs = [list(range(12))] * 3
     salts = np.asarray([0, 5, 5], np.uint64)
-    keys = fastsim.block_keys(*flat(reqs), 4, salts).reshape(3, 3)
+    keys = fastsim.prefix_keys(*flat(reqs), (4,), salts)[4].reshape(3, 3)
     assert set(keys[0]).isdisjoint(keys[1])
     assert keys[1].tolist() == keys[2].tolist()
 
