@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -111,6 +112,7 @@ def _no_constants(name: str) -> Any:
 
 
 _decode_json = json.JSONDecoder(parse_constant=_no_constants).decode
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def decode_line(data: bytes, first_line: bool = False) -> dict[str, Any]:
@@ -151,6 +153,15 @@ def decode_line(data: bytes, first_line: bool = False) -> dict[str, Any]:
             f"the line is {type_name(obj).replace('a list', 'a JSON array')}, not a JSON object; "
             "each line must be one request object", NOT_OBJECT,
         )
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise LineError(
+                "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                "pair), which is not valid Unicode; fix the program that wrote the log",
+                INVALID_UTF8,
+            ) from None
     return obj
 
 
@@ -180,7 +191,19 @@ def _count(v: Any, path: str, minimum: int = 0) -> int | None:
             raise LineError(f"{path} is {type_name(v)}; expected an integer")
     if v < minimum:
         raise LineError(f"{path} is {v}; expected an integer >= {minimum}")
+    if v > INT64_MAX:
+        raise LineError(f"{path} is {v}; expected an integer below 2**63")
     return v
+
+
+def _finite(v: int | float, path: str) -> float:
+    try:
+        f = float(v)
+    except OverflowError:
+        raise LineError(f"{path} is a number too large for a float") from None
+    if not math.isfinite(f):
+        raise LineError(f"{path} is {f}; expected a finite number")
+    return f
 
 
 def _seconds(v: Any, path: str, scale: float) -> float | None:
@@ -188,9 +211,10 @@ def _seconds(v: Any, path: str, scale: float) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise LineError(f"{path} is {type_name(v)}; expected a number")
-    if not math.isfinite(v) or v < 0:
+    f = _finite(v, path)
+    if f < 0:
         raise LineError(f"{path} is {v}; expected a non-negative number")
-    return float(v) * scale
+    return f * scale
 
 
 def parse_time(v: Any, path: str, scale: float) -> float:
@@ -198,24 +222,22 @@ def parse_time(v: Any, path: str, scale: float) -> float:
     if isinstance(v, str):
         s = v.strip()
         try:
-            return float(s) * scale
+            return _finite(float(s), path) * scale
         except ValueError:
             pass
         try:
             dt = datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s)
-        except ValueError:
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+            return dt.timestamp()
+        except (ValueError, OverflowError):
             raise LineError(
                 f"{path} is {v[:40]!r}; expected seconds since the epoch or an ISO-8601 time "
                 "like 2026-11-03T10:00:05Z"
             ) from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return dt.timestamp()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise LineError(f"{path} is {type_name(v)}; expected a number or an ISO-8601 string")
-    if not math.isfinite(v):
-        raise LineError(f"{path} is {v}; expected a finite number")
-    return float(v) * scale
+    return _finite(v, path) * scale
 
 
 def _first_time(sources: list[dict[str, Any]], keys: tuple[tuple[str, float], ...]) -> float | None:
@@ -485,7 +507,7 @@ def _batch(obj: dict[str, Any]) -> dict[str, Any]:
 def _hash_trace(obj: dict[str, Any], trace_block_size: int) -> dict[str, Any]:
     row = _new_row(schema.FORMAT_HASH_TRACE)
     row["kind"] = schema.KIND_HASH_TRACE
-    if "input_length" not in obj:
+    if obj.get("input_length") is None:
         raise LineError('hash-trace line has no "input_length" (prompt tokens)', UNKNOWN_SHAPE)
     length = _count(obj["input_length"], "input_length", minimum=1)
     assert length is not None

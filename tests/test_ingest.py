@@ -450,3 +450,70 @@ def test_cli_format_flag_forces_one_format(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["ingest", str(src), "-o", str(tmp_path / "r"), "--format", "hash-trace",
                                     "--trace-block-size", "16"])
     assert res.exit_code == 0 and "accepted 1, rejected 0" in res.output
+
+
+
+KEYS = ["model", "messages", "prompt", "prompt_token_ids", "timestamp", "request", "response", "custom_id",
+        "body", "url", "hash_ids", "input_length", "chat_id", "parent_chat_id", "user", "metadata", "lora",
+        "cache_salt", "max_tokens", "latency_ms", "request_id", "role", "content", "type", "text"]
+scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
+           | st.sampled_from(["\ud800", "2026-11-03T10:00:05Z", "user", "text", "/v1/completions", ""]))
+json_like = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=3),
+    max_leaves=6,
+)
+TEMPLATES = [
+    {"timestamp": "2026-11-03T10:00:05Z", "request_id": "r", "session_id": "s", "latency_ms": 5,
+     "request": chat("q", user="u", tools=[{"type": "function", "function": {"name": "f"}}], max_tokens=9,
+                     cache_salt="c", lora_request={"lora_name": "x"}),
+     "response": {"id": "c", "choices": [{"message": {"content": "a"}}],
+                  "usage": {"completion_tokens": 3, "prompt_tokens": 4}}},
+    {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "t"}]}]}},
+    {"prompt": "p", "prompt_token_ids": [1, 2], "timestamp_ms": 5, "metadata": {"conversation_id": 3}},
+    {"chat_id": 2, "parent_chat_id": -1, "timestamp": 1.5, "input_length": 9, "output_length": 1,
+     "hash_ids": [1, 2, 3]},
+]
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for k, v in children:
+        out += _paths(v, (*prefix, k))
+    return out
+
+
+def _mutate(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
+    obj = json.loads(json.dumps(obj))
+    node = obj
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return obj
+
+
+@st.composite
+def mutated_requests(draw: st.DrawFn) -> dict[str, Any]:
+    obj = draw(st.sampled_from(TEMPLATES))
+    for _ in range(draw(st.integers(0, 2))):
+        path = draw(st.sampled_from(_paths(obj)))
+        obj = _mutate(obj, path, draw(json_like))
+    return obj
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(objs=st.lists(mutated_requests(), max_size=8))
+def test_mutated_requests_never_break_the_accounting(objs: list[dict[str, Any]]) -> None:
+    """Valid requests with fields replaced by arbitrary JSON: each is a row or a reject, never a crash."""
+    data = b"\n".join([GOOD_LINES[0], *(json.dumps(o).encode() for o in objs)]) + b"\n"
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        res = ing.ingest_source("-", out / "requests.parquet", out / "rejects.jsonl",
+                                ing.IngestOptions(trace_block_size=4), stdin=io.BytesIO(data))
+        rows, rejects = read_outputs(out)
+    assert res.lines_read == len(objs) + 1 == res.accepted + res.rejected
+    assert sorted([r["line"] for r in rows] + [r["line"] for r in rejects]) == list(range(1, len(objs) + 2))
+    for r in rows:
+        assert r["kind"] in schema.KINDS and r["format"] in schema.FORMATS
