@@ -128,21 +128,33 @@ def top_fix(data: ReportData) -> Fact | None:
     return None
 
 
+def _window_note(rec: Mapping[str, Any]) -> str:
+    window = (rec.get("view") or {}).get("window") or (rec.get("recommended") or {}).get("window")
+    if window == "warm":
+        return " (warm window: requests after the cache warm-up)"
+    return " (whole log)" if window == "cold" else ""
+
+
 def summary(data: ReportData) -> list[Fact]:
     """The report's first lines: what to run, what it buys, what to fix, whether it is proven."""
     out: list[Fact] = []
     rec = data.recommendation or {}
     r = rec.get("recommended") or {}
     if r:
-        mem = gib(r.get("kv_gib")) if r.get("kv_gib") is not None else f"{num(r.get('num_blocks'))} blocks"
-        what = f"block size {r.get('block_size')}, {mem} KV cache"
+        cap = f", {num(r['capacity_tokens'])} tokens" if r.get("capacity_tokens") is not None else ""
+        if r.get("kv_gib") is not None:
+            what = f"block size {r.get('block_size')}, {gib(r.get('kv_gib'))} KV cache"
+            detail = f"{num(r.get('num_blocks'))} blocks{cap}"
+        else:
+            what = f"block size {r.get('block_size')}, {num(r.get('num_blocks'))} blocks"
+            detail = f"KV memory in GiB unknown (no model given){cap}"
         if data.input_kind == "hash_trace":
-            what += " (block size fixed by the trace)"
-        out.append(Fact("Recommended", what, f"{num(r.get('num_blocks'))} blocks"))
+            detail += "; block size fixed by the trace: only memory is recommended"
+        out.append(Fact("Recommended", what, detail))
         out.append(Fact("Predicted hit rate", pct(r.get("hit_rate")),
                         f"block ceiling {pct(r.get('ceiling_hit_rate'))} (infinite cache, same block size)"))
         out.append(Fact("Prefill saved", f"{num(r.get('prefill_tokens_saved'))} tokens",
-                        f"of {num(r.get('queries'))} prompt tokens"))
+                        f"of {num(r.get('queries'))} prompt tokens" + _window_note(rec)))
     st = data.stats or {}
     if st.get("ceiling_rate") is not None:
         out.append(Fact("Token ceiling", pct(st.get("ceiling_rate")),
@@ -188,15 +200,23 @@ CANDIDATE_HEADER = ("block size", "blocks", "KV memory", "hit rate", "prefill sa
                     "TTFT gain")
 
 
+MAX_CANDIDATES = 15
+
+
 def candidate_rows(data: ReportData) -> list[tuple[str, ...]]:
+    """The first MAX_CANDIDATES candidates in the recommendation's order (best first)."""
     return [
         (
             str(c.get("block_size")), num(c.get("num_blocks")), gib(c.get("kv_gib")), pct(c.get("hit_rate")),
             num(c.get("prefill_tokens_saved")), tokens_per_gib(c.get("marginal_tokens_per_gib")),
             secs(c.get("ttft_gain_s")),
         )
-        for c in (data.recommendation or {}).get("candidates") or []
+        for c in ((data.recommendation or {}).get("candidates") or [])[:MAX_CANDIDATES]
     ]
+
+
+def cost_model_text(rec: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} = {'none' if v is None else v}" for k, v in (rec.get("cost_model") or {}).items())
 
 
 def config_rows(rec: Mapping[str, Any]) -> list[tuple[str, str, str]]:

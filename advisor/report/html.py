@@ -119,8 +119,6 @@ def _summary(data: ReportData) -> str:
     else:
         if rec.get("vllm_serve"):
             out.append(f"<h3>Run vLLM with</h3><pre>{esc(rec['vllm_serve'])}</pre>")
-        for flag in rec.get("flags") or []:
-            out.append(f'<div class="note warn">{esc(flag)}</div>')
     out.append(f'<p class="note">{esc(fx.tokenizer_note(data))}</p>')
     if data.redacted:
         out.append('<p class="note">Redacted: prompt text is replaced by its length and a short '
@@ -141,7 +139,7 @@ def _recommendation(data: ReportData) -> str:
     out.append("<h3>Recommended" + (" vs runner-up" if runner else "") + "</h3>")
     header = ("", "recommended", "runner-up") if runner else ("", "recommended")
     rows = [r if runner else r[:2] for r in fx.config_rows(rec)]
-    out.append(_table(header, rows, numeric=(1, 2)))
+    out.append(_table(header, rows, numeric=(1, 2), compact=True))
     if runner:
         out.append(f'<p><b>Why the runner-up lost:</b> {esc(runner.get("why_lost"))}</p>')
     if rec.get("offload"):
@@ -158,11 +156,12 @@ def _recommendation(data: ReportData) -> str:
                           [(f.get("breaker"), fx.points(f.get("hit_rate_gain")), f.get("description")) for f in fixes],
                           numeric=(1,)))
     cands = fx.candidate_rows(data)
+    ncand = len(rec.get("candidates") or [])
     if cands:
-        out.append("<h3>Candidates, ranked by prefill saved per GiB</h3>")
+        out.append(f"<h3>Candidates, ranked by prefill saved per GiB (first {len(cands)} of {ncand})</h3>")
         out.append(_table(fx.CANDIDATE_HEADER, cands, numeric=range(1, 7)))
     if rec.get("cost_model"):
-        cm = ", ".join(f"{k} = {v}" for k, v in rec["cost_model"].items())
+        cm = fx.cost_model_text(rec)
         out.append(f'<p class="note">Cost model: {esc(cm)}</p>')
     return "".join(out) + "</section>"
 

@@ -72,7 +72,6 @@ def _summary(data: ReportData) -> list[str]:
     else:
         if rec.get("vllm_serve"):
             out += ["Run vLLM with:", "", _shell([rec["vllm_serve"]]), ""]
-        out += [f"> **Flag:** {md_text(flag)}\n" for flag in rec.get("flags") or []]
     out += [md_text(fx.tokenizer_note(data)), ""]
     if data.redacted:
         out += ["Redacted: prompt text is replaced by its length and a short SHA-256 prefix; numbers are "
@@ -106,11 +105,12 @@ def _recommendation(data: ReportData) -> list[str]:
                       [(f.get("breaker"), fx.points(f.get("hit_rate_gain")), f.get("description")) for f in fixes],
                       numeric=(1,)), ""]
     cands = fx.candidate_rows(data)
+    ncand = len(rec.get("candidates") or [])
     if cands:
-        out += ["### Candidates, ranked by prefill saved per GiB", "",
+        out += [f"### Candidates, ranked by prefill saved per GiB (first {len(cands)} of {ncand})", "",
                 table(fx.CANDIDATE_HEADER, cands, numeric=range(1, 7)), ""]
     if rec.get("cost_model"):
-        out += ["Cost model: " + md_text(", ".join(f"{k} = {v}" for k, v in rec["cost_model"].items())), ""]
+        out += ["Cost model: " + md_text(fx.cost_model_text(rec)), ""]
     return out
 
 

@@ -119,20 +119,23 @@ def _ordered_stage_times(manifest: Mapping[str, Any]) -> list[tuple[str, float]]
 
 
 def main_view(sim: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The sim rows the sweep plot and table show: vLLM's LRU, one mode, the whole log.
+    """The sim rows the sweep plot and table show: one policy, one mode, one window.
 
-    The mode is the recommendation's when it names one, else sequential when simulated.
+    The recommendation's view (its `view` or `recommended` policy/mode/window) when it names
+    one; else vLLM's LRU, sequential mode, the whole log (cold window), when simulated.
     """
-    rows = [dict(r) for r in sim if r.get("policy") == "lru"] or [dict(r) for r in sim]
-    if not rows:
-        return []
-    windows = {r.get("window") for r in rows}
-    window = "cold" if "cold" in windows else sorted(map(str, windows))[0]
-    rows = [r for r in rows if str(r.get("window")) == window]
-    modes = {r.get("mode") for r in rows}
-    wanted = (rec or {}).get("mode") or (rec or {}).get("recommended", {}).get("mode")
-    mode = wanted if wanted in modes else ("sequential" if "sequential" in modes else sorted(map(str, modes))[0])
-    rows = [r for r in rows if r.get("mode") == mode]
+    rec = rec or {}
+    named = {**(rec.get("recommended") or {}), **(rec.get("view") or {})}
+    if rec.get("mode"):
+        named.setdefault("mode", rec["mode"])
+    rows = [dict(r) for r in sim]
+    for key, default in (("policy", "lru"), ("mode", "sequential"), ("window", "cold")):
+        values = {str(r.get(key)) for r in rows}
+        if not values:
+            return []
+        want = named.get(key)
+        pick = want if want in values else (default if default in values else sorted(values)[0])
+        rows = [r for r in rows if str(r.get(key)) == pick]
     rows.sort(key=lambda r: (r["block_size"], r["num_blocks"] is None, r["num_blocks"] or 0))
     return rows
 
@@ -242,21 +245,24 @@ def _timeline_from_run(run: rf.RunDir, rec: Mapping[str, Any] | None, sim_view: 
     source = None
     recd = (rec or {}).get("recommended") or {}
     if run.path(rf.SIM_REQUESTS).exists() and recd.get("block_size") is not None:
-        t = pq.read_table(run.path(rf.SIM_REQUESTS))
-        mode = sim_view[0]["mode"] if sim_view else None
-        for r in t.to_pylist():
-            if (
-                r["block_size"] == recd.get("block_size")
-                and r["num_blocks"] == recd.get("num_blocks")
-                and (mode is None or r["mode"] == mode)
-            ):
-                n_tokens[r["request_id"]] = r["n_tokens"]
-                hits[r["request_id"]] = r["hit_tokens"]
-        if n_tokens:
-            source = (
-                f"predicted cache hits of the recommended configuration "
-                f"(block size {recd.get('block_size')}, {recd.get('num_blocks')} blocks)"
-            )
+        mode = sim_view[0]["mode"] if sim_view else recd.get("mode")
+        flt = [("block_size", "=", int(recd["block_size"]))] + ([("mode", "=", str(mode))] if mode else [])
+        t = pq.read_table(run.path(rf.SIM_REQUESTS), filters=flt)
+        nb = t.column("num_blocks").to_pylist()
+        for want in (recd.get("num_blocks"), None):  # the recommended budget, else the ceiling
+            rows = [i for i, b in enumerate(nb) if b == want]
+            if rows:
+                sub = t.take(rows)
+                for rid, n, h in zip(*(sub.column(c).to_pylist() for c in ("request_id", "n_tokens", "hit_tokens"))):
+                    n_tokens[rid] = n
+                    hits[rid] = h
+                source = (
+                    f"predicted cache hits of the recommended configuration (block size "
+                    f"{recd.get('block_size')}, {want:,} blocks, {mode or 'simulated'} mode)"
+                    if want is not None else
+                    f"predicted hits with an infinite cache at block size {recd.get('block_size')} (the block ceiling)"
+                )
+                break
     if not n_tokens and run.path(rf.PREFIXES).exists():
         t = pq.read_table(run.path(rf.PREFIXES), columns=["request_id", "n_tokens", "shared_tokens"])
         for rid, n, s in zip(*(t.column(c).to_pylist() for c in ("request_id", "n_tokens", "shared_tokens"))):

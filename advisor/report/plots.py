@@ -45,7 +45,7 @@ RC = {
 }
 
 
-def _figure(width: float = 7.2, height: float = 3.4) -> Figure:
+def _figure(width: float = 10.0, height: float = 3.9) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasSVG(fig)
     return fig
@@ -72,9 +72,9 @@ def to_svg(fig: Figure, prefix: str, label: str) -> str:
     return re.sub(r"\n\s*\n", "\n", svg).strip()
 
 
-def _render(draw: Any, prefix: str, label: str, *args: Any) -> str:
+def _render(draw: Any, prefix: str, label: str, *args: Any, height: float = 3.9) -> str:
     with matplotlib.rc_context(RC):
-        fig = _figure()
+        fig = _figure(height=height)
         draw(fig, *args)
         return to_svg(fig, prefix, label)
 
@@ -159,7 +159,7 @@ def prefix_histogram(data: ReportData) -> str | None:
     if not counts or not any(counts):
         return None
     return _render(_draw_hist, "hist", "distribution of shared-prefix lengths",
-                   list(hist.get("edges") or []), counts)
+                   list(hist.get("edges") or []), counts, height=3.0)
 
 
 # --- requests over time ----------------------------------------------------------------
@@ -222,4 +222,6 @@ def _draw_clusters(fig: Figure, clusters: Sequence[Mapping[str, Any]]) -> None:
 def clusters_chart(data: ReportData) -> str | None:
     if not data.clusters:
         return None
-    return _render(_draw_clusters, "clus", "clusters of requests with their reuse", data.clusters)
+    n = min(12, len(data.clusters))
+    return _render(_draw_clusters, "clus", "clusters of requests with their reuse", data.clusters,
+                   height=1.2 + 0.42 * n)
