@@ -11,7 +11,8 @@ and renamed into place:
 Every line lands in exactly one of them: lines_read == accepted + rejected.
 
 A file that is not JSON Lines at all is refused (InputRefused) before anything is written.
-Per-line parsing is in ingest_formats, bytes and compression in ingest_io.
+Request shapes are in ingest_formats, JSON decoding and typed fields in ingest_fields,
+bytes, compression and the refusal sniff in ingest_io.
 
 Ids: request_id is the logged id (see ingest_formats) or "L<line>" when the line has none.
 A repeated id gets "#2", "#3", ... appended (its occurrence number), so ids stay unique;
@@ -37,13 +38,8 @@ import pyarrow.parquet as pq
 
 from advisor import schema
 from advisor.errors import AdvisorError
-from advisor.ingest_formats import (
-    DAMAGED_STREAM,
-    TOO_LONG,
-    LineError,
-    decode_line,
-    parse_request,
-)
+from advisor.ingest_fields import DAMAGED_STREAM, TOO_LONG, LineError, decode_line
+from advisor.ingest_formats import parse_request
 from advisor.ingest_io import (
     RAW_KEEP,
     CorruptStream,

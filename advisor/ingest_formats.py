@@ -34,27 +34,27 @@ Fields read besides the request itself (first one present wins, wrapper before b
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from datetime import datetime, timezone
 from typing import Any
 
 from advisor import schema
-
-# Reject causes (counted in the ingest summary).
-EMPTY = "empty"
-TOO_LONG = "too_long"
-INVALID_UTF8 = "invalid_utf8"
-INVALID_JSON = "invalid_json"
-NOT_OBJECT = "not_object"
-UNKNOWN_SHAPE = "unknown_shape"
-WRONG_FIELD = "wrong_field"
-DAMAGED_STREAM = "damaged_stream"
+from advisor.ingest_fields import (
+    INT32_MAX,
+    INT64_MAX,
+    UNKNOWN_SHAPE,
+    LineError,
+    as_count,
+    as_id,
+    as_str,
+    check_ids,
+    dump_json,
+    first_seconds,
+    first_time,
+    json_object,
+    parse_time,
+    type_name,
+)
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
 
 _SECONDS_KEYS = ("timestamp", "created", "created_at", "time", "ts", "start_time",
                  "arrival_time", "request_time")
@@ -78,203 +78,6 @@ _TRIED = (
 )
 
 
-class LineError(Exception):
-    """A line that cannot become a request: `reason` is for the person reading rejects."""
-
-    def __init__(self, reason: str, cause: str = WRONG_FIELD) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.cause = cause
-
-
-def type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_decode_json = json.JSONDecoder(parse_constant=_no_constants).decode
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-def decode_line(data: bytes, first_line: bool = False) -> dict[str, Any]:
-    """The JSON object on one line (LineError for empty, non-UTF-8, invalid JSON, non-object)."""
-    if not data.strip():
-        raise LineError("empty line (or only whitespace); remove it", EMPTY)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LineError(
-            f"not valid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start + 1}; "
-            "re-encode the log as UTF-8", INVALID_UTF8,
-        ) from None
-    if first_line and text.startswith("\ufeff"):
-        text = text[1:]
-    try:
-        obj = _decode_json(text)
-    except json.JSONDecodeError as e:
-        end = len(text.rstrip())
-        if e.msg.startswith("Unterminated string") or e.pos >= end:
-            what = "a string opened" if e.msg.startswith("Unterminated string") else "a value at"
-            raise LineError(
-                f"truncated JSON: the line ends inside {what} column {e.colno}; "
-                "was the log cut off while it was written?", INVALID_JSON,
-            ) from None
-        if e.msg == "Extra data":
-            raise LineError(
-                f"more than one JSON value on the line (extra data at column {e.colno}); "
-                "put one request object per line", INVALID_JSON,
-            ) from None
-        raise LineError(f"invalid JSON at column {e.colno}: {e.msg}", INVALID_JSON) from None
-    except ValueError as e:
-        raise LineError(f"invalid JSON: {e}", INVALID_JSON) from None
-    except RecursionError:
-        raise LineError("invalid JSON: nested too deeply to read", INVALID_JSON) from None
-    if not isinstance(obj, dict):
-        raise LineError(
-            f"the line is {type_name(obj).replace('a list', 'a JSON array')}, not a JSON object; "
-            "each line must be one request object", NOT_OBJECT,
-        )
-    if _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LineError(
-                "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
-                "pair), which is not valid Unicode; fix the program that wrote the log",
-                INVALID_UTF8,
-            ) from None
-    return obj
-
-
-# --- small typed readers: each names the field's path in its error ---
-def _str(v: Any, path: str) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    raise LineError(f"{path} is {type_name(v)}; expected a string")
-
-
-def _id(v: Any) -> str | None:
-    """An identifier given as a string or an integer; anything else is not an id."""
-    if isinstance(v, str) and v:
-        return v
-    if _is_int(v):
-        return str(v)
-    return None
-
-
-def _count(v: Any, path: str, minimum: int = 0) -> int | None:
-    if v is None:
-        return None
-    if not _is_int(v):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        else:
-            raise LineError(f"{path} is {type_name(v)}; expected an integer")
-    if v < minimum:
-        raise LineError(f"{path} is {v}; expected an integer >= {minimum}")
-    if v > INT64_MAX:
-        raise LineError(f"{path} is {v}; expected an integer below 2**63")
-    return v
-
-
-def _finite(v: int | float, path: str) -> float:
-    try:
-        f = float(v)
-    except OverflowError:
-        raise LineError(f"{path} is a number too large for a float") from None
-    if not math.isfinite(f):
-        raise LineError(f"{path} is {f}; expected a finite number")
-    return f
-
-
-def _seconds(v: Any, path: str, scale: float) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise LineError(f"{path} is {type_name(v)}; expected a number")
-    f = _finite(v, path)
-    if f < 0:
-        raise LineError(f"{path} is {v}; expected a non-negative number")
-    return f * scale
-
-
-def parse_time(v: Any, path: str, scale: float) -> float:
-    """A timestamp in float seconds: a number in the unit `scale` says, or an ISO-8601 string."""
-    if isinstance(v, str):
-        s = v.strip()
-        try:
-            return _finite(float(s), path) * scale
-        except ValueError:
-            pass
-        try:
-            dt = datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s)
-            if dt.tzinfo is None:
-                dt = dt.replace(tzinfo=timezone.utc)
-            return dt.timestamp()
-        except (ValueError, OverflowError):
-            raise LineError(
-                f"{path} is {v[:40]!r}; expected seconds since the epoch or an ISO-8601 time "
-                "like 2026-11-03T10:00:05Z"
-            ) from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise LineError(f"{path} is {type_name(v)}; expected a number or an ISO-8601 string")
-    return _finite(v, path) * scale
-
-
-def _first_time(sources: list[dict[str, Any]], keys: tuple[tuple[str, float], ...]) -> float | None:
-    for src in sources:
-        for key, scale in keys:
-            v = src.get(key)
-            if v is not None:
-                return parse_time(v, key, scale)
-    return None
-
-
-def _first_seconds(src: dict[str, Any], keys: tuple[tuple[str, float], ...]) -> float | None:
-    for key, scale in keys:
-        if src.get(key) is not None:
-            return _seconds(src[key], key, scale)
-    return None
-
-
-def _maybe_json_object(v: Any, path: str) -> dict[str, Any] | None:
-    """Gateways sometimes log the request/response as a JSON string: accept both."""
-    if v is None or isinstance(v, dict):
-        return v
-    if isinstance(v, str) and v.lstrip().startswith("{"):
-        try:
-            obj = json.loads(v)
-        except ValueError:
-            raise LineError(f"{path} is a string that is not valid JSON; expected an object") from None
-        if isinstance(obj, dict):
-            return obj
-    raise LineError(f"{path} is {type_name(v)}; expected an object")
-
-
-def _dump(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
-
-
-# --- request bodies ---
 def check_messages(v: Any, path: str = "messages") -> str:
     """Validate chat messages; return them as JSON text."""
     if not isinstance(v, list):
@@ -314,8 +117,8 @@ def check_messages(v: Any, path: str = "messages") -> str:
         calls = m.get("tool_calls")
         if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
             raise LineError(f"{p}.tool_calls is {type_name(calls)}; expected a list of tool-call objects")
-        _str(m.get("name"), f"{p}.name")
-    return _dump(v)
+        as_str(m.get("name"), f"{p}.name")
+    return dump_json(v)
 
 
 def check_tools(v: Any) -> str | None:
@@ -332,21 +135,7 @@ def check_tools(v: Any) -> str | None:
                 raise LineError(f"tools[{i}].function is {type_name(fn)}; expected an object")
             if not isinstance(fn.get("name"), str):
                 raise LineError(f"tools[{i}].function.name is {type_name(fn.get('name'))}; expected a string")
-    return _dump(v)
-
-
-def check_ids(v: Any, path: str, upper: int, what: str) -> list[int]:
-    """A list of non-negative integer ids below `upper` (token ids or hash ids)."""
-    if not isinstance(v, list):
-        raise LineError(f"{path} is {type_name(v)}; expected a list of {what}s")
-    if all(type(t) is int for t in v) and (not v or (min(v) >= 0 and max(v) <= upper)):
-        return v
-    for i, t in enumerate(v):
-        if type(t) is not int:
-            raise LineError(f"{path}[{i}] is {type_name(t)}; expected a non-negative integer {what}")
-        if t < 0 or t > upper:
-            raise LineError(f"{path}[{i}] is {t}; expected a non-negative integer {what} below {upper + 1}")
-    raise AssertionError("unreachable")
+    return dump_json(v)
 
 
 def _completion_prompt(body: dict[str, Any], row: dict[str, Any]) -> None:
@@ -366,7 +155,7 @@ def _completion_prompt(body: dict[str, Any], row: dict[str, Any]) -> None:
         if not ids:
             raise LineError("prompt_token_ids is an empty list; a request needs at least one token")
         row["kind"], row["prompt_token_ids"] = schema.KIND_TOKENS, ids
-        row["prompt"] = _str(prompt, "prompt")
+        row["prompt"] = as_str(prompt, "prompt")
         return
     if not isinstance(prompt, str):
         raise LineError(f"prompt is {type_name(prompt)}; expected a string or a list of token ids")
@@ -377,26 +166,26 @@ def _completion_prompt(body: dict[str, Any], row: dict[str, Any]) -> None:
 
 def _body_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
     """Fields every request body may carry: model, sampling bound, LoRA, salt, user."""
-    row["model"] = _str(body.get("model"), "model")
+    row["model"] = as_str(body.get("model"), "model")
     mt = body.get("max_completion_tokens")
-    row["max_tokens"] = _count(mt if mt is not None else body.get("max_tokens"),
+    row["max_tokens"] = as_count(mt if mt is not None else body.get("max_tokens"),
                                "max_completion_tokens" if mt is not None else "max_tokens")
-    row["cache_salt"] = _str(body.get("cache_salt"), "cache_salt")
+    row["cache_salt"] = as_str(body.get("cache_salt"), "cache_salt")
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
             raise LineError(f"chat_template_kwargs is {type_name(kwargs)}; expected an object")
-        row["chat_template_kwargs"] = _dump(kwargs)
+        row["chat_template_kwargs"] = dump_json(kwargs)
 
 
 def _lora(sources: list[dict[str, Any]]) -> str | None:
     for src in sources:
         for key in _LORA_KEYS:
             if src.get(key) is not None:
-                return _str(src[key], key)
+                return as_str(src[key], key)
         req = src.get("lora_request")
         if isinstance(req, dict) and req.get("lora_name") is not None:
-            return _str(req["lora_name"], "lora_request.lora_name")
+            return as_str(req["lora_name"], "lora_request.lora_name")
     return None
 
 
@@ -404,10 +193,10 @@ def _session(wrapper: dict[str, Any], body: dict[str, Any]) -> str | None:
     for src in (wrapper, wrapper.get("metadata"), body.get("metadata")):
         if isinstance(src, dict):
             for key in _SESSION_KEYS:
-                sid = _id(src.get(key))
+                sid = as_id(src.get(key))
                 if sid is not None:
                     return sid
-    return _id(body.get("user"))
+    return as_id(body.get("user"))
 
 
 def _response(resp: dict[str, Any], row: dict[str, Any]) -> None:
@@ -415,8 +204,8 @@ def _response(resp: dict[str, Any], row: dict[str, Any]) -> None:
     if usage is not None:
         if not isinstance(usage, dict):
             raise LineError(f"response.usage is {type_name(usage)}; expected an object")
-        row["output_tokens"] = _count(usage.get("completion_tokens"), "response.usage.completion_tokens")
-        row["prompt_tokens_logged"] = _count(usage.get("prompt_tokens"), "response.usage.prompt_tokens")
+        row["output_tokens"] = as_count(usage.get("completion_tokens"), "response.usage.completion_tokens")
+        row["prompt_tokens_logged"] = as_count(usage.get("prompt_tokens"), "response.usage.prompt_tokens")
     choices = resp.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         c0 = choices[0]
@@ -425,8 +214,8 @@ def _response(resp: dict[str, Any], row: dict[str, Any]) -> None:
         if isinstance(msg, dict):
             text = msg.get("content")
             if text is None and msg.get("tool_calls") is not None:
-                text = _dump(msg["tool_calls"])
-        row["output_text"] = _str(text, "response.choices[0] text")
+                text = dump_json(msg["tool_calls"])
+        row["output_text"] = as_str(text, "response.choices[0] text")
 
 
 def _new_row(fmt: str) -> dict[str, Any]:
@@ -435,7 +224,7 @@ def _new_row(fmt: str) -> dict[str, Any]:
 
 def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = False) -> dict[str, Any]:
     """A chat/completion body, bare or wrapped with metadata and a response."""
-    body = obj if bare or "request" not in obj else _maybe_json_object(obj["request"], "request")
+    body = obj if bare or "request" not in obj else json_object(obj["request"], "request")
     if body is None:
         raise LineError("request is null; expected the request body object")
     if "messages" in body and fmt != schema.FORMAT_COMPLETION:
@@ -456,25 +245,25 @@ def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = Fals
     _body_fields(body, row)
     sources = [obj, body] if body is not obj else [obj]
     row["logged_id"] = _first_id(sources, ("request_id", "id"))
-    resp = _maybe_json_object(obj.get("response"), "response") if body is not obj else None
+    resp = json_object(obj.get("response"), "response") if body is not obj else None
     if resp is not None:
         _response(resp, row)
         if row["logged_id"] is None:
-            row["logged_id"] = _id(resp.get("id"))
+            row["logged_id"] = as_id(resp.get("id"))
     if row.get("output_tokens") is None:
         for key in _OUTPUT_KEYS:
             if obj.get(key) is not None:
-                row["output_tokens"] = _count(obj[key], key)
+                row["output_tokens"] = as_count(obj[key], key)
                 break
-    row["timestamp"] = _first_time(sources, _TIME_KEYS)
+    row["timestamp"] = first_time(sources, _TIME_KEYS)
     if row["timestamp"] is None and resp is not None:
-        row["timestamp"] = _first_time([resp], _TIME_KEYS)
+        row["timestamp"] = first_time([resp], _TIME_KEYS)
     row["lora"] = _lora(sources)
     if row["cache_salt"] is None and body is not obj:
-        row["cache_salt"] = _str(obj.get("cache_salt"), "cache_salt")
+        row["cache_salt"] = as_str(obj.get("cache_salt"), "cache_salt")
     row["session_id"] = _session(obj, body)
-    row["latency_s"] = _first_seconds(obj, _LATENCY_KEYS)
-    row["ttft_s"] = _first_seconds(obj, _TTFT_KEYS)
+    row["latency_s"] = first_seconds(obj, _LATENCY_KEYS)
+    row["ttft_s"] = first_seconds(obj, _TTFT_KEYS)
     return row
 
 
@@ -495,10 +284,10 @@ def _batch(obj: dict[str, Any]) -> dict[str, Any]:
         want = schema.FORMAT_CHAT if url.rstrip("/").endswith("/chat/completions") else schema.FORMAT_COMPLETION
     row = _wrapped(body, want, f"url {url}: " if url else "", bare=True)
     row["format"] = schema.FORMAT_BATCH
-    row["logged_id"] = _id(obj.get("custom_id"))
+    row["logged_id"] = as_id(obj.get("custom_id"))
     if obj.get("custom_id") is not None and row["logged_id"] is None:
         raise LineError(f"custom_id is {type_name(obj['custom_id'])}; expected a string")
-    ts = _first_time([obj], _TIME_KEYS)
+    ts = first_time([obj], _TIME_KEYS)
     if ts is not None:
         row["timestamp"] = ts
     return row
@@ -509,7 +298,7 @@ def _hash_trace(obj: dict[str, Any], trace_block_size: int) -> dict[str, Any]:
     row["kind"] = schema.KIND_HASH_TRACE
     if obj.get("input_length") is None:
         raise LineError('hash-trace line has no "input_length" (prompt tokens)', UNKNOWN_SHAPE)
-    length = _count(obj["input_length"], "input_length", minimum=1)
+    length = as_count(obj["input_length"], "input_length", minimum=1)
     assert length is not None
     ids = check_ids(obj.get("hash_ids"), "hash_ids", INT64_MAX, "hash id")
     need = -(-length // trace_block_size)
@@ -520,19 +309,19 @@ def _hash_trace(obj: dict[str, Any], trace_block_size: int) -> dict[str, Any]:
         )
     row["hash_ids"], row["input_length"] = ids, length
     row["trace_block_size"] = trace_block_size
-    row["output_tokens"] = _count(obj.get("output_length"), "output_length")
+    row["output_tokens"] = as_count(obj.get("output_length"), "output_length")
     bailian = "chat_id" in obj
     # Mooncake: "timestamp" is ms from the trace start; Bailian: seconds (by format, not size).
     ts = obj.get("timestamp")
     row["timestamp"] = (
         parse_time(ts, "timestamp", 1.0 if bailian else 1e-3) if ts is not None
-        else _first_time([obj], _TIME_KEYS[1:])
+        else first_time([obj], _TIME_KEYS[1:])
     )
-    row["logged_id"] = _first_id([obj], ("request_id", "id")) or _id(obj.get("chat_id"))
+    row["logged_id"] = _first_id([obj], ("request_id", "id")) or as_id(obj.get("chat_id"))
     row["session_id"] = _first_id([obj], _SESSION_KEYS)
     if bailian:
-        row["_chat"] = (_id(obj.get("chat_id")), _id(obj.get("parent_chat_id")))
-    row["model"] = _str(obj.get("model"), "model")
+        row["_chat"] = (as_id(obj.get("chat_id")), as_id(obj.get("parent_chat_id")))
+    row["model"] = as_str(obj.get("model"), "model")
     row["lora"] = _lora([obj])
     return row
 
@@ -540,7 +329,7 @@ def _hash_trace(obj: dict[str, Any], trace_block_size: int) -> dict[str, Any]:
 def _first_id(sources: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
     for src in sources:
         for key in keys:
-            v = _id(src.get(key))
+            v = as_id(src.get(key))
             if v is not None:
                 return v
     return None
