@@ -285,6 +285,12 @@ def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Co
         con.say(f"  rejected line {line}: {reason}")
     if c["rejected"]:
         con.say(f"  all rejects with their raw lines: {run.path(rf.REJECTS)}")
+    if c.get("duplicate_ids"):
+        con.say(f"  {c['duplicate_ids']} repeated request ids got a '#n' suffix "
+                "(the logged id is kept in logged_id)")
+    if c.get("synthesized_timestamps"):
+        con.say(f"  {c['synthesized_timestamps']} requests had no timestamp: placed in line order "
+                f"at --rate {options.rate:g}/s")
 
 
 def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:

@@ -173,8 +173,9 @@ def _sweep(data: ReportData) -> str:
     out.append(_figure(
         plots.hit_rate_curve(data),
         "Predicted prefix-cache hit rate (token-weighted, vLLM rules) for each block size as the KV "
-        "cache grows; dashed lines are each block size's ceiling with an infinite cache; the star is "
-        "the recommended configuration.",
+        "cache grows (in GiB when the model is known, else in cached tokens = blocks x block size, which "
+        "is proportional to memory); dashed lines are each block size's ceiling with an infinite cache; "
+        "the star is the recommended configuration.",
         "No finite-memory rows in sim.parquet to plot.",
     ))
     caption, rows = fx.sweep_rows(data)

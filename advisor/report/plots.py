@@ -80,31 +80,47 @@ def _render(draw: Any, prefix: str, label: str, *args: Any, height: float = 3.9)
 
 
 # --- hit rate vs KV memory -------------------------------------------------------------
+def _x(row: Mapping[str, Any], use_gib: bool) -> float | None:
+    """KV memory in GiB, or (no model known) capacity in tokens: blocks x block size, which is
+    proportional to memory for any one model, so block sizes stay comparable on one axis."""
+    if use_gib:
+        return float(row["kv_gib"]) if row.get("kv_gib") else None
+    if row.get("num_blocks") is None:
+        return None
+    return float(row["num_blocks"]) * float(row["block_size"])
+
+
 def _draw_curve(fig: Figure, view: Sequence[Mapping[str, Any]], rec: Mapping[str, Any], use_gib: bool) -> None:
     ax = fig.add_subplot()
-    xkey = "kv_gib" if use_gib else "num_blocks"
     sizes = sorted({int(r["block_size"]) for r in view})
+    lows, highs = [], []
     for i, bs in enumerate(sizes):
         color = PALETTE[i % len(PALETTE)]
-        pts = sorted((float(r[xkey]), float(r["hit_rate"]) * 100) for r in view
-                     if int(r["block_size"]) == bs and r.get("num_blocks") is not None and r.get(xkey))
+        pts = sorted((x, float(r["hit_rate"]) * 100) for r in view
+                     if int(r["block_size"]) == bs and (x := _x(r, use_gib)) is not None)
         ceil = [float(r["ceiling_hit_rate"]) * 100 for r in view if int(r["block_size"]) == bs]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, ms=3.5, lw=1.6,
                     label=f"block size {bs}")
+            lows.append(min(p[1] for p in pts))
         if ceil:
             ax.axhline(max(ceil), color=color, ls="--", lw=1, alpha=0.8)
+            highs.append(max(ceil))
     r = rec.get("recommended") or {}
-    if r.get(xkey) and r.get("hit_rate") is not None:
-        ax.plot([float(r[xkey])], [float(r["hit_rate"]) * 100], marker="*", ms=16, color="#111827",
+    rx = _x(r, use_gib) if r.get("block_size") is not None else None
+    if rx and r.get("hit_rate") is not None:
+        ax.plot([rx], [float(r["hit_rate"]) * 100], marker="*", ms=16, color="#111827",
                 mec="white", mew=1.2, ls="none", zorder=5, label="recommended")
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(_plain))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("KV cache memory (GiB, log scale)" if use_gib else "KV cache blocks (log scale)")
+    ax.set_xlabel("KV cache memory (GiB, log scale)" if use_gib
+                  else "KV cache capacity (tokens = blocks x block size, log scale)")
     ax.set_ylabel("prefix-cache hit rate (%)")
-    ax.set_ylim(0, 100)
+    lo = max(0.0, math.floor((min(lows or [0.0]) - 5) / 10) * 10)
+    hi = min(100.0, math.ceil((max(highs or [100.0]) + 4) / 10) * 10)
+    ax.set_ylim(lo, hi if hi > lo else lo + 10)
     ax.legend(loc="lower right", fontsize=8.5)
     ax.text(0.01, 0.98, "dashed: block ceiling (infinite cache)", transform=ax.transAxes,
             va="top", fontsize=8, color="#6b7280")
@@ -189,7 +205,7 @@ def _draw_timeline(fig: Figure, binned: Sequence[tuple[float, float, int, int]],
     ax.bar(x, miss, width=w, align="edge", bottom=hit, color=MISS, label="computed (miss)")
     ax.set_xlabel("time since the first request (s)" if has_time else "request position in the log")
     ax.set_ylabel("prompt tokens")
-    ax.legend(loc="upper left", fontsize=8.5)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8.5)
     ax.grid(axis="x", visible=False)
 
 
