@@ -517,3 +517,12 @@ def test_mutated_requests_never_break_the_accounting(objs: list[dict[str, Any]])
     assert sorted([r["line"] for r in rows] + [r["line"] for r in rejects]) == list(range(1, len(objs) + 2))
     for r in rows:
         assert r["kind"] in schema.KINDS and r["format"] in schema.FORMATS
+
+
+def test_cli_says_when_ids_repeat_and_times_are_synthesized(tmp_path: Path) -> None:
+    src = tmp_path / "b.jsonl"
+    src.write_bytes(b"\n".join(j({"custom_id": "same", "body": chat()}) for _ in range(3)) + b"\n")
+    res = CliRunner().invoke(main, ["ingest", str(src), "-o", str(tmp_path / "r"), "--rate", "4"])
+    assert res.exit_code == 0, res.output
+    assert "2 repeated request ids" in res.output
+    assert "3 requests had no timestamp" in res.output and "--rate 4/s" in res.output
