@@ -16,8 +16,10 @@ cache.py under eviction pressure); everything else on the exact reference,
   before the next (DESIGN §5; what the exactness checks and replay confirm);
 - mode "concurrent": `advisor.events.run_concurrent` (arrivals, pinning, decode
   blocks, `max_num_seqs`; its docstring states the simplifications);
-- policies: "lru" (vLLM) in both modes; "fifo" and "belady" as reference lines in
-  sequential mode only;
+- policies: "lru" (vLLM) in both modes at every budget; "fifo" and "belady" as
+  reference lines in sequential mode only, at `reference_budgets` budgets spread
+  over each block size's list (ends included; 0 = all): they run on the pure-Python
+  reference and cost ~30-60x a compiled LRU pass each;
 - windows: "cold" counts every request; "warm" counts only those after the warm-up
   (`warmup`: "50%" of the log by default, "N" requests, or "Ns" seconds after the
   first timestamp). Both come from the same pass: the warm-up requests still fill
@@ -92,6 +94,7 @@ class SimulateOptions:
     use_logged_latency: bool = True
     max_num_seqs: int = 256
     sweep_points: int = 10
+    reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
     max_request_rows: int = 5_000_000
 
     def as_dict(self) -> dict[str, Any]:
@@ -323,9 +326,11 @@ def count_configs(options: SimulateOptions) -> int:
     """About how many configurations `simulate_grid` runs (a progress bar's length)."""
     explicit = len(set(options.num_blocks)) + len(set(options.budget_tokens)) + len(set(options.kv_cache_gib))
     n_budgets = (explicit or options.sweep_points) + (1 if options.gpu is not None else 0)
-    per_budget = len(options.policies) if schema.MODE_SEQUENTIAL in options.modes else 0
-    per_budget += 1 if schema.MODE_CONCURRENT in options.modes else 0
-    return len(options.block_sizes) * (len(options.modes) + per_budget * n_budgets)
+    n_ref = n_budgets if options.reference_budgets <= 0 else min(options.reference_budgets, n_budgets)
+    per_bs = len(options.modes) + n_budgets * len(options.modes)
+    if schema.MODE_SEQUENTIAL in options.modes:
+        per_bs += n_ref * (len(options.policies) - 1)
+    return len(options.block_sizes) * per_bs
 
 
 def simulate_grid(
@@ -368,9 +373,12 @@ def simulate_grid(
             tick(1)
         future = (FutureUses(TraceHashes(trace), workload.n_tokens.tolist(), bs)
                   if schema.POLICY_BELADY in options.policies and schema.MODE_SEQUENTIAL in options.modes else None)
+        ref_budgets = _spread(budgets, options.reference_budgets)
         for nb in budgets:
             for mode in options.modes:
-                for policy in options.policies if mode == schema.MODE_SEQUENTIAL else (schema.POLICY_LRU,):
+                policies = [p for p in options.policies if p == schema.POLICY_LRU
+                            or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
+                for policy in policies:
                     res = simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace,
                                        future=future, options=options)
                     rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, nb, tp)))
@@ -383,6 +391,13 @@ def simulate_grid(
     sim = pa.Table.from_pylist(rows, schema=SIM_OUT)
     sim_requests = pa.concat_tables(req_tables) if req_tables else schema.SIM_REQUESTS.empty_table()
     return GridResult(sim, sim_requests, notes)
+
+
+def _spread(budgets: list[int], k: int) -> set[int]:
+    """`k` budgets spread over the sorted list, ends included (all of them when k is 0)."""
+    if k <= 0 or k >= len(budgets):
+        return set(budgets)
+    return {budgets[int(i)] for i in np.round(np.linspace(0, len(budgets) - 1, k))}
 
 
 # sim.parquet as written: schema.SIM plus the counters only the simulator knows.
