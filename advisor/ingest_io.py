@@ -266,6 +266,8 @@ def _pretty(lines: list[bytes]) -> bool:
 
 
 def _describe(head: bytes, lines: list[bytes]) -> str:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "the input is UTF-16 text (re-encode it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8)"
     if b"\x00" in head[:4096]:
         return "the input is binary data (it contains NUL bytes)"
     try:

@@ -278,6 +278,31 @@ def test_an_oversized_line_is_skipped_in_chunks_and_reported(tmp_path: Path) -> 
         assert len(rej["raw"]) == ing.RAW_KEEP and huge.decode().startswith(rej["raw"])
 
 
+def test_a_50_mb_line_is_rejected_without_being_held_in_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    src = tmp_path / "big.jsonl"
+    with open(src, "wb") as f:
+        f.write(j(chat()) + b'\n{"prompt": "')
+        for _ in range(50):
+            f.write(b"y" * (1 << 20))
+        f.write(b'"}\n' + j(chat()) + b"\n")
+    out = tmp_path / "out"
+    res = ing.ingest_source(str(src), out / "requests.parquet", out / "rejects.jsonl", ing.IngestOptions())
+    assert (res.lines_read, res.accepted, res.rejected) == (3, 2, 1)
+    assert res.first_rejects[0][0] == 2 and "32 MB" in res.first_rejects[0][1]
+    # Memory stays near the limit (a line up to the limit is legitimately read), not the line.
+    tracemalloc.start()
+    try:
+        res = ing.ingest_source(str(src), out / "requests.parquet", out / "rejects.jsonl",
+                                ing.IngestOptions(max_line_bytes=2 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (res.lines_read, res.accepted, res.rejected) == (3, 2, 1)
+    assert peak < 12 << 20, peak
+
+
 def test_iter_lines_never_returns_more_than_the_limit(tmp_path: Path) -> None:
     from advisor.ingest_io import Oversize, iter_lines
 
@@ -356,6 +381,7 @@ REFUSED = {
     "json object pretty": (b'{\n  "model": "m",\n  "messages": []\n}\n', "several lines"),
     "csv": (b"timestamp,model,prompt\n1,m,hello\n2,m,bye\n", "CSV"),
     "plain text": (b"hello there\nthis is a note\n", "no line starts with"),
+    "utf-16": ('{"prompt": "a"}\n'.encode("utf-16"), "UTF-16"),
 }
 
 
