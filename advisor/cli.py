@@ -268,7 +268,9 @@ def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Co
         max_line_bytes=int(opts["max_line_mb"] * (1 << 20)),
     )
     from_stdin = log == "-"
-    inputs = [] if from_stdin else [Path(log)]
+    # A pipe (stdin, /dev/fd/N) can be read once only: nothing to checksum, always rerun.
+    streamed = from_stdin or not ing.check_source(log).is_file()
+    inputs = [] if streamed else [Path(log)]
 
     def body(r: RunDir) -> dict[str, Any]:
         stdin = sys.stdin.buffer if from_stdin else None
@@ -277,7 +279,7 @@ def _do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Co
 
     out = run_stage(
         run, "ingest", inputs, {**options.as_dict(), "log": log}, [rf.REQUESTS, rf.REJECTS],
-        body, force=force, fingerprintable=not from_stdin,
+        body, force=force, fingerprintable=not streamed,
     )
     c = out.counts
     con.stage(out, f"read {c['lines_read']}, accepted {c['accepted']}, rejected {c['rejected']}")

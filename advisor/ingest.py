@@ -118,12 +118,20 @@ def ingest_source(
     if log == "-":
         raw = stdin if stdin is not None else sys.stdin.buffer
         return _ingest_stream(raw, requests_path, rejects_path, options)
+    with open(check_source(log), "rb") as f:
+        return _ingest_stream(f, requests_path, rejects_path, options)
+
+
+def check_source(log: str) -> Path:
+    """The log's path, or an error naming the fix when there is nothing to read there.
+
+    Regular files, pipes and /dev/fd/N (shell process substitution) are all readable.
+    """
     path = Path(log)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise AdvisorError(f"{log} {what}; give a .jsonl, .jsonl.gz or .jsonl.zst log, or - for stdin")
-    with open(path, "rb") as f:
-        return _ingest_stream(f, requests_path, rejects_path, options)
+    return path
 
 
 def _ingest_stream(

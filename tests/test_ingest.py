@@ -552,3 +552,24 @@ def test_cli_says_when_ids_repeat_and_times_are_synthesized(tmp_path: Path) -> N
     assert res.exit_code == 0, res.output
     assert "2 repeated request ids" in res.output
     assert "3 requests had no timestamp" in res.output and "--rate 4/s" in res.output
+
+
+def test_cli_missing_log_names_the_fix_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["ingest", str(tmp_path / "nope.jsonl"), "-o", str(out)])
+    assert res.exit_code == 1 and "does not exist" in res.output and not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes need POSIX")
+def test_cli_reads_a_named_pipe_once(tmp_path: Path) -> None:
+    """A pipe (or bash's <(zcat log.gz)) cannot be checksummed first: it is read once, by ingest."""
+    import os
+    import threading
+
+    fifo = tmp_path / "log.pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(j(chat()) + b"\n" + j({"prompt": "p"}) + b"\n"))
+    writer.start()
+    res = CliRunner().invoke(main, ["ingest", str(fifo), "-o", str(tmp_path / "run")])
+    writer.join(timeout=10)
+    assert res.exit_code == 0 and "read 2, accepted 2, rejected 0" in res.output, res.output
