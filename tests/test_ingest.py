@@ -413,21 +413,30 @@ GOOD_LINES = [j(chat()), j({"prompt": "p", "request_id": "dup"}), j({"prompt_tok
               j({"timestamp": 1, "input_length": 5, "output_length": 1, "hash_ids": [9]})]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lines=st.lists(st.one_of(st.binary(max_size=80), st.sampled_from(GOOD_LINES)), max_size=25),
     tail_newline=st.booleans(),
     limit=st.sampled_from([24, 70, 1 << 20]),
+    lead=st.booleans(),
 )
-def test_every_line_lands_in_exactly_one_output(lines: list[bytes], tail_newline: bool, limit: int) -> None:
-    data = b"\n".join([GOOD_LINES[0], *lines]) + (b"\n" if tail_newline else b"")
-    expected = data.split(b"\n")
+def test_every_line_lands_in_exactly_one_output(
+    lines: list[bytes], tail_newline: bool, limit: int, lead: bool
+) -> None:
+    """With a good first line the file is JSONL and never refused; without one it may be
+    refused, and then nothing at all is written."""
+    data = b"\n".join([GOOD_LINES[0], *lines] if lead else lines) + (b"\n" if tail_newline else b"")
+    expected = data.split(b"\n") if data else []
     if data.endswith(b"\n"):
         expected.pop()
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d)
-        res = ing.ingest_source("-", out / "requests.parquet", out / "rejects.jsonl",
-                                ing.IngestOptions(max_line_bytes=limit), stdin=io.BytesIO(data))
+        out = Path(d) / "run"
+        try:
+            res = ing.ingest_source("-", out / "requests.parquet", out / "rejects.jsonl",
+                                    ing.IngestOptions(max_line_bytes=limit), stdin=io.BytesIO(data))
+        except InputRefused:
+            assert not lead and not out.exists()
+            return
         rows, rejects = read_outputs(out)
     assert res.lines_read == len(expected) == res.accepted + res.rejected
     assert sorted([r["line"] for r in rows] + [r["line"] for r in rejects]) == list(range(1, len(expected) + 1))
