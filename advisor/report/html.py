@@ -9,7 +9,7 @@ even a missed escape could not run code.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from advisor.report import facts as fx
@@ -57,6 +57,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.pick td{background:#eff6ff;font-weight:600}
 figure{margin:14px 0 6px}
 figure svg{width:100%;height:auto;display:block}
+mark{background:#fde68a;color:inherit;padding:0 1px;border-radius:2px}
 figcaption{font-size:13px;color:var(--muted);margin-top:4px}
 ul{margin:6px 0;padding-left:22px}
 .detail{font-size:12px;color:var(--muted)} .muted{color:var(--muted)}
@@ -88,6 +89,20 @@ def _prompt(text: Any) -> str:
     more = len(s) - PROMPT_CLIP
     clipped = s[:PROMPT_CLIP] + (f"\n… ({more:,} more characters)" if more > 0 else "")
     return f'<pre class="prompt">{esc(clipped)}</pre>'
+
+
+def _diverge(example: Mapping[str, Any], side: str) -> str:
+    """One side of a breaker example: its context with the differing text marked."""
+    text, context = example.get(f"{side}_text"), example.get(f"{side}_context")
+    if not context:
+        return _prompt(text)
+    context = str(context)[:PROMPT_CLIP]
+    at = context.find(str(text)) if text else -1
+    if at < 0:
+        return _prompt(context)
+    end = at + len(str(text))
+    return (f'<pre class="prompt">{esc(context[:at])}<mark>{esc(context[at:end])}</mark>'
+            f"{esc(context[end:])}</pre>")
 
 
 def _figure(svg: str | None, caption: str, missing: str) -> str:
@@ -223,7 +238,9 @@ def _prompts(data: ReportData) -> str:
                    + "".join(rows) + "</tbody></table>")
     breakers = st.get("breakers") or []
     out.append("<h3>Cache breakers</h3>")
-    if not breakers:
+    if st.get("breakers_note"):
+        out.append(f'<p class="note">{esc(st["breakers_note"])}</p>')
+    if not breakers and not st.get("breakers_note"):
         out.append("<p>No cache breakers found: near-identical prompts do not diverge early.</p>")
     for b in breakers:
         out.append(
@@ -235,7 +252,7 @@ def _prompts(data: ReportData) -> str:
         ex = b.get("examples") or []
         if ex:
             rows = [f'<tr><td>{esc(e.get("a_request_id"))}<br>{esc(e.get("b_request_id"))}</td>'
-                    f'<td>{_prompt(e.get("a_text"))}{_prompt(e.get("b_text"))}</td></tr>' for e in ex]
+                    f'<td>{_diverge(e, "a")}{_diverge(e, "b")}</td></tr>' for e in ex]
             out.append("<table><thead><tr><th>requests</th><th>where they diverge</th></tr></thead><tbody>"
                        + "".join(rows) + "</tbody></table>")
     return "".join(out) + "</section>"

@@ -161,9 +161,11 @@ def _prompts(data: ReportData) -> list[str]:
                 out += [f"Prefix {md_text(p.get('rank'))}, end:", "", fenced(p.get("text_last")), ""]
     breakers = st.get("breakers") or []
     out += ["### Cache breakers", ""]
-    if not breakers:
+    if st.get("breakers_note"):
+        out += [md_text(st["breakers_note"]), ""]
+    if not breakers and not st.get("breakers_note"):
         out += ["No cache breakers found: near-identical prompts do not diverge early.", ""]
-    else:
+    if breakers:
         out += [table(("breaker", "at token", "at block", "requests", "tokens lost", "share lost", "description"),
                       [(b.get("label"), fx.num(b.get("position_token")), fx.num(b.get("position_block")),
                         fx.num(b.get("requests_affected")), fx.num(b.get("tokens_lost")), fx.pct(b.get("rate_lost")),
@@ -172,7 +174,12 @@ def _prompts(data: ReportData) -> list[str]:
             for e in b.get("examples") or []:
                 out += [f"Example of *{md_text(b.get('label'))}*: request {md_text(e.get('a_request_id'))} vs "
                         f"{md_text(e.get('b_request_id'))}", ""]
-                out += [x for t in (e.get("a_text"), e.get("b_text")) if t is not None for x in (fenced(t), "")]
+                for side in ("a", "b"):
+                    text, context = e.get(f"{side}_text"), e.get(f"{side}_context")
+                    if text is not None and context:
+                        out += [f"Request {md_text(e.get(f'{side}_request_id'))} has {md_text(text)} here:", ""]
+                    if context or text is not None:
+                        out += [fenced(context or text), ""]
     return out
 
 

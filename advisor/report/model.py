@@ -85,7 +85,7 @@ def redact_text(text: str | None) -> str | None:
 
 def _redact_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(stats)
-    out["top_prefixes"] = [
+    out["top_prefixes"] = [  # text_first/text_last; ids and counts stay
         {**p, "text_first": redact_text(p.get("text_first")), "text_last": redact_text(p.get("text_last"))}
         for p in stats.get("top_prefixes") or []
     ]
@@ -94,8 +94,9 @@ def _redact_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
             **b,
             # descriptions may quote the differing text; labels and positions stay
             "description": redact_text(b.get("description")),
+            # every text of an example (differing text, context, diff) but the request ids
             "examples": [
-                {**e, "a_text": redact_text(e.get("a_text")), "b_text": redact_text(e.get("b_text"))}
+                {k: redact_text(v) if isinstance(v, str) and not k.endswith("_id") else v for k, v in e.items()}
                 for e in b.get("examples") or []
             ],
         }
@@ -152,10 +153,10 @@ def build_timeline(
     step = max(1, len(request_ids) // MAX_TIMELINE_POINTS)
     for i in range(0, len(request_ids), step):
         rid = request_ids[i]
-        if rid not in n_tokens:
+        if n_tokens.get(rid) is None:
             continue
         t = float(timestamps[i]) if has_time else float(i)  # type: ignore[arg-type]
-        pts.append(TimelinePoint(t, int(n_tokens[rid]), int(hit_tokens.get(rid, 0))))
+        pts.append(TimelinePoint(t, int(n_tokens[rid]), int(hit_tokens.get(rid) or 0)))
     if has_time and pts:
         t0 = min(p.t for p in pts)
         pts = [TimelinePoint(p.t - t0, p.n_tokens, p.hit_tokens) for p in pts]
@@ -264,10 +265,14 @@ def _timeline_from_run(run: rf.RunDir, rec: Mapping[str, Any] | None, sim_view: 
                 )
                 break
     if not n_tokens and run.path(rf.PREFIXES).exists():
-        t = pq.read_table(run.path(rf.PREFIXES), columns=["request_id", "n_tokens", "shared_tokens"])
-        for rid, n, s in zip(*(t.column(c).to_pylist() for c in ("request_id", "n_tokens", "shared_tokens"))):
+        names = pq.read_schema(run.path(rf.PREFIXES)).names
+        # ceiling_tokens (when analyze fills it) keeps vLLM's last-token rule; shared_tokens does not
+        cols = ["request_id", "n_tokens", "shared_tokens"] + (["ceiling_tokens"] if "ceiling_tokens" in names else [])
+        t = pq.read_table(run.path(rf.PREFIXES), columns=cols)
+        ceil = t.column("ceiling_tokens").to_pylist() if "ceiling_tokens" in names else [None] * t.num_rows
+        for rid, n, s, c in zip(*(t.column(c).to_pylist() for c in cols[:3]), ceil):
             n_tokens[rid] = n
-            hits[rid] = s
+            hits[rid] = s if c is None else c
         if n_tokens:
             source = "tokens shared with an earlier request (the infinite-cache ceiling, not a prediction)"
     if not n_tokens:
