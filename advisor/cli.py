@@ -153,6 +153,23 @@ def _option_once(f: Callable[..., Any], *decls: str, **kw: Any) -> Callable[...,
     return click.option(*decls, **kw)(f)
 
 
+def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--analysis-block-size", type=int, default=16, show_default=True,
+        help="Block size (tokens) for the block counts and top prefixes of the analysis "
+        "(hash traces use their own trace block size).",
+    )(f)
+    f = click.option(
+        "--max-clusters", type=int, default=12, show_default=True,
+        help="Largest number of request clusters tried (the data picks k up to this).",
+    )(f)
+    f = click.option(
+        "--cluster-seed", type=int, default=0, show_default=True,
+        help="Seed for clustering (same seed, same clusters).",
+    )(f)
+    return f
+
+
 def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the simulate stage (applied to `simulate` and to `run`)."""
     specs: list[tuple[tuple[str, ...], dict[str, Any]]] = []
@@ -345,6 +362,7 @@ def _not_built(stages: tuple[str, ...], con: Console) -> None:
               help="Run folder (default ./pc-advise-out/<log name>/).")
 @ingest_options
 @tokenize_options
+@analyze_options
 @simulate_options
 @recommend_options
 @report_options
@@ -419,7 +437,39 @@ def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
 # adds a `<stage>_options` decorator if needed, and replaces the `_stub(...)` line of its
 # command with a real command (pattern: `tokenize` above). ---
 def _do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    _not_built(("analyze",), con)
+    from advisor import stats as st
+
+    options = st.AnalyzeOptions(
+        block_size=opts["analysis_block_size"], seed=opts["cluster_seed"],
+        max_clusters=opts["max_clusters"],
+    )
+    if options.block_size < 1 or options.max_clusters < 1:
+        raise AdvisorError("--analysis-block-size and --max-clusters must be at least 1.")
+
+    def body(r: RunDir) -> dict[str, Any]:
+        tokens_path = r.require(rf.TOKENS)
+        workload = st.load_workload(r.require(rf.REQUESTS), tokens_path)
+        decode, spec = None, None
+        if not workload.hash_trace:
+            from advisor import tokens as tok
+
+            spec = tok.tokenizer_spec_of(tokens_path)
+            if spec is not None:
+                tokenizer = tok.load_tokenizer(spec, cache_dir())
+                decode = lambda ids: tokenizer.decode([int(i) for i in ids])  # noqa: E731
+        result = st.analyze(workload, options, decode, spec)
+        rf.write_table(r.path(rf.PREFIXES), result.prefixes)
+        rf.write_table(r.path(rf.CLUSTERS), result.clusters)
+        rf.write_json(r.path(rf.STATS), result.stats)
+        return result.as_counts()
+
+    out = run_stage(
+        run, "analyze", [run.require(rf.REQUESTS), run.require(rf.TOKENS)], options.as_dict(),
+        [rf.PREFIXES, rf.CLUSTERS, rf.STATS], body, force=force,
+    )
+    c = out.counts
+    con.stage(out, f"ceiling {c['ceiling_rate']:.1%} of {c['prompt_tokens']:,} prompt tokens, "
+              f"{c['breakers']} cache breakers, {c['clusters']} clusters")
 
 
 def _do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
@@ -565,8 +615,29 @@ def _stub(name: str, doc: str) -> None:
 
 
 # analyze
-_stub("analyze", "Prefix statistics, cache breakers and clusters of RUN_DIR (not built yet).\n\n"
-      "\b\nExample:\n  pc-advise analyze pc-advise-out/multiturn_chat")
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@analyze_options
+@common_options
+def analyze(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Prefix statistics, cache breakers and request clusters of RUN_DIR.
+
+    Writes prefixes.parquet (per request: longest prefix shared with any earlier
+    request), clusters.parquet and stats.json (token-granular ceiling, top shared
+    prefixes, cache breakers with example texts, where reuse comes from).
+
+    \b
+    Example:
+      pc-advise analyze pc-advise-out/timestamp_system_prompt
+    """
+    con = Console(quiet, as_json)
+    try:
+        _do_analyze(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
 # simulate
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))

@@ -1,0 +1,512 @@
+"""Analyze stage: per-request prefix statistics, the token-granular ceiling, top shared prefixes.
+
+Inputs: one `Workload` (token ids per request as flat Arrow/numpy buffers, or a hash trace's
+hash ids, plus request ids, models, sessions) built by `load_workload` from requests.parquet and
+tokens.parquet. Outputs: an `Analysis` holding the prefixes.parquet and clusters.parquet tables
+and the stats.json object; cli.py writes them.
+
+The central number is `ceiling_tokens` (DESIGN §6): for each request, the longest prefix it shares
+with ANY earlier request, in tokens, capped so the last prompt token is recomputed as vLLM does;
+summed over requests it is what an infinite, token-granular cache could serve. It is not the
+simulator's block ceiling (whole blocks only, per block size), which is never larger.
+
+How it streams: requests are visited in arrival order. Each prompt's full blocks at the analysis
+block size get 64-bit chained hashes (a block's hash covers every token before it, and the
+request's model, LoRA and cache salt, since vLLM never shares blocks across those). A dict maps a
+chained hash to the first request that had it; because hashes are chained, "block d is known"
+implies "blocks < d are known", so the matched depth is a binary search. The tokens past the last
+matched block are compared token by token only against a few candidate earlier requests: the first
+request of each (parent block, first token of the next block). Memory grows with distinct blocks
+(dict entries) and with total tokens only as flat int32 buffers (never Python objects).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from advisor import schema
+
+Decode = Callable[[Sequence[int]], str]
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_K_POS = np.uint64(0x9E3779B97F4A7C15)
+_K_DEPTH = np.uint64(0xD6E8FEB86659FD93)
+_P = 0xA0761D6478BD642F  # odd, so it has an inverse mod 2**64
+_P_INV = pow(_P, -1, 1 << 64)
+_MASK = (1 << 64) - 1
+_MAX_CANDIDATES = 4  # earlier requests compared token by token per (parent block, first token)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on a uint64 array (wrapping arithmetic): a bijective scrambler."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix_int(v: int) -> int:
+    return int(mix64(np.array([v & _MASK], dtype=np.uint64))[0])
+
+
+class _Powers:
+    """P**i and P**-i mod 2**64, grown on demand (the chained hash is a polynomial in P)."""
+
+    def __init__(self) -> None:
+        self.fwd = np.ones(1, dtype=np.uint64)
+        self.inv = np.ones(1, dtype=np.uint64)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n > len(self.fwd):
+            size = max(n, 2 * len(self.fwd))
+            fwd = np.empty(size, dtype=np.uint64)
+            inv = np.empty(size, dtype=np.uint64)
+            f = i = 1
+            for k in range(size):
+                fwd[k], inv[k] = f, i
+                f, i = (f * _P) & _MASK, (i * _P_INV) & _MASK
+            self.fwd, self.inv = fwd, inv
+        return self.fwd[:n], self.inv[:n]
+
+
+_POWERS = _Powers()
+
+
+def block_content_hashes(units: np.ndarray, block: int) -> np.ndarray:
+    """One uint64 per full block of `units`, a hash of the block's content alone."""
+    n = len(units) // block
+    x = units[: n * block].astype(np.uint64).reshape(n, block)
+    pos = np.arange(block, dtype=np.uint64) * _K_POS
+    return mix64(mix64(x ^ pos).sum(axis=1, dtype=np.uint64))
+
+
+def chained_hashes(units: np.ndarray, block: int, namespace: int = 0) -> np.ndarray:
+    """Chained 64-bit hashes (int64) of the full blocks: hash d covers units[: (d+1)*block].
+
+    h_d = mix(sum_{i<=d} c_i * P**(d-i), d, namespace), with c_i the content hash of block i,
+    computed for all d at once as P**d * cumsum(c_i * P**-i) (all mod 2**64).
+    """
+    c = block_content_hashes(units, block)
+    n = len(c)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    fwd, inv = _POWERS.get(n)
+    poly = np.cumsum(c * inv, dtype=np.uint64) * fwd
+    depth = (np.arange(1, n + 1, dtype=np.uint64) * _K_DEPTH) ^ np.uint64(namespace & _MASK)
+    return mix64(poly ^ depth).view(np.int64)
+
+
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    """Number of leading equal elements of two 1-d arrays."""
+    k = min(len(a), len(b))
+    if k == 0:
+        return 0
+    neq = np.flatnonzero(a[:k] != b[:k])
+    return int(neq[0]) if len(neq) else k
+
+
+# --- the workload as read from the run folder ---
+@dataclass
+class Workload:
+    """Requests in arrival order. `values[offsets[i]:offsets[i+1]]` are request i's units:
+    token ids (int32) for token logs, hash ids (int64) for hash traces (`unit_tokens` tokens
+    each, the last one possibly partial)."""
+
+    request_ids: list[str]
+    n_tokens: np.ndarray  # int64, prompt tokens per request
+    values: np.ndarray
+    offsets: np.ndarray  # int64, len N+1
+    models: list[str | None]
+    sessions: list[str | None]
+    namespaces: list[str | None]  # "model|lora|cache_salt": requests in different ones never share
+    hash_trace: bool = False
+    unit_tokens: int = 1  # tokens per unit: 1, or the trace block size
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def units(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+
+def workload_from_lists(
+    token_lists: Sequence[Sequence[int]],
+    request_ids: Sequence[str] | None = None,
+    models: Sequence[str | None] | None = None,
+    sessions: Sequence[str | None] | None = None,
+) -> Workload:
+    """A token Workload from Python lists (tests, small inputs)."""
+    n = len(token_lists)
+    lens = np.array([len(t) for t in token_lists], dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(lens.sum()))
+    ms = list(models) if models is not None else [None] * n
+    return Workload(
+        request_ids=list(request_ids) if request_ids is not None else [f"r{i}" for i in range(n)],
+        n_tokens=lens, values=values, offsets=offsets, models=ms,
+        sessions=list(sessions) if sessions is not None else [None] * n,
+        namespaces=[m for m in ms],
+    )
+
+
+def _flatten(col: pa.ChunkedArray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Flat values and offsets of a list column (nulls count as empty lists)."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    values = pa.concat_arrays([arr.flatten()]).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return values, offsets
+
+
+def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
+    """Read the columns the analysis needs (never the raw request text)."""
+    req_cols = set(pq.read_schema(requests_path).names)
+    wanted = [c for c in ("request_id", "model", "session_id", "lora", "cache_salt", "hash_ids",
+                          "trace_block_size") if c in req_cols]
+    req = pq.read_table(requests_path, columns=wanted)
+    tok = pq.read_table(tokens_path, columns=["request_id", "token_ids", "n_tokens"])
+    if tok.num_rows != req.num_rows:
+        from advisor.errors import AdvisorError
+
+        raise AdvisorError(
+            f"{tokens_path} has {tok.num_rows} rows but {requests_path} has {req.num_rows}: "
+            "rerun `pc-advise tokenize RUN_DIR --force`."
+        )
+    n = req.num_rows
+
+    def col(name: str) -> list[Any]:
+        return req.column(name).to_pylist() if name in req.column_names else [None] * n
+
+    models, loras, salts = col("model"), col("lora"), col("cache_salt")
+    token_ids = tok.column("token_ids")
+    has_tokens = n > 0 and token_ids.null_count < n
+    hash_trace = n > 0 and not has_tokens and "hash_ids" in req.column_names
+    unit = 1
+    if hash_trace:
+        values, offsets = _flatten(req.column("hash_ids"), np.int64)
+        sizes = [s for s in col("trace_block_size") if s]
+        unit = int(sizes[0]) if sizes else 512
+    else:
+        values, offsets = _flatten(token_ids, np.int32)
+    return Workload(
+        request_ids=req.column("request_id").to_pylist(),
+        n_tokens=tok.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64),
+        values=values, offsets=offsets, models=models, sessions=col("session_id"),
+        namespaces=[
+            None if (m, lo, s) == (None, None, None) else f"{m}|{lo}|{s}"
+            for m, lo, s in zip(models, loras, salts, strict=True)
+        ],
+        hash_trace=hash_trace, unit_tokens=unit,
+    )
+
+
+# --- options and results ---
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    block_size: int = 16  # analysis block size (tokens); hash traces use the trace's own
+    seed: int = 0  # clustering
+    max_clusters: int = 12
+    top_prefixes: int = 10
+    lead_tokens: int = 1024  # leading window used for clustering features and breaker search
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PrefixPass:
+    """Per-request results of the streaming pass (arrays of length N)."""
+
+    shared_tokens: np.ndarray  # int64, longest prefix shared with any earlier request
+    shared_blocks: np.ndarray  # int64, full analysis blocks of it
+    best_match: np.ndarray  # int64, index of that earlier request, -1 when none
+    same_session_tokens: np.ndarray  # int64, of shared_tokens, from blocks first seen in-session
+    hashes: np.ndarray  # int64, every request's chained block hashes, concatenated
+    hash_offsets: np.ndarray  # int64, len N+1
+    block_tokens: int  # tokens per hashed block
+
+
+def _namespace_key(ns: str | None) -> int:
+    if ns is None:
+        return 0
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(ns.encode(), digest_size=8).digest(), "little")
+
+
+def prefix_pass(w: Workload, block_size: int) -> PrefixPass:
+    """Longest earlier prefix per request (see the module docstring for the method)."""
+    n = len(w)
+    unit_block = 1 if w.hash_trace else block_size
+    block_tokens = w.unit_tokens if w.hash_trace else block_size
+    shared = np.zeros(n, dtype=np.int64)
+    best = np.full(n, -1, dtype=np.int64)
+    same = np.zeros(n, dtype=np.int64)
+    sess_code = _codes(w.sessions)
+    first: dict[int, int] = {}  # chained hash -> first request that had it
+    cands: dict[int, list[int]] = {}  # (parent hash, first unit of next block) -> requests
+    all_hashes: list[np.ndarray] = []
+    hash_offsets = np.zeros(n + 1, dtype=np.int64)
+    ns_cache: dict[str | None, int] = {}
+    for r in range(n):
+        units = w.units(r)
+        ns = ns_cache.setdefault(w.namespaces[r], _namespace_key(w.namespaces[r]))
+        hs = chained_hashes(units, unit_block, ns)
+        all_hashes.append(hs)
+        hash_offsets[r + 1] = hash_offsets[r] + len(hs)
+        hl = hs.tolist()
+        lo, hi = 0, len(hl)
+        while lo < hi:  # chained hashes: known blocks form a prefix of hl
+            mid = (lo + hi) // 2
+            if hl[mid] in first:
+                lo = mid + 1
+            else:
+                hi = mid
+        m = lo
+        parent = hl[m - 1] if m else ns
+        b = first[hl[m - 1]] if m else -1
+        ext = 0
+        tail = units[m * unit_block : (m + 1) * unit_block]
+        if len(tail) and not w.hash_trace:
+            key = parent ^ (int(tail[0]) * 0x9E3779B97F4A7C15 & _MASK)
+            pool = cands.setdefault(key, [])
+            for c in ([b] if b >= 0 else []) + pool:
+                other = w.units(c)[m * unit_block : (m + 1) * unit_block]
+                e = common_prefix_len(tail, other)
+                if e > ext:
+                    ext, b = e, c
+            if len(pool) < _MAX_CANDIDATES:
+                pool.append(r)
+        if m < len(hl):
+            first.update(zip(hl[m:], itertools.repeat(r)))
+        if w.hash_trace:
+            shared[r] = min(m * block_tokens, int(w.n_tokens[r]))
+        else:
+            shared[r] = m * block_size + ext
+        best[r] = b
+        if sess_code[r] >= 0 and shared[r]:
+            owners = np.fromiter((first[h] for h in hl[:m]), dtype=np.int64, count=m)
+            same_blocks = int(np.count_nonzero(sess_code[owners] == sess_code[r]))
+            same[r] = min(same_blocks * block_tokens, int(shared[r]))
+            if ext and b >= 0 and sess_code[b] == sess_code[r]:
+                same[r] += ext
+    hashes = np.concatenate(all_hashes) if all_hashes else np.empty(0, dtype=np.int64)
+    blocks = np.minimum(shared // block_tokens, hash_offsets[1:] - hash_offsets[:-1])
+    return PrefixPass(shared, blocks, best, same, hashes, hash_offsets, block_tokens)
+
+
+def _codes(values: Sequence[str | None]) -> np.ndarray:
+    """Integer codes of string values; -1 for None."""
+    table: dict[str, int] = {}
+    return np.array([-1 if v is None else table.setdefault(v, len(table)) for v in values],
+                    dtype=np.int64).reshape(-1)
+
+
+def ceiling_per_request(w: Workload, p: PrefixPass) -> np.ndarray:
+    """Tokens an infinite token-granular cache serves: shared tokens, last token recomputed."""
+    return np.minimum(p.shared_tokens, np.maximum(w.n_tokens - 1, 0))
+
+
+_ANCHOR_K = (np.uint64(0x2545F4914F6CDD1D), np.uint64(0x9FB21C651E98DF25),
+             np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
+
+
+def content_chunks(units: np.ndarray, avg: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Content-defined chunks of a unit sequence: (chunk hashes uint64, chunk start offsets).
+
+    A chunk ends after a token whose 4-token window hashes to 0 mod `avg`, so boundaries depend
+    on the text around them, not on absolute positions: two prompts that differ only in an
+    inserted or changed span share every chunk away from it, whatever the shift. Unchained, so
+    equal content anywhere in two prompts gives equal chunk hashes.
+    """
+    n = len(units)
+    if n == 0:
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+    x = units.astype(np.uint64)
+    g = x * _ANCHOR_K[0]
+    for lag in (1, 2, 3):
+        g[lag:] += x[:-lag] * _ANCHOR_K[lag]
+    cut = np.flatnonzero((mix64(g) % np.uint64(avg)) == 0) + 1
+    starts = np.concatenate(([0], cut[cut < n])).astype(np.int64)
+    idx = np.arange(n, dtype=np.int64)
+    within = idx - np.repeat(starts, np.diff(np.append(starts, n)))
+    v = mix64(x ^ (within.astype(np.uint64) * _K_POS))
+    return mix64(np.add.reduceat(v, starts, dtype=np.uint64)), starts
+
+
+# --- the stage: prefix pass + breakers + clusters -> tables and stats.json ---
+@dataclass
+class Analysis:
+    prefixes: pa.Table  # schema.PREFIXES
+    clusters: pa.Table  # schema.CLUSTERS
+    stats: dict[str, Any]  # stats.json
+
+    def as_counts(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "requests": s["requests"], "prompt_tokens": s["prompt_tokens"],
+            "ceiling_tokens": s["ceiling_tokens"], "ceiling_rate": round(s["ceiling_rate"], 6),
+            "breakers": len(s["breakers"]), "clusters": s["clusters"]["count"],
+        }
+
+
+HIST_EDGES = [0, 1, 16, 64, 256, 1024, 4096, 16384, 65536]
+_LINE_MAX = 200
+
+
+def _first_last_lines(text: str) -> tuple[str, str]:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "", ""
+    clip = lambda s: s if len(s) <= _LINE_MAX else s[: _LINE_MAX - 1] + "…"  # noqa: E731
+    return clip(lines[0]), clip(lines[-1])
+
+
+def top_prefixes(
+    w: Workload, p: PrefixPass, labels: np.ndarray, decode: Decode | None, top: int
+) -> list[dict[str, Any]]:
+    """Maximal shared block prefixes ranked by saved tokens = (requests - 1) x length.
+
+    A prefix (a chained block hash) is maximal when no longer prefix is used by as many
+    requests; the first request computes it, every later one could reuse it, hence requests - 1.
+    """
+    if len(p.hashes) == 0:
+        return []
+    lens = np.diff(p.hash_offsets)
+    req = np.repeat(np.arange(len(w), dtype=np.int64), lens)
+    depth = np.arange(len(p.hashes), dtype=np.int64) - p.hash_offsets[req]
+    parent = np.where(depth > 0, np.roll(p.hashes, 1), 0)
+    uniq, first_idx, counts = np.unique(p.hashes, return_index=True, return_counts=True)
+    max_child = np.zeros(len(uniq), dtype=np.int64)
+    has_parent = depth[first_idx] > 0
+    pidx = np.searchsorted(uniq, parent[first_idx][has_parent])
+    np.maximum.at(max_child, pidx, counts[has_parent])
+    owner = req[first_idx]
+    tokens = np.minimum((depth[first_idx] + 1) * p.block_tokens, w.n_tokens[owner])
+    saved = (counts - 1) * tokens
+    cand = np.flatnonzero((counts >= 2) & (max_child < counts))
+    cand = cand[np.lexsort((first_idx[cand], -saved[cand]))][:top]
+    out = []
+    for rank, u in enumerate(cand.tolist(), start=1):
+        users = req[p.hashes == uniq[u]]
+        text = decode(w.units(int(owner[u]))[: int(tokens[u])]) if decode and not w.hash_trace else None
+        first, last = _first_last_lines(text) if text is not None else (None, None)
+        cl, cn = np.unique(labels[users], return_counts=True) if len(labels) else ([], [])
+        out.append({
+            "rank": rank, "tokens": int(tokens[u]), "requests": int(counts[u]),
+            "saved_tokens": int(saved[u]), "first_request_id": w.request_ids[int(owner[u])],
+            "text_first": first, "text_last": last,
+            "clusters": [int(c) for c in cl], "cluster_requests": [int(n) for n in cn],
+        })
+    return out
+
+
+def analyze(w: Workload, options: AnalyzeOptions, decode: Decode | None = None,
+            tokenizer: str | None = None) -> Analysis:
+    """Run the analysis over a workload; `decode` turns token ids into text (None: no text)."""
+    from advisor.breakers import find_breakers
+    from advisor.clusters import cluster_labels, features, summarize
+
+    n = len(w)
+    block = w.unit_tokens if w.hash_trace else options.block_size
+    p = prefix_pass(w, options.block_size)
+    ceil = ceiling_per_request(w, p)
+    found = find_breakers(w, p, decode if not w.hash_trace else None, options.block_size,
+                          options.lead_tokens)
+    x = features(w, options.lead_tokens)
+    labels, method = cluster_labels(x, options.seed, options.max_clusters)
+    clusters = summarize(w, p, labels, x, decode)
+
+    sess_known = np.array([s is not None for s in w.sessions], dtype=bool)
+    same_tok = np.minimum(p.same_session_tokens, ceil)
+    best_sess = [
+        None if b < 0 or w.sessions[r] is None or w.sessions[int(b)] is None
+        else w.sessions[r] == w.sessions[int(b)]
+        for r, b in enumerate(p.best_match.tolist())
+    ]
+    resembles: list[str | None] = [None] * n
+    diverge: list[int | None] = [None] * n
+    for f in found.pairs:
+        resembles[f.b], diverge[f.b] = w.request_ids[f.a], f.diverge
+    prefixes = pa.table({
+        "request_id": w.request_ids,
+        "n_tokens": w.n_tokens,
+        "shared_tokens": p.shared_tokens,
+        "shared_blocks": p.shared_blocks,
+        "best_match_id": [w.request_ids[b] if b >= 0 else None for b in p.best_match.tolist()],
+        "same_session": best_sess,
+        "cluster": labels.astype(np.int32),
+        "ceiling_tokens": ceil,
+        "same_session_tokens": pa.array(same_tok, mask=~sess_known),
+        "resembles_id": resembles,
+        "diverge_token": pa.array(diverge, type=pa.int64()),
+    }, schema=schema.PREFIXES)
+
+    total = int(w.n_tokens.sum())
+    ceiling_tokens = int(ceil.sum())
+    by_model: dict[str, dict[str, Any]] = {}
+    for m in sorted({str(v) for v in w.models}):
+        sel = np.array([str(v) == m for v in w.models], dtype=bool)
+        t = int(w.n_tokens[sel].sum())
+        by_model[m] = {"requests": int(sel.sum()), "prompt_tokens": t,
+                       "ceiling_rate": float(ceil[sel].sum() / t) if t else 0.0}
+    edges = HIST_EDGES + [max(HIST_EDGES[-1] * 4, int(p.shared_tokens.max(initial=0)) + 1)]
+    hist, _ = np.histogram(p.shared_tokens, bins=edges)
+    same_total = int(same_tok[sess_known].sum())
+    known_ceiling = int(ceil[sess_known].sum())
+    stats: dict[str, Any] = {
+        "input_kind": "hash_trace" if w.hash_trace else "tokens",
+        "requests": n,
+        "prompt_tokens": total,
+        "ceiling_tokens": ceiling_tokens,
+        "ceiling_rate": ceiling_tokens / total if total else 0.0,
+        "ceiling_definition": (
+            "ceiling_tokens: per request, the longest prefix shared with any earlier request at "
+            "token granularity (last prompt token always recomputed), summed: what an infinite, "
+            "token-granular cache could serve. The simulator's block ceiling (whole blocks only, "
+            "per block size) is a different number and never larger."
+            if not w.hash_trace else
+            "ceiling_tokens: per request, the prefix shared with any earlier request at the trace's "
+            "hash-block granularity (the trace has no tokens), last prompt token recomputed."
+        ),
+        "requests_with_shared_prefix": int(np.count_nonzero(p.shared_tokens)),
+        "by_model": by_model,
+        "shared_prefix_hist": {"edges": edges, "counts": hist.tolist()},
+        "top_prefixes": top_prefixes(w, p, labels, decode, options.top_prefixes),
+        "breakers": found.breakers,
+        "breakers_note": None if not w.hash_trace else
+            "hash traces carry no token content, so cache breakers cannot be detected",
+        "reuse_sources": {
+            "sessions_known": bool(sess_known.any()),
+            "same_session_tokens": same_total if sess_known.any() else None,
+            "cross_request_tokens": (ceiling_tokens - same_total) if sess_known.any() else None,
+            "same_session_share": (same_total / known_ceiling if known_ceiling else 0.0)
+            if sess_known.any() else None,
+            "note": "a shared block counts for the session that first sent it; requests without a "
+            "session id count as cross-request" if sess_known.any() else
+            "the log has no session or conversation ids, so reuse cannot be split by session",
+        },
+        "clusters": {
+            "count": int(clusters.num_rows), "method": method,
+            "items": [
+                {k: row[k] for k in ("cluster", "requests", "tokens", "ceiling", "representative_id")}
+                for row in clusters.to_pylist()
+            ],
+        },
+        "analysis_block_size": block,
+        "tokenizer": tokenizer,
+        "options": options.as_dict(),
+    }
+    return Analysis(prefixes, clusters, stats)
