@@ -26,9 +26,11 @@ choice (the CLI sets `VLLM_ENABLE_V1_MULTIPROCESSING=0` for a 4 s start).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,14 +80,19 @@ class ReplayOptions:
     speedup: float = 1.0  # concurrent mode: arrival times divided by this
     max_output_tokens: int = 256  # concurrent mode: cap on logged output lengths
     replay_model: str | None = None  # a local model folder; None = tiny random Llama
-    max_num_seqs: int = 32
+    max_num_seqs: int = 256  # the engine's, and the concurrent prediction's
     limit: int | None = None  # replay only the first N requests (both modes are causal)
+    # Concurrent mode's clock: the simulator's cost model (advisor.events.CostModel), so the
+    # replay is independent of how fast this machine runs the model.
+    prefill_tps: float = 10_000.0
+    decode_tps: float = 50.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "speedup": self.speedup,
             "max_output_tokens": self.max_output_tokens, "replay_model": self.replay_model,
             "max_num_seqs": self.max_num_seqs, "limit": self.limit,
+            "prefill_tps": self.prefill_tps, "decode_tps": self.decode_tps,
         }
 
 
@@ -196,11 +203,17 @@ def max_model_len(w: Workload, mode: str, max_output_tokens: int) -> int:
 
 # --- predictions ---
 def predicted_hits(
-    w: Workload, cfg: ReplayConfig, mode: str, max_output_tokens: int,
-    sim_requests: pa.Table | None,
+    w: Workload, cfg: ReplayConfig, opts: ReplayOptions, sim_requests: pa.Table | None,
 ) -> tuple[list[int] | None, str]:
-    """Per-request predicted hit tokens and where they came from (None, why: no prediction)."""
-    if sim_requests is not None and sim_requests.num_rows:
+    """Per-request predicted hit tokens and where they came from (None, why: no prediction).
+
+    Sequential predictions come from sim_requests.parquet when it holds the configuration,
+    else from advisor.cache. Concurrent ones are always recomputed with
+    `advisor.simulate.simulate_one` for the replay's own speedup, output cap and
+    max_num_seqs (the simulate stage may have used others).
+    """
+    mode = opts.mode
+    if mode == MODE_SEQUENTIAL and sim_requests is not None and sim_requests.num_rows:
         got = _from_sim_requests(w, cfg, mode, sim_requests)
         if got is not None:
             return got, "sim_requests.parquet"
@@ -217,11 +230,7 @@ def predicted_hits(
                       for t, salt in zip(w.token_ids, w.cache_salts)]
         hits = cache.sequential_hits_from_hashes(hashes, lengths, cfg.block_size, cfg.num_blocks)
         return [int(h) for h in hits], "advisor.cache (sequential, vLLM reference)"
-    try:
-        from advisor import simulate
-    except ImportError:
-        return None, "no concurrent prediction: advisor.simulate is not built"
-    return _concurrent_prediction(simulate, w, cfg, max_output_tokens)
+    return _concurrent_prediction(w, cfg, opts)
 
 
 def _from_sim_requests(
@@ -240,27 +249,22 @@ def _from_sim_requests(
     return [int(by_id[r]) for r in w.request_ids]
 
 
-def _concurrent_prediction(
-    simulate: Any, w: Workload, cfg: ReplayConfig, max_output_tokens: int
-) -> tuple[list[int] | None, str]:
-    """advisor.simulate.simulate_one in concurrent mode, when it offers that."""
-    fn = getattr(simulate, "simulate_one", None)
-    if fn is None:
-        return None, "no concurrent prediction: advisor.simulate.simulate_one is missing"
-    try:
-        res = fn(
-            token_lists=w.token_ids, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-            mode=MODE_CONCURRENT, arrivals=w.arrival_s,
-            output_tokens=output_lengths(w, MODE_CONCURRENT, max_output_tokens),
-        )
-    except TypeError as e:
-        return None, f"no concurrent prediction: simulate_one's signature differs ({e})"
-    hits = getattr(res, "hit_tokens", None)
-    if hits is None and isinstance(res, dict):
-        hits = res.get("hit_tokens")
-    if hits is None:
-        return None, "no concurrent prediction: simulate_one returned no per-request hit_tokens"
-    return [int(h) for h in hits], "advisor.simulate.simulate_one (concurrent)"
+def _concurrent_prediction(w: Workload, cfg: ReplayConfig, opts: ReplayOptions) -> tuple[list[int], str]:
+    from advisor import simulate
+    from advisor.workload import Workload as SimWorkload
+
+    sw = SimWorkload.from_token_lists(
+        w.token_ids, request_ids=w.request_ids, timestamps=w.arrival_s,
+        output_tokens=output_lengths(w, MODE_CONCURRENT, opts.max_output_tokens),
+        cache_salt=w.cache_salts,
+    )
+    sim_opts = simulate.SimulateOptions(
+        speedup=opts.speedup, max_num_seqs=opts.max_num_seqs, prefill_tps=opts.prefill_tps,
+        decode_tps=opts.decode_tps, use_logged_latency=False,
+    )
+    res = simulate.simulate_one(sw, cfg.block_size, cfg.num_blocks, mode=MODE_CONCURRENT,
+                                options=sim_opts)
+    return [int(h) for h in res.hit_tokens], "advisor.simulate.simulate_one (concurrent)"
 
 
 # --- what can run here ---
@@ -410,9 +414,46 @@ def _metric_counters() -> Callable[[Any], tuple[int, int]]:
     return read
 
 
+@contextlib.contextmanager
+def _kernel_scan_guard() -> Iterator[None]:
+    """Hide modules that break vLLM 0.32's engine start while it starts.
+
+    At engine start vLLM's Triton kernel dispatcher walks every attribute of every
+    module in sys.modules and calls `vars(value).get(...)`. llvmlite's `ffi.lib`
+    (imported with numba, which advisor.fastsim uses) answers `vars()` with a
+    non-mapping, so the engine fails to start in any process that simulated first
+    (`pc-advise run`). Such modules are taken out of sys.modules for the
+    duration of the start and put back after; the engine never uses them.
+    """
+    hidden: dict[str, Any] = {}
+    for name, mod in list(sys.modules.items()):
+        ns = getattr(mod, "__dict__", None)
+        if not isinstance(ns, dict):
+            continue
+        for value in list(ns.values()):
+            try:
+                bad = hasattr(value, "__dict__") and not hasattr(vars(value), "get")
+            except Exception:  # noqa: BLE001 - anything vars() cannot read would break vLLM too
+                bad = True
+            if bad:
+                hidden[name] = mod
+                break
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
     from vllm import LLM
 
+    with _kernel_scan_guard():
+        return _new_llm(LLM, model, cfg, max_len, opts)
+
+
+def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
     return LLM(
         model=model,
         skip_tokenizer_init=True,  # prompts are token ids; outputs are not detokenized
@@ -424,7 +465,9 @@ def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) 
         kv_cache_memory_bytes=64 << 20,
         max_model_len=max_len,
         max_num_seqs=opts.max_num_seqs,
-        max_num_batched_tokens=max(max_len, 2048),
+        # Room for every waiting prompt in one step: the simulator has no token budget and
+        # no chunked prefill, and a prompt cut into chunks would cache its blocks later.
+        max_num_batched_tokens=max(max_len, min(max_len * opts.max_num_seqs, 1 << 16)),
         disable_log_stats=False,
         enforce_eager=True,
         seed=0,
@@ -454,30 +497,38 @@ def _replay_sequential(llm: Any, w: Workload) -> list[int]:
 def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions) -> list[int]:
     """Step the engine, adding each request once its (compressed) arrival time has come.
 
-    Idle gaps (nothing running, next arrival in the future) are skipped rather than slept,
-    which changes no cache state: the cache only changes when requests run.
+    Time is virtual, on the simulator's cost model: each engine step advances the clock
+    by one decode token (1 / decode_tps) plus the longest uncached prefill started in it
+    (uncached / prefill_tps). The engine really batches the overlapping requests; only
+    the clock that decides when the next ones arrive is the model's, not this machine's
+    (a tiny model on a CPU runs at no production speed). Idle gaps are jumped over.
     """
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     outs = output_lengths(w, MODE_CONCURRENT, opts.max_output_tokens)
     arrivals = [a / opts.speedup for a in w.arrival_s]
+    order = sorted(range(len(arrivals)), key=lambda k: (arrivals[k], k))
     cached: dict[str, int] = {}
-    start = time.monotonic()
-    i, n = 0, len(w.token_ids)
-    while i < n or engine.has_unfinished_requests():
-        now = time.monotonic() - start
-        while i < n and arrivals[i] <= now:
+    started: set[str] = set()
+    clock, j, n = 0.0, 0, len(order)
+    while j < n or engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests() and j < n:
+            clock = max(clock, arrivals[order[j]])
+        while j < n and arrivals[order[j]] <= clock:
+            i = order[j]
             sp = SamplingParams(max_tokens=outs[i], ignore_eos=True, detokenize=False)
             engine.add_request(f"r{i}", _prompt(w, i), sp)
-            i += 1
-        if not engine.has_unfinished_requests():
-            if i < n:
-                start -= arrivals[i] - now  # jump the clock to the next arrival
-            continue
+            j += 1
+        prefill = 0.0
         for ro in engine.step():
+            if ro.request_id not in started:
+                started.add(ro.request_id)
+                uncached = len(w.token_ids[int(ro.request_id[1:])]) - int(ro.num_cached_tokens or 0)
+                prefill = max(prefill, uncached / opts.prefill_tps)
             if ro.finished:
                 cached[ro.request_id] = int(ro.num_cached_tokens or 0)
+        clock += 1.0 / opts.decode_tps + prefill
     return [cached[f"r{i}"] for i in range(n)]
 
 
@@ -498,8 +549,7 @@ def replay_inprocess(
                            request_ids=w.request_ids)
         results.append(res)
         why = confirmability(w, cfg, opts.mode, opts.max_output_tokens, cpu)
-        pred, source = (None, "") if why else predicted_hits(
-            w, cfg, opts.mode, opts.max_output_tokens, sim_requests)
+        pred, source = (None, "") if why else predicted_hits(w, cfg, opts, sim_requests)
         if why is None and pred is None:
             why = source
         if why is not None:
@@ -553,3 +603,68 @@ def resolve_replay_model(w: Workload, replay_model: str | None, cache_dir: Path)
 
     vocab = tinymodel.vocab_for(w.max_token_id)
     return str(tinymodel.ensure_tiny_model(cache_dir, vocab)), tinymodel.describe(vocab)
+
+
+# --- what to confirm, and the CI gate ---
+def configs_to_confirm(
+    recommendation: dict[str, Any] | None, block_size: int | None, num_blocks: int | None,
+    extra: Sequence[ReplayConfig] = (),
+) -> list[ReplayConfig]:
+    """The explicit configuration (when given), else the recommended one; then `extra`."""
+    out: list[ReplayConfig] = []
+    if block_size is not None or num_blocks is not None:
+        if block_size is None or num_blocks is None:
+            raise AdvisorError("give both --block-size and --num-blocks (or neither, to replay "
+                               "recommendation.json's configuration).")
+        out.append(ReplayConfig(block_size, num_blocks))
+    elif recommendation is not None:
+        best = recommendation.get("recommended") or {}
+        if best.get("block_size") is None or best.get("num_blocks") is None:
+            raise AdvisorError("recommendation.json names no block size and block count; give "
+                               "--block-size and --num-blocks to choose what to replay.")
+        out.append(ReplayConfig(int(best["block_size"]), int(best["num_blocks"])))
+    for c in extra:
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise AdvisorError("nothing to replay: run `pc-advise recommend RUN_DIR` first, or give "
+                           "--block-size and --num-blocks (and/or --configs 32:200,64:100).")
+    return out
+
+
+def modes_for(mode: str) -> list[str]:
+    return [MODE_SEQUENTIAL, MODE_CONCURRENT] if mode == "both" else [mode]
+
+
+def check_failures(replay_json: dict[str, Any], tolerance_points: float) -> list[str]:
+    """Why `--check TOLERANCE` fails (empty: passes). Unconfirmed counts as a failure:
+    a CI gate that passes when nothing was measured would prove nothing."""
+    problems = []
+    measured = [c for c in replay_json.get("configs", []) if c.get("diff_points") is not None]
+    for c in measured:
+        if abs(c["diff_points"]) > tolerance_points:
+            problems.append(
+                f"block size {c['block_size']}, {c['num_blocks']} blocks ({c['mode']}): measured "
+                f"{c['measured_hit_rate']:.2%} vs predicted {c['predicted_hit_rate']:.2%} "
+                f"({c['diff_points']:+.2f} points > {tolerance_points:g})"
+            )
+    if not measured:
+        problems.append(
+            f"nothing was measured (status {replay_json.get('status')}: "
+            f"{replay_json.get('reason') or 'no confirmable configuration'})"
+        )
+    return problems
+
+
+def merge_results(results: Sequence[ReplayResult]) -> ReplayResult:
+    """One replay.json out of several runs of the same engine (e.g. both modes)."""
+    assert results
+    first = results[0]
+    notes: list[str] = []
+    for r in results:
+        notes.extend(n for n in (r.notes or []) if n not in notes)
+    return ReplayResult(
+        first.engine, first.vllm_version, first.model, first.synthetic_tokens,
+        [c for r in results for c in r.configs],
+        reason=first.reason, notes=notes,
+    )
