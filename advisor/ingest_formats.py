@@ -139,21 +139,21 @@ def check_tools(v: Any) -> str | None:
 
 
 def _completion_prompt(body: dict[str, Any], row: dict[str, Any]) -> None:
-    ids = body.get("prompt_token_ids")
+    ids, ids_path = body.get("prompt_token_ids"), "prompt_token_ids"
     prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        if prompt and all(type(t) is int for t in prompt) or not prompt:
-            ids, prompt = prompt if ids is None else ids, None
+    if isinstance(prompt, list):  # the completions API also takes token ids, or a batch of one
+        if not prompt or all(type(t) is int for t in prompt):
+            ids, ids_path, prompt = (prompt, "prompt", None) if ids is None else (ids, ids_path, None)
         elif len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
             if isinstance(prompt, list):
-                ids, prompt = prompt if ids is None else ids, None
+                ids, ids_path, prompt = (prompt, "prompt[0]", None) if ids is None else (ids, ids_path, None)
         else:
             raise LineError(f"prompt is a list of {len(prompt)} prompts; put one prompt per line")
     if ids is not None:
-        ids = check_ids(ids, "prompt_token_ids", INT32_MAX, "token id")
+        ids = check_ids(ids, ids_path, INT32_MAX, "token id")
         if not ids:
-            raise LineError("prompt_token_ids is an empty list; a request needs at least one token")
+            raise LineError(f"{ids_path} is an empty list; a request needs at least one token")
         row["kind"], row["prompt_token_ids"] = schema.KIND_TOKENS, ids
         row["prompt"] = as_str(prompt, "prompt")
         return
@@ -199,7 +199,15 @@ def _session(wrapper: dict[str, Any], body: dict[str, Any]) -> str | None:
     return as_id(body.get("user"))
 
 
-def _response(resp: dict[str, Any], row: dict[str, Any]) -> None:
+def _response(resp: dict[str, Any] | str, row: dict[str, Any]) -> None:
+    """Output length and text from a logged response (a plain string is the reply text).
+
+    The reply text is auxiliary: a shape we do not know leaves output_text null rather
+    than rejecting the request; usage counts, which set the output length, are checked.
+    """
+    if isinstance(resp, str):
+        row["output_text"] = resp
+        return
     usage = resp.get("usage")
     if usage is not None:
         if not isinstance(usage, dict):
@@ -215,7 +223,9 @@ def _response(resp: dict[str, Any], row: dict[str, Any]) -> None:
             text = msg.get("content")
             if text is None and msg.get("tool_calls") is not None:
                 text = dump_json(msg["tool_calls"])
-        row["output_text"] = as_str(text, "response.choices[0] text")
+        if isinstance(text, list):  # content parts
+            text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
+        row["output_text"] = text if isinstance(text, str) else None
 
 
 def _new_row(fmt: str) -> dict[str, Any]:
@@ -245,10 +255,12 @@ def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = Fals
     _body_fields(body, row)
     sources = [obj, body] if body is not obj else [obj]
     row["logged_id"] = _first_id(sources, ("request_id", "id"))
-    resp = json_object(obj.get("response"), "response") if body is not obj else None
+    resp: Any = obj.get("response") if body is not obj else None
+    if not (isinstance(resp, str) and not resp.lstrip().startswith("{")):
+        resp = json_object(resp, "response")  # an object, or one logged as a JSON string
     if resp is not None:
         _response(resp, row)
-        if row["logged_id"] is None:
+        if row["logged_id"] is None and isinstance(resp, dict):
             row["logged_id"] = as_id(resp.get("id"))
     if row.get("output_tokens") is None:
         for key in _OUTPUT_KEYS:
@@ -256,7 +268,7 @@ def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = Fals
                 row["output_tokens"] = as_count(obj[key], key)
                 break
     row["timestamp"] = first_time(sources, _TIME_KEYS)
-    if row["timestamp"] is None and resp is not None:
+    if row["timestamp"] is None and isinstance(resp, dict):
         row["timestamp"] = first_time([resp], _TIME_KEYS)
     row["lora"] = _lora(sources)
     if row["cache_salt"] is None and body is not obj:

@@ -103,6 +103,18 @@ def test_wrapped_chat_without_usage_keeps_the_reply_text_and_no_length(tmp_path:
     assert row["timestamp"] == 1700000000.0  # the request was logged as a JSON string: still read
 
 
+def test_a_response_of_unknown_shape_keeps_the_request(tmp_path: Path) -> None:
+    res, rows, rejects = run_ingest(tmp_path, [
+        j({"request": chat(), "response": "plain reply text"}),
+        j({"request": chat(), "response": {"choices": [{"message": {"content": [{"type": "text", "text": "a"},
+                                                                              {"type": "text", "text": "b"}]}}]}}),
+        j({"request": chat(), "response": {"choices": [{"message": {"content": 7}}]}}),
+    ])
+    assert rejects == []
+    assert [r["output_text"] for r in rows] == ["plain reply text", "ab", None]
+    assert [r["output_tokens"] for r in rows] == [None, None, None]
+
+
 def test_batch_lines_use_custom_id_and_the_url(tmp_path: Path) -> None:
     lines = [j({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": chat()}),
              j({"custom_id": "b", "method": "POST", "url": "/v1/completions",
@@ -242,6 +254,7 @@ BAD = [
     (j({"prompt_token_ids": []}), "wrong_field", "at least one token"),
     (j({"prompt": ""}), "wrong_field", "empty string"),
     (j({"prompt": ["a", "b"]}), "wrong_field", "one prompt per line"),
+    (j({"prompt": [3, -1]}), "wrong_field", "prompt[1] is -1"),
     (j({"prompt": 5}), "wrong_field", "prompt is a number"),
     (j({"timestamp": 5, "input_length": 700, "output_length": 3, "hash_ids": ["a", 1]}), "wrong_field",
      "hash_ids[0] is a string"),
