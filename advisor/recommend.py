@@ -278,7 +278,7 @@ def recommend(
     flags, serve, mem_notes = _serve_flags(best, options, geom, gpu_gib, hash_trace, offload,
                                            concurrent=mode == MODE_CONCURRENT)
     reasoning.extend(mem_notes)
-    reasoning.insert(0, _headline(best, price, has_gib, options))
+    reasoning.insert(0, _headline(best, price, has_gib, options, hash_trace))
     if runner is not None:
         reasoning.append(f"Runner-up B={runner.block_size}, {runner.num_blocks:,} blocks: {_why_lost(runner, best, price, has_gib)}.")
     if geom is None:
@@ -342,10 +342,13 @@ def _runner_up(points: list[_Point], best: _Point, key: Any) -> _Point | None:
     return max(others, key=key) if others else None
 
 
-def _headline(best: _Point, price: float, has_gib: bool, options: RecommendOptions) -> str:
+def _headline(best: _Point, price: float, has_gib: bool, options: RecommendOptions, hash_trace: bool) -> str:
     mem = f"{best.kv_gib:.2f} GiB" if best.kv_gib is not None else f"{best.num_blocks * best.block_size:,} cached tokens"
+    what = (f"Recommended KV memory (the trace fixes the granularity at {best.block_size} tokens, so no "
+            f"--block-size is recommended): {best.num_blocks:,} trace blocks ({mem})" if hash_trace
+            else f"Recommended --block-size {best.block_size} with {best.num_blocks:,} blocks ({mem})")
     return (
-        f"Recommended --block-size {best.block_size} with {best.num_blocks:,} blocks ({mem}): predicted hit rate "
+        f"{what}: predicted hit rate "
         f"{best.hit_rate:.1%} of a {best.ceiling_hit_rate:.1%} block ceiling, {best.hit_tokens:,} prefill tokens saved. "
         f"It is the best value once each GiB is priced at {price:,.0f} prefill tokens "
         f"({options.min_gain_per_gib * 100:g} points of hit rate per GiB)"

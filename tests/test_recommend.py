@@ -138,6 +138,7 @@ def test_hash_trace_recommends_memory_only() -> None:
     assert "--block-size" not in out["vllm_serve"]
     assert out["recommended"]["block_size"] == 512  # not dropped by the backend rule
     assert any("fixed by the trace" in c for c in out["constraints"])
+    assert out["reasoning"][0].startswith("Recommended KV memory")
     # 400 blocks of 512 tokens = 12,800 blocks of vLLM's default 16, plus the null block
     assert "--num-gpu-blocks-override 12801" in out["vllm_serve"]
 
