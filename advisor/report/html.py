@@ -58,6 +58,7 @@ tr.pick td{background:#eff6ff;font-weight:600}
 figure{margin:14px 0 6px}
 figure svg{width:100%;height:auto;display:block}
 mark{background:#fde68a;color:inherit;padding:0 1px;border-radius:2px}
+details{margin:6px 0} summary{cursor:pointer;color:var(--accent);font-size:14px;margin:4px 0}
 figcaption{font-size:13px;color:var(--muted);margin-top:4px}
 ul{margin:6px 0;padding-left:22px}
 .detail{font-size:12px;color:var(--muted)} .muted{color:var(--muted)}
@@ -103,6 +104,15 @@ def _diverge(example: Mapping[str, Any], side: str) -> str:
     end = at + len(str(text))
     return (f'<pre class="prompt">{esc(context[:at])}<mark>{esc(context[at:end])}</mark>'
             f"{esc(context[end:])}</pre>")
+
+
+FOLD_ROWS = 12  # longer tables start folded (<details>, no script needed)
+
+
+def _foldable(label: str, body: str, rows: int) -> str:
+    if rows <= FOLD_ROWS:
+        return body
+    return f"<details><summary>Show {esc(label)}</summary>{body}</details>"
 
 
 def _figure(svg: str | None, caption: str, missing: str) -> str:
@@ -174,7 +184,8 @@ def _recommendation(data: ReportData) -> str:
     ncand = len(rec.get("candidates") or [])
     if cands:
         out.append(f"<h3>Candidates, ranked by prefill saved per GiB (first {len(cands)} of {ncand})</h3>")
-        out.append(_table(fx.CANDIDATE_HEADER, cands, numeric=range(1, 7)))
+        out.append(_foldable(f"{len(cands)} candidates", _table(fx.CANDIDATE_HEADER, cands, numeric=range(1, 7)),
+                             len(cands)))
     if rec.get("cost_model"):
         cm = fx.cost_model_text(rec)
         out.append(f'<p class="note">Cost model: {esc(cm)}</p>')
@@ -195,7 +206,8 @@ def _sweep(data: ReportData) -> str:
     ))
     caption, rows = fx.sweep_rows(data)
     out.append(f"<h3>The sweep</h3><p>{esc(caption)}</p>")
-    out.append(_table(fx.SWEEP_HEADER, rows, numeric=range(1, 8)))
+    out.append(_foldable(f"all {len(rows)} configurations of the plot", _table(fx.SWEEP_HEADER, rows, numeric=range(1, 8)),
+                         len(rows)))
     return "".join(out) + "</section>"
 
 
