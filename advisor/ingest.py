@@ -4,7 +4,8 @@ Inputs: a JSON Lines log (plain, gzip or Zstandard, recognised by magic bytes; `
 the stream passed as `stdin`) and `IngestOptions`. Outputs, both written to temporary names
 and renamed into place:
   requests.parquet  schema.REQUESTS, one row per accepted line in line order, written in
-                    row groups of ROW_GROUP rows so a multi-GB log never sits in memory
+                    row groups of ROW_GROUP rows (fewer when their lines pass ROW_GROUP_BYTES),
+                    so a multi-GB log never sits in memory
   rejects.jsonl     one {"line", "cause", "reason", "raw" | "raw_b64"} object per rejected
                     line; "raw_truncated": true and "raw_bytes" when only the first
                     RAW_KEEP bytes of the line are kept (always so past --max-line-mb)
@@ -52,6 +53,7 @@ from advisor.ingest_io import (
 from advisor.runfolder import atomic_path
 
 ROW_GROUP = 8192
+ROW_GROUP_BYTES = 64 << 20  # of source lines: long agent prompts flush sooner
 FIRST_REJECTS = 20
 
 
@@ -162,6 +164,7 @@ class _Ingester:
         self.seen_ids: set[str] = set()
         self.id_counts: dict[str, int] = {}
         self.chat_roots: dict[str, str] = {}
+        self.pending_bytes = 0
 
     def run(self, stream: BinaryIO) -> None:
         for line_no, data in iter_lines(stream, self.options.max_line_bytes):
@@ -185,10 +188,10 @@ class _Ingester:
             except LineError as e:
                 self.reject(line_no, e, data, len(data))
                 continue
-            self.accept(line_no, row)
+            self.accept(line_no, row, len(data))
         self.flush()
 
-    def accept(self, line_no: int, row: dict[str, Any]) -> None:
+    def accept(self, line_no: int, row: dict[str, Any], n_bytes: int) -> None:
         res = self.result
         row["request_id"] = self.unique_id(row.get("logged_id"), line_no)
         row["line"] = line_no
@@ -210,7 +213,8 @@ class _Ingester:
         res.accepted += 1
         res.by_kind[row["kind"]] += 1
         res.by_format[row["format"]] += 1
-        if len(self.columns["line"]) >= ROW_GROUP:
+        self.pending_bytes += n_bytes
+        if len(self.columns["line"]) >= ROW_GROUP or self.pending_bytes >= ROW_GROUP_BYTES:
             self.flush()
 
     def unique_id(self, logged: str | None, line_no: int) -> str:
@@ -254,6 +258,7 @@ class _Ingester:
         self.writer.write_table(table, row_group_size=ROW_GROUP)
         for col in self.columns.values():
             col.clear()
+        self.pending_bytes = 0
 
 
 def _utf8_prefix(data: bytes, cut: bool) -> str | None:

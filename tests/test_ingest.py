@@ -215,6 +215,13 @@ def test_row_groups_stream_in_batches(tmp_path: Path, monkeypatch: pytest.Monkey
     assert [r["line"] for r in rows] == list(range(1, 11))
 
 
+def test_row_groups_also_close_on_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ing, "ROW_GROUP_BYTES", 2500)
+    res, rows, _ = run_ingest(tmp_path, [j({"prompt": "x" * 1000}) for _ in range(7)])
+    assert pq.ParquetFile(tmp_path / "out" / "requests.parquet").metadata.num_row_groups == 3
+    assert len(rows) == 7
+
+
 def test_empty_input_writes_empty_outputs(tmp_path: Path) -> None:
     res, rows, rejects = run_ingest(tmp_path, b"")
     assert (res.lines_read, rows, rejects) == (0, [], [])
