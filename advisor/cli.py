@@ -269,8 +269,6 @@ def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--replay-model", type=click.Path(path_type=Path, file_okay=False), default=None,
                      help="Local model folder to replay with (default: a tiny random Llama; "
                      "hits depend on token ids, not weights).")(f)
-    f = click.option("--speedup", "replay_speedup", type=float, default=1.0, show_default=True,
-                     help="Concurrent replay: divide logged inter-arrival times by this.")(f)
     f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int, default=256,
                      show_default=True, help="Concurrent replay: cap on logged output lengths.")(f)
     f = click.option("--replay-limit", type=int, default=None,
@@ -640,19 +638,29 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
         con.say("replay: vLLM not installed, prediction unconfirmed (replay.json says how to confirm)")
         return
     recommendation_path = run.path(rf.RECOMMENDATION)
-    explicit = opts.get("block_size") is not None or opts.get("num_blocks") is not None
+    explicit = opts.get("replay_block_size") is not None or opts.get("replay_num_blocks") is not None
     if under_run and not explicit and not recommendation_path.exists():
         rf.write_json(run.path(rf.REPLAY), rp.not_run(
             "no recommendation.json to confirm (the recommend stage did not run); give "
             f"`pc-advise replay {run.root} --block-size B --num-blocks N`."))
         con.say("replay: nothing to confirm (no recommendation.json)")
         return
+    sim_opts = run.manifest().get("stages", {}).get("simulate", {}).get("options", {})
+
+    def shared(name: str, default: Any) -> Any:
+        """Concurrent replay shares the simulate stage's clock: its options, else its record."""
+        value = opts.get(name)
+        return value if value is not None else sim_opts.get(name, default)
+
     options = rp.ReplayOptions(
         mode=opts.get("replay_mode") or "sequential",
-        speedup=float(opts.get("replay_speedup") or 1.0),
+        speedup=float(shared("speedup", 1.0)),
         max_output_tokens=int(opts.get("replay_max_output_tokens") or 256),
         replay_model=str(opts["replay_model"]) if opts.get("replay_model") else None,
         limit=opts.get("replay_limit"),
+        max_num_seqs=int(shared("max_num_seqs", 256)),
+        prefill_tps=float(shared("prefill_tps", 10_000.0)),
+        decode_tps=float(shared("decode_tps", 50.0)),
     )
     extra = rp.ReplayConfig.parse_list(opts.get("configs") or "")
     inputs = [run.require(rf.REQUESTS), run.require(rf.TOKENS)] + [
@@ -664,16 +672,16 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
         if not api_key:
             raise AdvisorError(f"--api-key-env {opts['api_key_env']}: that environment variable "
                                "is empty or unset; export the key under that name.")
-    fp_options = {**options.as_dict(), "block_size": opts.get("block_size"),
-                  "num_blocks": opts.get("num_blocks"), "configs": [vars(c) for c in extra],
+    fp_options = {**options.as_dict(), "block_size": opts.get("replay_block_size"),
+                  "num_blocks": opts.get("replay_num_blocks"), "configs": [vars(c) for c in extra],
                   "replay_url": url, "concurrency": opts.get("replay_concurrency"),
                   "assume_config": bool(opts.get("assume_config"))}
 
     def body(r: RunDir) -> dict[str, Any]:
         recommendation = (r.read_json(rf.RECOMMENDATION)
                           if not explicit and recommendation_path.exists() else None)
-        configs = rp.configs_to_confirm(recommendation, opts.get("block_size"),
-                                        opts.get("num_blocks"), extra)
+        configs = rp.configs_to_confirm(recommendation, opts.get("replay_block_size"),
+                                        opts.get("replay_num_blocks"), extra)
         w = rp.load_workload(pq.read_table(r.require(rf.REQUESTS)), pq.read_table(r.require(rf.TOKENS)),
                              options.limit)
         sim_req = pq.read_table(r.path(rf.SIM_REQUESTS)) if r.path(rf.SIM_REQUESTS).exists() else None
@@ -820,15 +828,18 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
 # replay
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--block-size", type=int, default=None,
+@click.option("--block-size", "replay_block_size", type=int, default=None,
               help="Block size to confirm (with --num-blocks; default: recommendation.json's).")
-@click.option("--num-blocks", type=int, default=None,
+@click.option("--num-blocks", "replay_num_blocks", type=int, default=None,
               help="Usable KV blocks to confirm (vLLM's pinned count minus its null block).")
 @click.option("--configs", default=None,
               help="Extra sweep rows to replay as BLOCK_SIZE:NUM_BLOCKS, comma separated.")
 @click.option("--check", type=float, default=None, metavar="TOLERANCE",
               help="Exit non-zero when measured and predicted hit rates differ by more than "
               "TOLERANCE percentage points (or nothing could be measured).")
+@click.option("--speedup", type=float, default=None,
+              help="Concurrent replay: divide logged inter-arrival times by this "
+              "(default: the simulate stage's, else 1).")
 @replay_options
 @common_options
 def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
