@@ -389,12 +389,18 @@ class PrefixCache:
         """Schedule a new request's whole prompt: hit, allocate, cache its full blocks.
 
         Returns the hit tokens, or None (nothing changed) when the free blocks cannot
-        hold the prompt's uncached part.
+        hold the prompt's uncached part. A prompt longer than the whole pool (`fits`
+        is False; vLLM refuses it) returns None too and counts as passed for belady.
         """
         assert request_id not in self.running, f"request {request_id} is already running"
         assert len(block_hashes) >= num_tokens // self.block_size
         if position is not None:
             self.clock = position
+        if not self.fits(num_tokens):  # never admitted: its uses of hashes are gone too
+            self.clock += 1
+            if self.policy == "belady":
+                self._rekey_passed(block_hashes, num_tokens)
+            return None
         hit = self._find_hit_blocks(block_hashes, num_tokens)
         num_new = -(-num_tokens // self.block_size) - len(hit)
         num_evictable = sum(1 for b in hit if b.ref_cnt == 0)

@@ -43,7 +43,7 @@ def reference(reqs: Sequence[Sequence[int]], block_size: int, num_blocks: int | 
     return c
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(reqs=workloads(), block_size=st.sampled_from([4, 8]), num_blocks=st.integers(1, 24))
 def test_sequential_lru_equals_the_reference(reqs, block_size, num_blocks):
     tokens, offsets = flat(reqs)
@@ -140,3 +140,47 @@ def test_the_python_loop_and_the_compiled_loop_agree():
     got = fastsim.simulate_sequential(trace, 4)
     assert hits.tolist() == got.hit_tokens.tolist()
     assert counters == (got.evictions, got.peak_blocks_in_use)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(reqs=workloads(), num_blocks=st.integers(1, 16), policy=st.sampled_from(["fifo", "belady"]))
+def test_fifo_and_belady_equal_the_reference(reqs, num_blocks, policy):
+    hashes = [cache.request_block_hashes(r, 4) for r in reqs]
+    lengths = [len(r) for r in reqs]
+    future = cache.FutureUses(hashes, lengths, 4) if policy == "belady" else None
+    ref = cache.PrefixCache(num_blocks, 4, policy, future)
+    expected = []
+    for i, (h, n) in enumerate(zip(hashes, lengths, strict=True)):
+        hit = ref.admit(str(i), h, n, position=i)
+        expected.append(hit or 0)
+        if hit is not None:
+            ref.free(str(i))
+    target(float(ref.evictions))
+    assume(ref.evictions > 0)
+    got = fastsim.simulate_sequential_policy(fastsim.trace_from_tokens(*flat(reqs), 4), num_blocks, policy)
+    assert got.hit_tokens.tolist() == expected == cache.sequential_hits(reqs, 4, num_blocks, policy)
+    assert (got.evictions, got.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
+
+
+def seeded_workload(seed: int, n: int) -> list[list[int]]:
+    """Long workloads (hypothesis keeps its examples short): system prompts, earlier
+    prompts cut at block boundaries, tails from a 3-token alphabet."""
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, 50, rng.integers(3, 20)).tolist() for _ in range(4)]
+    reqs: list[list[int]] = []
+    for _ in range(n):
+        heads = systems + [r[: len(r) // 4 * 4] for r in reqs[-5:]] + [[]]
+        head = heads[int(rng.integers(len(heads)))]
+        reqs.append((head + rng.integers(0, 3, rng.integers(0, 10)).tolist()) or [1])
+    return reqs
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("policy", ["lru", "fifo", "belady"])
+def test_long_seeded_workloads_equal_the_reference(seed, policy):
+    reqs = seeded_workload(seed, 150)
+    trace = fastsim.trace_from_tokens(*flat(reqs), 4)
+    for num_blocks in (3, 5, 8, 13):
+        got = fastsim.simulate_sequential_policy(trace, num_blocks, policy)
+        assert got.evictions > 0
+        assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 4, num_blocks, policy)
