@@ -497,6 +497,8 @@ def test_cli_refusal_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert not out.exists()
     res = CliRunner().invoke(main, ["ingest", "-", "-o", str(out)], input=b"[1, 2]\n")
     assert res.exit_code == 2 and "JSON array" in res.output and not out.exists()
+    res = CliRunner().invoke(main, [str(src), "-o", str(out)])  # the whole pipeline: same
+    assert res.exit_code == 2 and "Parquet" in res.output and not out.exists()
 
 
 def test_cli_format_flag_forces_one_format(tmp_path: Path) -> None:
