@@ -187,7 +187,7 @@ def _message_text(role: str, content: Any) -> str:
         parts = content
     else:
         raise RenderError(f"content is a {type(content).__name__}; expected string or list")
-    texts = [t for t in map(_part_text, parts) if t is not None]
+    texts = [t for t in map(_part_text, parts) if t]  # vLLM drops empty parts
     if role == "system":
         # vLLM drops this per-request header line (it would break every prefix).
         kept = []
@@ -256,6 +256,8 @@ def vllm_tools(tools: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(tools, list):
         raise RenderError("tools is not a list")
+    if not tools:
+        raise RenderError("tools is an empty array; vLLM (like OpenAI) refuses the request")
     out = []
     for t in tools:
         fn = t.get("function") if isinstance(t, dict) else None
@@ -279,12 +281,43 @@ def vllm_tools(tools: Any) -> list[dict[str, Any]] | None:
     return out
 
 
+def developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """vLLM's fallback for templates without a developer role: developer turns become
+    system turns, and several system turns (or one not first) merge into one at the
+    front, their non-empty texts joined by a blank line."""
+    converted = []
+    for m in conversation:
+        if m["role"] == "developer":
+            m = {k: v for k, v in m.items() if k != "tools"}
+            m["role"] = "system"
+        converted.append(m)
+    systems = [i for i, m in enumerate(converted) if m["role"] == "system"]
+    if not systems or systems == [0]:
+        return converted
+    merged = {"role": "system",
+              "content": "\n\n".join(converted[i]["content"] for i in systems
+                                      if converted[i]["content"])}
+    return [merged, *(m for m in converted if m["role"] != "system")]
+
+
+def _template_text(tokenizer: Any, tools: Any) -> str:
+    try:
+        return str(tokenizer.get_chat_template(None, tools=tools))
+    except (ValueError, AttributeError):
+        return str(getattr(tokenizer, "chat_template", "") or "")
+
+
 def render_chat(tokenizer: Any, messages: Any, tools: Any) -> str:
     """The prompt text vLLM would tokenize for this chat request."""
     conversation = vllm_conversation(messages)
+    tool_dicts = vllm_tools(tools)
+    if any(m["role"] == "developer" for m in conversation):
+        template = _template_text(tokenizer, tool_dicts)
+        if '"developer"' not in template and "'developer'" not in template:
+            conversation = developer_as_system(conversation)
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tools=vllm_tools(tools), add_generation_prompt=True, tokenize=False
+            conversation, tools=tool_dicts, add_generation_prompt=True, tokenize=False
         )
     except RenderError:
         raise

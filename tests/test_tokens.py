@@ -420,3 +420,92 @@ def test_editing_a_user_tokenizer_folder_changes_the_stage_fingerprint(tmp_path,
     template = next(folder.glob("chat_template.jinja"), folder / "tokenizer_config.json")
     template.write_text(template.read_text() + " ")
     assert tk.TokenizeOptions(str(folder), 1).as_dict() != before
+
+
+def test_developer_turns_become_one_leading_system_turn_like_vllm(qwen):
+    messages = [{"role": "system", "content": "A"}, {"role": "user", "content": "u"},
+                {"role": "developer", "content": "B"}]
+    assert tk.render_chat(qwen, messages, None) == (
+        "<|im_start|>system\nA\n\nB<|im_end|>\n<|im_start|>user\nu<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    only_dev = [{"role": "developer", "content": "D"}, {"role": "user", "content": "u"}]
+    assert tk.render_chat(qwen, only_dev, None).startswith("<|im_start|>system\nD<|im_end|>\n")
+    # Without a developer turn nothing moves: a later system turn stays where it is.
+    late = [{"role": "user", "content": "u"}, {"role": "system", "content": "S"}]
+    assert tk.vllm_conversation(late) == late
+    assert "<|im_start|>user\nu<|im_end|>\n<|im_start|>system\nS" in tk.render_chat(qwen, late, None)
+
+
+def _random_chat(rng) -> tuple[list[dict], list[dict] | None]:
+    """A seeded chat request mixing every message shape tokens.py normalises."""
+    texts = ["hi", "", "ünï 中文 😀", "line1\nline2  ", "{\"json\": [1, 2]}"]
+    msgs: list[dict] = []
+    if rng.random() < 0.5:
+        msgs.append({"role": rng.choice(["system", "developer"]), "content": rng.choice(texts)})
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.choice(["user", "parts", "assistant", "calls", "tool", "system", "developer"])
+        if kind == "parts":
+            msgs.append({"role": "user", "content": [
+                {"type": "text", "text": rng.choice(texts)} for _ in range(rng.randint(1, 3))]})
+        elif kind == "calls":
+            msgs.append({"role": "assistant", "content": rng.choice([None, "", "ok"]),
+                         "tool_calls": [{"id": f"c{j}", "type": "function", "function": {
+                             "name": "lookup", "arguments": rng.choice(
+                                 ['{"q": "x", "n": 3}', "", "oops", "[1]"])}}
+                             for j in range(rng.randint(0, 2))]})
+        elif kind == "tool":
+            msgs.append({"role": "tool", "tool_call_id": "c0", "content": rng.choice(texts)})
+        else:
+            msgs.append({"role": kind, "content": rng.choice(texts)})
+    tools = rng.choice([None, [], [
+        {"type": "function", "function": {"name": "lookup", "description": "Find things",
+                                          "parameters": {"type": "object", "properties": {
+                                              "q": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "bare"}},
+    ]])
+    return msgs, tools
+
+
+@pytest.mark.oracle
+def test_prompt_ids_equal_vllms_own_chat_rendering(tmp_path, cache_dir, qwen):
+    """vLLM's server path (request model, parse_chat_messages, safe_apply_chat_template with
+    tokenize=True) on the embedded tokenizer gives the ids tokens.py gives, request by request."""
+    pytest.importorskip("vllm", reason="vLLM not installed: it is the reference for rendering")
+    import random
+    import shutil
+
+    from transformers import LlamaConfig
+    from vllm.config import ModelConfig
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.renderers.chat_utils import parse_chat_messages
+    from vllm.renderers.hf import (
+        resolve_chat_template_content_format,
+        safe_apply_chat_template,
+    )
+
+    model = tmp_path / "model"  # a model folder vLLM can configure: our tokenizer + a tiny config
+    shutil.copytree(next(p for p in cache_dir.iterdir() if not p.name.startswith(".")), model)
+    LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=32).save_pretrained(model)
+    config = ModelConfig(model=str(model), tokenizer=str(model))
+    fmt = resolve_chat_template_content_format(
+        chat_template=None, tools=None, given_format="auto", tokenizer=qwen, model_config=config)
+    rng = random.Random(7)
+    refused = 0
+    for _ in range(150):
+        msgs, tools = _random_chat(rng)
+        try:
+            request = ChatCompletionRequest(model="m", messages=msgs, tools=tools)
+        except Exception:  # vLLM answers 400: tokens.py must refuse it too
+            refused += 1
+            with pytest.raises(tk.RenderError):
+                tk.render_chat(qwen, msgs, tools)
+            continue
+        conv, _, _ = parse_chat_messages(request.messages, config, content_format=fmt)
+        tool_dicts = None if request.tools is None else [t.model_dump() for t in request.tools]
+        theirs = safe_apply_chat_template(config, qwen, conv, tools=tool_dicts,
+                                          add_generation_prompt=True, tokenize=True)
+        ours = qwen.encode(tk.render_chat(qwen, msgs, tools), add_special_tokens=False)
+        assert ours == list(theirs), (msgs, tools)
+    assert 0 < refused < 100  # both paths were exercised
