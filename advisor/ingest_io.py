@@ -26,6 +26,7 @@ from advisor.errors import InputRefused
 SNIFF_BYTES = 64 * 1024
 SNIFF_LINES = 50
 READ_CHUNK = 1 << 20
+ZSTD_IN = 64 * 1024  # compressed bytes fed to the zstd decompressor at a time
 RAW_KEEP = 64 * 1024  # bytes of a rejected line kept in rejects.jsonl
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -133,7 +134,8 @@ class _Zstd(io.RawIOBase):
     """Zstandard frames one after another; a frame cut off at the end raises CorruptStream.
 
     (zstandard's stream_reader ends quietly at a truncated frame, so frames are fed to a
-    decompressobj here and the end of input checked against the frame's end.)
+    decompressobj here and the end of input checked against the frame's end.) Input goes
+    in ZSTD_IN pieces so one piece's output stays small however well the log compresses.
     """
 
     def __init__(self, src: BinaryIO) -> None:
@@ -143,33 +145,35 @@ class _Zstd(io.RawIOBase):
         self._src = src
         self._obj = zstandard.ZstdDecompressor().decompressobj()
         self._fed = False  # the current frame has received input
-        self._out = b""
+        self._out = memoryview(b"")
         self._error: CorruptStream | None = None  # raised once the output before it is served
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._out:
+        while not self._out.nbytes:
             if self._error is not None:
                 raise self._error
-            chunk = self._src.read(READ_CHUNK)
+            chunk = self._src.read(ZSTD_IN)
             if not chunk:
                 if self._fed and not self._obj.eof:
                     raise CorruptStream("the zstd stream is cut off (its last frame is incomplete)")
                 return 0
+            out: list[bytes] = []
             try:
                 while chunk:
-                    self._out += self._obj.decompress(chunk)
+                    out.append(self._obj.decompress(chunk))
                     self._fed = True
                     chunk = b""
-                    if self._obj.eof:
+                    if self._obj.eof:  # the next frame starts in the unused bytes
                         chunk = self._obj.unused_data
                         self._obj = self._zstd.ZstdDecompressor().decompressobj()
                         self._fed = False
             except self._zstd.ZstdError as e:
                 self._error = CorruptStream(f"the zstd stream is damaged ({e})")
-        n = min(len(b), len(self._out))
+            self._out = memoryview(b"".join(out))
+        n = min(len(b), self._out.nbytes)
         b[:n] = self._out[:n]
         self._out = self._out[n:]
         return n
