@@ -90,6 +90,9 @@ SIM = pa.schema(
         pa.field("evictions", pa.int64(), nullable=False),  # hashed blocks evicted
         pa.field("peak_blocks_in_use", pa.int64(), nullable=False),
         pa.field("ceiling_hit_rate", pa.float64(), nullable=False),  # block ceiling, same window
+        # requests too long for the whole pool (vLLM refuses them): not in requests/queries
+        pa.field("refused", pa.int64()),
+        pa.field("preemptions", pa.int64()),  # concurrent mode: recompute preemptions (vLLM's)
     ]
 )
 

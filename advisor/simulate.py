@@ -136,7 +136,7 @@ class ConfigResult:
 
 @dataclass(frozen=True)
 class GridResult:
-    sim: pa.Table  # schema.SIM (+ refused, preemptions)
+    sim: pa.Table  # schema.SIM
     sim_requests: pa.Table  # schema.SIM_REQUESTS
     notes: list[str] = field(default_factory=list)
 
@@ -400,9 +400,7 @@ def _spread(budgets: list[int], k: int) -> set[int]:
     return {budgets[int(i)] for i in np.round(np.linspace(0, len(budgets) - 1, k))}
 
 
-# sim.parquet as written: schema.SIM plus the counters only the simulator knows.
-SIM_OUT = schema.SIM.append(pa.field("refused", pa.int64(), nullable=False)).append(
-    pa.field("preemptions", pa.int64(), nullable=False))
+SIM_OUT = schema.SIM
 
 
 def _sim_rows(res: ConfigResult, warm: np.ndarray, ceilings: dict[tuple[str, str], float],
