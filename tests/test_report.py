@@ -28,7 +28,7 @@ from advisor.cli import main
 from advisor.report import facts, load, write_report
 from advisor.report import html as html_report
 from advisor.report import markdown as md_report
-from advisor.report.model import TimelinePoint, build
+from advisor.report.model import ReportData, TimelinePoint, build
 from advisor.report.plots import bin_timeline
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
@@ -164,6 +164,19 @@ def test_every_plot_is_inline_svg_with_unique_ids(pages: tuple[str, str]) -> Non
     for ref in re.findall(r'href="#([^"]+)"|url\(#([^)]+)\)', page):
         assert (ref[0] or ref[1]) in ids
     assert "<!--" not in page and "<?xml" not in page
+
+
+def test_plots_draw_text_as_paths_and_no_log_strings(pages: tuple[str, str]) -> None:
+    page, _ = pages
+    for svg in re.findall(r"<svg\b.*?</svg>", page, flags=re.S):
+        assert "<text" not in svg and "alert" not in svg and "SECRET" not in svg
+
+
+def test_report_data_round_trips_through_json(run_dir: Path) -> None:
+    data = load(run_dir)
+    again = ReportData.from_json(data.to_json())
+    assert md_report.render(again) == md_report.render(data)
+    assert html_report.render(again) == html_report.render(data)
 
 
 # --- missing artifacts and empty input ----------------------------------------------------

@@ -100,13 +100,17 @@ def replay_status(data: ReportData) -> ReplayStatus:
                             f"{reason}. To confirm it against vLLM, run the commands in the replay section.", how)
     engine = f"{rp.get('engine') or 'vLLM'} {rp.get('vllm_version') or ''}".strip()
     status = rp["status"]
+    configs = [c for c in rp.get("configs") or [] if c.get("measured_hit_rate") is not None]
+    recd = (data.recommendation or {}).get("recommended") or {}
+    main = next((c for c in configs if c.get("block_size") == recd.get("block_size")
+                 and c.get("num_blocks") == recd.get("num_blocks")), configs[0] if configs else None)
+    measured = (f"measured {pct(main.get('measured_hit_rate'), 2)} vs predicted "
+                f"{pct(main.get('predicted_hit_rate'), 2)} (block size {main.get('block_size')}, "
+                f"{num(main.get('num_blocks'))} blocks, {main.get('mode')}); " if main else "")
     if status == "confirmed":
-        return ReplayStatus("ok", "Confirmed by replay", f"vLLM measured the predicted hits ({engine}).")
+        return ReplayStatus("ok", "Confirmed by replay", f"{measured}{engine}.")
     if status == "mismatch":
-        return ReplayStatus(
-            "bad", "Replay mismatch",
-            f"vLLM's measured hits differ from the prediction ({engine}); see the replay section.",
-        )
+        return ReplayStatus("bad", "Replay mismatch", f"{measured}{engine}; see the replay section.")
     if status == "not_confirmable":
         return ReplayStatus("info", "Not confirmable by replay", str(rp.get("reason") or ""))
     # unknown statuses are shown as given

@@ -68,10 +68,18 @@ class ReportData:
     replay: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
-        """The whole object as JSON, so a report can be saved and re-rendered."""
+        """The whole object as JSON, so a report can be saved and re-rendered (`from_json`)."""
         from dataclasses import asdict
 
         return json.dumps(asdict(self), indent=1, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReportData:
+        d = json.loads(text)
+        d["timeline"] = [TimelinePoint(**p) for p in d.get("timeline") or []]
+        d["stage_times"] = [tuple(x) for x in d.get("stage_times") or []]
+        d["rejects"] = [tuple(x) for x in d.get("rejects") or []]
+        return cls(**d)
 
 
 # --- redaction -------------------------------------------------------------------------
