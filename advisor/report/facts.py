@@ -104,7 +104,7 @@ def replay_status(data: ReportData) -> ReplayStatus:
     recd = (data.recommendation or {}).get("recommended") or {}
     main = next((c for c in configs if c.get("block_size") == recd.get("block_size")
                  and c.get("num_blocks") == recd.get("num_blocks")), configs[0] if configs else None)
-    measured = (f"measured {pct(main.get('measured_hit_rate'), 2)} vs predicted "
+    measured = (f"Measured {pct(main.get('measured_hit_rate'), 2)} vs predicted "
                 f"{pct(main.get('predicted_hit_rate'), 2)} (block size {main.get('block_size')}, "
                 f"{num(main.get('num_blocks'))} blocks, {main.get('mode')}); " if main else "")
     if status == "confirmed":
