@@ -9,8 +9,8 @@ sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens).
 Per block size the blocks are keyed once (`block_trace`: advisor.fastsim's chained
 64-bit keys as dense ids; LoRA name and cache_salt keep requests apart; hash traces
 chain their `hash_ids` at the trace's block size, the only size they simulate at).
-Sequential LRU runs on fastsim's compiled replay of vLLM's rules (tested equal to
-cache.py under eviction pressure); everything else on the exact reference,
+Sequential mode runs on fastsim's compiled replays of the same rules (tested equal
+to cache.py under eviction pressure); concurrent mode on the exact reference,
 `advisor.cache.PrefixCache`, fed the same ids:
 - mode "sequential": log order, one request at a time, prefill only, each freed
   before the next (DESIGN §5; what the exactness checks and replay confirm);
@@ -18,8 +18,7 @@ cache.py under eviction pressure); everything else on the exact reference,
   blocks, `max_num_seqs`; its docstring states the simplifications);
 - policies: "lru" (vLLM) in both modes at every budget; "fifo" and "belady" as
   reference lines in sequential mode only, at `reference_budgets` budgets spread
-  over each block size's list (ends included; 0 = all): they run on the pure-Python
-  reference and cost ~30-60x a compiled LRU pass each;
+  over each block size's list (ends included; 0 = all);
 - windows: "cold" counts every request; "warm" counts only those after the warm-up
   (`warmup`: "50%" of the log by default, "N" requests, or "Ns" seconds after the
   first timestamp). Both come from the same pass: the warm-up requests still fill
@@ -160,6 +159,15 @@ def block_trace(workload: Workload, block_size: int) -> fastsim.BlockTrace:
     return fastsim.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
 
 
+def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fastsim.BlockTrace]:
+    """`block_trace` for several block sizes (token ids are hashed in one pass)."""
+    if workload.is_hash_trace:
+        return {bs: block_trace(workload, bs) for bs in block_sizes}
+    assert workload.token_values is not None and workload.token_offsets is not None
+    return fastsim.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
+                                      _salts(workload))
+
+
 def _salts(workload: Workload) -> np.ndarray | None:
     if all(x is None for x in workload.lora) and all(x is None for x in workload.cache_salt):
         return None
@@ -221,17 +229,18 @@ def simulate_one(
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
     (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
     may be passed to reuse them across budgets of one block size. `engine`: "auto"
-    runs sequential LRU on advisor.fastsim's compiled replay (tested equal to
-    cache.py) and everything else on cache.PrefixCache; "reference" forces
-    PrefixCache. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
+    runs sequential mode on advisor.fastsim's compiled replays (lru, fifo, belady;
+    tested equal to cache.py) and concurrent mode on cache.PrefixCache;
+    "reference" forces PrefixCache. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
     order) vLLM `num_cached_tokens`; `.totals()` the sums.
     """
     opts = options or SimulateOptions()
     if trace is None:
         trace = block_trace(workload, block_size)
     n_tokens = workload.n_tokens
-    if mode == schema.MODE_SEQUENTIAL and policy == schema.POLICY_LRU and engine == "auto":
-        fast = fastsim.simulate_sequential(trace, num_blocks)
+    if mode == schema.MODE_SEQUENTIAL and engine == "auto":
+        fast = (fastsim.simulate_sequential(trace, num_blocks) if num_blocks is None
+                else fastsim.simulate_sequential_policy(trace, num_blocks, policy))
         scheduled = (n_tokens > 0) & fast.fits
         return ConfigResult(block_size, num_blocks, policy, mode, n_tokens,
                             np.where(scheduled, fast.hit_tokens, 0), scheduled,
@@ -358,8 +367,9 @@ def simulate_grid(
         req_rows += workload.num_requests
         req_tables.append(_request_rows(workload, res))
 
+    traces = block_traces(workload, options.block_sizes)
     for bs in options.block_sizes:
-        trace = block_trace(workload, bs)  # one block size in memory at a time
+        trace = traces.pop(bs)
         budgets, budget_notes = plan_budgets(workload, options, geom, bs, trace)
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
@@ -371,8 +381,6 @@ def simulate_grid(
             rows.extend(_sim_rows(res, warm, ceilings, None))
             keep_requests(res)
             tick(1)
-        future = (FutureUses(TraceHashes(trace), workload.n_tokens.tolist(), bs)
-                  if schema.POLICY_BELADY in options.policies and schema.MODE_SEQUENTIAL in options.modes else None)
         ref_budgets = _spread(budgets, options.reference_budgets)
         for nb in budgets:
             for mode in options.modes:
@@ -380,7 +388,7 @@ def simulate_grid(
                             or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
                 for policy in policies:
                     res = simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace,
-                                       future=future, options=options)
+                                       options=options)
                     rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, nb, tp)))
                     if policy == schema.POLICY_LRU:
                         keep_requests(res)

@@ -98,12 +98,13 @@ def test_lru_sequential_hits_grow_with_budget(reqs: list[list[int]], extra: int,
 
 @FAST
 @given(structured(), st.integers(0, 8), st.lists(st.sampled_from([None, "a", "b"]), min_size=30, max_size=30))
-def test_fast_sequential_lru_equals_the_reference(reqs: list[list[int]], extra: int, loras: list[str | None]) -> None:
-    """The grid's sequential LRU (fastsim) gives the reference's per-request hits, LoRA included."""
+def test_fast_sequential_equals_the_reference(reqs: list[list[int]], extra: int, loras: list[str | None]) -> None:
+    """The grid's sequential runs (fastsim) give the reference's per-request hits, LoRA included."""
     w = Workload.from_token_lists(reqs, lora=loras[: len(reqs)])
-    for nb in (None, blocks_needed(reqs) + extra):
-        fast = simulate_one(w, B, nb)
-        ref = simulate_one(w, B, nb, engine="reference")
+    for nb, policy in ((None, "lru"), (blocks_needed(reqs) + extra, "lru"), (blocks_needed(reqs) + extra, "fifo"),
+                       (blocks_needed(reqs) + extra, "belady")):
+        fast = simulate_one(w, B, nb, policy=policy)
+        ref = simulate_one(w, B, nb, policy=policy, engine="reference")
         assert list(fast.hit_tokens) == list(ref.hit_tokens)
         assert (fast.evictions, fast.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
 
