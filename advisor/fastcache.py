@@ -1,0 +1,247 @@
+"""A compiled, array-backed twin of `advisor.cache.PrefixCache` (policy "lru") for event loops.
+
+Inputs: requests' full-block hashes as dense integer ids (a `fastsim.BlockTrace`'s
+ids, all below `num_ids`), prompt and decode token counts. Outputs: the same hit
+tokens, admit/grow outcomes, free-queue order and counters as `cache.PrefixCache`
+(tests/test_fastcache.py checks every step of generated programs of admissions,
+decode steps and frees under eviction pressure), at compiled speed per block.
+
+Same request API as `cache.PrefixCache`: `lookup`, `fits`, `admit`, `grow`, `free`,
+`free_block_ids`, counters `queries`, `hits`, `evictions`, `blocks_in_use`,
+`peak_blocks_in_use`. The state is vLLM's two structures on arrays: the free queue as
+next/prev links with head and tail sentinels, and per-hash circular lists of cached
+copies (oldest first). A decode block with no known hash gets the id -2: cached
+(freed to the tail, counted when evicted) but never hit, like vLLM's unique blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from advisor.fastsim import compiled
+
+_UNIQUE = -2  # hashed, but nobody else has these tokens
+_NONE = -1
+
+
+@compiled
+def _unlink(nxt, prv, b):  # type: ignore[no-untyped-def]
+    nxt[prv[b]] = nxt[b]
+    prv[nxt[b]] = prv[b]
+
+
+@compiled
+def _find(hashes, cap, first_copy, out):  # type: ignore[no-untyped-def]
+    k = 0
+    while k < cap:
+        b = first_copy[hashes[k]]
+        if b < 0:
+            break
+        out[k] = b
+        k += 1
+    return k
+
+
+@compiled
+def _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, start, stop):  # type: ignore[no-untyped-def]
+    head = len(ref)
+    for i in range(start, stop):
+        b = nxt[head]
+        _unlink(nxt, prv, b)
+        cnt[1] -= 1
+        h = bhash[b]
+        if h != -1:  # lazy eviction
+            if h >= 0:
+                if cnext[b] == b:
+                    first_copy[h] = -1
+                else:
+                    cnext[cprev[b]] = cnext[b]
+                    cprev[cnext[b]] = cprev[b]
+                    if first_copy[h] == b:
+                        first_copy[h] = cnext[b]
+            bhash[b] = -1
+            cnt[0] += 1
+        ref[b] = 1
+        blocks[i] = b
+
+
+@compiled
+def _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, start, stop):  # type: ignore[no-untyped-def]
+    for i in range(start, stop):
+        b = blocks[i]
+        h = hashes[i]
+        bhash[b] = h
+        if h < 0:
+            continue
+        f = first_copy[h]
+        if f < 0:
+            first_copy[h] = b
+            cnext[b] = b
+            cprev[b] = b
+        else:
+            last = cprev[f]
+            cnext[last] = b
+            cprev[b] = last
+            cnext[b] = f
+            cprev[f] = b
+
+
+@compiled
+def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks):  # type: ignore[no-untyped-def]
+    nfull = num_tokens // block_size
+    nreq = (num_tokens + block_size - 1) // block_size
+    k = _find(hashes, min(nfull, max(num_tokens - 1, 0) // block_size), first_copy, blocks)
+    evictable = 0
+    for i in range(k):
+        if ref[blocks[i]] == 0:
+            evictable += 1
+    if nreq - k + evictable > cnt[1]:
+        return -1, 0
+    for i in range(k):  # touch: a hit pulls a free block off the queue
+        b = blocks[i]
+        if ref[b] == 0:
+            _unlink(nxt, prv, b)
+            cnt[1] -= 1
+        ref[b] += 1
+    _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, k, nreq)
+    _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, k, nfull)
+    return k, nreq - k + evictable
+
+
+@compiled
+def _free(nxt, prv, ref, bhash, cnt, blocks, nblocks):  # type: ignore[no-untyped-def]
+    """Tail-first: unhashed blocks to the head (in that order), hashed ones to the tail."""
+    head, tail = len(ref), len(ref) + 1
+    anchor = head
+    released = 0
+    for i in range(nblocks - 1, -1, -1):
+        b = blocks[i]
+        ref[b] -= 1
+        if ref[b] == 0:
+            released += 1
+            cnt[1] += 1
+            if bhash[b] == -1:
+                after = nxt[anchor]
+                nxt[anchor] = b
+                prv[b] = anchor
+                nxt[b] = after
+                prv[after] = b
+                anchor = b
+    for i in range(nblocks - 1, -1, -1):
+        b = blocks[i]
+        if ref[b] == 0 and bhash[b] != -1:
+            last = prv[tail]
+            nxt[last] = b
+            prv[b] = last
+            nxt[b] = tail
+            prv[tail] = b
+    return released
+
+
+@dataclass
+class _Running:
+    blocks: np.ndarray  # capacity >= nblocks
+    nblocks: int
+    num_cached: int
+    hashes: np.ndarray  # per block: dense id, or _UNIQUE
+
+
+class ArrayPrefixCache:
+    """`cache.PrefixCache(num_blocks, block_size, "lru")` on arrays; block hashes are ids < num_ids."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_ids: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError("num_blocks must be positive (use cache.PrefixCache for an infinite cache)")
+        n = num_blocks
+        self.num_blocks = n
+        self.block_size = block_size
+        self.policy = "lru"
+        self._nxt = np.append(np.arange(1, n + 1, dtype=np.int64), [0, 0])
+        self._prv = np.append(np.arange(-1, n - 1, dtype=np.int64), [0, n - 1])
+        self._prv[0] = n  # block 0 follows the head sentinel (n); block n-1 precedes the tail (n+1)
+        self._nxt[n - 1] = n + 1
+        self._nxt[n] = 0
+        self._ref = np.zeros(n, np.int64)
+        self._bhash = np.full(n, _NONE, np.int64)
+        self._first_copy = np.full(max(num_ids, 1), -1, np.int64)
+        self._cnext = np.zeros(n, np.int64)
+        self._cprev = np.zeros(n, np.int64)
+        self._cnt = np.asarray([0, n], np.int64)  # evictions, free blocks
+        self._scratch = np.zeros(n, np.int64)
+        self.running: dict[str, _Running] = {}
+        self.queries = 0
+        self.hits = 0
+        self.blocks_in_use = 0
+        self.peak_blocks_in_use = 0
+
+    @property
+    def evictions(self) -> int:
+        return int(self._cnt[0])
+
+    def fits(self, num_tokens: int) -> bool:
+        return -(-num_tokens // self.block_size) <= self.num_blocks
+
+    def lookup(self, block_hashes: Sequence[int] | np.ndarray, num_tokens: int) -> int:
+        hashes = np.asarray(block_hashes, np.int64)
+        cap = min(len(hashes), max(num_tokens - 1, 0) // self.block_size)
+        return int(_find(hashes, cap, self._first_copy, self._scratch)) * self.block_size
+
+    def admit(self, request_id: str, block_hashes: Sequence[int] | np.ndarray, num_tokens: int, *, position: int | None = None) -> int | None:
+        """As `cache.PrefixCache.admit`: hit tokens, or None (nothing changed)."""
+        assert request_id not in self.running, f"request {request_id} is already running"
+        hashes = np.asarray(block_hashes, np.int64)
+        assert len(hashes) >= num_tokens // self.block_size
+        if not self.fits(num_tokens):
+            return None
+        nreq = -(-num_tokens // self.block_size)
+        blocks = np.zeros(max(nreq, 4), np.int64)
+        k, in_use = _admit(self._nxt, self._prv, self._ref, self._bhash, self._first_copy, self._cnext, self._cprev,
+                           self._cnt, hashes, num_tokens, self.block_size, blocks)
+        if k < 0:
+            return None
+        self.running[request_id] = _Running(blocks, nreq, num_tokens // self.block_size, hashes.copy())
+        self.blocks_in_use += int(in_use)
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
+        self.queries += num_tokens
+        self.hits += int(k) * self.block_size
+        return int(k) * self.block_size
+
+    def grow(self, request_id: str, num_tokens_total: int, block_hashes: Sequence[int] | np.ndarray = ()) -> bool:
+        """As `cache.PrefixCache.grow`: decode slots; newly full blocks cached."""
+        req = self.running[request_id]
+        need = -(-num_tokens_total // self.block_size)
+        num_new = max(need - req.nblocks, 0)
+        if num_new > self._cnt[1]:
+            return False
+        if need > len(req.blocks):
+            req.blocks = np.concatenate([req.blocks, np.zeros(max(need, 2 * len(req.blocks)) - len(req.blocks), np.int64)])
+        _allocate(self._nxt, self._prv, self._ref, self._bhash, self._first_copy, self._cnext, self._cprev,
+                  self._cnt, req.blocks, req.nblocks, req.nblocks + num_new)
+        req.nblocks += num_new
+        num_full = num_tokens_total // self.block_size
+        if num_full > len(req.hashes):
+            given = np.asarray(block_hashes, np.int64)[len(req.hashes) : num_full]
+            pad = np.full(num_full - len(req.hashes) - len(given), _UNIQUE, np.int64)
+            req.hashes = np.concatenate([req.hashes, given, pad])
+        if num_full > req.num_cached:
+            _cache_blocks(self._bhash, self._first_copy, self._cnext, self._cprev, req.blocks, req.hashes,
+                          req.num_cached, num_full)
+            req.num_cached = num_full
+        self.blocks_in_use += num_new
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
+        return True
+
+    def free(self, request_id: str) -> None:
+        req = self.running.pop(request_id)
+        self.blocks_in_use -= int(_free(self._nxt, self._prv, self._ref, self._bhash, self._cnt, req.blocks, req.nblocks))
+
+    def free_block_ids(self) -> list[int]:
+        """The free queue, head (evicted first) to tail."""
+        ids, b = [], int(self._nxt[self.num_blocks])
+        while b != self.num_blocks + 1:
+            ids.append(b)
+            b = int(self._nxt[b])
+        return ids
