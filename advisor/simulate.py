@@ -299,7 +299,8 @@ def plan_budgets(
     if options.kv_cache_gib and geom is None:
         raise AdvisorError("--kv-cache-gib needs --model (a catalog name or a local config.json) to turn GiB into blocks.")
     if options.gpu is not None and geom is None:
-        raise AdvisorError("--gpu needs --model: the weights and KV bytes per token come from the model.")
+        notes.append(f"block size {block_size}: --gpu without --model adds no budget (weights and KV "
+                     "bytes per block unknown); pass --model to simulate the GPU's KV memory")
     tp = options.tensor_parallel_size
     budgets = set(options.num_blocks)
     budgets.update(t // block_size for t in options.budget_tokens)

@@ -138,6 +138,17 @@ def test_concurrent_without_overlap_is_sequential(reqs: list[list[int]], extra: 
 
 
 @FAST
+@given(structured(), st.integers(0, 10), st.lists(st.floats(0, 5), min_size=30, max_size=30))
+def test_one_running_request_at_a_time_is_sequential(reqs: list[list[int]], extra: int, gaps: list[float]) -> None:
+    """max_num_seqs=1, prefill only: whatever the (ordered) arrival times, requests queue and run
+    one after the other, so concurrent mode equals sequential mode."""
+    w = Workload.from_token_lists(reqs, timestamps=np.cumsum(gaps[: len(reqs)]))
+    nb = blocks_needed(reqs) + extra
+    con = simulate_one(w, B, nb, mode="concurrent", options=SimulateOptions(max_num_seqs=1))
+    assert list(con.hit_tokens) == list(hits(w, nb))
+
+
+@FAST
 @given(structured(), st.integers(0, 20))
 def test_warm_window_counts_only_requests_after_warmup(reqs: list[list[int]], warmup: int) -> None:
     w = Workload.from_token_lists(reqs)
@@ -184,15 +195,6 @@ def test_pinned_running_request_costs_hits_that_sequential_keeps() -> None:
     assert list(seq) == [0, 0, 0, 8]
     assert list(con) == [0, 0, 0, 0]
     assert list(hits(w, None, mode="concurrent", options=opts)) == [0, 0, 0, 8]
-
-
-def test_max_num_seqs_one_serialises_arrivals() -> None:
-    """With one running request at a time and no output, simultaneous arrivals run in log order:
-    the same hits as sequential mode."""
-    reqs = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10], [1, 2, 3, 4, 11]]
-    w = Workload.from_token_lists(reqs, timestamps=[0.0, 0.0, 0.0])
-    con = hits(w, 6, mode="concurrent", options=SimulateOptions(max_num_seqs=1))
-    assert list(con) == list(hits(w, 6))
 
 
 def test_preemption_frees_the_latest_request_and_still_finishes_all() -> None:
@@ -294,3 +296,29 @@ def test_cli_simulate_explains_missing_inputs_and_bad_block_size(tmp_path: Path)
     run = write_run(tmp_path / "run", [[1, 2, 3]])
     res = CliRunner().invoke(main, ["simulate", str(run), "--block-sizes", "0"])
     assert res.exit_code == 1 and "positive" in res.output
+
+
+def test_cli_simulates_a_hash_trace_at_its_block_size(tmp_path: Path) -> None:
+    ids = [[1, 2, 3], [1, 2, 4], [1, 2, 3, 5], [9]]
+    lengths = [3 * 512, 2 * 512 + 100, 4 * 512, 300]
+    n = len(ids)
+    requests = {name: [None] * n for name in schema.REQUESTS.names}
+    requests.update(request_id=[f"t{i}" for i in range(n)], line=list(range(1, n + 1)),
+                    kind=[schema.KIND_HASH_TRACE] * n, format=[schema.FORMAT_HASH_TRACE] * n,
+                    timestamp=[0.0, 1.0, 2.0, 3.0], hash_ids=ids, input_length=lengths,
+                    trace_block_size=[512] * n, output_tokens=[5] * n)
+    run = tmp_path / "trace"
+    run.mkdir()
+    pq.write_table(pa.Table.from_pydict(requests, schema=schema.REQUESTS), run / "requests.parquet")
+    tokens = {name: [None] * n for name in schema.TOKENS.names}
+    tokens.update(request_id=requests["request_id"], n_tokens=lengths)
+    pq.write_table(pa.Table.from_pydict(tokens, schema=schema.TOKENS), run / "tokens.parquet")
+    res = CliRunner().invoke(main, ["simulate", str(run), "--budget-tokens", "4096"])
+    assert res.exit_code == 0, res.output
+    sim = pl.read_parquet(run / "sim.parquet")
+    assert sim["block_size"].unique().to_list() == [512]
+    assert sorted(sim["num_blocks"].unique().to_list(), key=lambda x: (x is not None, x)) == [None, 8]
+    ceiling = sim.filter(pl.col("num_blocks").is_null() & (pl.col("window") == "cold")).row(0, named=True)
+    assert ceiling["hit_tokens"] == 1024 + 1536 and ceiling["queries"] == sum(lengths)
+    res = CliRunner().invoke(main, ["simulate", str(run), "--block-sizes", "16"])
+    assert res.exit_code == 1 and "--block-sizes 512" in res.output
