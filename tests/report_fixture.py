@@ -127,6 +127,7 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
     rf.write_json(root / rf.REPLAY, {
         "status": replay_status, "reason": None, "engine": "vllm-inprocess", "vllm_version": "0.32.0",
         "model": "tiny random Llama (vocab 151936)", "synthetic_tokens": False,
+        "notes": ["replayed the first 10 requests"],
         "configs": [{"block_size": 16, "num_blocks": 256, "mode": "sequential", "queries": total,
                      "predicted_hit_tokens": 512, "measured_hit_tokens": 496, "predicted_hit_rate": 512 / total,
                      "measured_hit_rate": 496 / total, "diff_points": (496 - 512) / total * 100,

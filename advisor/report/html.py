@@ -320,6 +320,8 @@ def _replay(data: ReportData) -> str:
                f"{esc(rp.get('model'))}"
                + ("; synthetic token ids (hash trace)" if rp.get("synthetic_tokens") else "") + ".</p>")
     out.append(_table(fx.REPLAY_HEADER, fx.replay_rows(rp), numeric=range(2, 9)))
+    if rp.get("notes"):
+        out.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in rp["notes"]) + "</ul>")
     for c in rp["configs"]:
         mm = c.get("mismatches") or []
         if mm:

@@ -220,6 +220,7 @@ def _replay(data: ReportData) -> list[str]:
     out += [f"Engine: {md_text(rp.get('engine'))}, vLLM {md_text(rp.get('vllm_version'))}; weights: "
             f"{md_text(rp.get('model'))}" + ("; synthetic token ids (hash trace)" if rp.get("synthetic_tokens") else "")
             + ".", "", table(fx.REPLAY_HEADER, fx.replay_rows(rp), numeric=range(2, 9)), ""]
+    out += [f"- {md_text(n)}" for n in rp.get("notes") or []] + ([""] if rp.get("notes") else [])
     for c in rp["configs"]:
         mm = c.get("mismatches") or []
         if mm:
