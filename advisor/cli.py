@@ -511,7 +511,7 @@ def _do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
 
     def body(r: RunDir) -> dict[str, Any]:
         with click.progressbar(
-            length=sim.count_configs(options), label="simulate", file=sys.stderr, hidden=con.quiet,
+            length=sim.count_configs(options), label="simulate", file=sys.stderr, hidden=con.quiet or not sys.stderr.isatty(),
         ) as bar:
             return sim.simulate_run(r.require(rf.REQUESTS), r.require(rf.TOKENS), r.path(rf.SIM),
                                     r.path(rf.SIM_REQUESTS), options, bar.update)

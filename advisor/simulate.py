@@ -312,7 +312,7 @@ def plan_budgets(
                                            options.headroom_gib, tp)
             gpu_blocks = kv.blocks_for_kv_bytes(geom, block_size, kv_bytes, tp)
             budgets.add(gpu_blocks)
-            notes.append(f"block size {block_size}: GPU budget {gpu_gib:g} GiB x {options.gpu_memory_utilization:g} "
+            notes.append(f"block size {block_size}: GPU budget {gpu_gib:.1f} GiB x {options.gpu_memory_utilization:g} "
                          f"minus weights and headroom = {kv_bytes / kv.GIB:.2f} GiB = {gpu_blocks:,} blocks")
     if not (options.num_blocks or options.budget_tokens or options.kv_cache_gib):
         n = workload.n_tokens
