@@ -6,11 +6,10 @@ with the tokenizer's spec in the Parquet metadata key `pc_advise.tokenizer`.
 
 How each kind of request becomes token ids (DESIGN §4), matching vLLM's
 OpenAI-compatible server:
-- chat: the messages are normalised the way vLLM parses them (text parts joined
-  with newlines, tool-call arguments parsed into objects, tools dumped with
-  vLLM's field set), rendered with the tokenizer's chat template
-  (`apply_chat_template(..., tools=..., add_generation_prompt=True,
-  tokenize=False)`), then encoded without adding special tokens again;
+- chat: the messages and tools normalised the way vLLM parses them, rendered with
+  the tokenizer's chat template (advisor/chatprompt.py: `apply_chat_template(...,
+  tools=..., add_generation_prompt=True, tokenize=False)`), then encoded without
+  adding special tokens again;
 - completion: the prompt encoded with special tokens added (the /v1/completions
   default; Qwen adds none);
 - tokens: prompt_token_ids passed through;
@@ -38,6 +37,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from advisor import schema
+from advisor.chatprompt import (  # noqa: F401  (re-exported: the stage's rendering API)
+    RenderError,
+    developer_as_system,
+    render_chat,
+    vllm_conversation,
+    vllm_tools,
+)
 from advisor.default_tokenizer import EMBEDDED_SPEC, embedded_dirname, ensure_embedded
 from advisor.errors import AdvisorError
 from advisor.runfolder import atomic_path
@@ -45,10 +51,6 @@ from advisor.runfolder import atomic_path
 METADATA_KEY = b"pc_advise.tokenizer"
 ROWS_PER_WORKER = 256  # rows per batch = workers x this: enough texts to keep every thread busy
 FIRST_ERRORS = 20
-
-
-class RenderError(ValueError):
-    """A request vLLM would refuse before tokenizing it (recorded, not raised further)."""
 
 
 @dataclass(frozen=True)
@@ -153,179 +155,6 @@ def tokenizer_spec_of(tokens_path: Path) -> str | None:
 
 def request_count(requests_path: Path) -> int:
     return pq.ParquetFile(requests_path).metadata.num_rows
-
-
-# --- rendering, the way vLLM's OpenAI server prepares a chat request ---
-_BILLING_HEADER = "x-anthropic-billing-header"
-_TEXT_KEYS = {"text": "text", "input_text": "text", "output_text": "text",
-              "refusal": "refusal", "thinking": "thinking"}
-
-
-def _part_text(part: Any) -> str | None:
-    if isinstance(part, str):
-        return part
-    if not isinstance(part, dict):
-        raise RenderError(f"a content part is a {type(part).__name__}; expected an object")
-    ptype = part.get("type")
-    key = _TEXT_KEYS.get(ptype)  # type: ignore[arg-type]
-    if key is None:
-        raise RenderError(
-            f"content part of type {ptype!r} is not text; a text-only model refuses it"
-        )
-    text = part.get(key)
-    if text is not None and not isinstance(text, str):
-        raise RenderError(f"content part {key!r} is a {type(text).__name__}; expected string")
-    return text
-
-
-def _message_text(role: str, content: Any) -> str:
-    if content is None:
-        parts: list[Any] = []
-    elif isinstance(content, str):
-        parts = [content]
-    elif isinstance(content, list):
-        parts = content
-    else:
-        raise RenderError(f"content is a {type(content).__name__}; expected string or list")
-    texts = [t for t in map(_part_text, parts) if t]  # vLLM drops empty parts
-    if role == "system":
-        # vLLM drops this per-request header line (it would break every prefix).
-        kept = []
-        for t in texts:
-            if t.startswith(_BILLING_HEADER):
-                t = t.partition("\n")[2]
-                if not t:
-                    continue
-            kept.append(t)
-        texts = kept
-    return "\n".join(texts)
-
-
-def _tool_call(call: Any) -> dict[str, Any]:
-    if not isinstance(call, dict):
-        raise RenderError("assistant tool_calls entries must be objects")
-    fn = call.get("function")
-    if call.get("type", "function") != "function" or not isinstance(fn, dict):
-        raise RenderError("assistant tool_calls must be of type 'function' with a function")
-    args = fn.get("arguments")
-    if not args:
-        parsed: Any = {}
-    elif isinstance(args, dict):
-        parsed = args
-    elif isinstance(args, str):
-        try:
-            parsed = json.loads(args)
-        except json.JSONDecodeError:
-            parsed = {}  # vLLM coerces unparseable arguments to {} so the chat can continue
-    else:
-        parsed = args
-    if not isinstance(parsed, dict):
-        parsed = {}
-    return {**call, "function": {**fn, "arguments": parsed}}
-
-
-def vllm_conversation(messages: Any) -> list[dict[str, Any]]:
-    """Chat messages as vLLM hands them to the chat template (text-only models)."""
-    if not isinstance(messages, list) or not messages:
-        raise RenderError("messages is empty or not a list")
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RenderError("a message is not an object with a string role")
-        role = m["role"]
-        msg: dict[str, Any] = {"role": role, "content": _message_text(role, m.get("content"))}
-        if role == "assistant" and m.get("tool_calls") is not None:
-            calls = m["tool_calls"]
-            if not isinstance(calls, list):
-                raise RenderError("assistant tool_calls is not a list")
-            if calls:  # an empty list is dropped: the template takes the plain path
-                msg["tool_calls"] = [_tool_call(c) for c in calls]
-        if role == "tool" and "tool_call_id" in m:
-            msg["tool_call_id"] = m["tool_call_id"]
-        if isinstance(m.get("name"), str):
-            msg["name"] = m["name"]
-        if role == "assistant" and m.get("reasoning") is not None:
-            msg["reasoning"] = msg["reasoning_content"] = m["reasoning"]
-        out.append(msg)
-    return out
-
-
-def vllm_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """Tools as vLLM dumps them for the template: known fields only, unset optionals as null."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise RenderError("tools is not a list")
-    if not tools:
-        raise RenderError("tools is an empty array; vLLM (like OpenAI) refuses the request")
-    out = []
-    for t in tools:
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise RenderError("a tool has no function object with a string name")
-        defer = t.get("defer_loading")
-        f: dict[str, Any] = {
-            "name": fn["name"],
-            "description": fn.get("description"),
-            "parameters": fn.get("parameters"),
-        }
-        if fn.get("strict") is not None:
-            f["strict"] = fn["strict"]
-        f_defer = fn.get("defer_loading") if fn.get("defer_loading") is not None else defer
-        if f_defer is not None:
-            f["defer_loading"] = f_defer
-        tool: dict[str, Any] = {"type": t.get("type", "function"), "function": f}
-        if defer is not None:
-            tool["defer_loading"] = defer
-        out.append(tool)
-    return out
-
-
-def developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """vLLM's fallback for templates without a developer role: developer turns become
-    system turns, and several system turns (or one not first) merge into one at the
-    front, their non-empty texts joined by a blank line."""
-    converted = []
-    for m in conversation:
-        if m["role"] == "developer":
-            m = {k: v for k, v in m.items() if k != "tools"}
-            m["role"] = "system"
-        converted.append(m)
-    systems = [i for i, m in enumerate(converted) if m["role"] == "system"]
-    if not systems or systems == [0]:
-        return converted
-    merged = {"role": "system",
-              "content": "\n\n".join(converted[i]["content"] for i in systems
-                                      if converted[i]["content"])}
-    return [merged, *(m for m in converted if m["role"] != "system")]
-
-
-def _template_text(tokenizer: Any, tools: Any) -> str:
-    try:
-        return str(tokenizer.get_chat_template(None, tools=tools))
-    except (ValueError, AttributeError):
-        return str(getattr(tokenizer, "chat_template", "") or "")
-
-
-def render_chat(tokenizer: Any, messages: Any, tools: Any) -> str:
-    """The prompt text vLLM would tokenize for this chat request."""
-    conversation = vllm_conversation(messages)
-    tool_dicts = vllm_tools(tools)
-    if any(m["role"] == "developer" for m in conversation):
-        template = _template_text(tokenizer, tool_dicts)
-        if '"developer"' not in template and "'developer'" not in template:
-            conversation = developer_as_system(conversation)
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, tools=tool_dicts, add_generation_prompt=True, tokenize=False
-        )
-    except RenderError:
-        raise
-    except Exception as e:  # a template's raise_exception, a missing key, a type error
-        raise RenderError(f"chat template failed: {type(e).__name__}: {e}") from e
-    if not isinstance(text, str):
-        raise RenderError("chat template did not return text")
-    return text
 
 
 # --- the stage ---

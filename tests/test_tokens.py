@@ -467,16 +467,43 @@ def _random_chat(rng) -> tuple[list[dict], list[dict] | None]:
     return msgs, tools
 
 
-@pytest.mark.oracle
-def test_prompt_ids_equal_vllms_own_chat_rendering(tmp_path, cache_dir, qwen):
-    """vLLM's server path (request model, parse_chat_messages, safe_apply_chat_template with
-    tokenize=True) on the embedded tokenizer gives the ids tokens.py gives, request by request."""
+# A ChatML variant that loops over content parts (vLLM's "openai" content format) and
+# does not know the developer role: the other branch of every normalisation step.
+PARTS_TEMPLATE = (
+    "{%- for m in messages -%}<|im_start|>{{ m.role }}\n"
+    "{%- if m.content is string -%}{{ m.content }}"
+    "{%- else -%}{%- for p in m.content -%}[{{ p.type }}:{{ p.text }}]{%- endfor -%}{%- endif -%}"
+    "{%- if m.tool_calls is defined -%}{%- for c in m.tool_calls -%}"
+    "<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>"
+    "{%- endfor -%}{%- endif -%}<|im_end|>\n{%- endfor -%}"
+    "{%- if tools -%}{{ tools | tojson }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="module")
+def vllm_model_config(tmp_path_factory, cache_dir, qwen):
+    """A model folder vLLM can configure: the embedded tokenizer plus a tiny config.json."""
     pytest.importorskip("vllm", reason="vLLM not installed: it is the reference for rendering")
-    import random
     import shutil
 
     from transformers import LlamaConfig
     from vllm.config import ModelConfig
+
+    model = tmp_path_factory.mktemp("vllm-model") / "model"
+    shutil.copytree(next(p for p in cache_dir.iterdir() if not p.name.startswith(".")), model)
+    LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=32).save_pretrained(model)
+    return ModelConfig(model=str(model), tokenizer=str(model))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("template", ["embedded", "parts"])
+def test_prompt_ids_equal_vllms_own_chat_rendering(vllm_model_config, cache_dir, template):
+    """vLLM's server path (request model, parse_chat_messages, safe_apply_chat_template with
+    tokenize=True) gives the ids tokens.py gives, request by request."""
+    import random
+
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers.chat_utils import parse_chat_messages
     from vllm.renderers.hf import (
@@ -484,13 +511,14 @@ def test_prompt_ids_equal_vllms_own_chat_rendering(tmp_path, cache_dir, qwen):
         safe_apply_chat_template,
     )
 
-    model = tmp_path / "model"  # a model folder vLLM can configure: our tokenizer + a tiny config
-    shutil.copytree(next(p for p in cache_dir.iterdir() if not p.name.startswith(".")), model)
-    LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=2, head_dim=32).save_pretrained(model)
-    config = ModelConfig(model=str(model), tokenizer=str(model))
+    tok = tk.load_tokenizer(None, cache_dir)
+    if template == "parts":
+        tok.chat_template = PARTS_TEMPLATE
+    config = vllm_model_config
     fmt = resolve_chat_template_content_format(
-        chat_template=None, tools=None, given_format="auto", tokenizer=qwen, model_config=config)
+        chat_template=tok.chat_template, tools=None, given_format="auto", tokenizer=tok,
+        model_config=config)
+    assert fmt == ("openai" if template == "parts" else "string")
     rng = random.Random(7)
     refused = 0
     for _ in range(150):
@@ -500,12 +528,13 @@ def test_prompt_ids_equal_vllms_own_chat_rendering(tmp_path, cache_dir, qwen):
         except Exception:  # vLLM answers 400: tokens.py must refuse it too
             refused += 1
             with pytest.raises(tk.RenderError):
-                tk.render_chat(qwen, msgs, tools)
+                tk.render_chat(tok, msgs, tools)
             continue
         conv, _, _ = parse_chat_messages(request.messages, config, content_format=fmt)
         tool_dicts = None if request.tools is None else [t.model_dump() for t in request.tools]
-        theirs = safe_apply_chat_template(config, qwen, conv, tools=tool_dicts,
+        theirs = safe_apply_chat_template(config, tok, conv, tools=tool_dicts,
+                                          chat_template=tok.chat_template,
                                           add_generation_prompt=True, tokenize=True)
-        ours = qwen.encode(tk.render_chat(qwen, msgs, tools), add_special_tokens=False)
+        ours = tok.encode(tk.render_chat(tok, msgs, tools), add_special_tokens=False)
         assert ours == list(theirs), (msgs, tools)
     assert 0 < refused < 100  # both paths were exercised

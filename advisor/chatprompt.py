@@ -1,0 +1,285 @@
+"""Chat request -> prompt text, the way vLLM's OpenAI-compatible server renders it.
+
+Input: a logged chat request's `messages` and `tools` (parsed JSON) and a
+transformers tokenizer with a chat template. Output: the prompt text vLLM would
+tokenize (with add_special_tokens=False), or a RenderError saying why vLLM
+would refuse the request before scheduling it.
+
+What vLLM (0.32, vllm/renderers/) does before the template sees a request, and
+this module reproduces for text-only models:
+- content: text parts (`text`, `input_text`, `output_text`, `refusal`,
+  `thinking`) are read, non-text parts are refused; a system part starting with
+  the `x-anthropic-billing-header` line loses that line. Templates that loop
+  over a message's content ("openai" content format, detected from the
+  template's syntax tree) get a list of {"type": "text", "text"} parts; others
+  ("string") get the non-empty texts joined by newlines. Tool results are
+  always one string.
+- assistant tool calls: an empty list is dropped; `arguments` strings are parsed
+  into objects (unparseable or non-object arguments become {}).
+- developer turns, when the template does not mention that role, become system
+  turns, and all system turns merge into one at the front.
+- tools: dumped with vLLM's field set (name, description, parameters; strict and
+  defer_loading when set); an empty tools array is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+STRING, OPENAI = "string", "openai"  # vLLM's two chat-template content formats
+
+
+class RenderError(ValueError):
+    """A request vLLM would refuse before tokenizing it (recorded, not raised further)."""
+
+
+_BILLING_HEADER = "x-anthropic-billing-header"
+_TEXT_KEYS = {"text": "text", "input_text": "text", "output_text": "text",
+              "refusal": "refusal", "thinking": "thinking"}
+
+
+# --- the template's content format ---
+@lru_cache(maxsize=16)
+def content_format(template: str) -> str:
+    """OPENAI when the template iterates over a message's content, else STRING."""
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        ast = _compile_jinja_template(template).environment.parse(template)
+    except Exception:  # transformers' private helper moved, or the template does not parse
+        try:
+            ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        except jinja2.TemplateError:
+            return STRING
+
+    def unwrap(node: Any) -> Any:
+        while isinstance(node, (nodes.Filter, nodes.Test)) or (
+            isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)
+        ):
+            node = node.node
+        return node
+
+    def names_in(node: Any, names: set[str]) -> bool:
+        node = unwrap(node)
+        return isinstance(node, nodes.Name) and node.name in names
+
+    def content_of(node: Any, names: set[str]) -> bool:
+        node = unwrap(node)
+        if isinstance(node, nodes.Getitem):
+            key_ok = isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+        elif isinstance(node, nodes.Getattr):
+            key_ok = node.attr == "content"
+        else:
+            return False
+        return key_ok and isinstance(node.node, nodes.Name) and node.node.name in names
+
+    # Variables that hold the message list: `messages` and whatever is assigned from it.
+    lists = {"messages"}
+    grew = True
+    while grew:
+        grew = False
+        for assign in ast.find_all(nodes.Assign):
+            if isinstance(assign.target, nodes.Name) and assign.target.name not in lists \
+                    and names_in(assign.node, lists):
+                lists.add(assign.target.name)
+                grew = True
+    items = {loop.target.name for loop in ast.find_all(nodes.For)
+             if isinstance(loop.target, nodes.Name) and names_in(loop.iter, lists)}
+    in_macros = {id(loop) for macro in ast.find_all(nodes.Macro)
+                 for loop in macro.find_all(nodes.For)}
+    for loop in ast.find_all(nodes.For):
+        if content_of(loop.iter, items):
+            return OPENAI
+        if id(loop) not in in_macros and isinstance(loop.iter, nodes.Name) \
+                and loop.iter.name == "content":
+            return OPENAI
+    return STRING
+
+
+# --- messages ---
+def _part_text(part: Any) -> str | None:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        raise RenderError(f"a content part is a {type(part).__name__}; expected an object")
+    ptype = part.get("type")
+    key = _TEXT_KEYS.get(ptype)  # type: ignore[arg-type]
+    if key is None:
+        raise RenderError(
+            f"content part of type {ptype!r} is not text; a text-only model refuses it"
+        )
+    text = part.get(key)
+    if text is not None and not isinstance(text, str):
+        raise RenderError(f"content part {key!r} is a {type(text).__name__}; expected string")
+    return text
+
+
+def _texts(role: str, content: Any) -> list[str]:
+    """The text of each content part vLLM reads, in order (parts without text skipped)."""
+    if content is None:
+        parts: list[Any] = []
+    elif isinstance(content, str):
+        parts = [content]
+    elif isinstance(content, list):
+        parts = content
+    else:
+        raise RenderError(f"content is a {type(content).__name__}; expected string or list")
+    texts = [t for t in map(_part_text, parts) if t is not None]
+    if role == "system":
+        # vLLM drops this per-request header line (it would break every prefix).
+        kept = []
+        for t in texts:
+            if t.startswith(_BILLING_HEADER):
+                t = t.partition("\n")[2]
+                if not t:
+                    continue
+            kept.append(t)
+        texts = kept
+    return texts
+
+
+def _content(role: str, content: Any, fmt: str) -> Any:
+    texts = _texts(role, content)
+    if fmt == OPENAI:
+        if role == "tool":  # vLLM flattens text-only tool results for every template
+            return "\n".join(texts)
+        return [{"type": "text", "text": t} for t in texts]
+    return "\n".join(t for t in texts if t)  # empty parts are dropped before joining
+
+
+def _tool_call(call: Any) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise RenderError("assistant tool_calls entries must be objects")
+    fn = call.get("function")
+    if call.get("type", "function") != "function" or not isinstance(fn, dict):
+        raise RenderError("assistant tool_calls must be of type 'function' with a function")
+    args = fn.get("arguments")
+    if not args:
+        parsed: Any = {}
+    elif isinstance(args, dict):
+        parsed = args
+    elif isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            parsed = {}  # vLLM coerces unparseable arguments to {} so the chat can continue
+    else:
+        parsed = args
+    if not isinstance(parsed, dict):
+        parsed = {}
+    return {**call, "function": {**fn, "arguments": parsed}}
+
+
+def vllm_conversation(messages: Any, fmt: str = STRING) -> list[dict[str, Any]]:
+    """Chat messages as vLLM hands them to a chat template of content format `fmt`."""
+    if not isinstance(messages, list) or not messages:
+        raise RenderError("messages is empty or not a list")
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RenderError("a message is not an object with a string role")
+        role = m["role"]
+        msg: dict[str, Any] = {"role": role, "content": _content(role, m.get("content"), fmt)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise RenderError("assistant tool_calls is not a list")
+            if calls:  # an empty list is dropped: the template takes the plain path
+                msg["tool_calls"] = [_tool_call(c) for c in calls]
+        if role == "tool" and "tool_call_id" in m:
+            msg["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        if role == "assistant" and m.get("reasoning") is not None:
+            msg["reasoning"] = msg["reasoning_content"] = m["reasoning"]
+        out.append(msg)
+    return out
+
+
+def developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """vLLM's fallback for templates without a developer role: developer turns become
+    system turns, and several system turns (or one not first) merge into one at the
+    front, their non-empty texts joined by a blank line."""
+    converted = []
+    for m in conversation:
+        if m["role"] == "developer":
+            m = {k: v for k, v in m.items() if k != "tools"}
+            m["role"] = "system"
+        converted.append(m)
+    systems = [i for i, m in enumerate(converted) if m["role"] == "system"]
+    if not systems or systems == [0]:
+        return converted
+
+    def text(content: Any) -> str:
+        if isinstance(content, list):
+            return "\n".join(p["text"] for p in content if isinstance(p, dict) and "text" in p)
+        return content or ""
+
+    merged = {"role": "system",
+              "content": "\n\n".join(t for i in systems if (t := text(converted[i]["content"])))}
+    return [merged, *(m for m in converted if m["role"] != "system")]
+
+
+# --- tools ---
+def vllm_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Tools as vLLM dumps them for the template: known fields only, unset optionals as null."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise RenderError("tools is not a list")
+    if not tools:
+        raise RenderError("tools is an empty array; vLLM (like OpenAI) refuses the request")
+    out = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RenderError("a tool has no function object with a string name")
+        defer = t.get("defer_loading")
+        f: dict[str, Any] = {
+            "name": fn["name"],
+            "description": fn.get("description"),
+            "parameters": fn.get("parameters"),
+        }
+        if fn.get("strict") is not None:
+            f["strict"] = fn["strict"]
+        f_defer = fn.get("defer_loading") if fn.get("defer_loading") is not None else defer
+        if f_defer is not None:
+            f["defer_loading"] = f_defer
+        tool: dict[str, Any] = {"type": t.get("type", "function"), "function": f}
+        if defer is not None:
+            tool["defer_loading"] = defer
+        out.append(tool)
+    return out
+
+
+# --- rendering ---
+def template_text(tokenizer: Any, tools: Any) -> str:
+    """The template apply_chat_template will use (a tokenizer may hold several)."""
+    try:
+        return str(tokenizer.get_chat_template(None, tools=tools))
+    except (ValueError, AttributeError):
+        return str(getattr(tokenizer, "chat_template", "") or "")
+
+
+def render_chat(tokenizer: Any, messages: Any, tools: Any) -> str:
+    """The prompt text vLLM would tokenize for this chat request."""
+    tool_dicts = vllm_tools(tools)
+    template = template_text(tokenizer, tool_dicts)
+    conversation = vllm_conversation(messages, content_format(template))
+    if any(m["role"] == "developer" for m in conversation) \
+            and '"developer"' not in template and "'developer'" not in template:
+        conversation = developer_as_system(conversation)
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tools=tool_dicts, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as e:  # a template's raise_exception, a missing key, a type error
+        raise RenderError(f"chat template failed: {type(e).__name__}: {e}") from e
+    if not isinstance(text, str):
+        raise RenderError("chat template did not return text")
+    return text
