@@ -12,6 +12,7 @@ and review the diff.
 from __future__ import annotations
 
 import html as stdhtml
+import json
 import os
 import re
 from html.parser import HTMLParser
@@ -297,3 +298,13 @@ def test_write_report_counts_name_missing_artifacts(tmp_path: Path) -> None:
     (run / rf.REPLAY).unlink()
     counts = write_report(run)
     assert counts["missing"] == [rf.REPLAY]
+
+
+def test_a_replay_of_another_configuration_does_not_claim_the_recommendation(tmp_path: Path) -> None:
+    run = write_fixture_run(tmp_path / "r", replay_status="confirmed")
+    assert facts.replay_status(load(run)).headline == "Confirmed by replay"
+    replay = json.loads((run / rf.REPLAY).read_text())
+    replay["configs"][0]["block_size"] = 32
+    (run / rf.REPLAY).write_text(json.dumps(replay))
+    status = facts.replay_status(load(run))
+    assert status.headline == "Simulator confirmed by replay" and "not replayed" in status.detail

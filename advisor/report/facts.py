@@ -107,7 +107,12 @@ def replay_status(data: ReportData) -> ReplayStatus:
     measured = (f"Measured {pct(main.get('measured_hit_rate'), 2)} vs predicted "
                 f"{pct(main.get('predicted_hit_rate'), 2)} (block size {main.get('block_size')}, "
                 f"{num(main.get('num_blocks'))} blocks, {main.get('mode')}); " if main else "")
+    same = bool(main) and main.get("block_size") == recd.get("block_size") and main.get("num_blocks") == recd.get(
+        "num_blocks")
     if status == "confirmed":
+        if main and recd and not same:
+            return ReplayStatus("ok", "Simulator confirmed by replay",
+                                f"{measured}{engine}. The recommended configuration itself was not replayed.")
         return ReplayStatus("ok", "Confirmed by replay", f"{measured}{engine}.")
     if status == "mismatch":
         return ReplayStatus("bad", "Replay mismatch", f"{measured}{engine}; see the replay section.")
