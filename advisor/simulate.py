@@ -44,18 +44,16 @@ left out and the counts say so); replay recomputes any configuration exactly wit
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-import hashlib
 
 from advisor import fastsim
 from advisor import kvmemory as kv
@@ -473,17 +471,12 @@ def simulate_run(
 
     workload = load_workload(requests_path, tokens_path)
     if workload.is_hash_trace and options.block_sizes == SimulateOptions().block_sizes:
-        options = _replace(options, block_sizes=(workload.trace_block_size,))
+        options = replace(options, block_sizes=(workload.trace_block_size,))
     geom = kv.resolve_model(options.model) if options.model else None
     grid = simulate_grid(workload, options, geom, progress)
     write_table(sim_path, grid.sim, SIM_OUT)
     write_table(sim_requests_path, grid.sim_requests, schema.SIM_REQUESTS)
     return summary_counts(grid, workload)
-
-
-def _replace(options: SimulateOptions, **changes: Any) -> SimulateOptions:
-    from dataclasses import replace
-    return replace(options, **changes)
 
 
 def summary_counts(grid: GridResult, workload: Workload) -> dict[str, Any]:
@@ -503,6 +496,3 @@ def summary_counts(grid: GridResult, workload: Workload) -> dict[str, Any]:
         "notes": grid.notes,
     }
 
-
-def read_sim(path: Path) -> pa.Table:
-    return pq.read_table(path)
