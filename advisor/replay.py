@@ -371,9 +371,12 @@ class ReplayResult:
         if not self.configs:
             return STATUS_NOT_RUN
         states = [c.status() for c in self.configs]
-        if STATUS_MISMATCH in states:
+        if STATUS_MISMATCH in states:  # any measured disagreement shows
             return STATUS_MISMATCH
-        if STATUS_CONFIRMED in states:
+        # the configuration asked for first (the recommendation) decides; rows measured
+        # instead of it do not make it confirmed
+        primary = [c.status() for c in self.configs if c.mode == self.configs[0].mode][0]
+        if primary == STATUS_CONFIRMED:
             return STATUS_CONFIRMED
         return STATUS_NOT_CONFIRMABLE
 
@@ -385,6 +388,10 @@ class ReplayResult:
         reason = self.reason
         if reason is None and self.status() == STATUS_NOT_CONFIRMABLE:
             reason = "; ".join(sorted({c.reason for c in self.configs if c.reason}))
+            stand_ins = [c for c in self.configs if c.status() == STATUS_CONFIRMED]
+            if stand_ins:
+                reason += "; the simulator itself was confirmed at " + ", ".join(
+                    f"block size {c.block_size} x {c.num_blocks} blocks ({c.mode})" for c in stand_ins)
         return {
             "status": self.status(), "reason": reason, "engine": self.engine,
             "vllm_version": self.vllm_version, "model": self.model,
@@ -532,6 +539,22 @@ def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions) -> list[int]:
     return [cached[f"r{i}"] for i in range(n)]
 
 
+def with_stand_ins(configs: Sequence[ReplayConfig], cpu_backend: bool) -> list[ReplayConfig]:
+    """`configs`, plus, for each block size the CPU backend cannot run, the nearest one it
+    can with the same KV tokens (B=16 x N -> B=32 x N/2). The stand-in is its own row; the
+    configuration asked for stays "not confirmable", never silently swapped."""
+    out = list(configs)
+    if not cpu_backend:
+        return out
+    for cfg in configs:
+        if cfg.block_size % CPU_BLOCK_MULTIPLE:
+            b = -(-cfg.block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
+            stand_in = ReplayConfig(b, max(1, cfg.num_blocks * cfg.block_size // b))
+            if all(c.block_size != b for c in out):
+                out.append(stand_in)
+    return out
+
+
 def replay_inprocess(
     w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptions, model_dir: str,
     model_label: str, sim_requests: pa.Table | None,
@@ -544,10 +567,13 @@ def replay_inprocess(
     read_counters = _metric_counters()
     results: list[ConfigResult] = []
     queries = sum(len(t) for t in w.token_ids)
-    for cfg in configs:
+    for cfg in with_stand_ins(configs, cpu):
         res = ConfigResult(cfg.block_size, cfg.num_blocks, opts.mode, False, None, queries=queries,
                            request_ids=w.request_ids)
         results.append(res)
+        if cfg not in configs:
+            stand_for = [c for c in configs if c.block_size % CPU_BLOCK_MULTIPLE]
+            res.extra = {"stand_in_for": [[c.block_size, c.num_blocks] for c in stand_for]}
         why = confirmability(w, cfg, opts.mode, opts.max_output_tokens, cpu)
         pred, source = (None, "") if why else predicted_hits(w, cfg, opts, sim_requests)
         if why is None and pred is None:
@@ -574,7 +600,7 @@ def replay_inprocess(
         res.per_request_measured = per_req
         res.measured_hit_tokens = h1 - h0
         res.wall_s = round(time.perf_counter() - t, 3)
-        res.extra = {"engine_queries": q1 - q0, "per_request_hit_tokens_sum": sum(per_req)}
+        res.extra = {**(res.extra or {}), "engine_queries": q1 - q0, "per_request_hit_tokens_sum": sum(per_req)}
         if q1 - q0 != queries:
             res.extra["note"] = (
                 f"the engine counted {q1 - q0} queried tokens for {queries} replayed prompt tokens"
@@ -597,6 +623,16 @@ def resolve_replay_model(w: Workload, replay_model: str | None, cache_dir: Path)
             raise AdvisorError(
                 f"--replay-model {replay_model}: no config.json there; give a local model "
                 "folder (the replay never downloads), or omit it to replay with a tiny random model."
+            )
+        import json
+
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        if vocab is not None and w.max_token_id >= int(vocab):
+            raise AdvisorError(
+                f"--replay-model {replay_model}: its vocabulary has {vocab} tokens but the log's "
+                f"token ids reach {w.max_token_id}; replay with the model whose tokenizer produced "
+                "them, or omit --replay-model (a tiny random model covering the ids is built)."
             )
         return str(p), f"user model {p.name}"
     from advisor import tinymodel
@@ -648,9 +684,9 @@ def check_failures(replay_json: dict[str, Any], tolerance_points: float) -> list
                 f"{c['measured_hit_rate']:.2%} vs predicted {c['predicted_hit_rate']:.2%} "
                 f"({c['diff_points']:+.2f} points > {tolerance_points:g})"
             )
-    if not measured:
+    if replay_json.get("status") in (STATUS_NOT_RUN, STATUS_NOT_CONFIRMABLE):
         problems.append(
-            f"nothing was measured (status {replay_json.get('status')}: "
+            f"the configuration to confirm was not measured (status {replay_json.get('status')}: "
             f"{replay_json.get('reason') or 'no confirmable configuration'})"
         )
     return problems

@@ -127,7 +127,7 @@ def test_check_fails_beyond_tolerance_and_when_nothing_was_measured() -> None:
            "measured_hit_rate": 0.2, "predicted_hit_rate": 0.215}
     assert rp.check_failures({"configs": [cfg]}, 2.0) == []
     assert "1.5" in rp.check_failures({"configs": [cfg]}, 1.0)[0]
-    assert rp.check_failures(rp.not_run("no vllm"), 5.0)
+    assert "not measured" in rp.check_failures(rp.not_run("no vllm"), 5.0)[0]
 
 
 def test_without_vllm_replay_json_says_unconfirmed_and_how_to_confirm(
@@ -257,7 +257,15 @@ def test_cli_replay_writes_replay_json_and_check_gates(tmp_path: Path, model_cac
     assert out["status"] == "mismatch" and out["configs"][0]["mismatches"][0]["request_id"] == "req-1"
     assert out["configs"][0]["prediction_source"] == "sim_requests.parquet"
 
-    # nothing confirmable is a failure for --check too
+    # block size 16 cannot run here: a stand-in at 32 with the same KV tokens is measured as
+    # its own row, the asked-for configuration stays unconfirmed, and --check fails
+    run.path("sim_requests.parquet").unlink()
     res = CliRunner().invoke(main, ["replay", str(run.root), "--block-size", "16",
-                                    "--num-blocks", "40", "--check", "5"])
-    assert res.exit_code != 0 and "nothing was measured" in res.output
+                                    "--num-blocks", "16", "--check", "5"])
+    assert res.exit_code != 0 and "was not measured" in res.output
+    out = json.loads(run.path("replay.json").read_text())
+    asked, stand_in = out["configs"]
+    assert out["status"] == "not_confirmable" and not asked["confirmable"]
+    assert (stand_in["block_size"], stand_in["num_blocks"]) == (32, 8)
+    assert stand_in["stand_in_for"] == [[16, 16]] and stand_in["status"] == "confirmed"
+    assert "confirmed at block size 32" in out["reason"]
