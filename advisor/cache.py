@@ -333,7 +333,8 @@ class PrefixCache:
     position=)`, by default the number of requests admitted so far.
 
     Counters: `queries` and `hits` (vLLM's prefix_cache_queries / _hits, counted at
-    each successful admission), `evictions` (cached blocks reused for new content),
+    each successful admission; a resumed preempted request goes to `preempted_queries`
+    / `preempted_hits`), `evictions` (cached blocks reused for new content),
     `blocks_in_use` and `peak_blocks_in_use`.
     """
 
@@ -357,6 +358,8 @@ class PrefixCache:
         self.running: dict[str, _Running] = {}
         self.queries = 0
         self.hits = 0
+        self.preempted_queries = 0
+        self.preempted_hits = 0
         self.blocks_in_use = 0
         self.peak_blocks_in_use = 0
 
@@ -385,12 +388,17 @@ class PrefixCache:
         """Whether a prompt of `num_tokens` can ever be admitted (an empty cache holds it)."""
         return self.num_blocks is None or -(-num_tokens // self.block_size) <= self.num_blocks
 
-    def admit(self, request_id: str, block_hashes: Sequence[Hashable], num_tokens: int, *, position: int | None = None) -> int | None:
+    def admit(
+        self, request_id: str, block_hashes: Sequence[Hashable], num_tokens: int, *, position: int | None = None, preempted: bool = False
+    ) -> int | None:
         """Schedule a new request's whole prompt: hit, allocate, cache its full blocks.
 
         Returns the hit tokens, or None (nothing changed) when the free blocks cannot
         hold the prompt's uncached part. A prompt longer than the whole pool (`fits`
         is False; vLLM refuses it) returns None too and counts as passed for belady.
+        `preempted`: the request resumes after a preemption (its tokens then include the
+        output so far); vLLM counts it in separate counters, `preempted_queries` and
+        `preempted_hits`, not in `queries` / `hits`.
         """
         assert request_id not in self.running, f"request {request_id} is already running"
         assert len(block_hashes) >= num_tokens // self.block_size
@@ -413,8 +421,12 @@ class PrefixCache:
         self._cache(req, num_tokens)
         self.blocks_in_use += num_new + num_evictable
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
-        self.queries += num_tokens
-        self.hits += len(hit) * self.block_size
+        if preempted:
+            self.preempted_queries += num_tokens
+            self.preempted_hits += len(hit) * self.block_size
+        else:
+            self.queries += num_tokens
+            self.hits += len(hit) * self.block_size
         self.clock += 1
         if self.policy == "belady":
             self._rekey_passed(block_hashes, num_tokens)

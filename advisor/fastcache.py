@@ -7,8 +7,8 @@ tokens, admit/grow outcomes, free-queue order and counters as `cache.PrefixCache
 decode steps and frees under eviction pressure), at compiled speed per block.
 
 Same request API as `cache.PrefixCache`: `lookup`, `fits`, `admit`, `grow`, `free`,
-`free_block_ids`, counters `queries`, `hits`, `evictions`, `blocks_in_use`,
-`peak_blocks_in_use`. The state is vLLM's two structures on arrays: the free queue as
+`free_block_ids`, counters `queries`, `hits`, `preempted_queries`, `preempted_hits`,
+`evictions`, `blocks_in_use`, `peak_blocks_in_use`. The state is vLLM's two structures on arrays: the free queue as
 next/prev links with head and tail sentinels, and per-hash circular lists of cached
 copies (oldest first). A decode block with no known hash gets the id -2: cached
 (freed to the tail, counted when evicted) but never hit, like vLLM's unique blocks.
@@ -174,6 +174,8 @@ class ArrayPrefixCache:
         self.running: dict[str, _Running] = {}
         self.queries = 0
         self.hits = 0
+        self.preempted_queries = 0
+        self.preempted_hits = 0
         self.blocks_in_use = 0
         self.peak_blocks_in_use = 0
 
@@ -189,7 +191,10 @@ class ArrayPrefixCache:
         cap = min(len(hashes), max(num_tokens - 1, 0) // self.block_size)
         return int(_find(hashes, cap, self._first_copy, self._scratch)) * self.block_size
 
-    def admit(self, request_id: str, block_hashes: Sequence[int] | np.ndarray, num_tokens: int, *, position: int | None = None) -> int | None:
+    def admit(
+        self, request_id: str, block_hashes: Sequence[int] | np.ndarray, num_tokens: int, *,
+        position: int | None = None, preempted: bool = False,
+    ) -> int | None:
         """As `cache.PrefixCache.admit`: hit tokens, or None (nothing changed)."""
         assert request_id not in self.running, f"request {request_id} is already running"
         hashes = np.asarray(block_hashes, np.int64)
@@ -205,8 +210,12 @@ class ArrayPrefixCache:
         self.running[request_id] = _Running(blocks, nreq, num_tokens // self.block_size, hashes.copy())
         self.blocks_in_use += int(in_use)
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
-        self.queries += num_tokens
-        self.hits += int(k) * self.block_size
+        if preempted:
+            self.preempted_queries += num_tokens
+            self.preempted_hits += int(k) * self.block_size
+        else:
+            self.queries += num_tokens
+            self.hits += int(k) * self.block_size
         return int(k) * self.block_size
 
     def grow(self, request_id: str, num_tokens_total: int, block_hashes: Sequence[int] | np.ndarray = ()) -> bool:

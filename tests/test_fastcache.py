@@ -29,9 +29,10 @@ class Pair:
         hashes = request_block_hashes(tokens, B)
         return hashes, [self.ids.setdefault(h, len(self.ids)) for h in hashes]
 
-    def admit(self, rid: str, tokens: Sequence[int]) -> int | None:
+    def admit(self, rid: str, tokens: Sequence[int], preempted: bool = False) -> int | None:
         hashes, ids = self.dense(tokens)
-        got, expected = self.fast.admit(rid, ids, len(tokens)), self.ref.admit(rid, hashes, len(tokens))
+        got = self.fast.admit(rid, ids, len(tokens), preempted=preempted)
+        expected = self.ref.admit(rid, hashes, len(tokens), preempted=preempted)
         assert got == expected
         if got is not None:
             self.tokens[rid], self.kv[rid] = list(tokens), len(tokens)
@@ -58,7 +59,7 @@ class Pair:
 
     def check(self) -> None:
         assert self.fast.free_block_ids() == self.ref.free_block_ids()
-        for name in ("queries", "hits", "evictions", "blocks_in_use", "peak_blocks_in_use"):
+        for name in ("queries", "hits", "preempted_queries", "preempted_hits", "evictions", "blocks_in_use", "peak_blocks_in_use"):
             assert getattr(self.fast, name) == getattr(self.ref, name), name
 
 
@@ -102,8 +103,10 @@ def test_generated_programs_agree_at_every_step(data, num_blocks):
         elif op == "grow":
             rid = data.draw(st.sampled_from(running))
             new = data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=6))
+            tokens = pair.tokens[rid] + new
             if not pair.grow(rid, new, known=data.draw(st.booleans())):
-                pair.free(rid)  # what a scheduler would do: preempt it
+                pair.free(rid)  # what a scheduler would do: preempt it, resume it later
+                pair.admit(rid, tokens, preempted=True)
         else:
             pair.free(data.draw(st.sampled_from(running)))
     for rid in sorted(pair.tokens):

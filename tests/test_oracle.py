@@ -46,6 +46,7 @@ class VllmOracle:
         )
         self.hasher = get_request_block_hasher(block_size, sha256)
         self.requests: dict[str, object] = {}
+        self.preempted: dict[str, object] = {}
 
     def admit(self, rid: str, tokens: Sequence[int], lora: str | None = None, cache_salt: str | None = None) -> int | None:
         from vllm.lora.request import LoRARequest
@@ -77,6 +78,30 @@ class VllmOracle:
     def free(self, rid: str) -> None:
         self.manager.free(self.requests.pop(rid))
 
+    def preempt(self, rid: str) -> None:
+        """As the scheduler preempts: free the blocks, recompute everything on resumption."""
+        from vllm.v1.request import RequestStatus
+
+        req = self.requests.pop(rid)
+        self.manager.free(req)
+        req.status = RequestStatus.PREEMPTED  # type: ignore[attr-defined]
+        req.num_computed_tokens = 0  # type: ignore[attr-defined]
+        req.num_preemptions += 1  # type: ignore[attr-defined]
+        self.preempted[rid] = req
+
+    def resume(self, rid: str) -> int | None:
+        from vllm.v1.request import RequestStatus
+
+        req = self.preempted[rid]
+        blocks, num_hit, _ = self.manager.get_computed_blocks(req)
+        if self.manager.allocate_slots(req, req.num_tokens - num_hit, num_hit, blocks, full_sequence_must_fit=True) is None:  # type: ignore[attr-defined]
+            return None
+        self.manager.record_prefix_cache_stats(req, num_hit)
+        req.status = RequestStatus.RUNNING  # type: ignore[attr-defined]
+        req.num_computed_tokens = req.num_tokens  # type: ignore[attr-defined]
+        self.requests[rid] = self.preempted.pop(rid)
+        return num_hit
+
     def free_block_ids(self) -> list[int]:
         # Our block ids are vLLM's minus one (vLLM's block 0 is the null block).
         return [b.block_id - 1 for b in self.manager.block_pool.free_block_queue.get_all_free_blocks()]
@@ -89,6 +114,7 @@ class Twins:
         self.oracle = VllmOracle(num_blocks)
         self.cache = PrefixCache(num_blocks, B)
         self.tokens: dict[str, list[int]] = {}
+        self.preempted: dict[str, list[int]] = {}
         self.keys: dict[str, tuple[str | None, str | None]] = {}
         self.kv_tokens: dict[str, int] = {}
 
@@ -109,8 +135,21 @@ class Twins:
         assert got == expected, f"grow {rid}: cache {got}, vLLM {expected}"
         if got:
             self.kv_tokens[rid] += 1
-        else:  # the scheduler would preempt it; both drop it
-            self.free(rid)
+        else:  # the scheduler preempts it: blocks freed, everything recomputed later
+            self.oracle.preempt(rid)
+            self.cache.free(rid)
+            self.preempted[rid] = self.tokens.pop(rid)
+            del self.kv_tokens[rid]
+        self.check()
+        return got
+
+    def resume(self, rid: str) -> int | None:
+        tokens = self.preempted[rid]
+        expected = self.oracle.resume(rid)
+        got = self.cache.admit(rid, request_block_hashes(tokens, B, *self.keys[rid]), len(tokens), preempted=True)
+        assert got == expected, f"resume {rid}: cache {got}, vLLM {expected}"
+        if got is not None:
+            self.tokens[rid], self.kv_tokens[rid] = self.preempted.pop(rid), len(tokens)
         self.check()
         return got
 
@@ -124,6 +163,7 @@ class Twins:
         assert self.cache.free_block_ids() == self.oracle.free_block_ids()
         stats = self.oracle.manager.prefix_cache_stats
         assert (self.cache.queries, self.cache.hits) == (stats.queries, stats.hits)
+        assert (self.cache.preempted_queries, self.cache.preempted_hits) == (stats.preempted_queries, stats.preempted_hits)
 
 
 # --- stories ---------------------------------------------------------------------------
@@ -193,6 +233,16 @@ def test_concurrent_requests_hit_each_other_and_decode_blocks_are_cached():
     twins.free("b")
     twins.free("a")
     twins.free("c")
+
+
+def test_a_preempted_request_resumes_with_its_output_and_counts_apart():
+    twins = Twins(num_blocks=4)
+    twins.admit("a", range(8))
+    twins.admit("b", range(20, 27))
+    assert not twins.grow("a", 8)  # a needs a third block: none is free, a is preempted
+    twins.free("b")
+    assert twins.resume("a") == 8  # its prompt blocks were freed but not yet evicted
+    assert (twins.cache.preempted_queries, twins.cache.preempted_hits) == (9, 8)
 
 
 def test_admission_refused_when_running_requests_pin_the_pool():
@@ -265,8 +315,11 @@ def test_concurrent_workloads_with_decode_match_vllm(data, num_blocks):
     earlier: list[list[int]] = []
     for _ in range(data.draw(st.integers(8, 40))):
         running = sorted(twins.tokens)
-        op = data.draw(st.sampled_from(["admit", "admit", "grow", "grow", "free"] if running else ["admit"]))
-        if op == "admit":
+        ops = ["admit", "admit"] + (["grow", "grow", "free"] if running else []) + (["resume"] if twins.preempted else [])
+        op = data.draw(st.sampled_from(ops))
+        if op == "resume":
+            twins.resume(data.draw(st.sampled_from(sorted(twins.preempted))))
+        elif op == "admit":
             lora = data.draw(st.sampled_from([None, None, None, "x"]))
             earlier.append(data.draw(prompts(num_blocks * B, earlier)))
             twins.admit(f"r{n}", earlier[-1], lora=lora)
@@ -277,5 +330,8 @@ def test_concurrent_workloads_with_decode_match_vllm(data, num_blocks):
             twins.free(data.draw(st.sampled_from(running)))
     for rid in sorted(twins.tokens):
         twins.free(rid)
+    for rid in sorted(twins.preempted):
+        if twins.resume(rid) is not None:
+            twins.free(rid)
     target(float(twins.cache.evictions))
     assume(twins.cache.evictions > 0)
