@@ -60,7 +60,8 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
          for i, (rid, t, s) in enumerate(zip(ids, n_tokens, shared))], schema=schema.PREFIXES))
     rf.write_table(root / rf.CLUSTERS, pa.Table.from_pylist([
         {"cluster": 0, "requests": 5, "tokens": 700, "shared_tokens": 400, "ceiling": 400 / 700,
-         "representative_id": ids[-1], "prefix_tokens": 80, "prefix_text": SECRET + " " + EVIL},
+         "representative_id": ids[-1], "prefix_tokens": 80, "prefix_text": SECRET + " " + EVIL,
+         "representative_text": SECRET + " representative"},
         {"cluster": 1, "requests": 5, "tokens": 750, "shared_tokens": 320, "ceiling": 320 / 750,
          "representative_id": "req-1", "prefix_tokens": 64, "prefix_text": "Classify the ticket:\n```\n"},
     ], schema=schema.CLUSTERS))

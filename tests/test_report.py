@@ -124,7 +124,7 @@ def test_hostile_log_text_stays_inert_in_markdown(pages: tuple[str, str]) -> Non
 def test_redact_hides_prompt_text_and_keeps_numbers(run_dir: Path, pages: tuple[str, str]) -> None:
     data = load(run_dir, redact=True)
     page, md = html_report.render(data), md_report.render(data)
-    for doc in (page, md):
+    for doc in (page, md, data.to_json()):  # not even the unrendered fields keep prompt text
         assert SECRET not in doc and "Current time" not in doc and "end of prefix" not in doc
         assert "[redacted:" in doc
     plain_page, plain_md = pages

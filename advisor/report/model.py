@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,33 +92,34 @@ def redact_text(text: str | None) -> str | None:
     return f"[redacted: {len(text):,} chars, sha256 {digest}]"
 
 
+_TEXT_KEY = re.compile(r"(^text|_text$|_context$|_diff$|^description$)")
+
+
+def _scrub(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with every prompt-derived text field redacted; ids, labels and numbers stay.
+
+    Descriptions are redacted too: they may quote the text that differs.
+    """
+    return {k: redact_text(v) if isinstance(v, str) and _TEXT_KEY.search(k) else v for k, v in row.items()}
+
+
 def _redact_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(stats)
-    out["top_prefixes"] = [  # text_first/text_last; ids and counts stay
-        {**p, "text_first": redact_text(p.get("text_first")), "text_last": redact_text(p.get("text_last"))}
-        for p in stats.get("top_prefixes") or []
-    ]
+    out["top_prefixes"] = [_scrub(p) for p in stats.get("top_prefixes") or []]
     out["breakers"] = [
-        {
-            **b,
-            # descriptions may quote the differing text; labels and positions stay
-            "description": redact_text(b.get("description")),
-            # every text of an example (differing text, context, diff) but the request ids
-            "examples": [
-                {k: redact_text(v) if isinstance(v, str) and not k.endswith("_id") else v for k, v in e.items()}
-                for e in b.get("examples") or []
-            ],
-        }
+        {**_scrub(b), "examples": [_scrub(e) for e in b.get("examples") or []]}
         for b in stats.get("breakers") or []
     ]
+    if isinstance(stats.get("clusters"), Mapping):
+        cl = dict(stats["clusters"])
+        cl["items"] = [_scrub(c) for c in cl.get("items") or [] if isinstance(c, Mapping)]
+        out["clusters"] = cl
     return out
 
 
 def _redact_recommendation(rec: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(rec)
-    out["prompt_fixes"] = [
-        {**f, "description": redact_text(f.get("description"))} for f in rec.get("prompt_fixes") or []
-    ]
+    out["prompt_fixes"] = [_scrub(f) for f in rec.get("prompt_fixes") or []]
     return out
 
 
@@ -205,7 +207,7 @@ def build(
     if redact:
         stats = _redact_stats(stats) if stats else stats
         recommendation = _redact_recommendation(recommendation) if recommendation else recommendation
-        cl = [{**c, "prefix_text": redact_text(c.get("prefix_text"))} for c in cl]
+        cl = [_scrub(c) for c in cl]
     return ReportData(
         run_dir=run_dir,
         redacted=redact,
