@@ -7,7 +7,8 @@ Usage:
    sessions over shared system prompts, some with a per-request "timestamp" token that
    breaks the shared prefix), then times the full default grid (block sizes 16, 32,
    64, 128 x 8 budgets from 1% to 120% of each block size's working set, plus the
-   infinite-cache ceiling) through `advisor.fastsim`, sequential mode.
+   infinite-cache ceiling) through `advisor.fastsim`, sequential mode; then the
+   reference policies FIFO and Belady over the B=16 budgets.
 2. Replays ONE configuration of the same workload (B=16, the grid's middle budget)
    through vLLM's KVCacheManager, driven standalone as its scheduler would, and
    checks its hit tokens equal the fast path's; prints the wall-time ratio.
@@ -94,6 +95,12 @@ def bench_fast_grid(tokens: np.ndarray, offsets: np.ndarray) -> dict[int, dict[i
     wall = time.perf_counter() - start
     print(f"grid wall time: {wall:.1f}s   peak RSS so far: {rss_mib():,.0f} MiB")
     hits[0] = {0: int(wall * 1000)}
+    trace = traces[16]
+    for policy in ("fifo", "belady"):
+        t0 = time.perf_counter()
+        results = [fastsim.simulate_sequential_policy(trace, b, policy) for b in budgets_for(trace.working_set_blocks())]
+        curve = "  ".join(f"{r.num_blocks:>8}:{r.hits / queries:6.1%}" for r in results)
+        print(f"reference policy {policy:<6} B=16, {len(results)} budgets: {time.perf_counter() - t0:5.1f}s\n        {curve}")
     return hits
 
 
