@@ -215,6 +215,8 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
       help="Budgets in the default sweep per block size [default: 10].")
     o(f, "--reference-budgets", type=int, default=None,
       help="Budgets per block size the fifo/belady reference lines run at; 0 = all [default: 4].")
+    o(f, "--workers", type=int, default=None,
+      help="Processes for the concurrent-mode simulations (default: all cores).")
     for decls, kw in reversed(specs):  # click lists options in reverse order of application
         f = _option_once(f, *decls, **kw)
     return f
@@ -554,6 +556,7 @@ def _simulate_options_from(opts: dict[str, Any]) -> Any:
         max_num_seqs=opts.get("max_num_seqs") or d.max_num_seqs,
         sweep_points=opts.get("sweep_points") or d.sweep_points,
         reference_budgets=d.reference_budgets if opts.get("reference_budgets") is None else opts["reference_budgets"],
+        workers=opts.get("workers") or os.cpu_count() or 1,
     )
 
 

@@ -92,10 +92,14 @@ class SimulateOptions:
     max_num_seqs: int = 256
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
+    workers: int = 1  # processes for the concurrent-mode configurations
     max_request_rows: int = 5_000_000
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options that shape the results (the fingerprint): all but `workers`."""
+        d = asdict(self)
+        del d["workers"]
+        return d
 
     def cost_model(self) -> CostModel:
         return CostModel(self.prefill_tps, self.decode_tps, self.use_logged_latency)
@@ -381,23 +385,59 @@ def simulate_grid(
             keep_requests(res)
             tick(1)
         ref_budgets = _spread(budgets, options.reference_budgets)
-        for nb in budgets:
-            for mode in options.modes:
-                policies = [p for p in options.policies if p == schema.POLICY_LRU
-                            or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
-                for policy in policies:
-                    res = simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace,
-                                       options=options)
-                    rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, nb, tp)))
-                    if policy == schema.POLICY_LRU:
-                        keep_requests(res)
-                    tick(1)
+        configs = [(nb, mode, policy) for nb in budgets for mode in options.modes
+                   for policy in options.policies
+                   if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
+        for res in _run_configs(workload, bs, trace, configs, options, tick):
+            rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
+            if res.policy == schema.POLICY_LRU:
+                keep_requests(res)
     if left_out:
         notes.append(f"sim_requests.parquet: {left_out} configurations left out (max_request_rows "
                      f"{options.max_request_rows:,}); simulate_one recomputes them")
     sim = pa.Table.from_pylist(rows, schema=SIM_OUT)
     sim_requests = pa.concat_tables(req_tables) if req_tables else schema.SIM_REQUESTS.empty_table()
     return GridResult(sim, sim_requests, notes)
+
+
+_POOL_STATE: tuple[Workload, int, fastsim.BlockTrace, SimulateOptions] | None = None
+
+
+def _run_in_worker(config: tuple[int, str, str]) -> ConfigResult:
+    assert _POOL_STATE is not None
+    workload, bs, trace, options = _POOL_STATE
+    nb, mode, policy = config
+    return simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options)
+
+
+def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs: list[tuple[int, str, str]],
+                 options: SimulateOptions, tick: Callable[[int], None]) -> list[ConfigResult]:
+    """Results of `configs` in their order. Concurrent ones (pure Python, the slow part)
+    run in `options.workers` forked processes when > 1; each is independent, so the
+    results do not depend on the worker count."""
+    global _POOL_STATE
+    slow = [c for c in configs if c[1] == schema.MODE_CONCURRENT]
+    done: dict[tuple[int, str, str], ConfigResult] = {}
+    if options.workers > 1 and len(slow) > 1:
+        import multiprocessing
+
+        _POOL_STATE = (workload, bs, trace, options)
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(options.workers, len(slow))) as pool:
+                for config, res in zip(slow, pool.imap(_run_in_worker, slow), strict=True):
+                    done[config] = res
+                    tick(1)
+        finally:
+            _POOL_STATE = None
+    out = []
+    for config in configs:
+        if config not in done:
+            nb, mode, policy = config
+            done[config] = simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options)
+            tick(1)
+        out.append(done[config])
+    return out
 
 
 def _spread(budgets: list[int], k: int) -> set[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,19 @@ def test_warm_window_counts_only_requests_after_warmup(reqs: list[list[int]], wa
         assert warm["queries"] == after["n_tokens"].sum()
         assert warm["hit_tokens"] == after["hit_tokens"].sum()
         assert cold["queries"] == g["n_tokens"].sum() and cold["hit_tokens"] == g["hit_tokens"].sum()
+
+
+def test_worker_processes_do_not_change_results() -> None:
+    rng = np.random.default_rng(3)
+    sys_prompt = list(rng.integers(1, 500, 30))
+    reqs = [sys_prompt + list(rng.integers(1, 500, int(rng.integers(1, 20)))) for _ in range(30)]
+    w = Workload.from_token_lists(reqs, timestamps=np.cumsum(rng.exponential(0.01, 30)),
+                                  output_tokens=rng.integers(1, 40, 30))
+    opts = SimulateOptions(block_sizes=(B, 8), sweep_points=4)
+    one = simulate_grid(w, opts)
+    two = simulate_grid(w, replace(opts, workers=2))
+    assert one.sim.equals(two.sim) and one.sim_requests.equals(two.sim_requests)
+    assert "workers" not in opts.as_dict()
 
 
 def test_warmup_forms() -> None:
