@@ -98,42 +98,44 @@ def _kgrams(x: np.ndarray, k: int) -> np.ndarray:
     return mix64(win ^ pos).sum(axis=1, dtype=np.uint64)
 
 
-def _resume(a: np.ndarray, b: np.ndarray, a_lo: int, ha: np.ndarray, pb: int, window: int
-            ) -> tuple[int, int, int] | None:
-    """First (qa, ra, run) with ra >= pb where b's content re-appears in a's window (k-gram
-    hashes `ha` of a[a_lo:a_lo+window]) and matches for >= _MIN_RUN tokens."""
-    wb = b[pb : pb + window]
-    if len(ha) == 0 or len(wb) < _KGRAM:
-        return None
-    hb = _kgrams(wb, _KGRAM)
-    for i in np.flatnonzero(np.isin(hb, ha))[:32].tolist():
-        for j in np.flatnonzero(ha == hb[i])[:4].tolist():
-            run = common_prefix_len(a[a_lo + j :], b[pb + i :])
-            if run >= _MIN_RUN:
-                return a_lo + j, pb + i, run
-    return None
-
-
 def align_pair(a: np.ndarray, b: np.ndarray, window: int) -> tuple[int, int, int, int]:
     """(diverge, a_resume, b_resume, aligned_end_in_b) for two token arrays; see module doc.
 
-    Later rounds search all of a's window from the divergence, not only forward, so blocks
-    that moved earlier (reordered tools) are followed too.
+    k-grams of a[p : p+window] are hashed once; b is scanned from p on, each round from the end
+    of the previous aligned run, and every round searches all of a's window (not only forward),
+    so blocks that moved earlier (reordered tools) are followed too. A resume point needs a
+    match of at least _MIN_RUN tokens, so short boilerplate does not count as re-alignment.
     """
     p = common_prefix_len(a, b)
-    wa = a[p : p + window]
-    ha = _kgrams(wa, _KGRAM) if len(wa) >= _KGRAM else np.empty(0, dtype=np.uint64)
-    first = _resume(a, b, p, ha, p, window)
+    wa, wb = a[p : p + window], b[p : p + _ALIGN_WINDOW_FACTOR * window]
+    if len(wa) < _KGRAM or len(wb) < _KGRAM:
+        return p, p, p, p
+    ha, hb = _kgrams(wa, _KGRAM), _kgrams(wb, _KGRAM)
+    hits = np.flatnonzero(np.isin(hb, ha))  # offsets in b (from p) whose k-gram occurs in a
+    first: tuple[int, int] | None = None
+    pb = p
+    for _ in range(_ROUNDS):
+        found = None
+        tried = 0
+        for i in hits[np.searchsorted(hits, pb - p) :].tolist():
+            if tried == 32:
+                break
+            tried += 1
+            for j in np.flatnonzero(ha == hb[i])[:4].tolist():
+                run = common_prefix_len(a[p + j :], b[p + i :])
+                if run >= _MIN_RUN:
+                    found = (p + j, p + i, run)
+                    break
+            if found:
+                break
+        if found is None:
+            break
+        if first is None:
+            first = (found[0], found[1])
+        pb = found[1] + found[2]
     if first is None:
         return p, p, p, p
-    qa, ra, run = first
-    pb = ra + run
-    for _ in range(_ROUNDS - 1):
-        nxt = _resume(a, b, p, ha, pb, window)
-        if nxt is None:
-            break
-        pb = nxt[1] + nxt[2]
-    return p, qa, ra, pb
+    return p, first[0], first[1], pb
 
 
 def analyse_pairs(

@@ -15,8 +15,8 @@ size, so memory grows with requests, not tokens.
 
 Number of clusters: k-means (k-means++ init, fixed `seed`) for every k in 2..max_clusters
 (bounded by the number of distinct vectors), scored by the silhouette on a seeded sample of at
-most 3,000 requests; the best k wins, and a single cluster is kept when no k reaches a silhouette
-of 0.2 (no real structure to split). Fitting uses a seeded sample of at most 10,000 requests and
+most 2,000 requests; the best k wins, and a single cluster is kept when no k reaches a silhouette
+of 0.25 (no real structure to split). Fitting uses a seeded sample of at most 4,000 requests and
 then labels every request; labels are renumbered by size (0 = largest), ties by first request.
 """
 
@@ -29,9 +29,9 @@ from advisor import schema
 from advisor.stats import Decode, PrefixPass, Workload, ceiling_per_request, common_prefix_len, content_chunks
 
 DIM = 128
-_FIT_SAMPLE = 10_000
-_SIL_SAMPLE = 3_000
-_MIN_SILHOUETTE = 0.2
+_FIT_SAMPLE = 4_000
+_SIL_SAMPLE = 2_000
+_MIN_SILHOUETTE = 0.25
 _TEXT_TOKENS = 64
 
 
@@ -80,7 +80,7 @@ def cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.ndar
     sil_idx = np.sort(rng.choice(len(fit_x), _SIL_SAMPLE, replace=False)) if len(fit_x) > _SIL_SAMPLE else None
     best: tuple[float, int, KMeans | None] = (-1.0, 1, None)
     for k in range(2, k_max + 1):
-        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(fit_x)
+        km = KMeans(n_clusters=k, n_init=2, max_iter=100, random_state=seed).fit(fit_x)
         lab = km.labels_
         sx, sl = (fit_x, lab) if sil_idx is None else (fit_x[sil_idx], lab[sil_idx])
         if len(np.unique(sl)) < 2:

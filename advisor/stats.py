@@ -170,13 +170,34 @@ def _flatten(col: pa.ChunkedArray, dtype: type) -> tuple[np.ndarray, np.ndarray]
     return values, offsets
 
 
+def _read_token_ids(tokens_path: Path, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """token_ids as one flat int32 array + offsets, read one row group at a time (the file is
+    never held whole next to the array)."""
+    bound = int(n_tokens.sum())  # a token row has n_tokens ids; a null row has none
+    values = np.empty(bound, dtype=np.int32)
+    offsets = np.zeros(len(n_tokens) + 1, dtype=np.int64)
+    row = pos = 0
+    for batch in pq.ParquetFile(tokens_path).iter_batches(columns=["token_ids"], batch_size=4096):
+        arr = batch.column(0)
+        lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = arr.flatten().to_numpy(zero_copy_only=False)
+        if pos + len(flat) > len(values):  # n_tokens disagrees with token_ids: grow
+            values = np.concatenate([values[:pos], np.empty(len(flat) + pos, dtype=np.int32)])
+        values[pos : pos + len(flat)] = flat
+        np.cumsum(lens, out=offsets[row + 1 : row + 1 + len(lens)])
+        offsets[row + 1 : row + 1 + len(lens)] += pos
+        pos += len(flat)
+        row += len(lens)
+    return values[:pos], offsets
+
+
 def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
     """Read the columns the analysis needs (never the raw request text)."""
     req_cols = set(pq.read_schema(requests_path).names)
     wanted = [c for c in ("request_id", "model", "session_id", "lora", "cache_salt", "hash_ids",
                           "trace_block_size") if c in req_cols]
     req = pq.read_table(requests_path, columns=wanted)
-    tok = pq.read_table(tokens_path, columns=["request_id", "token_ids", "n_tokens"])
+    tok = pq.read_table(tokens_path, columns=["request_id", "n_tokens"])
     if tok.num_rows != req.num_rows:
         from advisor.errors import AdvisorError
 
@@ -190,19 +211,19 @@ def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
         return req.column(name).to_pylist() if name in req.column_names else [None] * n
 
     models, loras, salts = col("model"), col("lora"), col("cache_salt")
-    token_ids = tok.column("token_ids")
-    has_tokens = n > 0 and token_ids.null_count < n
-    hash_trace = n > 0 and not has_tokens and "hash_ids" in req.column_names
+    n_tokens = tok.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
+    # a hash trace: every row has hash ids (no row has token ids then: tokenize leaves them null)
+    hash_trace = n > 0 and "hash_ids" in req.column_names and req.column("hash_ids").null_count == 0
     unit = 1
     if hash_trace:
         values, offsets = _flatten(req.column("hash_ids"), np.int64)
         sizes = [s for s in col("trace_block_size") if s]
         unit = int(sizes[0]) if sizes else 512
     else:
-        values, offsets = _flatten(token_ids, np.int32)
+        values, offsets = _read_token_ids(tokens_path, n_tokens)
     return Workload(
         request_ids=req.column("request_id").to_pylist(),
-        n_tokens=tok.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64),
+        n_tokens=n_tokens,
         values=values, offsets=offsets, models=models, sessions=col("session_id"),
         namespaces=[
             None if (m, lo, s) == (None, None, None) else f"{m}|{lo}|{s}"

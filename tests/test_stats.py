@@ -21,6 +21,7 @@ from advisor.stats import (
     Workload,
     analyze,
     ceiling_per_request,
+    load_workload,
     prefix_pass,
     workload_from_lists,
 )
@@ -206,3 +207,23 @@ def test_cli_analyze_names_the_missing_stage(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["analyze", str(tmp_path / "empty")])
     assert res.exit_code == 1
     assert "pc-advise ingest" in res.output or "pc-advise tokenize" in res.output
+
+
+def test_load_workload_reads_token_ids_across_row_groups(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    lists = [[rng.randrange(100) for _ in range(rng.randrange(0, 30))] for _ in range(50)]
+    lists[7] = None  # a row without token ids counts as empty
+    n = len(lists)
+    req = {f.name: [None] * n for f in schema.REQUESTS}
+    req.update({"request_id": [f"r{i}" for i in range(n)], "line": list(range(1, n + 1)),
+                "kind": ["tokens"] * n, "format": ["completion"] * n,
+                "session_id": [f"s{i % 3}" for i in range(n)]})
+    pq.write_table(pa.table(req, schema=schema.REQUESTS), tmp_path / "requests.parquet")
+    tok = {f.name: [None] * n for f in schema.TOKENS}
+    tok.update({"request_id": req["request_id"], "token_ids": lists,
+                "n_tokens": [len(t) if t else 0 for t in lists]})
+    pq.write_table(pa.table(tok, schema=schema.TOKENS), tmp_path / "tokens.parquet", row_group_size=7)
+    w = load_workload(tmp_path / "requests.parquet", tmp_path / "tokens.parquet")
+    assert not w.hash_trace and len(w) == n
+    assert [w.units(i).tolist() for i in range(n)] == [t or [] for t in lists]
+    assert w.sessions[:3] == ["s0", "s1", "s2"]
