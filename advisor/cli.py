@@ -392,9 +392,9 @@ def _not_built(stages: tuple[str, ...], con: Console) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default ./pc-advise-out/<log name>/).")
 @ingest_options
+@simulate_options  # last of the option sets to apply: it skips flags they define (--workers)
 @tokenize_options
 @analyze_options
-@simulate_options
 @recommend_options
 @report_options
 @replay_options
