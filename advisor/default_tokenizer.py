@@ -7,10 +7,11 @@ template) under `<cache_dir>/<EMBEDDED_DIRNAME>/`, built once and atomically,
 which `transformers.AutoTokenizer` loads like any downloaded model's.
 
 The conversion: each rank's bytes become a vocabulary entry spelled with the
-GPT-2 byte-to-unicode alphabet; every way of splitting a token into two shorter
-tokens becomes a merge whose priority is the merged token's rank. Applying the
-lowest-ranked merge available, leftmost first, is exactly tiktoken's loop, so
-the ids are the same (checked in tests/test_tokens.py against tiktoken with the
+GPT-2 byte-to-unicode alphabet, and each multi-byte token gets one merge, the
+pair tiktoken's BPE joins last when it encodes that token alone (151,387 merges,
+as many as Qwen2.5's own tokenizer.json). Within any text a token forms from
+exactly that pair, so applying merges lowest rank first, leftmost first, gives
+tiktoken's ids (checked in tests/test_tokens.py against tiktoken with the
 package's ranks). Text is NFC-normalised and pre-split with Qwen2.5's regex.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 EMBEDDED_SPEC = "embedded:qwen2.5"
 # Bump when the conversion or the saved files change, so old cache folders are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 # Qwen2.5's pre-tokenizer regex (same as the package's PAT_STR).
 QWEN2_PATTERN = (
@@ -109,18 +110,36 @@ def byte_alphabet() -> dict[int, str]:
     return mapping
 
 
+def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
+    """The pair tiktoken's BPE joins last when it encodes `token` on its own.
+
+    Inside any text, a token's bytes are merged exactly as they are when the token
+    stands alone (a merge across its edges would keep it from forming), so this pair
+    is the only way the token is ever made. None if BPE never reaches the token.
+    """
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best: tuple[int, int] | None = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            return None
+        i = best[1]
+        if len(parts) == 2:
+            return (parts[0], parts[1]) if parts[0] + parts[1] == token else None
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return None
+
+
 def _merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
-    """Every (left, right) pair of tokens that concatenates to a token, by the result's rank."""
-    found: list[tuple[int, int, int, bytes, bytes]] = []
-    for token, rank in ranks.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            lr, rr = ranks.get(left), ranks.get(right)
-            if lr is not None and rr is not None:
-                found.append((rank, lr, rr, left, right))
-    found.sort()
-    for _, _, _, left, right in found:
-        yield left, right
+    """One merge per multi-byte token, in rank order: the pair that forms it."""
+    for token, _rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            pair = _last_merge(token, ranks)
+            if pair is not None:
+                yield pair
 
 
 def build_backend(ranks: dict[bytes, int]):  # -> tokenizers.Tokenizer
