@@ -336,3 +336,11 @@ def test_cli_simulates_a_hash_trace_at_its_block_size(tmp_path: Path) -> None:
     assert ceiling["hit_tokens"] == 1024 + 1536 and ceiling["queries"] == sum(lengths)
     res = CliRunner().invoke(main, ["simulate", str(run), "--block-sizes", "16"])
     assert res.exit_code == 1 and "--block-sizes 512" in res.output
+
+
+def test_run_takes_simulate_options_and_defines_each_flag_once() -> None:
+    """simulate_options goes on `run` too; flags other stages share (--workers, --speedup) exist once."""
+    for name in ("run", "simulate"):
+        flags = [o for p in main.commands[name].params for o in getattr(p, "opts", [])]
+        assert len(flags) == len(set(flags)), name
+        assert {"--block-sizes", "--num-blocks", "--warmup", "--max-num-seqs"} <= set(flags)
