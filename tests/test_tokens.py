@@ -271,6 +271,7 @@ def test_tokenize_file_kinds_order_passthrough_and_refusals(tmp_path, qwen):
     assert res.tokens == sum(r["n_tokens"] for r in rows)
     assert [e[:2] for e in res.first_errors] == [["L5", 5], ["L6", 6]]
     assert tk.tokenizer_spec_of(out) == EMBEDDED_SPEC
+    assert "Qwen2.5" in tk.describe_tokenizer(tk.tokenizer_spec_of(out))
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
