@@ -136,7 +136,8 @@ def test_the_python_loop_and_the_compiled_loop_agree():
     reqs = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7, 8, 9], [1, 2, 3, 4, 5], [9] * 13, [1, 2, 3, 4, 6, 7, 8, 9, 1]]
     trace = fastsim.trace_from_tokens(*flat(reqs), 4)
     hits = np.zeros(len(reqs), np.int64)
-    counters = fastsim._sequential_lru.py_func(trace.ids, trace.offsets, trace.num_tokens, 4, 4, trace.num_ids, hits)
+    loop = getattr(fastsim._sequential_lru, "py_func", fastsim._sequential_lru)
+    counters = loop(trace.ids, trace.offsets, trace.num_tokens, 4, 4, trace.num_ids, hits)
     got = fastsim.simulate_sequential(trace, 4)
     assert hits.tolist() == got.hit_tokens.tolist()
     assert counters == (got.evictions, got.peak_blocks_in_use)
