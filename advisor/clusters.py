@@ -64,7 +64,18 @@ def features(w: Workload, lead_tokens: int) -> np.ndarray:
 
 
 def cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.ndarray, str]:
-    """A label per row (0 = largest cluster) and a sentence saying how k was chosen."""
+    """A label per row (0 = largest cluster) and a sentence saying how k was chosen.
+
+    Runs single-threaded: on small matrices BLAS/OpenMP thread pools only add overhead, and
+    on a shared machine they oversubscribe the cores (measured 13x slower).
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _cluster_labels(x, seed, max_clusters)
+
+
+def _cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.ndarray, str]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
