@@ -143,6 +143,13 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
             f"--tokenizer {spec}: loads as a slow (pure Python) tokenizer; pc-advise needs a "
             "fast one. Provide a folder with tokenizer.json."
         )
+    # A tokenizer.json may carry truncation or padding settings; vLLM's encode calls
+    # switch both off, and so does the batch path here.
+    backend = tok.backend_tokenizer
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     return tok
 
 

@@ -326,6 +326,23 @@ def test_user_tokenizer_folder_loads_and_tokenizes(tmp_path, tiny_folder):
     assert not (tmp_path / "unused-cache").exists()  # the embedded one is not built
 
 
+def test_truncation_saved_in_a_tokenizer_json_is_ignored_like_vllm(tmp_path, tiny_folder):
+    from tokenizers import Tokenizer
+
+    folder = tmp_path / "truncating"
+    import shutil
+
+    shutil.copytree(tiny_folder, folder)
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.enable_truncation(max_length=2)
+    backend.save(str(folder / "tokenizer.json"))
+    tok = tk.load_tokenizer(str(folder), tmp_path)
+    req = write_requests(tmp_path / "requests.parquet", [
+        {"kind": schema.KIND_COMPLETION, "prompt": "the cat sat on the mat", "format": "completion"}])
+    tk.tokenize_file(req, tmp_path / "tokens.parquet", tok, tk.TokenizeOptions(str(folder), 1))
+    assert pq.read_table(tmp_path / "tokens.parquet").column("n_tokens").to_pylist()[0] > 2
+
+
 def test_tokenizer_without_chat_template_fails_naming_the_fix(tmp_path, tiny_folder):
     folder = tmp_path / "no-template"
     tok = tk.load_tokenizer(str(tiny_folder), tmp_path)
