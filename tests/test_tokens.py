@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -330,8 +331,6 @@ def test_truncation_saved_in_a_tokenizer_json_is_ignored_like_vllm(tmp_path, tin
     from tokenizers import Tokenizer
 
     folder = tmp_path / "truncating"
-    import shutil
-
     shutil.copytree(tiny_folder, folder)
     backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     backend.enable_truncation(max_length=2)
@@ -429,8 +428,6 @@ def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
 
 
 def test_editing_a_user_tokenizer_folder_changes_the_stage_fingerprint(tmp_path, tiny_folder):
-    import shutil
-
     folder = tmp_path / "tok"
     shutil.copytree(tiny_folder, folder)
     before = tk.TokenizeOptions(str(folder), 1).as_dict()
@@ -503,8 +500,6 @@ PARTS_TEMPLATE = (
 def vllm_model_config(tmp_path_factory, cache_dir, qwen):
     """A model folder vLLM can configure: the embedded tokenizer plus a tiny config.json."""
     pytest.importorskip("vllm", reason="vLLM not installed: it is the reference for rendering")
-    import shutil
-
     from transformers import LlamaConfig
     from vllm.config import ModelConfig
 
