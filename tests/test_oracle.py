@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
+from advisor import fastsim
 from advisor.cache import PrefixCache, request_block_hashes, sequential_hits
+from advisor.fastcache import ArrayPrefixCache
 
 vllm = pytest.importorskip(
     "vllm.v1.core.kv_cache_manager",
@@ -110,17 +113,25 @@ class VllmOracle:
 class Twins:
     """advisor.cache and the oracle side by side; every step asserts they agree."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, array: bool = False) -> None:
+        """`array`: check advisor.fastcache.ArrayPrefixCache instead of cache.PrefixCache."""
         self.oracle = VllmOracle(num_blocks)
-        self.cache = PrefixCache(num_blocks, B)
+        self.cache: PrefixCache | ArrayPrefixCache = ArrayPrefixCache(num_blocks, B, 100_000) if array else PrefixCache(num_blocks, B)
+        self.ids: dict[bytes, int] | None = {} if array else None
         self.tokens: dict[str, list[int]] = {}
         self.preempted: dict[str, list[int]] = {}
         self.keys: dict[str, tuple[str | None, str | None]] = {}
         self.kv_tokens: dict[str, int] = {}
 
+    def hashes(self, tokens: Sequence[int], lora: str | None, cache_salt: str | None) -> list:
+        hashes = request_block_hashes(tokens, B, lora, cache_salt)
+        if self.ids is None:
+            return hashes
+        return [self.ids.setdefault(h, len(self.ids)) for h in hashes]
+
     def admit(self, rid: str, tokens: Sequence[int], lora: str | None = None, cache_salt: str | None = None) -> int | None:
         expected = self.oracle.admit(rid, tokens, lora, cache_salt)
-        got = self.cache.admit(rid, request_block_hashes(tokens, B, lora, cache_salt), len(tokens))
+        got = self.cache.admit(rid, self.hashes(tokens, lora, cache_salt), len(tokens))
         assert got == expected, f"admit {rid}: cache {got}, vLLM {expected}"
         if got is not None:
             self.tokens[rid], self.keys[rid], self.kv_tokens[rid] = list(tokens), (lora, cache_salt), len(tokens)
@@ -130,8 +141,7 @@ class Twins:
     def grow(self, rid: str, token: int) -> bool:
         expected = self.oracle.grow(rid, token)
         self.tokens[rid].append(token)
-        hashes = request_block_hashes(self.tokens[rid], B, *self.keys[rid])
-        got = self.cache.grow(rid, self.kv_tokens[rid] + 1, hashes)
+        got = self.cache.grow(rid, self.kv_tokens[rid] + 1, self.hashes(self.tokens[rid], *self.keys[rid]))
         assert got == expected, f"grow {rid}: cache {got}, vLLM {expected}"
         if got:
             self.kv_tokens[rid] += 1
@@ -146,7 +156,7 @@ class Twins:
     def resume(self, rid: str) -> int | None:
         tokens = self.preempted[rid]
         expected = self.oracle.resume(rid)
-        got = self.cache.admit(rid, request_block_hashes(tokens, B, *self.keys[rid]), len(tokens), preempted=True)
+        got = self.cache.admit(rid, self.hashes(tokens, *self.keys[rid]), len(tokens), preempted=True)
         assert got == expected, f"resume {rid}: cache {got}, vLLM {expected}"
         if got is not None:
             self.tokens[rid], self.kv_tokens[rid] = self.preempted.pop(rid), len(tokens)
@@ -307,10 +317,11 @@ def test_sequential_workloads_match_vllm(data, num_blocks):
     assert cache.free_block_ids() == oracle.free_block_ids()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@pytest.mark.parametrize("array", [False, True], ids=["cache.PrefixCache", "fastcache.ArrayPrefixCache"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(data=st.data(), num_blocks=st.integers(5, 12))
-def test_concurrent_workloads_with_decode_match_vllm(data, num_blocks):
-    twins = Twins(num_blocks)
+def test_concurrent_workloads_with_decode_match_vllm(array, data, num_blocks):
+    twins = Twins(num_blocks, array)
     n = 0
     earlier: list[list[int]] = []
     for _ in range(data.draw(st.integers(8, 40))):
@@ -335,3 +346,28 @@ def test_concurrent_workloads_with_decode_match_vllm(data, num_blocks):
             twins.free(rid)
     target(float(twins.cache.evictions))
     assume(twins.cache.evictions > 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fastsim_sequential_replay_matches_vllm_on_long_workloads(seed):
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, 40, rng.integers(3, 24)).tolist() for _ in range(5)]
+    reqs: list[list[int]] = []
+    for _ in range(200):
+        heads = systems + [r[: len(r) // B * B] for r in reqs[-6:]] + [[]]
+        reqs.append((heads[int(rng.integers(len(heads)))] + rng.integers(0, 3, rng.integers(0, 12)).tolist()) or [1])
+    offsets = np.zeros(len(reqs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in reqs])
+    trace = fastsim.trace_from_tokens(np.asarray([t for r in reqs for t in r], np.int32), offsets, B)
+    for num_blocks in (9, 16, 30):
+        oracle = VllmOracle(num_blocks)
+        expected = []
+        for i, tokens in enumerate(reqs):
+            hit = oracle.admit(str(i), tokens)
+            expected.append(0 if hit is None else hit)  # None: longer than the whole pool
+            if hit is not None:
+                oracle.free(str(i))
+        got = fastsim.simulate_sequential(trace, num_blocks)
+        assert got.fits.tolist() == [-(-len(r) // B) <= num_blocks for r in reqs]
+        assert got.evictions > 0
+        assert got.hit_tokens.tolist() == expected
