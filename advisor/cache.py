@@ -492,7 +492,10 @@ def sequential_hits_from_hashes(
     """Per-request hit tokens, one request at a time, prefill only, each freed before the next.
 
     `block_hash_lists[i]` holds the hashes of request i's full blocks (at least
-    `num_tokens_list[i] // block_size` of them; extra ones are ignored). A request too
+    `num_tokens_list[i] // block_size` of them; extra ones, e.g. a trace's id for a
+    partial last block, are ignored). A trace's hash ids can be passed as they are when
+    each id already stands for its whole prefix (Mooncake's do); otherwise chain them
+    first with `chain_trace_hash_ids`. A request too
     long for an empty pool of `num_blocks` (vLLM would refuse it) gets 0 hit tokens
     and leaves the cache as it was.
     """
