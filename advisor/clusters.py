@@ -113,7 +113,8 @@ def _cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.nda
     remap[order] = np.arange(k, dtype=np.int32)
     labels = remap[raw]
     return labels, (
-        f"k-means on hashed leading content chunks, k={len(np.unique(labels))} chosen by silhouette"
+        f"k-means on hashed leading content (content-defined chunks; hash ids for traces), "
+        f"k={len(np.unique(labels))} chosen by silhouette"
         f" ({score:.2f}) among k=2..{k_max}, seed {seed}"
     )
 

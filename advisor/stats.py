@@ -16,7 +16,10 @@ request's model, LoRA and cache salt, since vLLM never shares blocks across thos
 chained hash to the first request that had it; because hashes are chained, "block d is known"
 implies "blocks < d are known", so the matched depth is a binary search. The tokens past the last
 matched block are compared token by token only against a few candidate earlier requests: the first
-request of each (parent block, first token of the next block). Memory grows with distinct blocks
+request of each (parent block, first token of the next block), at most 4 per such key: exact
+unless more than 4 earlier requests continue one block with the same first token and different
+next tokens; then a request's shared length may be undercounted by less than one block (the
+full-block part is always exact). Memory grows with distinct blocks
 (dict entries) and with total tokens only as flat int32 buffers (never Python objects).
 """
 
@@ -478,8 +481,10 @@ def analyze(w: Workload, options: AnalyzeOptions, decode: Decode | None = None,
     total = int(w.n_tokens.sum())
     ceiling_tokens = int(ceil.sum())
     by_model: dict[str, dict[str, Any]] = {}
-    for m in sorted({str(v) for v in w.models}):
-        sel = np.array([str(v) == m for v in w.models], dtype=bool)
+    model_names = [str(v) for v in w.models]  # a missing model is reported as "None"
+    model_code = _codes(model_names)
+    for m, code in sorted({(name, int(c)) for name, c in zip(model_names, model_code, strict=True)}):
+        sel = model_code == code
         t = int(w.n_tokens[sel].sum())
         by_model[m] = {"requests": int(sel.sum()), "prompt_tokens": t,
                        "ceiling_rate": float(ceil[sel].sum() / t) if t else 0.0}

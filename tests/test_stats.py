@@ -76,13 +76,18 @@ def test_different_models_never_share() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lists=st.lists(st.lists(st.integers(0, 2), max_size=14), max_size=9),
+    lists=st.lists(st.lists(st.integers(0, 2), max_size=14), max_size=12),
     block=st.integers(1, 5),
 )
 def test_longest_earlier_prefix_matches_brute_force(lists: list[list[int]], block: int) -> None:
     w = workload_from_lists(lists)
     p = prefix_pass(w, block_size=block)
-    assert p.shared_tokens.tolist() == naive_shared(lists)
+    naive = naive_shared(lists)
+    if len(lists) <= 5:  # at most 4 earlier requests: every candidate is compared, exact
+        assert p.shared_tokens.tolist() == naive
+    # always: full blocks exact, the partial block at most undercounted (documented bound)
+    assert (p.shared_tokens // block == np.array(naive, dtype=np.int64) // block).all()
+    assert (p.shared_tokens <= np.array(naive, dtype=np.int64)).all()
     assert (p.shared_blocks == p.shared_tokens // block).all()
     for i, b in enumerate(p.best_match.tolist()):
         if p.shared_tokens[i]:
