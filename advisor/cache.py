@@ -36,9 +36,10 @@ for n distinct blocks (below 1e-24 for a billion blocks).
 Policies: "lru" is vLLM. "fifo" evicts free blocks in the order they were cached (hits
 do not refresh them). "belady" evicts the free block whose hash is wanted again
 farthest in the future; it needs the future as a `FutureUses` index over the request
-sequence, and requests must be admitted in that sequence's order (see `PrefixCache`). With chained prefixes and multi-block requests
-farthest-next-use is a strong reference, not a proven optimum. Under every policy
-unhashed free blocks are taken first, as vLLM does.
+sequence, and requests must be admitted in that sequence's order (see `PrefixCache`).
+With chained prefixes and multi-block requests farthest-next-use is a strong
+reference, not a proven optimum. Under every policy unhashed free blocks are taken
+first, as vLLM does.
 """
 
 from __future__ import annotations
