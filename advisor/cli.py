@@ -353,8 +353,9 @@ def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
     options = tok.TokenizeOptions(tokenizer=opts["tokenizer"], workers=workers)
 
     def body(r: RunDir) -> dict[str, Any]:
-        tokenizer = tok.load_tokenizer(options.tokenizer, cache_dir())
         requests = r.require(rf.REQUESTS)
+        tokenizer = (tok.load_tokenizer(options.tokenizer, cache_dir())
+                     if tok.needs_tokenizer(requests) else None)
         with click.progressbar(
             length=tok.request_count(requests), label="tokenize", file=sys.stderr,
             hidden=con.quiet or not sys.stderr.isatty(),

@@ -170,6 +170,12 @@ def describe_tokenizer(spec: str | None) -> str:
     return f"{spec} (given with --tokenizer)"
 
 
+def needs_tokenizer(requests_path: Path) -> bool:
+    """False when every request is pre-tokenized or a hash trace (no text to encode)."""
+    kinds = pc.unique(pq.read_table(requests_path, columns=["kind"]).column("kind"))
+    return bool(set(kinds.to_pylist()) & {schema.KIND_CHAT, schema.KIND_COMPLETION})
+
+
 def request_count(requests_path: Path) -> int:
     return pq.ParquetFile(requests_path).metadata.num_rows
 
@@ -218,6 +224,7 @@ def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pe
     n = len(cols["request_id"])
     p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
     for i, kind in enumerate(cols["kind"]):
+        assert tokenizer is not None or kind not in (schema.KIND_CHAT, schema.KIND_COMPLETION)
         try:
             if kind == schema.KIND_CHAT:
                 _require_chat_template(tokenizer, spec)
@@ -286,6 +293,8 @@ def tokenize_file(
     progress: Callable[[int], None] | None = None,
 ) -> TokenizeResult:
     """Stream requests.parquet by row batches into tokens.parquet (written atomically).
+
+    `tokenizer` may be None when `needs_tokenizer(requests_path)` is False.
 
     Batch k is encoded on a helper thread (the Rust encoder releases the GIL and
     fans out over its own threads) while batch k+1 is read and rendered here, so

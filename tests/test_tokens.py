@@ -395,6 +395,21 @@ def test_cli_tokenize_then_skip_when_unchanged(tmp_path, cli_env):
     assert "1 requests vLLM would refuse" in second.stderr and "image_url" in second.stderr
 
 
+def test_hash_traces_need_no_tokenizer(tmp_path):
+    req = write_requests(tmp_path / "requests.parquet", [
+        {"kind": schema.KIND_HASH_TRACE, "hash_ids": [1, 2, 3], "input_length": 1100,
+         "trace_block_size": 512, "format": "hash-trace"},
+        {"kind": schema.KIND_TOKENS, "prompt_token_ids": [9, 9], "format": "completion"},
+    ])
+    assert not tk.needs_tokenizer(req)
+    res = tk.tokenize_file(req, tmp_path / "tokens.parquet", None, tk.TokenizeOptions(None, 1))
+    rows = pq.read_table(tmp_path / "tokens.parquet").to_pylist()
+    assert [(r["token_ids"], r["n_tokens"]) for r in rows] == [(None, 1100), ([9, 9], 2)]
+    assert res.tokens == 1102
+    write_requests(req, [chat([{"role": "user", "content": "x"}])])
+    assert tk.needs_tokenizer(req)
+
+
 def test_cli_tokenize_without_ingest_names_the_command(tmp_path):
     from advisor.cli import main
 
