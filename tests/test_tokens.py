@@ -406,6 +406,7 @@ def test_hash_traces_need_no_tokenizer(tmp_path):
     rows = pq.read_table(tmp_path / "tokens.parquet").to_pylist()
     assert [(r["token_ids"], r["n_tokens"]) for r in rows] == [(None, 1100), ([9, 9], 2)]
     assert res.tokens == 1102
+    assert tk.tokenizer_spec_of(tmp_path / "tokens.parquet") is None and res.tokenizer is None
     write_requests(req, [chat([{"role": "user", "content": "x"}])])
     assert tk.needs_tokenizer(req)
 
