@@ -491,8 +491,11 @@ def _do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) ->
 
             spec = tok.tokenizer_spec_of(tokens_path)
             if spec is not None:
-                tokenizer = tok.load_tokenizer(spec, cache_dir())
-                decode = lambda ids: tokenizer.decode([int(i) for i in ids])  # noqa: E731
+                try:
+                    tokenizer = tok.load_tokenizer(spec, cache_dir())
+                    decode = lambda ids: tokenizer.decode([int(i) for i in ids])  # noqa: E731
+                except AdvisorError as e:  # numbers need no text: analyze on, undecoded
+                    con.say(f"analyze: cannot decode token ids, so no texts are shown ({e})")
         result = st.analyze(workload, options, decode, spec)
         rf.write_table(r.path(rf.PREFIXES), result.prefixes)
         rf.write_table(r.path(rf.CLUSTERS), result.clusters)
