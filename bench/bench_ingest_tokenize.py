@@ -103,7 +103,7 @@ def generate(path: Path, target_bytes: int, seed: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=200.0, help="log size to generate (MB)")
+    ap.add_argument("--mb", type=float, default=200.0, help="log size to generate (MiB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--regenerate", action="store_true", help="rewrite the log even if present")
@@ -116,7 +116,7 @@ def main() -> int:
     log = OUT / f"chat_{int(args.mb)}mb_seed{args.seed}.jsonl"
     if args.regenerate or not log.exists():
         t = time.perf_counter()
-        n = generate(log, int(args.mb * 1e6), args.seed)
+        n = generate(log, int(args.mb * (1 << 20)), args.seed)
         print(f"generated {log} ({n} lines) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     size_mb = log.stat().st_size / 1e6
 
