@@ -274,7 +274,8 @@ def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Local model folder to replay with (default: a tiny random Llama; "
                      "hits depend on token ids, not weights).")(f)
     f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int, default=256,
-                     show_default=True, help="Concurrent replay: cap on logged output lengths.")(f)
+                     show_default=True, help="Concurrent replay: cap on logged output lengths "
+                     "(each output token is one engine step, ~20 ms with the tiny model on a CPU).")(f)
     f = click.option("--replay-limit", type=int, default=None,
                      help="Replay only the first N requests (predictions are cut the same way).")(f)
     f = click.option("--replay-url", default=None,
@@ -711,7 +712,7 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
                 # In-process engine without its multiprocess front end: ~4 s instead of ~35 s
                 # to start, and no __main__ guard needed. Set here, the one place that may.
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-                os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+                os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings are noise here
                 model_dir, label = rp.resolve_replay_model(w, options.replay_model, cache_dir())
                 results.append(rp.replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req))
         merged = rp.merge_results(results)
