@@ -232,3 +232,46 @@ def test_load_workload_reads_token_ids_across_row_groups(tmp_path: Path) -> None
     assert not w.hash_trace and len(w) == n
     assert [w.units(i).tolist() for i in range(n)] == [t or [] for t in lists]
     assert w.sessions[:3] == ["s0", "s1", "s2"]
+
+
+def test_cli_analyze_decodes_texts_with_the_run_tokenizer(tmp_path: Path) -> None:
+    """A token run folder whose tokens.parquet names a tiny local tokenizer: the timestamp
+    breaker and the top prefix come back as text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(11)
+    words = "refund order policy customer shipping invoice answer briefly cite".split()
+    body = "\nYou are the billing assistant.\n" + " ".join(rng.choice(words) for _ in range(200))
+    texts = [f"Now: 2026-11-{d:02d} {h:02d}:{m:02d}.{body}\nQ: {rng.choice(words)}"
+             for d, h, m in ((rng.randint(1, 28), rng.randint(0, 23), rng.randint(0, 59)) for _ in range(12))]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_dir = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tok_dir)
+    ids = [raw.encode(t).ids for t in texts]
+    run = tmp_path / "run"
+    run.mkdir()
+    n = len(texts)
+    req = {f.name: [None] * n for f in schema.REQUESTS}
+    req.update({"request_id": [f"q{i}" for i in range(n)], "line": list(range(1, n + 1)),
+                "kind": ["completion"] * n, "format": ["completion"] * n, "prompt": texts})
+    pq.write_table(pa.table(req, schema=schema.REQUESTS), run / "requests.parquet")
+    tok = {f.name: [None] * n for f in schema.TOKENS}
+    tok.update({"request_id": req["request_id"], "token_ids": ids, "n_tokens": [len(i) for i in ids]})
+    tok_schema = schema.TOKENS.with_metadata({b"pc_advise.tokenizer": str(tok_dir).encode()})
+    pq.write_table(pa.table(tok, schema=tok_schema), run / "tokens.parquet")
+
+    res = CliRunner().invoke(main, ["analyze", str(run), "--analysis-block-size", "2"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["tokenizer"] == str(tok_dir) and stats["analysis_block_size"] == 2
+    [b] = stats["breakers"]
+    assert b["label"] == "timestamp" and b["requests_affected"] == 11
+    assert all(e["a_text"] in e["a_context"] and "2026-11-" in e["a_context"] for e in b["examples"])
+    # the prefix all 12 share, whole 2-token blocks of it, decoded
+    assert "Now: 2026-11-".startswith(stats["top_prefixes"][0]["text_first"])
+    assert stats["top_prefixes"][0]["text_first"].startswith("Now:")
