@@ -290,7 +290,9 @@ def test_output_does_not_depend_on_batching(tmp_path, qwen, batch_rows, texts):
             for i, t in enumerate(texts)]
     req = write_requests(tmp_path / f"req{batch_rows}.parquet", rows)
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    tk.tokenize_file(req, a, qwen, tk.TokenizeOptions(None, 1, batch_rows=batch_rows))
+    done: list[int] = []
+    tk.tokenize_file(req, a, qwen, tk.TokenizeOptions(None, 1, batch_rows=batch_rows), done.append)
+    assert sum(done) == len(texts) and max(done) <= batch_rows
     tk.tokenize_file(req, b, qwen, tk.TokenizeOptions(None, 1, batch_rows=1000))
     assert pq.read_table(a).equals(pq.read_table(b))
     for row, t in zip(pq.read_table(a).to_pylist()[::2], texts[::2]):  # completions
