@@ -32,15 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from advisor.stats import (
-    Decode,
-    PrefixPass,
-    Workload,
-    ceiling_per_request,
-    common_prefix_len,
-    content_chunks,
-    mix64,
-)
+from advisor.prefixhash import common_prefix_len, content_chunks, mix64
+from advisor.stats import Decode, PrefixPass, Workload, ceiling_per_request
 
 _KGRAM = 8
 _MIN_RUN = 16

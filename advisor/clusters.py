@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from advisor import schema
-from advisor.stats import Decode, PrefixPass, Workload, ceiling_per_request, common_prefix_len, content_chunks
+from advisor.prefixhash import common_prefix_len, content_chunks, mix64
+from advisor.stats import Decode, PrefixPass, Workload, ceiling_per_request
 
 DIM = 128
 _FIT_SAMPLE = 4_000
@@ -44,8 +45,6 @@ def features(w: Workload, lead_tokens: int) -> np.ndarray:
             hashes = units.astype(np.uint64)
             starts = np.arange(len(units), dtype=np.int64) * w.unit_tokens
             lens = np.full(len(units), w.unit_tokens, dtype=np.float64)
-            from advisor.stats import mix64
-
             hashes = mix64(hashes)
         else:
             units = w.units(r)[:lead_tokens]

@@ -1,0 +1,111 @@
+"""Hash primitives of the analysis: 64-bit chained block hashes and content-defined chunks.
+
+Inputs are numpy arrays of units (token ids, or a hash trace's hash ids); outputs are uint64 /
+int64 arrays. No I/O and no state but a cache of powers. These hashes are the analysis' own
+(fast, vectorised, collision-resistant enough for statistics); the exact vLLM block hashes live
+in advisor/cache.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_K_POS = np.uint64(0x9E3779B97F4A7C15)
+_K_DEPTH = np.uint64(0xD6E8FEB86659FD93)
+_P = 0xA0761D6478BD642F  # odd, so it has an inverse mod 2**64
+_P_INV = pow(_P, -1, 1 << 64)
+_MASK = (1 << 64) - 1
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on a uint64 array (wrapping arithmetic): a bijective scrambler."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+class _Powers:
+    """P**i and P**-i mod 2**64, grown on demand (the chained hash is a polynomial in P)."""
+
+    def __init__(self) -> None:
+        self.fwd = np.ones(1, dtype=np.uint64)
+        self.inv = np.ones(1, dtype=np.uint64)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n > len(self.fwd):
+            size = max(n, 2 * len(self.fwd))
+            fwd = np.empty(size, dtype=np.uint64)
+            inv = np.empty(size, dtype=np.uint64)
+            f = i = 1
+            for k in range(size):
+                fwd[k], inv[k] = f, i
+                f, i = (f * _P) & _MASK, (i * _P_INV) & _MASK
+            self.fwd, self.inv = fwd, inv
+        return self.fwd[:n], self.inv[:n]
+
+
+_POWERS = _Powers()
+
+
+def block_content_hashes(units: np.ndarray, block: int) -> np.ndarray:
+    """One uint64 per full block of `units`, a hash of the block's content alone."""
+    n = len(units) // block
+    x = units[: n * block].astype(np.uint64).reshape(n, block)
+    pos = np.arange(block, dtype=np.uint64) * _K_POS
+    return mix64(mix64(x ^ pos).sum(axis=1, dtype=np.uint64))
+
+
+def chained_hashes(units: np.ndarray, block: int, namespace: int = 0) -> np.ndarray:
+    """Chained 64-bit hashes (int64) of the full blocks: hash d covers units[: (d+1)*block].
+
+    h_d = mix(sum_{i<=d} c_i * P**(d-i), d, namespace), with c_i the content hash of block i,
+    computed for all d at once as P**d * cumsum(c_i * P**-i) (all mod 2**64).
+    """
+    c = block_content_hashes(units, block)
+    n = len(c)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    fwd, inv = _POWERS.get(n)
+    poly = np.cumsum(c * inv, dtype=np.uint64) * fwd
+    depth = (np.arange(1, n + 1, dtype=np.uint64) * _K_DEPTH) ^ np.uint64(namespace & _MASK)
+    return mix64(poly ^ depth).view(np.int64)
+
+
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    """Number of leading equal elements of two 1-d arrays."""
+    k = min(len(a), len(b))
+    if k == 0:
+        return 0
+    neq = np.flatnonzero(a[:k] != b[:k])
+    return int(neq[0]) if len(neq) else k
+
+
+_ANCHOR_K = (np.uint64(0x2545F4914F6CDD1D), np.uint64(0x9FB21C651E98DF25),
+             np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
+
+
+def content_chunks(units: np.ndarray, avg: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Content-defined chunks of a unit sequence: (chunk hashes uint64, chunk start offsets).
+
+    A chunk ends after a token whose 4-token window hashes to 0 mod `avg`, so boundaries depend
+    on the text around them, not on absolute positions: two prompts that differ only in an
+    inserted or changed span share every chunk away from it, whatever the shift. Unchained, so
+    equal content anywhere in two prompts gives equal chunk hashes.
+    """
+    n = len(units)
+    if n == 0:
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+    x = units.astype(np.uint64)
+    g = x * _ANCHOR_K[0]
+    for lag in (1, 2, 3):
+        g[lag:] += x[:-lag] * _ANCHOR_K[lag]
+    cut = np.flatnonzero((mix64(g) % np.uint64(avg)) == 0) + 1
+    starts = np.concatenate(([0], cut[cut < n])).astype(np.int64)
+    idx = np.arange(n, dtype=np.int64)
+    within = idx - np.repeat(starts, np.diff(np.append(starts, n)))
+    v = mix64(x ^ (within.astype(np.uint64) * _K_POS))
+    return mix64(np.add.reduceat(v, starts, dtype=np.uint64)), starts
