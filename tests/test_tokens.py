@@ -575,3 +575,32 @@ def test_prompt_ids_equal_vllms_own_chat_rendering(vllm_model_config, cache_dir,
         ours = tok.encode(tk.render_chat(tok, msgs, tools), add_special_tokens=False)
         assert ours == list(theirs), (msgs, tools)
     assert 0 < refused < 100  # both paths were exercised
+
+
+CONTENT_FORMAT_CASES = [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "string"),
+    ("{% for m in messages %}{% for p in m['content'] %}{{ p.text }}{% endfor %}{% endfor %}",
+     "openai"),
+    ("{% set conv = messages[1:] %}{% for m in conv %}{% for p in m.content | list %}"
+     "{{ p.text }}{% endfor %}{% endfor %}", "openai"),
+    ("{% for m in messages %}{% for x in m.tool_calls %}{{ x }}{% endfor %}{% endfor %}",
+     "string"),
+    ("{% for m in messages %}{{ m.content }}", "string"),  # does not parse: vLLM's default
+]
+
+
+@pytest.mark.parametrize("template, fmt", CONTENT_FORMAT_CASES)
+def test_content_format_is_read_from_the_template(template, fmt):
+    from advisor.chatprompt import content_format
+
+    assert content_format(template) == fmt
+
+
+@pytest.mark.oracle
+def test_content_format_agrees_with_vllms_detector():
+    hf = pytest.importorskip("vllm.renderers.hf", reason="vLLM not installed: it is the reference")
+    from advisor.chatprompt import content_format
+    from advisor.default_tokenizer import chat_template_text
+
+    for template in [t for t, _ in CONTENT_FORMAT_CASES] + [chat_template_text(), PARTS_TEMPLATE]:
+        assert content_format(template) == hf._detect_content_format(template, default="string")
