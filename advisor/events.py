@@ -1,6 +1,7 @@
 """Concurrent mode: requests arrive at logged times and hold their blocks while they run.
 
-Inputs: one `PrefixCache` (advisor.cache, exact vLLM block rules), each request's
+Inputs: one `PrefixCache` (advisor.cache, exact vLLM block rules, or its compiled
+twin advisor.fastcache.ArrayPrefixCache), each request's
 block hashes, prompt length, output length, arrival time and (optional) logged
 latencies, a `CostModel` and `max_num_seqs`. Output: `ConcurrentResult`, the hit
 tokens each request got when it was first scheduled, plus evictions, peak blocks
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from advisor.cache import PrefixCache
+from advisor.fastcache import ArrayPrefixCache
 
 # Event ranks: lower runs first at the same instant.
 _FINISH, _GROW, _ARRIVE = 0, 1, 2
@@ -84,7 +86,7 @@ def _kv_tokens(n_tokens: int, output_tokens: int) -> int:
 
 
 def run_concurrent(
-    cache: PrefixCache,
+    cache: PrefixCache | ArrayPrefixCache,
     block_hashes: Sequence[Sequence[Hashable]],
     n_tokens: np.ndarray,
     output_tokens: np.ndarray,
@@ -148,7 +150,7 @@ def run_concurrent(
     def schedule(now: float) -> None:
         while waiting and len(running) < max_num_seqs:
             i = waiting[0]
-            hit = cache.admit(str(i), block_hashes[i], int(n_tokens[i]))
+            hit = cache.admit(str(i), block_hashes[i], int(n_tokens[i]), preempted=bool(scheduled[i]))
             if hit is None:
                 return
             waiting.popleft()

@@ -9,9 +9,9 @@ sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens).
 Per block size the blocks are keyed once (`block_trace`: advisor.fastsim's chained
 64-bit keys as dense ids; LoRA name and cache_salt keep requests apart; hash traces
 chain their `hash_ids` at the trace's block size, the only size they simulate at).
-Sequential mode runs on fastsim's compiled replays of the same rules (tested equal
-to cache.py under eviction pressure); concurrent mode on the exact reference,
-`advisor.cache.PrefixCache`, fed the same ids:
+Sequential mode runs on fastsim's compiled replays of the same rules, concurrent mode
+on fastcache's compiled twin of `advisor.cache.PrefixCache` (both tested equal to
+cache.py under eviction pressure; `engine="reference"` runs cache.py itself):
 - mode "sequential": log order, one request at a time, prefill only, each freed
   before the next (DESIGN §5; what the exactness checks and replay confirm);
 - mode "concurrent": `advisor.events.run_concurrent` (arrivals, pinning, decode
@@ -61,6 +61,7 @@ from advisor import schema
 from advisor.cache import FutureUses, PrefixCache
 from advisor.errors import AdvisorError
 from advisor.events import CostModel, run_concurrent
+from advisor.fastcache import ArrayPrefixCache
 from advisor.workload import Workload, load_workload, warm_mask
 
 __all__ = [
@@ -182,21 +183,24 @@ def _salts(workload: Workload) -> np.ndarray | None:
     return out
 
 
-class TraceHashes(Sequence[list[int]]):
-    """Per-request block-hash lists for `advisor.cache` (dense ids), built on access."""
+class TraceHashes(Sequence[Any]):
+    """Per-request block hashes (dense ids) on access: Python lists for `cache.PrefixCache`,
+    int64 array views for `fastcache.ArrayPrefixCache` (`arrays=True`)."""
 
-    def __init__(self, trace: fastsim.BlockTrace) -> None:
+    def __init__(self, trace: fastsim.BlockTrace, arrays: bool = False) -> None:
         self.trace = trace
+        self.arrays = arrays
 
     def __len__(self) -> int:
         return self.trace.num_requests
 
-    def __getitem__(self, r: int) -> list[int]:  # type: ignore[override]
+    def __getitem__(self, r: int) -> Any:  # type: ignore[override]
         if not 0 <= r < len(self):
             raise IndexError(r)
-        return self.trace.ids[self.trace.offsets[r] : self.trace.offsets[r + 1]].tolist()
+        ids = self.trace.ids[self.trace.offsets[r] : self.trace.offsets[r + 1]]
+        return ids if self.arrays else ids.tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Any]:
         return (self[r] for r in range(len(self)))
 
 
@@ -231,9 +235,9 @@ def simulate_one(
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
     (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
     may be passed to reuse them across budgets of one block size. `engine`: "auto"
-    runs sequential mode on advisor.fastsim's compiled replays (lru, fifo, belady;
-    tested equal to cache.py) and concurrent mode on cache.PrefixCache;
-    "reference" forces PrefixCache. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
+    runs sequential mode on advisor.fastsim's compiled replays (lru, fifo, belady)
+    and concurrent mode with a budget on advisor.fastcache.ArrayPrefixCache, both
+    tested equal to cache.py; "reference" forces cache.PrefixCache everywhere. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
     order) vLLM `num_cached_tokens`; `.totals()` the sums.
     """
     opts = options or SimulateOptions()
@@ -269,7 +273,12 @@ def simulate_one(
         raise ValueError(f"unknown mode {mode!r}")
     if policy != schema.POLICY_LRU:
         raise AdvisorError(f"policy {policy!r} is simulated in sequential mode only; use lru for concurrent mode.")
-    cache = PrefixCache(num_blocks, block_size, policy)
+    cache: PrefixCache | ArrayPrefixCache
+    if engine == "auto" and num_blocks is not None:
+        cache = ArrayPrefixCache(num_blocks, block_size, max(trace.num_ids, 1))
+        hashes = TraceHashes(trace, arrays=True)
+    else:
+        cache = PrefixCache(num_blocks, block_size, policy)
     res = run_concurrent(
         cache, hashes, n_tokens, workload.output_tokens, workload.arrivals(opts.speedup),
         opts.cost_model(), opts.max_num_seqs, workload.latency_s, workload.ttft_s,

@@ -111,6 +111,21 @@ def test_fast_sequential_equals_the_reference(reqs: list[list[int]], extra: int,
 
 
 @FAST
+@given(structured(), st.integers(0, 8), st.lists(st.tuples(st.floats(0, 0.05), st.integers(0, 12)), min_size=30, max_size=30))
+def test_fast_concurrent_equals_the_reference(reqs: list[list[int]], extra: int, shape: list[tuple[float, int]]) -> None:
+    """Overlapping requests with output tokens, small pools (preemptions): the compiled cache
+    in the event loop gives the reference's hits and counters."""
+    w = Workload.from_token_lists(reqs, timestamps=np.cumsum([g for g, _ in shape[: len(reqs)]]),
+                                  output_tokens=[o for _, o in shape[: len(reqs)]])
+    opts = SimulateOptions(decode_tps=100.0)
+    nb = blocks_needed(reqs) + 3 + extra
+    fast = simulate_one(w, B, nb, mode="concurrent", options=opts)
+    ref = simulate_one(w, B, nb, mode="concurrent", options=opts, engine="reference")
+    assert list(fast.hit_tokens) == list(ref.hit_tokens) and list(fast.scheduled) == list(ref.scheduled)
+    assert (fast.evictions, fast.peak_blocks_in_use, fast.preemptions) == (ref.evictions, ref.peak_blocks_in_use, ref.preemptions)
+
+
+@FAST
 @given(structured(), st.integers(0, 10))
 def test_ceiling_bounds_every_configuration(reqs: list[list[int]], extra: int) -> None:
     """No policy, mode or budget beats the infinite cache, request by request."""
