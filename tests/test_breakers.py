@@ -137,3 +137,19 @@ def test_alignment_finds_a_replaced_span(seed: int, start: int, a_len: int, b_le
     assert diverge == start
     assert (a_resume, b_resume) == (start + a_len, start + b_len)
     assert end == len(b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), at=st.integers(0, 300), inserted=st.integers(1, 20))
+def test_content_chunks_away_from_an_edit_survive_the_shift(seed: int, at: int, inserted: int) -> None:
+    """Chunk boundaries depend on the 4 tokens before them only, so every chunk that starts 4+
+    tokens after an insertion reappears, shifted, in the edited sequence."""
+    from advisor.prefixhash import content_chunks
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 500, 400).astype(np.int32)
+    b = np.concatenate([a[:at], rng.integers(0, 500, inserted).astype(np.int32), a[at:]])
+    ha, sa = content_chunks(a)
+    hb, _ = content_chunks(b)
+    assert set(ha[sa >= at + 4].tolist()) <= set(hb.tolist())
+    assert len(ha) > 1  # the property is not vacuous: 400 tokens cut into several chunks
