@@ -274,8 +274,12 @@ def simulate_one(
     if policy != schema.POLICY_LRU:
         raise AdvisorError(f"policy {policy!r} is simulated in sequential mode only; use lru for concurrent mode.")
     cache: PrefixCache | ArrayPrefixCache
-    if engine == "auto" and num_blocks is not None:
-        cache = ArrayPrefixCache(num_blocks, block_size, max(trace.num_ids, 1))
+    if engine == "auto":
+        # Infinite cache: a pool with a block for every block the log ever allocates
+        # never has to evict (a hashed block is popped only when no unhashed one is free).
+        pool = num_blocks if num_blocks is not None else 1 + int(
+            (-(-(n_tokens + np.maximum(workload.output_tokens - 1, 0)) // block_size)).sum())
+        cache = ArrayPrefixCache(pool, block_size, max(trace.num_ids, 1))
         hashes = TraceHashes(trace, arrays=True)
     else:
         cache = PrefixCache(num_blocks, block_size, policy)

@@ -137,7 +137,8 @@ def test_ceiling_bounds_every_configuration(reqs: list[list[int]], extra: int) -
     for policy in ("lru", "fifo", "belady"):
         assert (hits(w, nb, policy=policy) <= ceiling).all(), policy
     opts = SimulateOptions(decode_tps=20.0)
-    assert list(hits(w, None, mode="concurrent", options=opts)) == list(ceiling)
+    infinite = simulate_one(w, B, None, mode="concurrent", options=opts)
+    assert list(infinite.hit_tokens) == list(ceiling) and infinite.evictions == 0
     assert (hits(w, nb, mode="concurrent", options=opts) <= ceiling).all()
 
 
