@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from advisor.errors import AdvisorError
-from advisor.replay import (
+from advisor.replay_plan import (
     ENGINE_SERVER, ConfigResult, ReplayConfig, ReplayOptions, ReplayResult, Workload,
     output_lengths, predicted_hits,
 )

@@ -1,0 +1,455 @@
+"""Replay, the engine-free half: what is replayed, what is predicted, what came out.
+
+Inputs: requests.parquet and tokens.parquet (`load_workload`: token ids, arrival
+times, output lengths; hash traces get synthesized token streams), the
+configurations to confirm (`configs_to_confirm`: recommendation.json or explicit
+block size / block count, plus extra sweep rows) and sim_requests.parquet
+(`predicted_hits`: per-request predictions, computed with advisor.cache /
+advisor.simulate when a configuration is not in it). Output: `ReplayResult`, whose
+`as_json()` is replay.json, and `check_failures` for `replay --check`.
+
+No vllm here: advisor.replay (in-process engine) and advisor.replay_server (a
+running server over HTTP) both measure, and both report through these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from advisor.errors import AdvisorError
+from advisor.schema import KIND_HASH_TRACE, MODE_CONCURRENT, MODE_SEQUENTIAL
+
+STATUS_CONFIRMED = "confirmed"
+STATUS_MISMATCH = "mismatch"
+STATUS_NOT_RUN = "not_run"
+STATUS_NOT_CONFIRMABLE = "not_confirmable"
+ENGINE_INPROCESS = "vllm-inprocess"
+ENGINE_SERVER = "vllm-server"
+CONCURRENT_TOLERANCE_POINTS = 1.0  # DESIGN §5 fidelity contract
+SYNTHETIC_VOCAB = 8192  # token ids drawn for hash-trace blocks: [2, SYNTHETIC_VOCAB)
+MAX_LISTED_MISMATCHES = 50
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    block_size: int
+    num_blocks: int  # usable blocks, as the simulator counts them (pinned - null block)
+
+    @classmethod
+    def parse_list(cls, text: str) -> list[ReplayConfig]:
+        """'32:200,64:100' -> configurations; raises AdvisorError naming the format."""
+        out = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            try:
+                b, n = part.split(":")
+                out.append(cls(int(b), int(n)))
+            except ValueError:
+                raise AdvisorError(
+                    f"--configs entry {part!r} is not BLOCK_SIZE:NUM_BLOCKS; "
+                    "write e.g. --configs 32:200,64:100."
+                ) from None
+        return out
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    mode: str = MODE_SEQUENTIAL
+    speedup: float = 1.0  # concurrent mode: arrival times divided by this
+    max_output_tokens: int = 256  # concurrent mode: cap on logged output lengths
+    replay_model: str | None = None  # a local model folder; None = tiny random Llama
+    max_num_seqs: int = 256  # the engine's, and the concurrent prediction's
+    limit: int | None = None  # replay only the first N requests (both modes are causal)
+    # Concurrent mode's clock: the simulator's cost model (advisor.events.CostModel), so the
+    # replay is independent of how fast this machine runs the model.
+    prefill_tps: float = 10_000.0
+    decode_tps: float = 50.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "speedup": self.speedup,
+            "max_output_tokens": self.max_output_tokens, "replay_model": self.replay_model,
+            "max_num_seqs": self.max_num_seqs, "limit": self.limit,
+            "prefill_tps": self.prefill_tps, "decode_tps": self.decode_tps,
+        }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is replayed, in arrival order."""
+
+    request_ids: list[str]
+    token_ids: list[list[int]]
+    arrival_s: list[float]  # offsets from the first request, seconds
+    output_tokens: list[int | None]
+    cache_salts: list[str | None]
+    loras: list[str | None]
+    synthetic: bool  # token ids synthesized from a hash trace
+    hash_ids: list[list[int]] | None = None
+    trace_block_size: int | None = None
+
+    @property
+    def max_token_id(self) -> int:
+        return max((max(t) for t in self.token_ids if t), default=0)
+
+    @property
+    def longest(self) -> int:
+        return max((len(t) for t in self.token_ids), default=0)
+
+
+def synthesize_trace_tokens(
+    hash_ids: Sequence[Sequence[int]], input_lengths: Sequence[int], trace_block_size: int,
+    vocab: int = SYNTHETIC_VOCAB,
+) -> list[list[int]]:
+    """Token streams reproducing a hash trace's structure.
+
+    Each hash id gets its own `trace_block_size` tokens (seeded by the id, so equal
+    ids give identical blocks and distinct ids distinct ones, up to a 1-in-vocab^B
+    chance); a prompt's last id covers only `input_length - (n-1)*B` tokens.
+    """
+    blocks: dict[int, np.ndarray] = {}
+
+    def block(h: int) -> np.ndarray:
+        if h not in blocks:
+            rng = np.random.default_rng([int(h) & 0xFFFFFFFFFFFFFFFF, 0x5EED])
+            blocks[h] = rng.integers(2, vocab, size=trace_block_size, dtype=np.int64)
+        return blocks[h]
+
+    out = []
+    for ids, length in zip(hash_ids, input_lengths):
+        length = int(length)
+        if not ids:
+            out.append([])
+            continue
+        stream = np.concatenate([block(h) for h in ids])[:length]
+        if len(stream) < length:  # fewer ids than input_length needs: pad with fresh tokens
+            rng = np.random.default_rng([len(out), 0xFADE])
+            stream = np.concatenate([stream, rng.integers(2, vocab, size=length - len(stream))])
+        out.append(stream.astype(int).tolist())
+    return out
+
+
+def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None) -> Workload:
+    """Join requests and tokens (same rows, same order) into what the engine replays."""
+    if requests.num_rows != tokens.num_rows:
+        raise AdvisorError(
+            "requests.parquet and tokens.parquet have different row counts: rerun "
+            "`pc-advise tokenize RUN_DIR --force`."
+        )
+    n = requests.num_rows if limit is None else min(limit, requests.num_rows)
+    req = requests.slice(0, n).to_pydict()
+    tok = tokens.slice(0, n).to_pydict()
+    kinds = req["kind"]
+    ts = [t if t is not None else float(i) for i, t in enumerate(req["timestamp"])]
+    t0 = min(ts) if ts else 0.0
+    hash_trace = n > 0 and all(k == KIND_HASH_TRACE for k in kinds)
+    if any(k == KIND_HASH_TRACE for k in kinds) and not hash_trace:
+        raise AdvisorError(
+            "the log mixes hash-trace lines with text/token requests; replay them separately "
+            "(split the log, or ingest with --format)."
+        )
+    tbs = None
+    if hash_trace:
+        tbs = int(req["trace_block_size"][0])
+        token_ids = synthesize_trace_tokens(req["hash_ids"], req["input_length"], tbs)
+    else:
+        token_ids = [list(t) if t is not None else [] for t in tok["token_ids"]]
+    return Workload(
+        request_ids=list(req["request_id"]),
+        token_ids=token_ids,
+        arrival_s=[t - t0 for t in ts],
+        output_tokens=list(req["output_tokens"]),
+        cache_salts=list(req["cache_salt"]),
+        loras=list(req["lora"]),
+        synthetic=hash_trace,
+        hash_ids=[list(h) for h in req["hash_ids"]] if hash_trace else None,
+        trace_block_size=tbs,
+    )
+
+
+def output_lengths(w: Workload, mode: str, max_output_tokens: int) -> list[int]:
+    """max_tokens per request: 1 (prefill-only) in sequential mode, else the logged length."""
+    if mode == MODE_SEQUENTIAL:
+        return [1] * len(w.token_ids)
+    return [max(1, min(o or 1, max_output_tokens)) for o in w.output_tokens]
+
+
+def max_model_len(w: Workload, mode: str, max_output_tokens: int) -> int:
+    outs = output_lengths(w, mode, max_output_tokens)
+    return max((len(t) + o for t, o in zip(w.token_ids, outs)), default=1)
+
+
+# --- predictions ---
+def predicted_hits(
+    w: Workload, cfg: ReplayConfig, opts: ReplayOptions, sim_requests: pa.Table | None,
+) -> tuple[list[int] | None, str]:
+    """Per-request predicted hit tokens and where they came from (None, why: no prediction).
+
+    Sequential predictions come from sim_requests.parquet when it holds the configuration,
+    else from advisor.cache. Concurrent ones are always recomputed with
+    `advisor.simulate.simulate_one` for the replay's own speedup, output cap and
+    max_num_seqs (the simulate stage may have used others).
+    """
+    mode = opts.mode
+    if mode == MODE_SEQUENTIAL and sim_requests is not None and sim_requests.num_rows:
+        got = _from_sim_requests(w, cfg, mode, sim_requests)
+        if got is not None:
+            return got, "sim_requests.parquet"
+    if mode == MODE_SEQUENTIAL:
+        from advisor import cache
+
+        lengths = [len(t) for t in w.token_ids]
+        if w.synthetic and cfg.block_size == w.trace_block_size:
+            # the trace's own hash ids, as the simulator saw them (checks the synthesis too)
+            hashes = [cache.chain_trace_hash_ids(ids, n, cfg.block_size)
+                      for ids, n in zip(w.hash_ids or [], lengths)]
+        else:
+            hashes = [cache.request_block_hashes(t, cfg.block_size, cache_salt=salt)
+                      for t, salt in zip(w.token_ids, w.cache_salts)]
+        hits = cache.sequential_hits_from_hashes(hashes, lengths, cfg.block_size, cfg.num_blocks)
+        return [int(h) for h in hits], "advisor.cache (sequential, vLLM reference)"
+    return _concurrent_prediction(w, cfg, opts)
+
+
+def _from_sim_requests(
+    w: Workload, cfg: ReplayConfig, mode: str, sim: pa.Table
+) -> list[int] | None:
+    import pyarrow.compute as pc
+
+    mask = pc.and_(
+        pc.and_(pc.equal(sim["block_size"], cfg.block_size), pc.equal(sim["num_blocks"], cfg.num_blocks)),
+        pc.equal(sim["mode"], mode),
+    )
+    rows = sim.filter(mask).to_pydict()
+    by_id = dict(zip(rows["request_id"], rows["hit_tokens"]))
+    if not all(r in by_id for r in w.request_ids):
+        return None
+    return [int(by_id[r]) for r in w.request_ids]
+
+
+def _concurrent_prediction(w: Workload, cfg: ReplayConfig, opts: ReplayOptions) -> tuple[list[int], str]:
+    from advisor import simulate
+    from advisor.workload import Workload as SimWorkload
+
+    sw = SimWorkload.from_token_lists(
+        w.token_ids, request_ids=w.request_ids, timestamps=w.arrival_s,
+        output_tokens=output_lengths(w, MODE_CONCURRENT, opts.max_output_tokens),
+        cache_salt=w.cache_salts,
+    )
+    sim_opts = simulate.SimulateOptions(
+        speedup=opts.speedup, max_num_seqs=opts.max_num_seqs, prefill_tps=opts.prefill_tps,
+        decode_tps=opts.decode_tps, use_logged_latency=False,
+    )
+    res = simulate.simulate_one(sw, cfg.block_size, cfg.num_blocks, mode=MODE_CONCURRENT,
+                                options=sim_opts)
+    return [int(h) for h in res.hit_tokens], "advisor.simulate.simulate_one (concurrent)"
+
+
+# --- what can run here ---
+def confirmability(
+    w: Workload, cfg: ReplayConfig, mode: str, max_output_tokens: int, cpu_backend: bool
+) -> str | None:
+    """None when this machine can replay `cfg`, else the reason it cannot."""
+    if cpu_backend and cfg.block_size % CPU_BLOCK_MULTIPLE:
+        return (
+            f"not confirmable on this machine: vLLM's CPU backend needs a block size that is a "
+            f"multiple of {CPU_BLOCK_MULTIPLE} (got {cfg.block_size}); replay on a GPU machine "
+            "with `pc-advise replay RUN_DIR`"
+        )
+    if cfg.num_blocks < 1:
+        return "not confirmable: the configuration has no usable block"
+    need = max_model_len(w, mode, max_output_tokens)
+    if cfg.num_blocks * cfg.block_size < need:
+        return (
+            f"not confirmable: {cfg.num_blocks} blocks x {cfg.block_size} tokens = "
+            f"{cfg.num_blocks * cfg.block_size} tokens cannot hold the longest request "
+            f"({need} tokens with its output); vLLM refuses to start with a budget below "
+            "max_model_len (--limit to replay fewer requests, or a larger --num-blocks)"
+        )
+    if any(w.loras):
+        return "not confirmable: the log uses LoRA adapters, which the replay cannot load"
+    return None
+
+
+# --- results ---
+@dataclass
+class ConfigResult:
+    block_size: int
+    num_blocks: int
+    mode: str
+    confirmable: bool
+    reason: str | None
+    queries: int = 0
+    predicted_hit_tokens: int | None = None
+    measured_hit_tokens: int | None = None
+    prediction_source: str | None = None
+    per_request_measured: list[int] | None = None
+    per_request_predicted: list[int] | None = None
+    request_ids: list[str] | None = None
+    wall_s: float | None = None
+    extra: dict[str, Any] | None = None
+
+    def rate(self, hits: int | None) -> float | None:
+        return None if hits is None or not self.queries else hits / self.queries
+
+    @property
+    def diff_points(self) -> float | None:
+        p, m = self.rate(self.predicted_hit_tokens), self.rate(self.measured_hit_tokens)
+        return None if p is None or m is None else 100.0 * (m - p)
+
+    def mismatches(self) -> list[dict[str, Any]]:
+        if self.per_request_measured is None or self.per_request_predicted is None:
+            return []
+        return [
+            {"request_id": r, "predicted": p, "measured": m}
+            for r, p, m in zip(self.request_ids or [], self.per_request_predicted,
+                               self.per_request_measured)
+            if p != m
+        ]
+
+    def status(self) -> str:
+        if not self.confirmable or self.diff_points is None:
+            return STATUS_NOT_CONFIRMABLE
+        if self.mode == MODE_SEQUENTIAL:
+            exact = self.predicted_hit_tokens == self.measured_hit_tokens and not self.mismatches()
+            return STATUS_CONFIRMED if exact else STATUS_MISMATCH
+        ok = abs(self.diff_points) <= CONCURRENT_TOLERANCE_POINTS
+        return STATUS_CONFIRMED if ok else STATUS_MISMATCH
+
+    def as_json(self) -> dict[str, Any]:
+        mism = self.mismatches()
+        d = {
+            "block_size": self.block_size, "num_blocks": self.num_blocks, "mode": self.mode,
+            "queries": self.queries,
+            "predicted_hit_tokens": self.predicted_hit_tokens,
+            "measured_hit_tokens": self.measured_hit_tokens,
+            "predicted_hit_rate": self.rate(self.predicted_hit_tokens),
+            "measured_hit_rate": self.rate(self.measured_hit_tokens),
+            "diff_points": self.diff_points,
+            "confirmable": self.confirmable, "reason": self.reason,
+            "status": self.status(), "prediction_source": self.prediction_source,
+            "mismatch_count": len(mism), "mismatches": mism[:MAX_LISTED_MISMATCHES],
+            "wall_s": self.wall_s,
+        }
+        d.update(self.extra or {})
+        return d
+
+
+@dataclass
+class ReplayResult:
+    engine: str
+    vllm_version: str | None
+    model: str | None
+    synthetic_tokens: bool
+    configs: list[ConfigResult]
+    reason: str | None = None
+    notes: list[str] | None = None
+
+    def status(self) -> str:
+        if not self.configs:
+            return STATUS_NOT_RUN
+        states = [c.status() for c in self.configs]
+        if STATUS_MISMATCH in states:  # any measured disagreement shows
+            return STATUS_MISMATCH
+        # the configuration asked for first (the recommendation) decides; rows measured
+        # instead of it do not make it confirmed
+        primary = [c.status() for c in self.configs if c.mode == self.configs[0].mode][0]
+        if primary == STATUS_CONFIRMED:
+            return STATUS_CONFIRMED
+        return STATUS_NOT_CONFIRMABLE
+
+    def worst_diff_points(self) -> float | None:
+        diffs = [abs(c.diff_points) for c in self.configs if c.confirmable and c.diff_points is not None]
+        return max(diffs) if diffs else None
+
+    def as_json(self) -> dict[str, Any]:
+        reason = self.reason
+        if reason is None and self.status() == STATUS_NOT_CONFIRMABLE:
+            reason = "; ".join(sorted({c.reason for c in self.configs if c.reason}))
+            stand_ins = [c for c in self.configs if c.status() == STATUS_CONFIRMED]
+            if stand_ins:
+                reason += "; the simulator itself was confirmed at " + ", ".join(
+                    f"block size {c.block_size} x {c.num_blocks} blocks ({c.mode})" for c in stand_ins)
+        return {
+            "status": self.status(), "reason": reason, "engine": self.engine,
+            "vllm_version": self.vllm_version, "model": self.model,
+            "synthetic_tokens": self.synthetic_tokens,
+            "notes": self.notes or [],
+            "configs": [c.as_json() for c in self.configs],
+        }
+
+
+def not_run(reason: str, engine: str = ENGINE_INPROCESS) -> dict[str, Any]:
+    """replay.json when no replay happened (vLLM missing, --no-replay)."""
+    return ReplayResult(engine, None, None, False, [], reason=reason).as_json()
+
+
+
+# --- what to confirm, and the CI gate ---
+def configs_to_confirm(
+    recommendation: dict[str, Any] | None, block_size: int | None, num_blocks: int | None,
+    extra: Sequence[ReplayConfig] = (),
+) -> list[ReplayConfig]:
+    """The explicit configuration (when given), else the recommended one; then `extra`."""
+    out: list[ReplayConfig] = []
+    if block_size is not None or num_blocks is not None:
+        if block_size is None or num_blocks is None:
+            raise AdvisorError("give both --block-size and --num-blocks (or neither, to replay "
+                               "recommendation.json's configuration).")
+        out.append(ReplayConfig(block_size, num_blocks))
+    elif recommendation is not None:
+        best = recommendation.get("recommended") or {}
+        if best.get("block_size") is None or best.get("num_blocks") is None:
+            raise AdvisorError("recommendation.json names no block size and block count; give "
+                               "--block-size and --num-blocks to choose what to replay.")
+        out.append(ReplayConfig(int(best["block_size"]), int(best["num_blocks"])))
+    for c in extra:
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise AdvisorError("nothing to replay: run `pc-advise recommend RUN_DIR` first, or give "
+                           "--block-size and --num-blocks (and/or --configs 32:200,64:100).")
+    return out
+
+
+def modes_for(mode: str) -> list[str]:
+    return [MODE_SEQUENTIAL, MODE_CONCURRENT] if mode == "both" else [mode]
+
+
+def check_failures(replay_json: dict[str, Any], tolerance_points: float) -> list[str]:
+    """Why `--check TOLERANCE` fails (empty: passes). Unconfirmed counts as a failure:
+    a CI gate that passes when nothing was measured would prove nothing."""
+    problems = []
+    measured = [c for c in replay_json.get("configs", []) if c.get("diff_points") is not None]
+    for c in measured:
+        if abs(c["diff_points"]) > tolerance_points:
+            problems.append(
+                f"block size {c['block_size']}, {c['num_blocks']} blocks ({c['mode']}): measured "
+                f"{c['measured_hit_rate']:.2%} vs predicted {c['predicted_hit_rate']:.2%} "
+                f"({c['diff_points']:+.2f} points > {tolerance_points:g})"
+            )
+    if replay_json.get("status") in (STATUS_NOT_RUN, STATUS_NOT_CONFIRMABLE):
+        problems.append(
+            f"the configuration to confirm was not measured (status {replay_json.get('status')}: "
+            f"{replay_json.get('reason') or 'no confirmable configuration'})"
+        )
+    return problems
+
+
+def merge_results(results: Sequence[ReplayResult]) -> ReplayResult:
+    """One replay.json out of several runs of the same engine (e.g. both modes)."""
+    assert results
+    first = results[0]
+    notes: list[str] = []
+    for r in results:
+        notes.extend(n for n in (r.notes or []) if n not in notes)
+    return ReplayResult(
+        first.engine, first.vllm_version, first.model, first.synthetic_tokens,
+        [c for r in results for c in r.configs],
+        reason=first.reason, notes=notes,
+    )
