@@ -714,7 +714,15 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
                 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings are noise here
                 model_dir, label = rp.resolve_replay_model(w, options.replay_model, cache_dir())
-                results.append(rp.replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req))
+                try:
+                    results.append(rp.replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req))
+                except AdvisorError:
+                    raise
+                except Exception as e:  # the engine's own failure: say so, never a traceback
+                    raise AdvisorError(
+                        f"vLLM could not replay here ({type(e).__name__}: {e}); the prediction is "
+                        "unconfirmed. Try --replay-limit N, another --replay-model, or "
+                        "--replay-url against a running server.") from e
         merged = rp.merge_results(results)
         out = merged.as_json()
         rf.write_json(r.path(rf.REPLAY), out)
@@ -722,7 +730,15 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
                 "configs": [[c["block_size"], c["num_blocks"], c["mode"], c["status"],
                              c["predicted_hit_rate"], c["measured_hit_rate"]] for c in out["configs"]]}
 
-    out = run_stage(run, "replay", inputs, fp_options, [rf.REPLAY], body, force=force)
+    try:
+        out = run_stage(run, "replay", inputs, fp_options, [rf.REPLAY], body, force=force)
+    except AdvisorError as e:
+        if not under_run:
+            raise
+        # `run` without --replay: a failed confirmation must not cost the user the report
+        rf.write_json(run.path(rf.REPLAY), rp.not_run(str(e)))
+        con.say(f"replay: not run: {e}")
+        return
     c = out.counts
     con.stage(out, f"{c['status']} ({c['engine']})")
     for b, n, mode, status, pred, meas in c.get("configs", []):
