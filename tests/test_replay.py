@@ -269,3 +269,16 @@ def test_cli_replay_writes_replay_json_and_check_gates(tmp_path: Path, model_cac
     assert (stand_in["block_size"], stand_in["num_blocks"]) == (32, 8)
     assert stand_in["stand_in_for"] == [[16, 16]] and stand_in["status"] == "confirmed"
     assert "confirmed at block size 32" in out["reason"]
+
+
+@needs_vllm
+def test_under_run_a_failed_replay_leaves_not_run_and_the_run_goes_on(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", story(32))
+    (run.root / "recommendation.json").write_text(
+        json.dumps({"recommended": {"block_size": 32, "num_blocks": 9}}))
+    opts = {"replay": None, "replay_model": tmp_path / "no-such-model"}
+    _do_replay(run, opts, False, Console(True, False))  # no exception: `run` continues
+    out = json.loads(run.path("replay.json").read_text())
+    assert out["status"] == "not_run" and "no config.json" in out["reason"]
+    with pytest.raises(AdvisorError, match="no config.json"):  # the replay command says it loudly
+        _do_replay(run, {**opts, "replay": True}, False, Console(True, False))
