@@ -282,3 +282,25 @@ def test_under_run_a_failed_replay_leaves_not_run_and_the_run_goes_on(tmp_path: 
     assert out["status"] == "not_run" and "no config.json" in out["reason"]
     with pytest.raises(AdvisorError, match="no config.json"):  # the replay command says it loudly
         _do_replay(run, {**opts, "replay": True}, False, Console(True, False))
+
+
+@needs_vllm
+@pytest.mark.replay
+@pytest.mark.xfail(strict=True, reason="known divergence of the concurrent simulator from vLLM "
+                   "(advisor.events): in this burst one request (q9) is predicted 0 hit tokens, "
+                   "vLLM serves 64; within the 1-point contract, but not exact. Remove this mark "
+                   "when events.py matches vLLM's scheduler here.")
+def test_concurrent_burst_per_request_exactness(model_cache: Path) -> None:
+    rng = np.random.default_rng(2)
+    systems = [rng.integers(2, 1000, size=96).tolist() for _ in range(4)]
+    token_lists, arrivals, outputs = [], [], []
+    for burst in range(2):
+        for _ in range(6):
+            token_lists.append(systems[int(rng.integers(0, 4))]
+                               + rng.integers(2, 1000, size=int(rng.integers(10, 70))).tolist())
+            arrivals.append(burst * 100.0)
+            outputs.append(int(rng.integers(8, 60)))
+    res = replay_one(workload(token_lists, arrivals, outputs), [rp.ReplayConfig(32, 16)],
+                     model_cache, mode="concurrent")
+    c = res.configs[0]
+    assert c.confirmable and c.per_request_measured == c.per_request_predicted
