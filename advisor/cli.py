@@ -276,8 +276,9 @@ def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int, default=256,
                      show_default=True, help="Concurrent replay: cap on logged output lengths "
                      "(each output token is one engine step, ~20 ms with the tiny model on a CPU).")(f)
-    f = click.option("--replay-limit", type=int, default=None,
-                     help="Replay only the first N requests (predictions are cut the same way).")(f)
+    f = click.option("--replay-limit", type=int, default=5000, show_default=True,
+                     help="Replay only the first N requests, 0 = all (both modes are causal: "
+                     "the prediction for them is the whole log's first N).")(f)
     f = click.option("--replay-url", default=None,
                      help="Replay against a running vLLM OpenAI server (http://HOST:PORT) "
                      "instead of an in-process engine.")(f)
@@ -725,6 +726,11 @@ def _do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
                         "--replay-url against a running server.") from e
         merged = rp.merge_results(results)
         out = merged.as_json()
+        out["requests_replayed"] = len(w.request_ids)
+        out["requests_total"] = w.total_requests
+        if w.total_requests and len(w.request_ids) < w.total_requests:
+            out["notes"].append(f"replayed the first {len(w.request_ids):,} of {w.total_requests:,} "
+                                "requests (--replay-limit; 0 replays all)")
         rf.write_json(r.path(rf.REPLAY), out)
         return {"status": out["status"], "engine": out["engine"],
                 "configs": [[c["block_size"], c["num_blocks"], c["mode"], c["status"],

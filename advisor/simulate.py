@@ -226,7 +226,7 @@ def simulate_one(
     options: SimulateOptions | None = None,
     engine: str = "auto",
 ) -> ConfigResult:
-    """Simulate ONE configuration exactly (advisor.cache.PrefixCache).
+    """Simulate ONE configuration with vLLM's exact rules (advisor.cache semantics).
 
     `workload`: a `Workload` (`load_workload(requests.parquet, tokens.parquet)` or
     `Workload.from_token_lists(...)`); `num_blocks`: usable blocks (vLLM's count
