@@ -64,7 +64,9 @@ class ReplayOptions:
     max_output_tokens: int = 256  # concurrent mode: cap on logged output lengths
     replay_model: str | None = None  # a local model folder; None = tiny random Llama
     max_num_seqs: int = 256  # the engine's, and the concurrent prediction's
-    limit: int | None = None  # replay only the first N requests (both modes are causal)
+    # replay only the first N requests: both modes are causal, so their predictions are the
+    # first N of the whole log's
+    limit: int | None = None
     # Concurrent mode's clock: the simulator's cost model (advisor.events.CostModel), so the
     # replay is independent of how fast this machine runs the model.
     prefill_tps: float = 10_000.0
@@ -92,6 +94,7 @@ class Workload:
     synthetic: bool  # token ids synthesized from a hash trace
     hash_ids: list[list[int]] | None = None
     trace_block_size: int | None = None
+    total_requests: int | None = None  # in the log; more than replayed under a limit
 
     @property
     def max_token_id(self) -> int:
@@ -141,7 +144,7 @@ def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None
             "requests.parquet and tokens.parquet have different row counts: rerun "
             "`pc-advise tokenize RUN_DIR --force`."
         )
-    n = requests.num_rows if limit is None else min(limit, requests.num_rows)
+    n = requests.num_rows if not limit else min(limit, requests.num_rows)
     req = requests.slice(0, n).to_pydict()
     tok = tokens.slice(0, n).to_pydict()
     kinds = req["kind"]
@@ -169,6 +172,7 @@ def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None
         synthetic=hash_trace,
         hash_ids=[list(h) for h in req["hash_ids"]] if hash_trace else None,
         trace_block_size=tbs,
+        total_requests=requests.num_rows,
     )
 
 
@@ -269,7 +273,7 @@ def confirmability(
             f"not confirmable: {cfg.num_blocks} blocks x {cfg.block_size} tokens = "
             f"{cfg.num_blocks * cfg.block_size} tokens cannot hold the longest request "
             f"({need} tokens with its output); vLLM refuses to start with a budget below "
-            "max_model_len (--limit to replay fewer requests, or a larger --num-blocks)"
+            "max_model_len (--replay-limit to replay fewer requests, or a larger --num-blocks)"
         )
     if any(w.loras):
         return "not confirmable: the log uses LoRA adapters, which the replay cannot load"

@@ -243,6 +243,7 @@ def test_cli_replay_writes_replay_json_and_check_gates(tmp_path: Path, model_cac
     first, b16 = out["configs"]
     assert first["measured_hit_tokens"] == sum(cache.sequential_hits(token_lists, 32, 8))
     assert first["diff_points"] == 0 and first["mismatches"] == []
+    assert out["requests_replayed"] == out["requests_total"] == len(token_lists)
     assert not b16["confirmable"] and "multiple of 32" in b16["reason"]
 
     # a prediction vLLM does not reproduce: --check fails, naming the configuration
@@ -261,7 +262,7 @@ def test_cli_replay_writes_replay_json_and_check_gates(tmp_path: Path, model_cac
     # its own row, the asked-for configuration stays unconfirmed, and --check fails
     run.path("sim_requests.parquet").unlink()
     res = CliRunner().invoke(main, ["replay", str(run.root), "--block-size", "16",
-                                    "--num-blocks", "16", "--check", "5"])
+                                    "--num-blocks", "16", "--check", "5", "--replay-limit", "6"])
     assert res.exit_code != 0 and "was not measured" in res.output
     out = json.loads(run.path("replay.json").read_text())
     asked, stand_in = out["configs"]
@@ -269,6 +270,8 @@ def test_cli_replay_writes_replay_json_and_check_gates(tmp_path: Path, model_cac
     assert (stand_in["block_size"], stand_in["num_blocks"]) == (32, 8)
     assert stand_in["stand_in_for"] == [[16, 16]] and stand_in["status"] == "confirmed"
     assert "confirmed at block size 32" in out["reason"]
+    assert (out["requests_replayed"], out["requests_total"]) == (6, len(token_lists))
+    assert stand_in["measured_hit_tokens"] == sum(cache.sequential_hits(token_lists[:6], 32, 8))
 
 
 @needs_vllm
