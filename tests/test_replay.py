@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advisor import cache, replay as rp, schema
-from advisor.cli import Console, _do_replay, main
+from advisor.cli import Console, do_replay, main
 from advisor.errors import AdvisorError
 from advisor.runfolder import RunDir, write_table
 
@@ -133,7 +133,7 @@ def test_check_fails_beyond_tolerance_and_when_nothing_was_measured() -> None:
 def test_without_vllm_replay_json_says_unconfirmed_and_how_to_confirm(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rp, "vllm_available", lambda: False)
-    _do_replay(RunDir(tmp_path), {"replay": None}, False, Console(True, False))
+    do_replay(RunDir(tmp_path), {"replay": None}, False, Console(True, False))
     out = json.loads((tmp_path / "replay.json").read_text())
     assert out["status"] == "not_run" and out["configs"] == []
     assert "unconfirmed" in out["reason"] and "pc-advise replay" in out["reason"]
@@ -280,11 +280,11 @@ def test_under_run_a_failed_replay_leaves_not_run_and_the_run_goes_on(tmp_path: 
     (run.root / "recommendation.json").write_text(
         json.dumps({"recommended": {"block_size": 32, "num_blocks": 9}}))
     opts = {"replay": None, "replay_model": tmp_path / "no-such-model"}
-    _do_replay(run, opts, False, Console(True, False))  # no exception: `run` continues
+    do_replay(run, opts, False, Console(True, False))  # no exception: `run` continues
     out = json.loads(run.path("replay.json").read_text())
     assert out["status"] == "not_run" and "no config.json" in out["reason"]
     with pytest.raises(AdvisorError, match="no config.json"):  # the replay command says it loudly
-        _do_replay(run, {**opts, "replay": True}, False, Console(True, False))
+        do_replay(run, {**opts, "replay": True}, False, Console(True, False))
 
 
 @needs_vllm

@@ -1,0 +1,270 @@
+"""Command line: parse options, call one library function per stage, report.
+
+`pc-advise LOGS` is `pc-advise run LOGS`. Every stage is also its own command
+taking the run folder, so a later stage can rerun alone. Option sets live in
+`options.py`, the stage bodies in `stages.py`, terminal output in `console.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from advisor import __version__
+from advisor.cli.console import Console, fail as _fail
+from advisor.cli.options import (
+    analyze_options,
+    common_options,
+    ingest_options,
+    recommend_model_options,
+    recommend_options,
+    replay_options,
+    report_options,
+    simulate_options,
+    tokenize_options,
+)
+from advisor.cli.stages import (
+    default_out_dir,
+    do_analyze,
+    do_ingest,
+    do_recommend,
+    do_replay,
+    do_report,
+    do_simulate,
+    do_tokenize,
+)
+from advisor.errors import AdvisorError
+from advisor.runfolder import RunDir
+
+
+class DefaultRunGroup(click.Group):
+    """A group where an unknown first argument means `run` (pc-advise LOGS)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            if not args[0].startswith("-") or args[0] == "-":
+                args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pc-advise")
+def main() -> None:
+    """Prefix-cache advisor for vLLM: how much prefill your logs can reuse,
+    which --block-size and KV memory to run, what breaks reuse, and a replay
+    through vLLM that confirms it.
+
+    \b
+    Example:
+      pc-advise sample_logs/multiturn_chat.jsonl
+      pc-advise run logs.jsonl.zst -o out/ --tokenizer ./my-tokenizer
+    """
+
+
+# --- commands ---
+@main.command()
+@click.argument("log")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default ./pc-advise-out/<log name>/).")
+@ingest_options
+@simulate_options  # last of the option sets to apply: it skips flags they define (--workers)
+@tokenize_options
+@analyze_options
+@recommend_options
+@report_options
+@replay_options
+@click.option("--replay/--no-replay", "replay", default=None,
+              help="Confirm the recommendation through vLLM (default: when vLLM is importable).")
+@common_options
+def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Run the whole pipeline on LOG (a .jsonl, .jsonl.gz, .jsonl.zst file, or - for stdin).
+
+    \b
+    Example:
+      pc-advise run sample_logs/rag_documents.jsonl -o out/rag
+    """
+    con = Console(quiet, as_json)
+    rundir = RunDir(out or default_out_dir(log))
+    con.result["run_dir"] = str(rundir.root)
+    try:
+        do_ingest(rundir, log, opts, force, con)
+        do_tokenize(rundir, opts, force, con)
+        do_analyze(rundir, opts, force, con)
+        do_simulate(rundir, opts, force, con)
+        do_recommend(rundir, opts, force, con)
+        do_replay(rundir, opts, force, con)
+        do_report(rundir, opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.say(f"run folder: {rundir.root}")
+    con.finish()
+
+
+@main.command()
+@click.argument("log")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default ./pc-advise-out/<log name>/).")
+@ingest_options
+@common_options
+def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Read LOG into requests.parquet; bad lines go to rejects.jsonl with a reason.
+
+    \b
+    Example:
+      pc-advise ingest logs.jsonl.gz -o out/
+      cat logs.jsonl | pc-advise ingest - -o out/
+    """
+    con = Console(quiet, as_json)
+    rundir = RunDir(out or default_out_dir(log))
+    try:
+        do_ingest(rundir, log, opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@tokenize_options
+@common_options
+def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Render and tokenize the requests of RUN_DIR into tokens.parquet.
+
+    \b
+    Example:
+      pc-advise tokenize pc-advise-out/multiturn_chat --tokenizer ./my-tokenizer
+    """
+    con = Console(quiet, as_json)
+    try:
+        do_tokenize(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@analyze_options
+@common_options
+def analyze(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Prefix statistics, cache breakers and request clusters of RUN_DIR.
+
+    Writes prefixes.parquet (per request: longest prefix shared with any earlier
+    request), clusters.parquet and stats.json (token-granular ceiling, top shared
+    prefixes, cache breakers with example texts, where reuse comes from).
+
+    \b
+    Example:
+      pc-advise analyze pc-advise-out/timestamp_system_prompt
+    """
+    con = Console(quiet, as_json)
+    try:
+        do_analyze(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@simulate_options
+@common_options
+def simulate(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Simulate vLLM's prefix cache on RUN_DIR over block sizes x KV budgets.
+
+    Writes sim.parquet (hit rate per block size, budget, policy, mode, window, and
+    the infinite-cache ceiling) and sim_requests.parquet (hits per request).
+    Without budgets it sweeps from ~1.5% of the working set to past all of it.
+
+    \b
+    Example:
+      pc-advise simulate pc-advise-out/multiturn_chat
+      pc-advise simulate out/ --model llama-3.1-8b --gpu h100 --block-sizes 16,32
+      pc-advise simulate out/ --num-blocks 500,2000 --modes sequential --warmup 30s
+    """
+    con = Console(quiet, as_json)
+    try:
+        do_simulate(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@recommend_model_options
+@recommend_options
+@common_options
+def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Pick the vLLM flags to run from RUN_DIR's simulation: --block-size, KV memory,
+    offloading, ranked by prefill tokens saved per GiB; writes recommendation.json.
+
+    \b
+    Example:
+      pc-advise recommend pc-advise-out/multiturn_chat --model llama-3.1-8b --gpu h100
+    """
+    con = Console(quiet, as_json)
+    try:
+        do_recommend(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--block-size", "replay_block_size", type=int, default=None,
+              help="Block size to confirm (with --num-blocks; default: recommendation.json's).")
+@click.option("--num-blocks", "replay_num_blocks", type=int, default=None,
+              help="Usable KV blocks to confirm (vLLM's pinned count minus its null block).")
+@click.option("--configs", default=None,
+              help="Extra sweep rows to replay as BLOCK_SIZE:NUM_BLOCKS, comma separated.")
+@click.option("--check", type=float, default=None, metavar="TOLERANCE",
+              help="Exit non-zero when measured and predicted hit rates differ by more than "
+              "TOLERANCE percentage points (or nothing could be measured).")
+@click.option("--speedup", type=float, default=None,
+              help="Concurrent replay: divide logged inter-arrival times by this "
+              "(default: the simulate stage's, else 1).")
+@replay_options
+@common_options
+def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Replay RUN_DIR's token ids through a real vLLM engine and put its measured prefix-cache
+    hits next to the simulator's prediction; writes replay.json.
+
+    \b
+    Example:
+      pc-advise replay pc-advise-out/multiturn_chat --check 0
+      pc-advise replay out/ --block-size 32 --num-blocks 400 --configs 64:200
+      pc-advise replay out/ --replay-mode concurrent --speedup 10
+      pc-advise replay out/ --replay-url http://127.0.0.1:8000 --api-key-env VLLM_API_KEY
+    """
+    con = Console(quiet, as_json)
+    try:
+        do_replay(RunDir(run_dir), {**opts, "replay": True}, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@report_options
+@common_options
+def report(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
+    """Write RUN_DIR's report.html (one self-contained page: inline plots, no script, no
+    network) and report.md (the same numbers, for GitHub) from whatever stages have run.
+
+    \b
+    Example:
+      pc-advise report pc-advise-out/multiturn_chat
+      pc-advise report out/ --redact
+    """
+    con = Console(quiet, as_json)
+    try:
+        do_report(RunDir(run_dir), opts, force, con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()

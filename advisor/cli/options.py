@@ -1,0 +1,223 @@
+"""Option sets of the commands, one decorator per stage.
+
+Each stage command carries its own set; `run` carries them all, so an option
+means the same thing wherever it appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+# --- shared options (decorators, applied to each stage command and to `run`) ---
+def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)
+    f = click.option("--force", is_flag=True, help="Rerun stages even when unchanged.")(f)
+    return f
+
+
+def ingest_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from advisor.schema import FORMATS
+
+    f = click.option(
+        "--format", "fmt", type=click.Choice(FORMATS), default=None,
+        help="Force one input format instead of detecting it per line.",
+    )(f)
+    f = click.option(
+        "--trace-block-size", type=int, default=512, show_default=True,
+        help="Tokens per hash id in block-hash traces (Mooncake: 512).",
+    )(f)
+    f = click.option(
+        "--rate", type=float, default=1.0, show_default=True,
+        help="Arrival rate (requests/s) assumed for lines without a timestamp.",
+    )(f)
+    f = click.option(
+        "--max-line-mb", type=float, default=32.0, show_default=True,
+        help="Lines longer than this are rejected (not read into memory).",
+    )(f)
+    return f
+
+
+def tokenize_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--tokenizer", default=None,
+        help="Local tokenizer folder or a model name already in the HF cache "
+        "(default: the embedded Qwen2.5 tokenizer).",
+    )(f)
+    f = click.option(
+        "--workers", type=int, default=None,
+        help="Tokenizer threads (default: all cores).",
+    )(f)
+    return f
+
+
+class _CommaList(click.ParamType):
+    """A comma-separated list of numbers (`16,32,64`)."""
+
+    def __init__(self, kind: type, choices: tuple[str, ...] | None = None) -> None:
+        self.kind = kind
+        self.choices = choices
+        self.name = f"{kind.__name__}[,{kind.__name__}...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(self.kind(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.kind.__name__}s", param, ctx)
+        if self.choices and any(i not in self.choices for i in items):
+            self.fail(f"{value!r}: each must be one of {', '.join(self.choices)}", param, ctx)
+        return items
+
+
+def _option_once(f: Callable[..., Any], *decls: str, **kw: Any) -> Callable[..., Any]:
+    """Add an option unless another decorator of the same command already has that flag."""
+    taken = {o for p in getattr(f, "__click_params__", []) for o in getattr(p, "opts", [])}
+    if any(d in taken for d in decls if d.startswith("-")):
+        return f
+    return click.option(*decls, **kw)(f)
+
+
+def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--analysis-block-size", type=int, default=16, show_default=True,
+        help="Block size (tokens) for the block counts and top prefixes of the analysis "
+        "(hash traces use their own trace block size).",
+    )(f)
+    f = click.option(
+        "--max-clusters", type=int, default=12, show_default=True,
+        help="Largest number of request clusters tried (the data picks k up to this).",
+    )(f)
+    f = click.option(
+        "--cluster-seed", type=int, default=0, show_default=True,
+        help="Seed for clustering (same seed, same clusters).",
+    )(f)
+    return f
+
+
+def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the simulate stage (applied to `simulate` and to `run`)."""
+    specs: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+
+    def o(_f: Any, *decls: str, **kw: Any) -> None:
+        specs.append((decls, kw))
+
+    o(f, "--block-sizes", type=_CommaList(int), default=None,
+      help="Block sizes to simulate [default: 16,32,64,128; a hash trace: its own].")
+    o(f, "--num-blocks", type=_CommaList(int), default=None,
+      help="KV budgets in usable blocks (replaces the default sweep).")
+    o(f, "--budget-tokens", type=_CommaList(int), default=None,
+      help="KV budgets in tokens, i.e. tokens // block size blocks (replaces the sweep).")
+    o(f, "--kv-cache-gib", type=_CommaList(float), default=None,
+      help="KV budgets in GiB per GPU; needs --model (replaces the sweep).")
+    o(f, "--model", default=None,
+      help="Catalog name (e.g. llama-3.1-8b) or local HF folder/config.json: KV bytes per block.")
+    o(f, "--gpu", "--gpu-memory-gib", "gpu", default=None,
+      help="GPU memory (GiB or a name: h100, a100-40gb, ...); with --model adds its KV budget.")
+    o(f, "--gpu-memory-utilization", type=float, default=None,
+      help="vLLM's --gpu-memory-utilization (default 0.92, vLLM 0.32's).")
+    o(f, "--tensor-parallel-size", type=int, default=None,
+      help="GPUs the model is sharded over (KV heads and weights split).")
+    o(f, "--headroom-gib", type=float, default=None,
+      help="Activation/runtime memory per GPU besides weights and KV (default 2.0).")
+    o(f, "--policies", type=_CommaList(str, ("lru", "fifo", "belady")), default=None,
+      help="Eviction policies: lru (vLLM) and the references fifo, belady [default: all].")
+    o(f, "--modes", type=_CommaList(str, ("sequential", "concurrent")), default=None,
+      help="sequential (one request at a time, prefill only) and/or concurrent [default: both].")
+    o(f, "--warmup", default="50%", show_default=True,
+      help="Warm-up not counted in the warm window: a share (50%), requests (500), seconds (30s).")
+    o(f, "--speedup", type=float, default=None,
+      help="Concurrent mode: divide logged inter-arrival times by this [default: 1].")
+    o(f, "--prefill-tps", type=float, default=None,
+      help="Cost model: uncached prompt tokens per second per request [default: 10000].")
+    o(f, "--decode-tps", type=float, default=None,
+      help="Cost model: output tokens per second per running request [default: 50].")
+    o(f, "--logged-latency/--no-logged-latency", "logged_latency", default=True, show_default=True,
+      help="Use latency_s/ttft_s from the log instead of the cost model where present.")
+    o(f, "--max-num-seqs", type=int, default=None,
+      help="Concurrent mode: most requests running at once (vLLM's flag) [default: 256].")
+    o(f, "--sweep-points", type=int, default=None,
+      help="Budgets in the default sweep per block size [default: 10].")
+    o(f, "--reference-budgets", type=int, default=None,
+      help="Budgets per block size the fifo/belady reference lines run at; 0 = all [default: 4].")
+    o(f, "--workers", type=int, default=None,
+      help="Processes for the concurrent-mode simulations (default: all cores).")
+    for decls, kw in reversed(specs):  # click lists options in reverse order of application
+        f = _option_once(f, *decls, **kw)
+    return f
+
+
+def recommend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options only `recommend` reads (applied to `run` too)."""
+    f = click.option(
+        "--backend", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+        help="Attention backend: its block sizes are allowed (cuda: multiples of 16, cpu: of 32).",
+    )(f)
+    f = click.option(
+        "--min-gain-per-gib", type=float, default=0.1, show_default=True,
+        help="Hit-rate points one more GiB of KV memory must buy to be worth it (memory's price).",
+    )(f)
+    f = click.option(
+        "--prefill-tokens-per-s", type=float, default=None,
+        help="Prefill throughput for the TTFT gain (default: simulate's --prefill-tps, else 10000).",
+    )(f)
+    return f
+
+
+def recommend_model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Model/GPU options of the `recommend` command alone: under `run` the simulate stage's
+    options of the same names are used, and `recommend RUN_DIR` falls back to what the
+    simulate stage recorded in manifest.json."""
+    f = click.option("--model", default=None,
+                     help="Catalog name (e.g. llama-3.1-8b) or local HF folder/config.json.")(f)
+    f = click.option("--gpu", "--gpu-memory-gib", "gpu", default=None,
+                     help="GPU memory: GiB or a name (h100, h200, a100-40gb, l40s, l4, ...).")(f)
+    f = click.option("--gpu-memory-utilization", type=float, default=None,
+                     help="vLLM's --gpu-memory-utilization ceiling (default 0.92, vLLM 0.32's).")(f)
+    f = click.option("--tensor-parallel-size", type=int, default=None,
+                     help="GPUs the model is sharded over (KV heads and weights split).")(f)
+    f = click.option("--headroom-gib", type=float, default=None,
+                     help="Activation/runtime memory per GPU besides weights and KV (default 2.0).")(f)
+    return f
+
+
+def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the report stage (applied to `report` and to `run`)."""
+    f = click.option("--redact", is_flag=True,
+                     help="Replace prompt text in the reports with its length and a short hash "
+                     "(for logs that cannot be shown); numbers are unchanged.")(f)
+    return f
+
+
+def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the replay stage (applied to `replay` and to `run`)."""
+    f = click.option("--replay-mode", type=click.Choice(["sequential", "concurrent", "both"]),
+                     default="sequential", show_default=True,
+                     help="sequential: one request at a time, prefill-only, exact to the token; "
+                     "concurrent: logged arrival times and output lengths, within 1 point.")(f)
+    f = click.option("--replay-model", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Local model folder to replay with (default: a tiny random Llama; "
+                     "hits depend on token ids, not weights).")(f)
+    f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int, default=256,
+                     show_default=True, help="Concurrent replay: cap on logged output lengths "
+                     "(each output token is one engine step, ~20 ms with the tiny model on a CPU).")(f)
+    f = click.option("--replay-limit", type=int, default=5000, show_default=True,
+                     help="Replay only the first N requests, 0 = all (both modes are causal: "
+                     "the prediction for them is the whole log's first N).")(f)
+    f = click.option("--replay-url", default=None,
+                     help="Replay against a running vLLM OpenAI server (http://HOST:PORT) "
+                     "instead of an in-process engine.")(f)
+    f = click.option("--api-key-env", default=None,
+                     help="Name of the environment variable holding the server's API key "
+                     "(the key is never printed or stored).")(f)
+    f = click.option("--concurrency", "replay_concurrency", type=int, default=8, show_default=True,
+                     help="Server replay: requests in flight at most.")(f)
+    f = click.option("--assume-config", is_flag=True,
+                     help="Server replay: trust that the server runs the configuration being "
+                     "confirmed when its /metrics does not say.")(f)
+    return f
