@@ -60,7 +60,7 @@ from advisor import kvmemory as kv
 from advisor import schema
 from advisor.cache import FutureUses, PrefixCache
 from advisor.errors import AdvisorError
-from advisor.events import CostModel, run_concurrent
+from advisor.events import CostModel, decode_block_count, run_concurrent
 from advisor.fastcache import ArrayPrefixCache
 from advisor.workload import Workload, load_workload, warm_mask
 
@@ -279,13 +279,16 @@ def simulate_one(
         # never has to evict (a hashed block is popped only when no unhashed one is free).
         pool = num_blocks if num_blocks is not None else 1 + int(
             (-(-(n_tokens + np.maximum(workload.output_tokens - 1, 0)) // block_size)).sum())
-        cache = ArrayPrefixCache(pool, block_size, max(trace.num_ids, 1))
+        # decode blocks get hash ids of their own, after the prompts' (events.decode_block_count)
+        decode_ids = decode_block_count(n_tokens, workload.output_tokens, block_size)
+        cache = ArrayPrefixCache(pool, block_size, max(trace.num_ids + decode_ids, 1))
         hashes = TraceHashes(trace, arrays=True)
     else:
         cache = PrefixCache(num_blocks, block_size, policy)
     res = run_concurrent(
         cache, hashes, n_tokens, workload.output_tokens, workload.arrivals(opts.speedup),
         opts.cost_model(), opts.max_num_seqs, workload.latency_s, workload.ttft_s,
+        decode_ids_from=trace.num_ids,
     )
     return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, res.hit_tokens, res.scheduled,
                         res.evictions, res.peak_blocks_in_use, res.preemptions)

@@ -289,10 +289,6 @@ def test_under_run_a_failed_replay_leaves_not_run_and_the_run_goes_on(tmp_path: 
 
 @needs_vllm
 @pytest.mark.replay
-@pytest.mark.xfail(strict=True, reason="known divergence of the concurrent simulator from vLLM "
-                   "(advisor.events): in this burst one request (q9) is predicted 0 hit tokens, "
-                   "vLLM serves 64; within the 1-point contract, but not exact. Remove this mark "
-                   "when events.py matches vLLM's scheduler here.")
 def test_concurrent_burst_per_request_exactness(model_cache: Path) -> None:
     rng = np.random.default_rng(2)
     systems = [rng.integers(2, 1000, size=96).tolist() for _ in range(4)]
