@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -105,11 +107,38 @@ def _unscannable_modules() -> dict[str, Any]:
     return hidden
 
 
-def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
-    from vllm import LLM
+@contextlib.contextmanager
+def engine_log_captured() -> Iterator[None]:
+    """Send what the engine prints at start-up (warnings, progress bars, C++ logs) to a
+    temporary file instead of the user's terminal. If the block fails, the log's last
+    lines are attached to the exception as a note, so nothing needed to debug it is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException as e:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            log.seek(0)
+            tail = log.read()[-4000:].decode("utf-8", errors="replace").strip()
+            if tail and hasattr(e, "add_note"):
+                e.add_note("engine log (last lines):\n" + tail)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
-    with _kernel_scan_guard():
-        return _new_llm(LLM, model, cfg, max_len, opts)
+
+def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
+    with engine_log_captured():
+        from vllm import LLM
+
+        with _kernel_scan_guard():
+            return _new_llm(LLM, model, cfg, max_len, opts)
 
 
 def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
@@ -290,4 +319,6 @@ def resolve_replay_model(w: Workload, replay_model: str | None, cache_dir: Path)
     from advisor import tinymodel
 
     vocab = tinymodel.vocab_for(w.max_token_id)
-    return str(tinymodel.ensure_tiny_model(cache_dir, vocab)), tinymodel.describe(vocab)
+    with engine_log_captured():  # transformers' save progress bar
+        folder = tinymodel.ensure_tiny_model(cache_dir, vocab)
+    return str(folder), tinymodel.describe(vocab)

@@ -25,6 +25,7 @@ from advisor.cli.options import (
     simulate_options,
     tokenize_options,
 )
+from advisor.cli.summary import render_table, summary_rows
 from advisor.cli.stages import (
     default_out_dir,
     do_analyze,
@@ -98,7 +99,10 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
         do_report(rundir, opts, force, con)
     except AdvisorError as e:
         _fail(e)
-    con.say(f"run folder: {rundir.root}")
+    rows = summary_rows(rundir)
+    con.say("\nSummary")
+    con.say(render_table(rows))
+    con.result["summary"] = dict(rows)
     con.finish()
 
 

@@ -170,7 +170,7 @@ def do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) ->
     c = out.counts
     ceil = ", ".join(f"B={b}: {v:.1%}" for b, v in c.get("ceiling_by_block_size", {}).items())
     con.stage(out, f"{c['configs']} configurations over {c['requests']} requests "
-                   f"({c['prompt_tokens']:,} prompt tokens); infinite-cache ceiling {ceil}")
+                   f"({c['prompt_tokens']:,} prompt tokens); infinite-cache ceiling, whole log: {ceil}")
     for note in c.get("notes", []):
         con.say(f"  {note}")
 
@@ -253,13 +253,15 @@ def do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
             "block_size": best["block_size"], "num_blocks": best["num_blocks"],
             "kv_gib": best["kv_gib"], "hit_rate": best["hit_rate"],
             "ceiling_hit_rate": best["ceiling_hit_rate"], "vllm_serve": result["vllm_serve"],
+            "mode": best.get("mode"), "window": best.get("window"),
         }
 
     out = run_stage(run, "recommend", inputs, options.as_dict(), [rf.RECOMMENDATION], body, force=force)
     c = out.counts
     mem = f"{c['kv_gib']:.2f} GiB" if c.get("kv_gib") is not None else f"{c['num_blocks']:,} blocks"
+    view = ", ".join(v for v in (c.get("mode"), f"{c['window']} window" if c.get("window") else None) if v)
     con.stage(out, f"--block-size {c['block_size']}, {mem}: hit rate {c['hit_rate']:.1%} "
-                   f"(ceiling {c['ceiling_hit_rate']:.1%})")
+                   f"(block ceiling {c['ceiling_hit_rate']:.1%}" + (f"; {view})" if view else ")"))
     con.say(f"  {c['vllm_serve']}")
 
 
@@ -358,10 +360,11 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
                 except AdvisorError:
                     raise
                 except Exception as e:  # the engine's own failure: say so, never a traceback
+                    notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", []))
                     raise AdvisorError(
                         f"vLLM could not replay here ({type(e).__name__}: {e}); the prediction is "
                         "unconfirmed. Try --replay-limit N, another --replay-model, or "
-                        "--replay-url against a running server.") from e
+                        f"--replay-url against a running server.{notes}") from e
         merged = rp.merge_results(results)
         out = merged.as_json()
         out["requests_replayed"] = len(w.request_ids)
