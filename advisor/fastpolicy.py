@@ -5,7 +5,9 @@ Inputs: a `fastsim.BlockTrace` and a pool size in usable blocks. Output: a
 "belady" fed the same requests one at a time (tests/test_fastsim.py checks hits,
 evictions and peak under eviction pressure). The free pool is `cache.PriorityFreePool`
 on arrays: unhashed free blocks first (a stack), then a binary heap of hashed free
-blocks ordered by (priority, block id) with lazy deletion by version numbers.
+blocks ordered by (priority, -cached_seq) with lazy deletion by version numbers.
+Belady's refinements are cache.py's (see its module docstring): ties go to the most
+recently cached block, and a hash's copies other than its lookup copy count as never used.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from advisor.fastsim import BlockTrace, SequentialResult, compiled
 
 
 @compiled
-def _heap_push(hp, hb, hv, size, prio, block, version):  # type: ignore[no-untyped-def]
+def _heap_push(hp, ht, hb, hv, size, prio, tie, block, version):  # type: ignore[no-untyped-def]
     i = size
-    hp[i], hb[i], hv[i] = prio, block, version
+    hp[i], ht[i], hb[i], hv[i] = prio, tie, block, version
     while i > 0:
         parent = (i - 1) // 2
-        if hp[parent] < hp[i] or (hp[parent] == hp[i] and hb[parent] <= hb[i]):
+        if hp[parent] < hp[i] or (hp[parent] == hp[i] and ht[parent] <= ht[i]):
             break
         hp[i], hp[parent] = hp[parent], hp[i]
+        ht[i], ht[parent] = ht[parent], ht[i]
         hb[i], hb[parent] = hb[parent], hb[i]
         hv[i], hv[parent] = hv[parent], hv[i]
         i = parent
@@ -31,42 +34,52 @@ def _heap_push(hp, hb, hv, size, prio, block, version):  # type: ignore[no-untyp
 
 
 @compiled
-def _heap_pop(hp, hb, hv, size):  # type: ignore[no-untyped-def]
+def _heap_pop(hp, ht, hb, hv, size):  # type: ignore[no-untyped-def]
     size -= 1
-    hp[0], hb[0], hv[0] = hp[size], hb[size], hv[size]
+    hp[0], ht[0], hb[0], hv[0] = hp[size], ht[size], hb[size], hv[size]
     i = 0
     while True:
         left, small = 2 * i + 1, i
         for c in (left, left + 1):
-            if c < size and (hp[c] < hp[small] or (hp[c] == hp[small] and hb[c] < hb[small])):
+            if c < size and (hp[c] < hp[small] or (hp[c] == hp[small] and ht[c] < ht[small])):
                 small = c
         if small == i:
             return size
         hp[i], hp[small] = hp[small], hp[i]
+        ht[i], ht[small] = ht[small], ht[i]
         hb[i], hb[small] = hb[small], hb[i]
         hv[i], hv[small] = hv[small], hv[i]
         i = small
 
 
 @compiled
-def _push_free(hp, hb, hv, size, prio, b, version, is_free):  # type: ignore[no-untyped-def]
+def _push_free(hp, ht, hb, hv, size, prio, tie, b, version, is_free):  # type: ignore[no-untyped-def]
     """Push free block b with a new version (its older entries go stale)."""
     if size == len(hp):  # compact: at most one live entry per free block remains
-        old_p, old_b, old_v = hp.copy(), hb.copy(), hv.copy()
+        old_p, old_t, old_b, old_v = hp.copy(), ht.copy(), hb.copy(), hv.copy()
         size = 0
         for e in range(len(old_p)):
             if old_v[e] == version[old_b[e]] and is_free[old_b[e]]:
-                size = _heap_push(hp, hb, hv, size, old_p[e], old_b[e], old_v[e])
+                size = _heap_push(hp, ht, hb, hv, size, old_p[e], old_t[e], old_b[e], old_v[e])
     version[b] += 1
-    return _heap_push(hp, hb, hv, size, prio, b, version[b])
+    return _heap_push(hp, ht, hb, hv, size, prio, tie, b, version[b])
+
+
+@compiled
+def _belady_prio(b, h, first_copy, use_pos, use_ptr, use_off, never):  # type: ignore[no-untyped-def]
+    """Minus the next use of h for its lookup copy; `never` for other copies or no next use."""
+    if first_copy[h] != b or use_ptr[h] >= use_off[h + 1]:
+        return never
+    return -use_pos[use_ptr[h]]
 
 
 @compiled
 def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids, belady, use_pos, use_off, hits):  # type: ignore[no-untyped-def]
     # cache.PriorityFreePool step for step: unhashed free blocks first (a stack), then
-    # a heap of hashed free blocks by (priority, block id) with lazy deletion. FIFO:
+    # a heap of hashed free blocks by (priority, -cached_seq) with lazy deletion. FIFO:
     # priority = when the block was cached. Belady: minus the next request position
-    # wanting its hash (use_pos[use_ptr[h]:use_off[h+1]], pointers only move forward).
+    # wanting its hash (use_pos[use_ptr[h]:use_off[h+1]], pointers only move forward),
+    # `never` for copies other than the hash's lookup copy (first_copy).
     n = num_blocks
     never = -(1 << 62)
     stack = np.empty(n, np.int64)
@@ -75,6 +88,7 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
         stack[top] = i
         top += 1
     hp = np.empty(4 * n + 16, np.int64)
+    ht = np.empty(4 * n + 16, np.int64)
     hb = np.empty(4 * n + 16, np.int64)
     hv = np.empty(4 * n + 16, np.int64)
     size = 0
@@ -118,7 +132,7 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
                         b = stack[top]
                 while b < 0:
                     c, v = hb[0], hv[0]
-                    size = _heap_pop(hp, hb, hv, size)
+                    size = _heap_pop(hp, ht, hb, hv, size)
                     if v == version[c] and is_free[c]:
                         b = c
                 is_free[b] = False
@@ -130,7 +144,12 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
                         cnext[cprev[b]] = cnext[b]
                         cprev[cnext[b]] = cprev[b]
                         if first_copy[h] == b:
-                            first_copy[h] = cnext[b]
+                            f = cnext[b]
+                            first_copy[h] = f
+                            if belady and is_free[f]:  # the new lookup copy carries the next use
+                                size = _push_free(hp, ht, hb, hv, size,
+                                                  _belady_prio(f, h, first_copy, use_pos, use_ptr, use_off, never),
+                                                  -cached_seq[f], f, version, is_free)
                     block_id_hash[b] = -1
                     evictions += 1
                 req[i] = b
@@ -164,8 +183,8 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
                 b = f
                 while b >= 0:
                     if is_free[b]:
-                        nu = use_pos[use_ptr[h]] if use_ptr[h] < use_off[h + 1] else never
-                        size = _push_free(hp, hb, hv, size, -nu if nu != never else never, b, version, is_free)
+                        size = _push_free(hp, ht, hb, hv, size, _belady_prio(b, h, first_copy, use_pos, use_ptr, use_off, never),
+                                          -cached_seq[b], b, version, is_free)
                     b = cnext[b]
                     if b == f:
                         b = -1
@@ -179,10 +198,10 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
                     evict_first[m] = b
                     m += 1
                 elif belady:
-                    nu = use_pos[use_ptr[h]] if use_ptr[h] < use_off[h + 1] else never
-                    size = _push_free(hp, hb, hv, size, -nu if nu != never else never, b, version, is_free)
+                    size = _push_free(hp, ht, hb, hv, size, _belady_prio(b, h, first_copy, use_pos, use_ptr, use_off, never),
+                                      -cached_seq[b], b, version, is_free)
                 else:
-                    size = _push_free(hp, hb, hv, size, cached_seq[b], b, version, is_free)
+                    size = _push_free(hp, ht, hb, hv, size, cached_seq[b], -cached_seq[b], b, version, is_free)
             for i in range(m - 1, -1, -1):
                 stack[top] = evict_first[i]
                 top += 1

@@ -232,7 +232,7 @@ def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: n
 
 
 def trace_from_hash_lists(block_hash_lists: Sequence[Sequence[Hashable]], num_tokens: Sequence[int], block_size: int) -> BlockTrace:
-    """A `BlockTrace` from explicit per-request block hashes (e.g. `cache.request_block_hashes`)."""
+    """A `BlockTrace` from explicit per-request block hashes (e.g. `blockhash.request_block_hashes`)."""
     intern: dict[Hashable, int] = {}
     ids: list[int] = []
     offsets = [0]

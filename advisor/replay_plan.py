@@ -205,15 +205,15 @@ def predicted_hits(
         if got is not None:
             return got, "sim_requests.parquet"
     if mode == MODE_SEQUENTIAL:
-        from advisor import cache
+        from advisor import blockhash, cache
 
         lengths = [len(t) for t in w.token_ids]
         if w.synthetic and cfg.block_size == w.trace_block_size:
             # the trace's own hash ids, as the simulator saw them (checks the synthesis too)
-            hashes = [cache.chain_trace_hash_ids(ids, n, cfg.block_size)
+            hashes = [blockhash.chain_trace_hash_ids(ids, n, cfg.block_size)
                       for ids, n in zip(w.hash_ids or [], lengths)]
         else:
-            hashes = [cache.request_block_hashes(t, cfg.block_size, cache_salt=salt)
+            hashes = [blockhash.request_block_hashes(t, cfg.block_size, cache_salt=salt)
                       for t, salt in zip(w.token_ids, w.cache_salts)]
         hits = cache.sequential_hits_from_hashes(hashes, lengths, cfg.block_size, cfg.num_blocks)
         return [int(h) for h in hits], "advisor.cache (sequential, vLLM reference)"

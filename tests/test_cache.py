@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from advisor.blockhash import chain_trace_hash_ids, request_block_hashes
 from advisor.cache import (
     FreeBlockQueue,
     Block,
     PrefixCache,
-    chain_trace_hash_ids,
-    request_block_hashes,
     sequential_hits,
     sequential_hits_from_hashes,
 )
@@ -154,17 +153,45 @@ def test_belady_needs_the_future():
         PrefixCache(4, B, "belady")
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=14), min_size=1, max_size=25), st.integers(4, 12))
-def test_belady_never_loses_to_lru_or_fifo_and_nobody_beats_the_ceiling(reqs, num_blocks):
+def test_belady_evicts_a_child_before_its_parent_when_both_are_wanted_next():
+    # Both blocks of A are wanted next by the same request (equal next use). Evicting the
+    # parent (block id 0, the old tie-break) strands the child: A then hits nothing.
+    parent, child = [1] * 4, [2] * 4
+    a, x = parent + child + [9], [5] * 5
+    assert sequential_hits([a, x, a], B, 3, "lru") == [0, 0, 4]
+    assert sequential_hits([a, x, a], B, 3, "belady") == [0, 0, 4]
+
+
+def test_belady_counts_extra_copies_of_a_hash_as_never_used():
+    # A prompt of exactly one block never looks its block up (L-1 cap), so `p` computes a
+    # second copy of P. Only the oldest copy is ever hit; keeping the extra one (it shares
+    # P's next use) instead of Q loses the last request's hit.
+    p, q = [1] * 4, [2] * 4
+    reqs = [p + [9], p, q, p + q, q + [9]]
+    assert sequential_hits(reqs, B, 3, "lru") == [0, 0, 0, 4, 4]
+    assert sequential_hits(reqs, B, 3, "belady") == [0, 0, 0, 4, 4]
+
+
+# Prompts built from a few whole blocks (much sharing, lengths often a multiple of B).
+chunked_prompts = st.lists(
+    st.tuples(st.lists(st.sampled_from([(1,) * B, (2,) * B, (3,) * B, (1, 2, 3, 1)]), min_size=1, max_size=4),
+              st.lists(st.integers(0, 3), max_size=3)).map(lambda t: [x for c in t[0] for x in c] + t[1]),
+    min_size=1, max_size=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(chunked_prompts, st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=14), min_size=1, max_size=25)),
+       st.integers(0, 8))
+def test_belady_never_loses_to_lru_or_fifo_and_nobody_beats_the_ceiling(reqs, extra_blocks):
+    # Every prompt fits the pool (a refused one would still be in Belady's future), with
+    # eviction pressure from 0 to 8 blocks above the largest prompt. Farthest-next-use is
+    # not a proven optimum for chained multi-block requests; with its two refinements
+    # (the stories above) it never lost on thousands of random workloads, checked here.
+    num_blocks = max(-(-len(r) // B) for r in reqs) + extra_blocks
     ceiling = sum(sequential_hits(reqs, B, None))
     belady = sum(sequential_hits(reqs, B, num_blocks, "belady"))
     assert belady <= ceiling
-    # Belady is optimal for single-block prompts (no chains): check that case exactly.
-    single = [r[:5] for r in reqs]
-    assert sum(sequential_hits(single, B, num_blocks, "belady")) >= max(
-        sum(sequential_hits(single, B, num_blocks, "lru")), sum(sequential_hits(single, B, num_blocks, "fifo"))
-    )
+    assert belady >= max(sum(sequential_hits(reqs, B, num_blocks, "lru")), sum(sequential_hits(reqs, B, num_blocks, "fifo")))
 
 
 def test_free_block_queue_append_prepend_remove():

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
-from advisor.cache import PrefixCache, request_block_hashes
+from advisor.blockhash import request_block_hashes
+from advisor.cache import PrefixCache
 from advisor.fastcache import ArrayPrefixCache
 
 B = 4

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
-from advisor import cache, fastsim
+from advisor import blockhash, cache, fastsim
 
 SYSTEMS = [list(range(100 * k, 100 * k + n)) for k, n in enumerate((3, 8, 13, 16))]
 
@@ -38,7 +38,7 @@ def reference(reqs: Sequence[Sequence[int]], block_size: int, num_blocks: int | 
     c = cache.PrefixCache(num_blocks, block_size)
     for i, r in enumerate(reqs):
         if c.fits(len(r)):
-            assert c.admit(str(i), cache.request_block_hashes(r, block_size), len(r)) is not None
+            assert c.admit(str(i), blockhash.request_block_hashes(r, block_size), len(r)) is not None
             c.free(str(i))
     return c
 
@@ -69,7 +69,7 @@ def test_ceiling_equals_an_infinite_reference_cache(reqs, block_size):
 @given(reqs=workloads(), block_size=st.sampled_from([1, 4, 8]))
 def test_block_keys_are_equal_exactly_when_chained_hashes_are(reqs, block_size):
     keys = fastsim.prefix_keys(*flat(reqs), (block_size,))[block_size].tolist()
-    hashes = [h for r in reqs for h in cache.request_block_hashes(r, block_size)]
+    hashes = [h for r in reqs for h in blockhash.request_block_hashes(r, block_size)]
     assert len(keys) == len(hashes)
     pairs = set(zip(keys, hashes, strict=True))
     assert len({k for k, _ in pairs}) == len({h for _, h in pairs}) == len(pairs)
@@ -106,7 +106,7 @@ def test_hash_traces_match_the_reference_with_partial_last_blocks(data, num_bloc
     offsets = np.zeros(len(lists) + 1, np.int64)
     offsets[1:] = np.cumsum([len(ids) for ids in lists])
     trace = fastsim.trace_from_hash_ids(flat_ids, offsets, np.asarray(lengths), tbs)
-    chained = [cache.chain_trace_hash_ids(ids, n, tbs) for ids, n in zip(lists, lengths, strict=True)]
+    chained = [blockhash.chain_trace_hash_ids(ids, n, tbs) for ids, n in zip(lists, lengths, strict=True)]
     ref = cache.sequential_hits_from_hashes(chained, lengths, tbs, num_blocks)
     got = fastsim.simulate_sequential(trace, num_blocks)
     assume(got.evictions > 0)
@@ -146,7 +146,7 @@ def test_the_python_loop_and_the_compiled_loop_agree():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(reqs=workloads(), num_blocks=st.integers(1, 16), policy=st.sampled_from(["fifo", "belady"]))
 def test_fifo_and_belady_equal_the_reference(reqs, num_blocks, policy):
-    hashes = [cache.request_block_hashes(r, 4) for r in reqs]
+    hashes = [blockhash.request_block_hashes(r, 4) for r in reqs]
     lengths = [len(r) for r in reqs]
     future = cache.FutureUses(hashes, lengths, 4) if policy == "belady" else None
     ref = cache.PrefixCache(num_blocks, 4, policy, future)

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from advisor import fastsim
-from advisor.cache import PrefixCache, request_block_hashes, sequential_hits
+from advisor.blockhash import request_block_hashes
+from advisor.cache import PrefixCache, sequential_hits
 from advisor.fastcache import ArrayPrefixCache
 
 vllm = pytest.importorskip(
