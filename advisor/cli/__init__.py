@@ -7,6 +7,8 @@ taking the run folder, so a later stage can rerun alone. Option sets live in
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ def main() -> None:
       pc-advise sample_logs/multiturn_chat.jsonl
       pc-advise run logs.jsonl.zst -o out/ --tokenizer ./my-tokenizer
     """
+    # transformers advises at import that PyTorch is absent: true, and irrelevant to tokenizing.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 # --- commands ---

@@ -148,7 +148,11 @@ def do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
     )
     c = out.counts
     con.stage(out, f"ceiling {c['ceiling_rate']:.1%} of {c['prompt_tokens']:,} prompt tokens, "
-              f"{c['breakers']} cache breakers, {c['clusters']} clusters")
+              f"{_plural(c['breakers'], 'cache breaker')}, {_plural(c['clusters'], 'cluster')}")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
