@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,16 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _stage_command(body: Callable[[Console], None], quiet: bool, as_json: bool) -> None:
+    """One stage command: run it, turn a user-fixable error into its message and exit code."""
+    con = Console(quiet, as_json)
+    try:
+        body(con)
+    except AdvisorError as e:
+        _fail(e)
+    con.finish()
+
+
 # --- commands ---
 @main.command()
 @click.argument("log")
@@ -124,13 +135,8 @@ def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, 
       pc-advise ingest logs.jsonl.gz -o out/
       cat logs.jsonl | pc-advise ingest - -o out/
     """
-    con = Console(quiet, as_json)
     rundir = RunDir(out or default_out_dir(log))
-    try:
-        do_ingest(rundir, log, opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
+    _stage_command(lambda con: do_ingest(rundir, log, opts, force, con), quiet, as_json)
 
 
 @main.command()
@@ -144,13 +150,7 @@ def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
     Example:
       pc-advise tokenize pc-advise-out/multiturn_chat --tokenizer ./my-tokenizer
     """
-    con = Console(quiet, as_json)
-    try:
-        do_tokenize(RunDir(run_dir), opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
-
+    _stage_command(lambda con: do_tokenize(RunDir(run_dir), opts, force, con), quiet, as_json)
 
 
 @main.command()
@@ -168,13 +168,7 @@ def analyze(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any)
     Example:
       pc-advise analyze pc-advise-out/timestamp_system_prompt
     """
-    con = Console(quiet, as_json)
-    try:
-        do_analyze(RunDir(run_dir), opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
-
+    _stage_command(lambda con: do_analyze(RunDir(run_dir), opts, force, con), quiet, as_json)
 
 
 @main.command()
@@ -194,12 +188,7 @@ def simulate(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
       pc-advise simulate out/ --model llama-3.1-8b --gpu h100 --block-sizes 16,32
       pc-advise simulate out/ --num-blocks 500,2000 --modes sequential --warmup 30s
     """
-    con = Console(quiet, as_json)
-    try:
-        do_simulate(RunDir(run_dir), opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
+    _stage_command(lambda con: do_simulate(RunDir(run_dir), opts, force, con), quiet, as_json)
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
@@ -214,13 +203,7 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
     Example:
       pc-advise recommend pc-advise-out/multiturn_chat --model llama-3.1-8b --gpu h100
     """
-    con = Console(quiet, as_json)
-    try:
-        do_recommend(RunDir(run_dir), opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
-
+    _stage_command(lambda con: do_recommend(RunDir(run_dir), opts, force, con), quiet, as_json)
 
 
 @main.command()
@@ -250,12 +233,7 @@ def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
       pc-advise replay out/ --replay-mode concurrent --speedup 10
       pc-advise replay out/ --replay-url http://127.0.0.1:8000 --api-key-env VLLM_API_KEY
     """
-    con = Console(quiet, as_json)
-    try:
-        do_replay(RunDir(run_dir), {**opts, "replay": True}, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
+    _stage_command(lambda con: do_replay(RunDir(run_dir), {**opts, "replay": True}, force, con), quiet, as_json)
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
@@ -270,9 +248,4 @@ def report(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
       pc-advise report pc-advise-out/multiturn_chat
       pc-advise report out/ --redact
     """
-    con = Console(quiet, as_json)
-    try:
-        do_report(RunDir(run_dir), opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    con.finish()
+    _stage_command(lambda con: do_report(RunDir(run_dir), opts, force, con), quiet, as_json)
