@@ -145,6 +145,7 @@ def run_concurrent(
     *,
     max_num_batched_tokens: int | None = None,
     decode_ids_from: int | None = None,
+    skip_quiet_steps: bool = True,
 ) -> ConcurrentResult:
     """Simulate one configuration with requests overlapping in time (module docstring).
 
@@ -154,6 +155,8 @@ def run_concurrent(
     `decode_ids_from`: for an `ArrayPrefixCache`, the first of
     `decode_block_count(...)` hash ids no prompt uses (the cache's `num_ids` must
     cover them); other caches get tuple hashes for decode blocks.
+    `skip_quiet_steps=False` takes every step one by one (the plain loop that the
+    jumps are tested against).
     """
     n = len(n_tokens)
     assert max_num_seqs >= 1
@@ -248,7 +251,7 @@ def run_concurrent(
             continue
 
         # Quiet steps: nothing but one decode token per running request, in one jump.
-        if admission_stalled and not arrived and not prefilling and running:
+        if skip_quiet_steps and admission_stalled and not arrived and not prefilling and running:
             while heap and heap[0][3] != epoch[heap[0][2]]:
                 heapq.heappop(heap)
             quiet = heap[0][0] - step if heap else 0
@@ -277,7 +280,7 @@ def run_concurrent(
             if i in prefilling:
                 num_new = min(known(i) - computed[i], budget)
                 if num_new <= 0:
-                    break
+                    continue  # no budget left for its next chunk in this step
             else:
                 materialize(i)
                 num_new = 1

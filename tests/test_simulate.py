@@ -21,6 +21,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from advisor import cache as refcache
+from advisor import events
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.cli import main
@@ -236,6 +238,48 @@ def test_preemption_frees_the_latest_request_and_still_finishes_all() -> None:
     assert res.preemptions >= 1
     assert res.scheduled.all()
     assert list(res.hit_tokens) == [0, 4]
+
+
+def test_preempted_request_resumes_on_its_own_cached_blocks() -> None:
+    """6 blocks of 4 tokens; A (8 tokens) and B (7) arrive together, 9 output tokens each.
+    Both are admitted in step 1 (4 blocks); decoding takes the last 2; in step 6 A needs a
+    fifth block and vLLM preempts the END of the running queue, B, after 5 of its tokens.
+    B's freed blocks stay cached (A takes the unhashed tail block); when A finishes, B
+    recomputes prompt + output (12 tokens) and hits its prompt block AND its first decode
+    block: 8 tokens, counted as preempted hits, while its reported hit stays the first 0."""
+    reqs = [[1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16, 17]]
+    pool = refcache.PrefixCache(6, B)
+    res = events.run_concurrent(pool, [refcache.request_block_hashes(r, B) for r in reqs], np.array([8, 7]),
+                                np.array([9, 9]), np.zeros(2), events.CostModel(use_logged_latency=False), 256)
+    assert res.preemptions == 1 and list(res.hit_tokens) == [0, 0] and res.scheduled.all()
+    assert (pool.queries, pool.hits) == (15, 0)
+    assert (pool.preempted_queries, pool.preempted_hits) == (12, 8)
+    assert res.steps == 9 + 4  # A: prefill + 8 decodes; B resumes after A and samples its last 4
+
+
+@FAST
+@given(structured(), st.integers(0, 6), st.lists(st.tuples(st.sampled_from([0.0, 0.0, 0.01, 0.2]), st.integers(0, 14)),
+                                                   min_size=24, max_size=24),
+       st.integers(1, 6), st.sampled_from([None, 3, 9, 40]))
+def test_quiet_step_jumps_equal_the_plain_step_loop(reqs: list[list[int]], extra: int, shape: list[tuple[float, int]],
+                                                   max_num_seqs: int, budget: int | None) -> None:
+    """Taking the steps where nothing can change in one jump gives what stepping one by one
+    gives: hits, counters, preemptions, step count and clock, under preemption and chunking."""
+    n = len(reqs)
+    lengths = np.array([len(r) for r in reqs])
+    outs = np.array([o for _, o in shape[:n]])
+    arrivals = np.cumsum([g for g, _ in shape[:n]])
+    hashes = [refcache.request_block_hashes(r, B) for r in reqs]
+    nb = blocks_needed([r + [0] * max(o - 1, 0) for r, (_, o) in zip(reqs, shape)]) + extra
+    got = []
+    for skip in (True, False):
+        pool = refcache.PrefixCache(nb, B)
+        res = events.run_concurrent(pool, hashes, lengths, outs, arrivals, events.CostModel(decode_tps=100.0), max_num_seqs,
+                                    max_num_batched_tokens=budget, skip_quiet_steps=skip)
+        got.append((list(res.hit_tokens), list(res.scheduled), res.evictions, res.peak_blocks_in_use, res.preemptions,
+                    res.steps, res.makespan_s, pool.preempted_queries, pool.preempted_hits))
+    assert got[0] == got[1]
+    assert all(got[0][1])  # every request fits the pool and finishes
 
 
 def test_too_long_request_is_refused_not_counted() -> None:
