@@ -282,6 +282,20 @@ def test_quiet_step_jumps_equal_the_plain_step_loop(reqs: list[list[int]], extra
     assert all(got[0][1])  # every request fits the pool and finishes
 
 
+def test_logged_latencies_calibrate_the_step_clock() -> None:
+    """Rates from the log: median prompt/ttft, and median (O - 1)/(latency - ttft) over
+    requests that decoded; requests without times, or with one output token, do not vote."""
+    prompt, out = np.array([1000, 2000, 500, 800]), np.array([11, 21, 1, 5])
+    ttft, latency = np.array([0.2, 0.4, 0.05, np.nan]), np.array([0.6, 1.4, 0.05, np.nan])
+    cost = events.CostModel(prefill_tps=1.0, decode_tps=1.0).calibrated(prompt, out, latency, ttft)
+    assert cost.prefill_tps == pytest.approx(5000.0)  # 5000, 5000, 10000
+    assert cost.decode_tps == pytest.approx(22.5)  # 10 / 0.4 and 20 / 1.0
+    ignored = events.CostModel(use_logged_latency=False)
+    assert ignored.calibrated(prompt, out, latency, ttft) == ignored
+    nothing_logged = events.CostModel()
+    assert nothing_logged.calibrated(prompt, out, np.full(4, np.nan), None) == nothing_logged
+
+
 def test_too_long_request_is_refused_not_counted() -> None:
     w = Workload.from_token_lists([[1] * 9, [2] * 30, [1] * 9])
     res = simulate_one(w, B, 4)
