@@ -299,8 +299,11 @@ def run_concurrent(
                 decoded.append(i)
 
         # 3. waiting requests, unless someone was preempted in this step
-        admission_stalled = not preempted_now
-        while not preempted_now and waiting and len(running) < max_num_seqs and budget > 0:
+        admission_stalled = not preempted_now  # ... until the next finish, if not for budget
+        while not preempted_now and waiting and len(running) < max_num_seqs:
+            if budget <= 0:
+                admission_stalled = False  # the next step has a new budget
+                break
             i = waiting[0]
             resumed = bool(scheduled[i])
             total = known(i)
