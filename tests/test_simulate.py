@@ -260,7 +260,7 @@ def test_preempted_request_resumes_on_its_own_cached_blocks() -> None:
 @FAST
 @given(structured(), st.integers(0, 6), st.lists(st.tuples(st.sampled_from([0.0, 0.0, 0.01, 0.2]), st.integers(0, 14)),
                                                    min_size=24, max_size=24),
-       st.integers(1, 6), st.sampled_from([None, 3, 9, 40]))
+       st.integers(1, 6), st.sampled_from([None, 1, 3, 9, 40]))
 def test_quiet_step_jumps_equal_the_plain_step_loop(reqs: list[list[int]], extra: int, shape: list[tuple[float, int]],
                                                    max_num_seqs: int, budget: int | None) -> None:
     """Taking the steps where nothing can change in one jump gives what stepping one by one
