@@ -21,28 +21,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from advisor.fastsim import compiled
+from advisor.fastlists import (
+    compiled,
+    insert_after,
+    insert_before,
+    new_free_queue,
+    new_rings,
+    ring_link,
+    ring_lookup,
+    ring_unlink,
+    unlink,
+)
 
 _UNIQUE = -2  # hashed, but nobody else has these tokens
 _NONE = -1
-
-
-@compiled
-def _unlink(nxt, prv, b):  # type: ignore[no-untyped-def]
-    nxt[prv[b]] = nxt[b]
-    prv[nxt[b]] = prv[b]
-
-
-@compiled
-def _find(hashes, cap, first_copy, out):  # type: ignore[no-untyped-def]
-    k = 0
-    while k < cap:
-        b = first_copy[hashes[k]]
-        if b < 0:
-            break
-        out[k] = b
-        k += 1
-    return k
 
 
 @compiled
@@ -50,18 +42,12 @@ def _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, start
     head = len(ref)
     for i in range(start, stop):
         b = nxt[head]
-        _unlink(nxt, prv, b)
+        unlink(nxt, prv, b)
         cnt[1] -= 1
         h = bhash[b]
         if h != -1:  # lazy eviction
             if h >= 0:
-                if cnext[b] == b:
-                    first_copy[h] = -1
-                else:
-                    cnext[cprev[b]] = cnext[b]
-                    cprev[cnext[b]] = cprev[b]
-                    if first_copy[h] == b:
-                        first_copy[h] = cnext[b]
+                ring_unlink(first_copy, cnext, cprev, h, b)
             bhash[b] = -1
             cnt[0] += 1
         ref[b] = 1
@@ -74,26 +60,15 @@ def _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, start, stop):
         b = blocks[i]
         h = hashes[i]
         bhash[b] = h
-        if h < 0:
-            continue
-        f = first_copy[h]
-        if f < 0:
-            first_copy[h] = b
-            cnext[b] = b
-            cprev[b] = b
-        else:
-            last = cprev[f]
-            cnext[last] = b
-            cprev[b] = last
-            cnext[b] = f
-            cprev[f] = b
+        if h >= 0:
+            ring_link(first_copy, cnext, cprev, h, b)
 
 
 @compiled
 def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks):  # type: ignore[no-untyped-def]
     nfull = num_tokens // block_size
     nreq = (num_tokens + block_size - 1) // block_size
-    k = _find(hashes, min(nfull, max(num_tokens - 1, 0) // block_size), first_copy, blocks)
+    k = ring_lookup(hashes, min(nfull, max(num_tokens - 1, 0) // block_size), first_copy, blocks)
     evictable = 0
     for i in range(k):
         if ref[blocks[i]] == 0:
@@ -103,7 +78,7 @@ def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_toke
     for i in range(k):  # touch: a hit pulls a free block off the queue
         b = blocks[i]
         if ref[b] == 0:
-            _unlink(nxt, prv, b)
+            unlink(nxt, prv, b)
             cnt[1] -= 1
         ref[b] += 1
     _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, k, nreq)
@@ -124,20 +99,12 @@ def _free(nxt, prv, ref, bhash, cnt, blocks, nblocks):  # type: ignore[no-untype
             released += 1
             cnt[1] += 1
             if bhash[b] == -1:
-                after = nxt[anchor]
-                nxt[anchor] = b
-                prv[b] = anchor
-                nxt[b] = after
-                prv[after] = b
+                insert_after(nxt, prv, anchor, b)
                 anchor = b
     for i in range(nblocks - 1, -1, -1):
         b = blocks[i]
         if ref[b] == 0 and bhash[b] != -1:
-            last = prv[tail]
-            nxt[last] = b
-            prv[b] = last
-            nxt[b] = tail
-            prv[tail] = b
+            insert_before(nxt, prv, tail, b)
     return released
 
 
@@ -159,16 +126,10 @@ class ArrayPrefixCache:
         self.num_blocks = n
         self.block_size = block_size
         self.policy = "lru"
-        self._nxt = np.append(np.arange(1, n + 1, dtype=np.int64), [0, 0])
-        self._prv = np.append(np.arange(-1, n - 1, dtype=np.int64), [0, n - 1])
-        self._prv[0] = n  # block 0 follows the head sentinel (n); block n-1 precedes the tail (n+1)
-        self._nxt[n - 1] = n + 1
-        self._nxt[n] = 0
+        self._nxt, self._prv = new_free_queue(n)  # head sentinel n, tail sentinel n+1
         self._ref = np.zeros(n, np.int64)
         self._bhash = np.full(n, _NONE, np.int64)
-        self._first_copy = np.full(max(num_ids, 1), -1, np.int64)
-        self._cnext = np.zeros(n, np.int64)
-        self._cprev = np.zeros(n, np.int64)
+        self._first_copy, self._cnext, self._cprev = new_rings(max(num_ids, 1), n)
         self._cnt = np.asarray([0, n], np.int64)  # evictions, free blocks
         self._scratch = np.zeros(n, np.int64)
         self.running: dict[str, _Running] = {}
@@ -189,7 +150,7 @@ class ArrayPrefixCache:
     def lookup(self, block_hashes: Sequence[int] | np.ndarray, num_tokens: int) -> int:
         hashes = np.asarray(block_hashes, np.int64)
         cap = min(len(hashes), max(num_tokens - 1, 0) // self.block_size)
-        return int(_find(hashes, cap, self._first_copy, self._scratch)) * self.block_size
+        return int(ring_lookup(hashes, cap, self._first_copy, self._scratch)) * self.block_size
 
     def admit(
         self, request_id: str, block_hashes: Sequence[int] | np.ndarray, num_tokens: int, *,

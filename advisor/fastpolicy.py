@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from advisor.fastsim import BlockTrace, SequentialResult, compiled
+from advisor.fastlists import compiled, new_rings, ring_link, ring_lookup, ring_unlink
+from advisor.fastsim import BlockTrace, SequentialResult
 
 
 @compiled
@@ -98,9 +99,7 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
     seq = 0
     use_ptr = use_off[:-1].copy()
     block_id_hash = np.full(n, -1, np.int64)
-    first_copy = np.full(num_ids, -1, np.int64)
-    cnext = np.empty(n, np.int64)
-    cprev = np.empty(n, np.int64)
+    first_copy, cnext, cprev = new_rings(num_ids, n)
     req = np.empty(n, np.int64)
     evict_first = np.empty(n, np.int64)
     evictions = 0
@@ -115,12 +114,7 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
         k = 0
         if admitted:
             peak = max(peak, nreq)
-            while k < cap:
-                b = first_copy[ids[base + k]]
-                if b < 0:
-                    break
-                req[k] = b
-                k += 1
+            k = ring_lookup(ids[base:], cap, first_copy, req)
             for i in range(k):  # touch: out of the free pool, its heap entry stale
                 is_free[req[i]] = False
                 version[req[i]] += 1
@@ -138,18 +132,11 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
                 is_free[b] = False
                 h = block_id_hash[b]
                 if h >= 0:  # lazy eviction
-                    if cnext[b] == b:
-                        first_copy[h] = -1
-                    else:
-                        cnext[cprev[b]] = cnext[b]
-                        cprev[cnext[b]] = cprev[b]
-                        if first_copy[h] == b:
-                            f = cnext[b]
-                            first_copy[h] = f
-                            if belady and is_free[f]:  # the new lookup copy carries the next use
-                                size = _push_free(hp, ht, hb, hv, size,
-                                                  _belady_prio(f, h, first_copy, use_pos, use_ptr, use_off, never),
-                                                  -cached_seq[f], f, version, is_free)
+                    f = ring_unlink(first_copy, cnext, cprev, h, b)
+                    if belady and f >= 0 and is_free[f]:  # the new lookup copy carries the next use
+                        size = _push_free(hp, ht, hb, hv, size,
+                                          _belady_prio(f, h, first_copy, use_pos, use_ptr, use_off, never),
+                                          -cached_seq[f], f, version, is_free)
                     block_id_hash[b] = -1
                     evictions += 1
                 req[i] = b
@@ -159,17 +146,7 @@ def _sequential_ranked(ids, offsets, num_tokens, block_size, num_blocks, num_ids
                 block_id_hash[b] = h
                 seq += 1
                 cached_seq[b] = seq
-                f = first_copy[h]
-                if f < 0:
-                    first_copy[h] = b
-                    cnext[b] = b
-                    cprev[b] = b
-                else:
-                    last = cprev[f]
-                    cnext[last] = b
-                    cprev[b] = last
-                    cnext[b] = f
-                    cprev[f] = b
+                ring_link(first_copy, cnext, cprev, h, b)
         if belady:
             # Position r has passed (admitted or refused for good): move the next-use
             # pointers of the hashes it wanted, and re-key their free copies.

@@ -18,7 +18,8 @@ Two steps per block size:
 2. `simulate_sequential` replays vLLM's free queue and hash -> blocks map over those
    ids in a compiled loop (numba when importable; the same code runs as plain Python
    otherwise, slowly): a doubly linked free queue in two arrays, per-hash circular
-   lists of copies (oldest copy first, as vLLM's dict), lazy eviction, tail-first free.
+   lists of copies (oldest copy first, as vLLM's dict; both in advisor.fastlists), lazy
+   eviction, tail-first free.
    It is the cache.py algorithm step for step, so it stays exact where the LRU stack
    property does not hold (duplicate blocks, unhashed blocks at the queue head); each
    budget costs one pass over the blocks.
@@ -32,41 +33,29 @@ advisor.fastcache.ArrayPrefixCache, which has cache.PrefixCache's request API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import numpy as np
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-try:  # numba ships with vLLM's CPU build; without it the loops run as Python.
-    from numba import njit as _njit
-
-    def compiled(fn: F) -> F:
-        return _njit(cache=True, nogil=True)(fn)  # type: ignore[no-any-return]
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-
-    def compiled(fn: F) -> F:
-        return fn
-
-    HAVE_NUMBA = False
+from advisor.blockhash import mix64
+from advisor.fastlists import HAVE_NUMBA as HAVE_NUMBA  # re-exported: callers check it here
+from advisor.fastlists import (
+    compiled,
+    insert_after,
+    insert_before,
+    new_free_queue,
+    new_rings,
+    ring_link,
+    ring_lookup,
+    ring_unlink,
+    unlink,
+)
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TOKEN_CHUNK = 1 << 23  # tokens hashed per numpy pass (bounds temporary memory)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
 
 
 @dataclass(frozen=True)
@@ -103,21 +92,21 @@ def _chain(block_values: np.ndarray, full: np.ndarray, salts: np.ndarray) -> np.
     np.cumsum(full[:-1], out=starts[1:])
     req = np.repeat(np.arange(len(full)), full)
     index = np.arange(n, dtype=np.int64) - starts[req]
-    d = _mix64(block_values ^ _mix64(index.astype(np.uint64) * _GOLDEN + salts[req]))
+    d = mix64(block_values ^ mix64(index.astype(np.uint64) * _GOLDEN + salts[req]))
     prefix = np.cumsum(d, dtype=np.uint64)
     before = np.zeros(len(full), np.uint64)
     nonempty = full > 0
     before[nonempty] = prefix[starts[nonempty]] - d[starts[nonempty]]
-    return _mix64(prefix - before[req] + index.astype(np.uint64))
+    return mix64(prefix - before[req] + index.astype(np.uint64))
 
 
 def _token_values(tokens: np.ndarray, local: np.ndarray) -> np.ndarray:
     """A 64-bit value per (position in its request, token id)."""
-    return _mix64(tokens.astype(np.uint64) * _GOLDEN + local.astype(np.uint64) * _M1 + np.uint64(1))
+    return mix64(tokens.astype(np.uint64) * _GOLDEN + local.astype(np.uint64) * _M1 + np.uint64(1))
 
 
 def _salt_values(salts: np.ndarray) -> np.ndarray:
-    return _mix64(salts.astype(np.uint64) + _M2)
+    return mix64(salts.astype(np.uint64) + _M2)
 
 
 def _prefix_keys_numpy(tokens: np.ndarray, offsets: np.ndarray, block_sizes: Sequence[int], salts: np.ndarray) -> dict[int, np.ndarray]:
@@ -140,7 +129,7 @@ def _prefix_keys_numpy(tokens: np.ndarray, offsets: np.ndarray, block_sizes: Seq
             np.cumsum(full[:-1], out=first[1:])
             end = (np.arange(int(full.sum()), dtype=np.int64) - first[req] + 1) * bs
             start = offsets[r:r_end][req] - t0
-            out[bs].append(_mix64(csum[start + end] - csum[start] + salt[req] + end.astype(np.uint64)))
+            out[bs].append(mix64(csum[start + end] - csum[start] + salt[req] + end.astype(np.uint64)))
         r = r_end
     return {bs: np.concatenate(v) if v else np.zeros(0, np.uint64) for bs, v in out.items()}
 
@@ -226,7 +215,7 @@ def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: n
     first = np.zeros(len(full), np.int64)
     np.cumsum(full[:-1], out=first[1:])
     j = np.arange(int(full.sum()), dtype=np.int64) - first[req]
-    values = _mix64(np.asarray(hash_ids, np.int64)[offsets[:-1][req] + j].astype(np.uint64) + _GOLDEN)
+    values = mix64(np.asarray(hash_ids, np.int64)[offsets[:-1][req] + j].astype(np.uint64) + _GOLDEN)
     keys = _chain(values, full, np.zeros(len(full), np.uint64))
     return _dense(keys, num_tokens, trace_block_size)
 
@@ -262,19 +251,9 @@ class SequentialResult:
 def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, hits):  # type: ignore[no-untyped-def]
     n = num_blocks
     head, tail = n, n + 1
-    nxt = np.empty(n + 2, np.int64)  # free queue links; head/tail are sentinels
-    prv = np.empty(n + 2, np.int64)
-    for i in range(n):
-        prv[i] = i - 1
-        nxt[i] = i + 1
-    prv[0] = head
-    nxt[n - 1] = tail
-    nxt[head] = 0
-    prv[tail] = n - 1
+    nxt, prv = new_free_queue(n)
     block_id_hash = np.full(n, -1, np.int64)
-    first_copy = np.full(num_ids, -1, np.int64)  # oldest cached block of each id
-    cnext = np.empty(n, np.int64)  # circular list of the copies of one id
-    cprev = np.empty(n, np.int64)
+    first_copy, cnext, cprev = new_rings(num_ids, n)  # oldest cached block of each id; rings of copies
     req = np.empty(n, np.int64)
     evictions = 0
     peak = 0
@@ -288,30 +267,15 @@ def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, h
             continue
         peak = max(peak, nreq)
         cap = min(nfull, (length - 1) // block_size)
-        k = 0
-        while k < cap:
-            b = first_copy[ids[base + k]]
-            if b < 0:
-                break
-            req[k] = b
-            k += 1
+        k = ring_lookup(ids[base:], cap, first_copy, req)
         for i in range(k):  # a hit pulls the block off the free queue
-            b = req[i]
-            nxt[prv[b]] = nxt[b]
-            prv[nxt[b]] = prv[b]
+            unlink(nxt, prv, req[i])
         for i in range(k, nreq):  # pop the head; evict its hash now
             b = nxt[head]
-            nxt[head] = nxt[b]
-            prv[nxt[b]] = head
+            unlink(nxt, prv, b)
             h = block_id_hash[b]
             if h >= 0:
-                if cnext[b] == b:
-                    first_copy[h] = -1
-                else:
-                    cnext[cprev[b]] = cnext[b]
-                    cprev[cnext[b]] = cprev[b]
-                    if first_copy[h] == b:
-                        first_copy[h] = cnext[b]
+                ring_unlink(first_copy, cnext, cprev, h, b)
                 block_id_hash[b] = -1
                 evictions += 1
             req[i] = b
@@ -319,35 +283,17 @@ def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, h
             b = req[i]
             h = ids[base + i]
             block_id_hash[b] = h
-            f = first_copy[h]
-            if f < 0:
-                first_copy[h] = b
-                cnext[b] = b
-                cprev[b] = b
-            else:
-                last = cprev[f]
-                cnext[last] = b
-                cprev[b] = last
-                cnext[b] = f
-                cprev[f] = b
+            ring_link(first_copy, cnext, cprev, h, b)
         anchor = head  # free tail-first: unhashed blocks to the head, in that order
         for i in range(nreq - 1, -1, -1):
             b = req[i]
             if block_id_hash[b] < 0:
-                after = nxt[anchor]
-                nxt[anchor] = b
-                prv[b] = anchor
-                nxt[b] = after
-                prv[after] = b
+                insert_after(nxt, prv, anchor, b)
                 anchor = b
         for i in range(nreq - 1, -1, -1):  # hashed blocks to the tail
             b = req[i]
             if block_id_hash[b] >= 0:
-                last = prv[tail]
-                nxt[last] = b
-                prv[b] = last
-                nxt[b] = tail
-                prv[tail] = b
+                insert_before(nxt, prv, tail, b)
         hits[r] = k * block_size
     return evictions, peak
 
