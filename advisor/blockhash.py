@@ -8,6 +8,10 @@ and a block size. Outputs: one hash per FULL block (a partial tail block has non
 Hash values need not equal vLLM's, only their equality: `hash_block` is blake2b with a
 16-byte digest, so two different prefixes collide with probability about n^2 / 2^129
 for n distinct blocks (below 1e-24 for a billion blocks).
+
+`mix64` is the analysis' cheap 64-bit scrambler (splitmix64's finalizer) on uint64
+arrays: the fast path's block keys (advisor.fastsim) and the analysis hashes
+(advisor.prefixhash) are built from it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,21 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
+import numpy as np
+
 BlockHash = bytes
 _NONE_HASH: BlockHash = hashlib.blake2b(b"pc-advise none hash", digest_size=16).digest()
+_MIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on a uint64 array (wrapping arithmetic): a bijective scrambler."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX_M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX_M2
+    return x ^ (x >> np.uint64(31))
 
 
 def hash_block(

@@ -2,30 +2,21 @@
 
 Inputs are numpy arrays of units (token ids, or a hash trace's hash ids); outputs are uint64 /
 int64 arrays. No I/O and no state but a cache of powers. These hashes are the analysis' own
-(fast, vectorised, collision-resistant enough for statistics); the exact vLLM block hashes live
-in advisor/cache.py.
+(fast, vectorised, collision-resistant enough for statistics), built on `mix64`; the exact vLLM
+block hashes, and `mix64` itself (shared with the fast path), live in advisor/blockhash.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+from advisor.blockhash import mix64 as mix64  # re-exported: clusters and breakers import it here
+
 _K_POS = np.uint64(0x9E3779B97F4A7C15)
 _K_DEPTH = np.uint64(0xD6E8FEB86659FD93)
 _P = 0xA0761D6478BD642F  # odd, so it has an inverse mod 2**64
 _P_INV = pow(_P, -1, 1 << 64)
 _MASK = (1 << 64) - 1
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer on a uint64 array (wrapping arithmetic): a bijective scrambler."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
 
 
 class _Powers:
