@@ -12,7 +12,11 @@ Usage:
 2. Replays ONE configuration of the same workload (B=16, the grid's middle budget)
    through vLLM's KVCacheManager, driven standalone as its scheduler would, and
    checks its hit tokens equal the fast path's; prints the wall-time ratio.
-3. Mooncake traces (512-token hash blocks): a 16-budget sweep of the conversation
+3. The simulate stage's own default grid on the same workload (`simulate.simulate_grid`:
+   sequential LRU at every budget plus FIFO/Belady reference lines, and the concurrent
+   event loop at every budget, with synthetic arrivals and output lengths), timed whole
+   and sequential-only, so the cost of each mode is visible.
+4. Mooncake traces (512-token hash blocks): a 16-budget sweep of the conversation
    trace (seconds, peak RSS) and the infinite-cache ceiling of both traces, next to
    the published cache ratios (40% conversation, 66% synthetic).
 
@@ -172,6 +176,37 @@ def bench_mooncake(folder: Path) -> None:
                   f"peak RSS so far {rss_mib():,.0f} MiB")
 
 
+def bench_stage_grid(tokens: np.ndarray, offsets: np.ndarray, seed: int) -> None:
+    """The `simulate` stage's default grid, as `pc-advise simulate` runs it."""
+    import pyarrow as pa
+
+    from advisor import schema
+    from advisor.simulate import SimulateOptions, simulate_grid
+    from advisor.workload import Workload
+
+    n = len(offsets) - 1
+    rng = np.random.default_rng(seed)
+    w = Workload(
+        request_ids=pa.array([f"r{i}" for i in range(n)]),
+        n_tokens=np.diff(offsets).astype(np.int64),
+        output_tokens=rng.integers(16, 400, n).astype(np.int64),
+        timestamps=np.cumsum(rng.exponential(0.5, n)),  # ~2 requests/s
+        latency_s=np.full(n, np.nan), ttft_s=np.full(n, np.nan),
+        lora=[None] * n, cache_salt=[None] * n,
+        token_values=tokens, token_offsets=offsets.astype(np.int64),
+        hash_ids=None, trace_block_size=None,
+    )
+    for label, opts in (
+        ("sequential only (lru + fifo/belady lines)", SimulateOptions(modes=(schema.MODE_SEQUENTIAL,))),
+        ("full default (sequential + concurrent), 1 worker", SimulateOptions()),
+        ("full default (sequential + concurrent), 2 workers", SimulateOptions(workers=2)),
+    ):
+        t0 = time.perf_counter()
+        grid = simulate_grid(w, opts)
+        print(f"stage grid, {label}: {grid.sim.num_rows} rows in {time.perf_counter() - t0:.1f}s; "
+              f"peak RSS {rss_mib():,.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=float, default=50e6)
@@ -187,6 +222,8 @@ def main() -> None:
           f"(generated in {time.perf_counter() - t0:.1f}s); peak RSS {rss_mib():,.0f} MiB")
     hits = bench_fast_grid(tokens, offsets)
     grid_s = hits[0][0] / 1000
+    print("\n== the simulate stage's default grid on the same workload ==")
+    bench_stage_grid(tokens, offsets, args.seed)
     if args.no_vllm:
         return
     bs = 16
@@ -197,6 +234,7 @@ def main() -> None:
     print(f"vLLM: {wall:.1f}s, hit tokens {vllm_hits:,}; fast path hit tokens {hits[bs][budget]:,} "
           f"({'equal' if vllm_hits == hits[bs][budget] else 'DIFFERENT'})")
     print(f"ratio: vLLM one configuration / fast full grid = {wall / grid_s:.2f}x   peak RSS {rss_mib():,.0f} MiB")
+
 
 
 if __name__ == "__main__":
