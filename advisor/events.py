@@ -34,7 +34,7 @@ each step lasts `1 / decode_tps` plus the longest uncached prefill that produced
 its first token in that step (`(prompt - hit) / prefill_tps`); when nothing is
 running or waiting it jumps to the next arrival. Arrivals are compared with the
 clock at the start of each step. With `use_logged_latency` and latencies in the
-log, the two rates are calibrated from the log (median over requests; below).
+log, the two rates are calibrated from it (`CostModel.calibrated`).
 
 KV occupancy: a request with O output tokens ends holding `L + O - 1` tokens (the
 last sampled token never gets a slot; O = 0 or unknown counts as 1, prefill only).
@@ -43,8 +43,8 @@ they get hashes nobody else has (stable per request, so a resumed request can hi
 its own), and are cached and evicted like any block.
 
 Speed: steps in which nothing can change (every running request decodes inside
-its current block, nobody finishes, no arrival is due, admission already failed
-and nothing was freed since) are taken in one jump; a heap of
+its current block, nobody finishes, no arrival is due, and admission stopped in
+the last step for a reason such a step cannot change) are taken in one jump; a heap of
 `(step, seq, request)` holds each decoding request's next eventful step (it needs
 a new block or finishes). Deterministic: ties break by push order, and eventful
 requests of one step are served in running-queue order.
