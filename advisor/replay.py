@@ -44,7 +44,7 @@ from advisor.replay_plan import (  # noqa: F401  (re-exported: the stage's API i
     CONCURRENT_TOLERANCE_POINTS, CPU_BLOCK_MULTIPLE, ENGINE_INPROCESS, ENGINE_SERVER,
     STATUS_CONFIRMED, STATUS_MISMATCH, STATUS_NOT_CONFIRMABLE, STATUS_NOT_RUN, ConfigResult,
     ReplayConfig, ReplayOptions, ReplayResult, Workload, check_failures, configs_to_confirm,
-    confirmability, load_workload, max_model_len, merge_results, modes_for, not_run,
+    confirmability, engine_batched_tokens, load_workload, max_model_len, merge_results, modes_for, not_run,
     output_lengths, predicted_hits, synthesize_trace_tokens,
 )
 from advisor.schema import MODE_CONCURRENT, MODE_SEQUENTIAL
@@ -153,9 +153,9 @@ def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: Replay
         kv_cache_memory_bytes=64 << 20,
         max_model_len=max_len,
         max_num_seqs=opts.max_num_seqs,
-        # Room for every waiting prompt in one step: the simulator has no token budget and
-        # no chunked prefill, and a prompt cut into chunks would cache its blocks later.
-        max_num_batched_tokens=max(max_len, min(max_len * opts.max_num_seqs, 1 << 16)),
+        # Room for every waiting prompt in one step up to 64Ki tokens; the concurrent
+        # prediction runs on the same budget (replay_plan.engine_batched_tokens).
+        max_num_batched_tokens=engine_batched_tokens(max_len, opts.max_num_seqs),
         disable_log_stats=False,
         enforce_eager=True,
         seed=0,

@@ -183,6 +183,13 @@ def output_lengths(w: Workload, mode: str, max_output_tokens: int) -> list[int]:
     return [max(1, min(o or 1, max_output_tokens)) for o in w.output_tokens]
 
 
+def engine_batched_tokens(max_len: int, max_num_seqs: int) -> int:
+    """The replay engine's max_num_batched_tokens: room for every waiting prompt in one step
+    up to 64Ki tokens (beyond that vLLM chunks prompts; the concurrent prediction uses the
+    same budget)."""
+    return max(max_len, min(max_len * max_num_seqs, 1 << 16))
+
+
 def max_model_len(w: Workload, mode: str, max_output_tokens: int) -> int:
     outs = output_lengths(w, mode, max_output_tokens)
     return max((len(t) + o for t, o in zip(w.token_ids, outs)), default=1)
@@ -248,6 +255,8 @@ def _concurrent_prediction(w: Workload, cfg: ReplayConfig, opts: ReplayOptions) 
     sim_opts = simulate.SimulateOptions(
         speedup=opts.speedup, max_num_seqs=opts.max_num_seqs, prefill_tps=opts.prefill_tps,
         decode_tps=opts.decode_tps, use_logged_latency=False,
+        max_num_batched_tokens=engine_batched_tokens(
+            max_model_len(w, MODE_CONCURRENT, opts.max_output_tokens), opts.max_num_seqs),
     )
     res = simulate.simulate_one(sw, cfg.block_size, cfg.num_blocks, mode=MODE_CONCURRENT,
                                 options=sim_opts)

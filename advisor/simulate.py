@@ -91,6 +91,7 @@ class SimulateOptions:
     decode_tps: float = 50.0
     use_logged_latency: bool = True
     max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # concurrent mode: vLLM's per-step token budget (None: unlimited)
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
     workers: int = 1  # processes for the concurrent-mode configurations
@@ -288,7 +289,7 @@ def simulate_one(
     res = run_concurrent(
         cache, hashes, n_tokens, workload.output_tokens, workload.arrivals(opts.speedup),
         opts.cost_model(), opts.max_num_seqs, workload.latency_s, workload.ttft_s,
-        decode_ids_from=trace.num_ids,
+        max_num_batched_tokens=opts.max_num_batched_tokens, decode_ids_from=trace.num_ids,
     )
     return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, res.hit_tokens, res.scheduled,
                         res.evictions, res.peak_blocks_in_use, res.preemptions)

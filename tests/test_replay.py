@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advisor import cache, replay as rp, schema
+from advisor import cache, events, replay_plan, replay as rp, schema
 from advisor.cli import Console, do_replay, main
 from advisor.errors import AdvisorError
 from advisor.runfolder import RunDir, write_table
@@ -307,12 +307,8 @@ def test_concurrent_burst_per_request_exactness(model_cache: Path) -> None:
     assert c.confirmable and c.per_request_measured == c.per_request_predicted
 
 
-@needs_vllm
-@pytest.mark.replay
-def test_concurrent_preemptions_at_block_size_64_per_request_exactness(model_cache: Path) -> None:
-    """Three 192-token system prompts, 16 requests in clumps, long generations, 9 blocks of 64:
-    running requests run the pool dry, vLLM preempts from the end of its running queue and
-    resumes them later; the simulator's step-by-step scheduler gives every request vLLM's hits."""
+def clumps_b64() -> tuple[list[list[int]], list[float], list[int]]:
+    """Three 192-token system prompts, 16 requests in clumps, long generations."""
     rng = np.random.default_rng(10)
     systems = [toks(70 + k, 192) for k in range(3)]
     token_lists, arrivals, outputs, t = [], [], [], 0.0
@@ -321,6 +317,16 @@ def test_concurrent_preemptions_at_block_size_64_per_request_exactness(model_cac
         t += float(rng.choice([0.0, 0.05, 0.3]))
         arrivals.append(t)
         outputs.append(int(rng.integers(4, 90)))
+    return token_lists, arrivals, outputs
+
+
+@needs_vllm
+@pytest.mark.replay
+def test_concurrent_preemptions_at_block_size_64_per_request_exactness(model_cache: Path) -> None:
+    """The clumps in 9 blocks of 64: running requests run the pool dry, vLLM preempts from the
+    end of its running queue and resumes them later; the simulator's step-by-step scheduler
+    gives every request vLLM's hits."""
+    token_lists, arrivals, outputs = clumps_b64()
     w = workload(token_lists, arrivals, outputs)
     cfg = rp.ReplayConfig(64, 9)
     sim = simulate_one(SimWorkload.from_token_lists(token_lists, timestamps=arrivals, output_tokens=outputs),
@@ -331,3 +337,27 @@ def test_concurrent_preemptions_at_block_size_64_per_request_exactness(model_cac
     assert c.confirmable and c.measured_hit_tokens < sum(cache.sequential_hits(token_lists, 64, None))
     assert c.per_request_measured == c.per_request_predicted == [int(h) for h in sim.hit_tokens]
     assert c.measured_hit_tokens == sum(c.per_request_predicted) > 0
+
+
+@needs_vllm
+@pytest.mark.replay
+def test_concurrent_chunked_prefill_per_request_exactness(model_cache: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token budget of one request per step (engine and prediction alike): clumped prompts are
+    computed in chunks over several steps, which shifts every later step; hits still match."""
+    token_lists, arrivals, outputs = clumps_b64()
+    small = lambda max_len, max_num_seqs: max(max_len, max_num_seqs)  # noqa: E731
+    monkeypatch.setattr(rp, "engine_batched_tokens", small)
+    monkeypatch.setattr(replay_plan, "engine_batched_tokens", small)
+    lengths, outs = np.array([len(t) for t in token_lists]), np.array(outputs)
+    hashes = [cache.request_block_hashes(t, 64) for t in token_lists]
+    budget = small(max(len(t) + o for t, o in zip(token_lists, outputs)), 256)
+    steps = [events.run_concurrent(cache.PrefixCache(10, 64), hashes, lengths, outs, np.array(arrivals),
+                                   events.CostModel(use_logged_latency=False), 256, max_num_batched_tokens=b).steps
+             for b in (None, budget)]
+    assert steps[0] != steps[1]  # the budget really cuts prompts into chunks
+    res = replay_one(workload(token_lists, arrivals, outputs), [rp.ReplayConfig(64, 10)], model_cache,
+                     mode="concurrent")
+    c = res.configs[0]
+    assert c.confirmable and c.per_request_measured == c.per_request_predicted
+    assert c.measured_hit_tokens < sum(cache.sequential_hits(token_lists, 64, None))
