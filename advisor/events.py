@@ -234,6 +234,7 @@ def run_concurrent(
         preemptions += 1
 
     while j < n or running or waiting:
+        # 1. arrivals (an idle engine jumps to the next one)
         if not running and not waiting:
             clock = max(clock, arrivals[order[j]])
         arrived = False
