@@ -138,9 +138,12 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     o(f, "--decode-tps", type=float, default=None,
       help="Cost model: output tokens per second per running request [default: 50].")
     o(f, "--logged-latency/--no-logged-latency", "logged_latency", default=True, show_default=True,
-      help="Use latency_s/ttft_s from the log instead of the cost model where present.")
+      help="Calibrate the cost model's prefill and decode rates from the log's latency_s/ttft_s "
+      "where present.")
     o(f, "--max-num-seqs", type=int, default=None,
       help="Concurrent mode: most requests running at once (vLLM's flag) [default: 256].")
+    o(f, "--max-num-batched-tokens", type=int, default=None,
+      help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: unlimited].")
     o(f, "--sweep-points", type=int, default=None,
       help="Budgets in the default sweep per block size [default: 10].")
     o(f, "--reference-budgets", type=int, default=None,

@@ -203,6 +203,7 @@ def _simulate_options_from(opts: dict[str, Any]) -> Any:
         decode_tps=opts.get("decode_tps") or d.decode_tps,
         use_logged_latency=opts.get("logged_latency", True),
         max_num_seqs=opts.get("max_num_seqs") or d.max_num_seqs,
+        max_num_batched_tokens=opts.get("max_num_batched_tokens") or d.max_num_batched_tokens,
         sweep_points=opts.get("sweep_points") or d.sweep_points,
         reference_budgets=d.reference_budgets if opts.get("reference_budgets") is None else opts["reference_budgets"],
         workers=opts.get("workers") or os.cpu_count() or 1,
