@@ -177,6 +177,9 @@ def _replay_sequential(llm: Any, w: Workload) -> list[int]:
     sp = SamplingParams(max_tokens=1, detokenize=False)
     out = []
     for i in range(len(w.token_ids)):
+        if len(w.token_ids[i]) == 0:  # refused at tokenization (tokenize_error): vLLM would too
+            out.append(0)
+            continue
         res = llm.generate([_prompt(w, i)], sp, use_tqdm=False)
         out.append(int(res[0].num_cached_tokens or 0))
     return out
@@ -205,9 +208,12 @@ def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions) -> list[int]:
             clock = max(clock, arrivals[order[j]])
         while j < n and arrivals[order[j]] <= clock:
             i = order[j]
+            j += 1
+            if len(w.token_ids[i]) == 0:  # refused at tokenization: never reaches the engine
+                cached[f"r{i}"] = 0
+                continue
             sp = SamplingParams(max_tokens=outs[i], ignore_eos=True, detokenize=False)
             engine.add_request(f"r{i}", _prompt(w, i), sp)
-            j += 1
         prefill = 0.0
         for ro in engine.step():
             if ro.request_id not in started:

@@ -361,3 +361,18 @@ def test_concurrent_chunked_prefill_per_request_exactness(model_cache: Path,
     c = res.configs[0]
     assert c.confirmable and c.per_request_measured == c.per_request_predicted
     assert c.measured_hit_tokens < sum(cache.sequential_hits(token_lists, 64, None))
+
+
+@needs_vllm
+@pytest.mark.replay
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+def test_requests_refused_at_tokenization_are_not_sent_to_the_engine(mode: str, model_cache: Path) -> None:
+    """A request tokenize kept with 0 tokens (e.g. an image part) is never sent: vLLM
+    refuses an empty prompt, and the rest of the log must still be confirmed."""
+    b = 32
+    shared = toks(5, 2 * b)
+    w = workload([shared + toks(6, 5), [], shared + toks(7, 9)])
+    res = replay_one(w, [rp.ReplayConfig(b, 8)], model_cache, mode=mode)
+    c = res.configs[0]
+    assert c.per_request_measured[1] == 0
+    assert c.measured_hit_tokens == c.predicted_hit_tokens == 2 * b
