@@ -121,6 +121,9 @@ class ConfigResult:
     evictions: int
     peak_blocks_in_use: int
     preemptions: int = 0
+    # Infinite-cache runs only: every pool of at least this many usable blocks gives
+    # this very result (`ceiling_blocks`); None where not measured.
+    exact_from: int | None = None
 
     def totals(self, mask: np.ndarray | None = None) -> dict[str, Any]:
         """requests, queries, hit_tokens, hit_rate, refused over the masked requests."""
@@ -249,9 +252,11 @@ def simulate_one(
         fast = (fastsim.simulate_sequential(trace, num_blocks) if num_blocks is None
                 else fastsim.simulate_sequential_policy(trace, num_blocks, policy))
         scheduled = (n_tokens > 0) & fast.fits
-        return ConfigResult(block_size, num_blocks, policy, mode, n_tokens,
-                            np.where(scheduled, fast.hit_tokens, 0), scheduled,
-                            fast.evictions, fast.peak_blocks_in_use)
+        hit_tokens = np.where(scheduled, fast.hit_tokens, 0)
+        return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hit_tokens, scheduled,
+                            fast.evictions, fast.peak_blocks_in_use,
+                            exact_from=None if num_blocks is not None else
+                            _sequential_blocks_used(trace, n_tokens, hit_tokens))
     hashes = TraceHashes(trace)
     if mode == schema.MODE_SEQUENTIAL:
         if policy == schema.POLICY_BELADY and future is None:
@@ -269,7 +274,8 @@ def simulate_one(
             hits[i] = hit
             scheduled[i] = True
         return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hits, scheduled,
-                            cache.evictions, cache.peak_blocks_in_use)
+                            cache.evictions, cache.peak_blocks_in_use,
+                            exact_from=max(len(cache.pool.blocks), 1) if num_blocks is None else None)
     if mode != schema.MODE_CONCURRENT:
         raise ValueError(f"unknown mode {mode!r}")
     if policy != schema.POLICY_LRU:
@@ -282,7 +288,8 @@ def simulate_one(
             (-(-(n_tokens + np.maximum(workload.output_tokens - 1, 0)) // block_size)).sum())
         # decode blocks get hash ids of their own, after the prompts' (events.decode_block_count)
         decode_ids = decode_block_count(n_tokens, workload.output_tokens, block_size)
-        cache = ArrayPrefixCache(pool, block_size, max(trace.num_ids + decode_ids, 1))
+        cache = (ArrayPrefixCache if num_blocks is not None else _TrackedCache)(
+            pool, block_size, max(trace.num_ids + decode_ids, 1))
         hashes = TraceHashes(trace, arrays=True)
     else:
         cache = PrefixCache(num_blocks, block_size, policy)
@@ -291,8 +298,65 @@ def simulate_one(
         opts.cost_model(), opts.max_num_seqs, workload.latency_s, workload.ttft_s,
         max_num_batched_tokens=opts.max_num_batched_tokens, decode_ids_from=trace.num_ids,
     )
+    exact_from = None
+    if num_blocks is None:
+        # Blocks ever taken from the pool (reference: the infinite pool's every allocation;
+        # compiled: the highest block id ever popped + 1), at least the largest request.
+        used = cache.max_block_used + 1 if isinstance(cache, _TrackedCache) else len(cache.pool.blocks)
+        ends = n_tokens + np.maximum(workload.output_tokens - 1, 0)
+        exact_from = max(used, int((-(-ends[n_tokens > 0] // block_size)).max(initial=1)))
     return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, res.hit_tokens, res.scheduled,
-                        res.evictions, res.peak_blocks_in_use, res.preemptions)
+                        res.evictions, res.peak_blocks_in_use, res.preemptions, exact_from)
+
+
+class _TrackedCache(ArrayPrefixCache):
+    """ArrayPrefixCache noting the highest block id it ever hands out (`max_block_used`).
+
+    Never-used blocks leave the free queue in id order (it starts as 0..n-1, freed
+    blocks go to its head when unhashed, its tail when hashed), so in a run that never
+    evicts, `max_block_used + 1` is how many blocks it ever used: see `ceiling_blocks`.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, num_ids: int) -> None:
+        super().__init__(num_blocks, block_size, num_ids)
+        self.max_block_used = -1
+
+    def admit(self, request_id: str, block_hashes: Any, num_tokens: int, *,
+              position: int | None = None, preempted: bool = False) -> int | None:
+        hit = super().admit(request_id, block_hashes, num_tokens, position=position, preempted=preempted)
+        if hit is not None:
+            req = self.running[request_id]
+            self.max_block_used = max(self.max_block_used, int(req.blocks[: req.nblocks].max(initial=-1)))
+        return hit
+
+    def grow(self, request_id: str, num_tokens_total: int, block_hashes: Any = ()) -> bool:
+        req = self.running[request_id]
+        before = req.nblocks
+        ok = super().grow(request_id, num_tokens_total, block_hashes)
+        if ok and req.nblocks > before:
+            req = self.running[request_id]
+            self.max_block_used = max(self.max_block_used, int(req.blocks[before : req.nblocks].max()))
+        return ok
+
+
+def _sequential_blocks_used(trace: fastsim.BlockTrace, n_tokens: np.ndarray, hit_tokens: np.ndarray) -> int:
+    """Blocks a sequential run with no eviction ever takes from the pool (`ceiling_blocks`).
+
+    Each request frees its blocks before the next: unhashed ones (past its cached full
+    blocks) to the free queue's head, where the next allocations take them first; only
+    allocations beyond them take a never-used block.
+    """
+    bs = trace.block_size
+    needed = -(-n_tokens // bs)
+    run = n_tokens > 0
+    new = np.where(run, needed - hit_tokens // bs, 0).tolist()
+    unhashed = np.where(run, needed - np.diff(trace.offsets), 0).tolist()
+    used = head = 0
+    for k, u in zip(new, unhashed):
+        taken = min(head, k)
+        used += k - taken
+        head += u - taken
+    return max(used, int(needed.max(initial=1)), 1)
 
 
 # --- budgets ---
@@ -393,8 +457,10 @@ def simulate_grid(
         budgets, budget_notes = plan_budgets(workload, options, geom, bs, trace)
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
+        ceiling_runs: dict[str, ConfigResult] = {}
         for mode in options.modes:
             res = simulate_one(workload, bs, None, mode=mode, trace=trace, options=options)
+            ceiling_runs[mode] = res
             for window, mask in ((schema.WINDOW_COLD, None), (schema.WINDOW_WARM, warm)):
                 t = res.totals(mask)
                 ceilings[(mode, window)] = t["hit_rate"]
@@ -405,7 +471,7 @@ def simulate_grid(
         configs = [(nb, mode, policy) for nb in budgets for mode in options.modes
                    for policy in options.policies
                    if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
-        for res in _run_configs(workload, bs, trace, configs, options, tick):
+        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs):
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
                 keep_requests(res)
@@ -427,14 +493,44 @@ def _run_in_worker(config: tuple[int, str, str]) -> ConfigResult:
     return simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options)
 
 
+def ceiling_blocks(ceiling: ConfigResult) -> int | None:
+    """The smallest budget from which a configuration's result IS the infinite-cache run's.
+
+    `ceiling.exact_from`: the blocks that run ever took from its pool (module
+    `_TrackedCache` / `_sequential_blocks_used`). A pool of at least that many blocks
+    never evicts: the free queue holds unhashed blocks (freed ones at its head, then the
+    never-used ones in id order) before hashed ones, and allocation pops the head, so a
+    hashed block is taken only once every block has been used; it never lacks blocks
+    for an admission or a decode slot either (blocks in use are blocks ever used). So
+    hits, evictions (0), preemptions, peak and timings are the infinite run's, for
+    every policy (fifo and belady also take unhashed free blocks first).
+    """
+    return ceiling.exact_from
+
+
+def _as_budget(ceiling: ConfigResult, num_blocks: int, policy: str) -> ConfigResult:
+    return replace(ceiling, num_blocks=num_blocks, policy=policy, exact_from=None)
+
+
 def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs: list[tuple[int, str, str]],
-                 options: SimulateOptions, tick: Callable[[int], None]) -> list[ConfigResult]:
-    """Results of `configs` in their order. Concurrent ones (pure Python, the slow part)
-    run in `options.workers` forked processes when > 1; each is independent, so the
-    results do not depend on the worker count."""
+                 options: SimulateOptions, tick: Callable[[int], None],
+                 ceiling_runs: dict[str, ConfigResult] | None = None) -> list[ConfigResult]:
+    """Results of `configs` in their order. A budget at or past its mode's
+    `ceiling_blocks` takes the ceiling run's result (`ceiling_runs`, by mode) unsimulated.
+    Concurrent ones (pure Python, the slow part) run in `options.workers` forked
+    processes when > 1; each is independent, so the results do not depend on the
+    worker count."""
     global _POOL_STATE
-    slow = [c for c in configs if c[1] == schema.MODE_CONCURRENT]
     done: dict[tuple[int, str, str], ConfigResult] = {}
+    for config in configs:
+        nb, mode, policy = config
+        ceiling = (ceiling_runs or {}).get(mode)
+        threshold = ceiling_blocks(ceiling) if ceiling is not None else None
+        if threshold is not None and nb >= threshold:
+            assert ceiling is not None
+            done[config] = _as_budget(ceiling, nb, policy)
+            tick(1)
+    slow = [c for c in configs if c[1] == schema.MODE_CONCURRENT and c not in done]
     if options.workers > 1 and len(slow) > 1:
         import multiprocessing
 

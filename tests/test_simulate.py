@@ -187,6 +187,69 @@ def test_warm_window_counts_only_requests_after_warmup(reqs: list[list[int]], wa
         assert cold["queries"] == g["n_tokens"].sum() and cold["hit_tokens"] == g["hit_tokens"].sum()
 
 
+def same_result(a: object, b: object) -> bool:
+    fields = ("hit_tokens", "scheduled", "n_tokens")
+    return all(list(getattr(a, f)) == list(getattr(b, f)) for f in fields) and all(
+        getattr(a, f) == getattr(b, f) for f in ("evictions", "peak_blocks_in_use", "preemptions"))
+
+
+@FAST
+@given(structured(), st.integers(1, 6), st.sampled_from(["auto", "reference"]))
+def test_budgets_past_the_ceiling_run_blocks_are_the_ceiling_run(reqs: list[list[int]], extra: int, engine: str) -> None:
+    """Sequential, every policy: a pool of at least the blocks the infinite run used gives
+    exactly its result; one block fewer evicts (compiled: the threshold is tight)."""
+    w = Workload.from_token_lists(reqs)
+    ceiling = simulate_one(w, B, None, engine=engine)
+    t = ceiling.exact_from
+    assert t is not None and t >= blocks_needed(reqs)
+    for nb in (t, t + extra):
+        for policy in ("lru", "fifo", "belady"):
+            assert same_result(simulate_one(w, B, nb, policy=policy, engine=engine), ceiling)
+    if engine == "auto" and t - 1 >= blocks_needed(reqs):
+        assert simulate_one(w, B, t - 1).evictions > 0
+
+
+@FAST
+@given(structured(), st.integers(1, 6), st.lists(st.tuples(st.floats(0, 0.05), st.integers(0, 12)), min_size=30, max_size=30),
+       st.sampled_from(["auto", "reference"]), st.sampled_from([None, 6]))
+def test_concurrent_budgets_past_the_ceiling_run_blocks_are_the_ceiling_run(
+        reqs: list[list[int]], extra: int, shape: list[tuple[float, int]], engine: str, batched: int | None) -> None:
+    """Concurrent (overlap, decode blocks, chunked prefill): the same, preemptions included."""
+    w = Workload.from_token_lists(reqs, timestamps=np.cumsum([g for g, _ in shape[: len(reqs)]]),
+                                  output_tokens=[o for _, o in shape[: len(reqs)]])
+    opts = SimulateOptions(decode_tps=100.0, max_num_batched_tokens=batched, max_num_seqs=3)
+    ceiling = simulate_one(w, B, None, mode="concurrent", options=opts, engine=engine)
+    t = ceiling.exact_from
+    assert t is not None
+    for nb in (t, t + extra):
+        assert same_result(simulate_one(w, B, nb, mode="concurrent", options=opts, engine=engine), ceiling)
+        assert same_result(simulate_one(w, B, nb, mode="concurrent", options=opts,
+                                        engine="reference" if engine == "auto" else "auto"), ceiling)
+
+
+@FAST
+@given(structured(), st.lists(st.tuples(st.floats(0, 0.05), st.integers(0, 12)), min_size=30, max_size=30))
+def test_grid_rows_past_the_threshold_equal_simulating_them(reqs: list[list[int]], shape: list[tuple[float, int]]) -> None:
+    """The grid reuses the ceiling run for budgets past its threshold: every row, on both
+    sides of it, equals simulating that configuration on its own."""
+    w = Workload.from_token_lists(reqs, timestamps=np.cumsum([g for g, _ in shape[: len(reqs)]]),
+                                  output_tokens=[o for _, o in shape[: len(reqs)]])
+    opts = SimulateOptions(block_sizes=(B,), decode_tps=100.0, reference_budgets=0)
+    t = max(simulate_one(w, B, None, mode=m, options=opts).exact_from or 0 for m in opts.modes)
+    lo = blocks_needed([r + [0] * o for r, (_, o) in zip(reqs, shape)])
+    budgets = tuple(sorted({lo, max(lo, t - 1), t, t + 3}))
+    grid = simulate_grid(w, replace(opts, num_blocks=budgets))
+    rows = [r for r in grid.sim.to_pylist() if r["window"] == schema.WINDOW_COLD and r["num_blocks"] is not None]
+    for row in rows:
+        res = simulate_one(w, B, row["num_blocks"], mode=row["mode"], policy=row["policy"], options=opts,
+                           engine="reference")
+        tot = res.totals()
+        assert (row["hit_tokens"], row["queries"], row["refused"]) == (tot["hit_tokens"], tot["queries"], tot["refused"])
+        assert (row["evictions"], row["peak_blocks_in_use"], row["preemptions"]) == (
+            res.evictions, res.peak_blocks_in_use, res.preemptions)
+    assert len(rows) == len(budgets) * (len(opts.policies) + 1)
+
+
 def test_worker_processes_do_not_change_results() -> None:
     rng = np.random.default_rng(3)
     sys_prompt = list(rng.integers(1, 500, 30))
