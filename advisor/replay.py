@@ -171,7 +171,7 @@ def _prompt(w: Workload, i: int) -> Any:
     return p
 
 
-def _replay_sequential(llm: Any, w: Workload) -> list[int]:
+def _replay_sequential(llm: Any, w: Workload, tick: Callable[[int], None]) -> list[int]:
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=1, detokenize=False)
@@ -182,10 +182,12 @@ def _replay_sequential(llm: Any, w: Workload) -> list[int]:
             continue
         res = llm.generate([_prompt(w, i)], sp, use_tqdm=False)
         out.append(int(res[0].num_cached_tokens or 0))
+        tick(1)
     return out
 
 
-def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions) -> list[int]:
+def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions,
+                       tick: Callable[[int], None]) -> list[int]:
     """Step the engine, adding each request once its (compressed) arrival time has come.
 
     Time is virtual, on the simulator's cost model: each engine step advances the clock
@@ -222,6 +224,7 @@ def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions) -> list[int]:
                 prefill = max(prefill, uncached / opts.prefill_tps)
             if ro.finished:
                 cached[ro.request_id] = int(ro.num_cached_tokens or 0)
+                tick(1)
         clock += 1.0 / opts.decode_tps + prefill
     return [cached[f"r{i}"] for i in range(n)]
 
@@ -242,11 +245,26 @@ def with_stand_ins(configs: Sequence[ReplayConfig], cpu_backend: bool) -> list[R
     return out
 
 
+def runs_planned(w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptions) -> int:
+    """How many requests `replay_inprocess` will send (for a progress bar's length)."""
+    from vllm.platforms import current_platform
+
+    cpu = bool(current_platform.is_cpu())
+    runnable = [c for c in with_stand_ins(configs, cpu)
+                if confirmability(w, c, opts.mode, opts.max_output_tokens, cpu) is None]
+    return len(runnable) * sum(1 for t in w.token_ids if len(t))
+
+
 def replay_inprocess(
     w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptions, model_dir: str,
     model_label: str, sim_requests: pa.Table | None,
+    progress: Callable[[int], None] | None = None,
 ) -> ReplayResult:
-    """Run each configuration through a fresh in-process engine; compare with the prediction."""
+    """Run each configuration through a fresh in-process engine; compare with the prediction.
+
+    `progress(n)` is called as requests finish (n of them), for a progress bar.
+    """
+    tick = progress or (lambda _n: None)
     import vllm
     from vllm.platforms import current_platform
 
@@ -276,9 +294,9 @@ def replay_inprocess(
             llm.reset_prefix_cache()
             q0, h0 = read_counters(llm)
             if opts.mode == MODE_SEQUENTIAL:
-                per_req = _replay_sequential(llm, w)
+                per_req = _replay_sequential(llm, w, tick)
             else:
-                per_req = _replay_concurrent(llm, w, opts)
+                per_req = _replay_concurrent(llm, w, opts, tick)
             q1, h1 = read_counters(llm)
         finally:
             del llm

@@ -376,3 +376,16 @@ def test_requests_refused_at_tokenization_are_not_sent_to_the_engine(mode: str, 
     c = res.configs[0]
     assert c.per_request_measured[1] == 0
     assert c.measured_hit_tokens == c.predicted_hit_tokens == 2 * b
+
+
+@needs_vllm
+@pytest.mark.replay
+def test_progress_counts_every_request_the_engine_runs(model_cache: Path) -> None:
+    b = 32
+    w = workload([toks(8, 2 * b + 3), [], toks(8, 2 * b) + toks(9, 4)])
+    cfgs = [rp.ReplayConfig(b, 8), rp.ReplayConfig(2 * b, 8), rp.ReplayConfig(b, 2)]  # last: too small
+    opts = rp.ReplayOptions()
+    done: list[int] = []
+    model_dir, label = rp.resolve_replay_model(w, None, model_cache)
+    rp.replay_inprocess(w, cfgs, opts, model_dir, label, None, done.append)
+    assert sum(done) == rp.runs_planned(w, cfgs, opts) == 2 * 2  # 2 runnable configs x 2 non-empty prompts

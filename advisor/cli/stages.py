@@ -361,7 +361,13 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
                 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings are noise here
                 model_dir, label = rp.resolve_replay_model(w, options.replay_model, cache_dir())
                 try:
-                    results.append(rp.replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req))
+                    with click.progressbar(
+                        length=rp.runs_planned(w, configs, mode_opts),
+                        label=f"replay ({mode})", file=sys.stderr,
+                        hidden=con.quiet or not sys.stderr.isatty(),
+                    ) as bar:
+                        results.append(rp.replay_inprocess(w, configs, mode_opts, model_dir, label,
+                                                           sim_req, bar.update))
                 except AdvisorError:
                     raise
                 except Exception as e:  # the engine's own failure: say so, never a traceback
