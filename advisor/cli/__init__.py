@@ -79,11 +79,16 @@ def _stage_command(body: Callable[[Console], None], quiet: bool, as_json: bool) 
     con.finish()
 
 
+def log_arguments(f: Callable[..., Any]) -> Callable[..., Any]:
+    """LOG and -o/--out: the commands that start from a log (`run`, `ingest`)."""
+    f = click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+                     help="Run folder (default ./pc-advise-out/<log name>/).")(f)
+    return click.argument("log")(f)
+
+
 # --- commands ---
 @main.command()
-@click.argument("log")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="Run folder (default ./pc-advise-out/<log name>/).")
+@log_arguments
 @ingest_options
 @simulate_options  # last of the option sets to apply: it skips flags they define (--workers)
 @tokenize_options
@@ -101,30 +106,23 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
     Example:
       pc-advise run sample_logs/rag_documents.jsonl -o out/rag
     """
-    con = Console(quiet, as_json)
     rundir = RunDir(out or default_out_dir(log))
-    con.result["run_dir"] = str(rundir.root)
-    try:
+
+    def pipeline(con: Console) -> None:
+        con.result["run_dir"] = str(rundir.root)
         do_ingest(rundir, log, opts, force, con)
-        do_tokenize(rundir, opts, force, con)
-        do_analyze(rundir, opts, force, con)
-        do_simulate(rundir, opts, force, con)
-        do_recommend(rundir, opts, force, con)
-        do_replay(rundir, opts, force, con)
-        do_report(rundir, opts, force, con)
-    except AdvisorError as e:
-        _fail(e)
-    rows = summary_rows(rundir)
-    con.say("\nSummary")
-    con.say(render_table(rows))
-    con.result["summary"] = dict(rows)
-    con.finish()
+        for stage in (do_tokenize, do_analyze, do_simulate, do_recommend, do_replay, do_report):
+            stage(rundir, opts, force, con)
+        rows = summary_rows(rundir)
+        con.say("\nSummary")
+        con.say(render_table(rows))
+        con.result["summary"] = dict(rows)
+
+    _stage_command(pipeline, quiet, as_json)
 
 
 @main.command()
-@click.argument("log")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="Run folder (default ./pc-advise-out/<log name>/).")
+@log_arguments
 @ingest_options
 @common_options
 def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
