@@ -1,7 +1,6 @@
 """Concurrent mode: vLLM's v1 scheduler, step by step, on a cost-model clock.
 
-Inputs: one `PrefixCache` (advisor.cache, exact vLLM block rules, or its compiled
-twin advisor.fastcache.ArrayPrefixCache), each request's prompt block hashes,
+Inputs: one `PrefixCache` (advisor.cache, exact vLLM block rules), each request's prompt block hashes,
 prompt length, output length, arrival time and (optional) logged latencies, a
 `CostModel`, `max_num_seqs` and (optional) `max_num_batched_tokens`. Output:
 `ConcurrentResult`, the hit tokens each request got when it was first scheduled
@@ -70,7 +69,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from advisor.cache import PrefixCache
-from advisor.fastcache import ArrayPrefixCache
 
 
 @dataclass(frozen=True)
@@ -119,6 +117,7 @@ class ConcurrentResult:
     refused: int
     makespan_s: float  # clock at the last finish, seconds after the first arrival
     steps: int = 0  # engine steps taken
+    blocks_used: int = 0  # highest block id ever taken + 1 (advisor.fastevents; 0 where not tracked)
 
 
 def _kv_tokens(n_tokens: int, output_tokens: int) -> int:
@@ -126,14 +125,8 @@ def _kv_tokens(n_tokens: int, output_tokens: int) -> int:
     return n_tokens + max(output_tokens - 1, 0)
 
 
-def decode_block_count(n_tokens: np.ndarray, output_tokens: np.ndarray, block_size: int) -> int:
-    """Full blocks past the prompts' own, over all requests: the hash ids decode blocks need."""
-    end = np.asarray(n_tokens, np.int64) + np.maximum(np.asarray(output_tokens, np.int64) - 1, 0)
-    return int(np.maximum(end // block_size - np.asarray(n_tokens, np.int64) // block_size, 0).sum())
-
-
 def run_concurrent(
-    cache: PrefixCache | ArrayPrefixCache,
+    cache: PrefixCache,
     block_hashes: Sequence[Sequence[Hashable]],
     n_tokens: np.ndarray,
     output_tokens: np.ndarray,
@@ -144,7 +137,6 @@ def run_concurrent(
     ttft_s: np.ndarray | None = None,
     *,
     max_num_batched_tokens: int | None = None,
-    decode_ids_from: int | None = None,
     skip_quiet_steps: bool = True,
 ) -> ConcurrentResult:
     """Simulate one configuration with requests overlapping in time (module docstring).
@@ -152,9 +144,8 @@ def run_concurrent(
     Arrays are per request, in log order; `arrivals_s` must be finite (seconds, any
     origin). Requests with `n_tokens == 0` (refused at tokenization) never run.
     `max_num_batched_tokens`: vLLM's per-step token budget (None: unlimited).
-    `decode_ids_from`: for an `ArrayPrefixCache`, the first of
-    `decode_block_count(...)` hash ids no prompt uses (the cache's `num_ids` must
-    cover them); other caches get tuple hashes for decode blocks.
+    Decode blocks get tuple hashes of their own. advisor.fastevents runs this loop
+    compiled (tested equal to it); the grid uses that.
     `skip_quiet_steps=False` takes every step one by one (the plain loop that the
     jumps are tested against).
     """
@@ -169,7 +160,7 @@ def run_concurrent(
     end_tokens = [_kv_tokens(prompt[i], target[i]) for i in range(n)]
     hits = np.zeros(n, dtype=np.int64)
     scheduled = np.zeros(n, dtype=bool)
-    hashes = _with_decode_hashes(cache, block_hashes, prompt, end_tokens, decode_ids_from)
+    hashes = _with_decode_hashes(cache.block_size, block_hashes, prompt, end_tokens)
 
     # Per request, valid at the start of step `anchor[i]` (decoding requests advance
     # one token per step in between without being touched).
@@ -360,22 +351,10 @@ def run_concurrent(
     )
 
 
-def _with_decode_hashes(
-    cache: PrefixCache | ArrayPrefixCache, block_hashes: Sequence[Sequence[Hashable]], prompt: list[int],
-    end_tokens: list[int], decode_ids_from: int | None,
-) -> list[Sequence[Hashable]]:
+def _with_decode_hashes(bs: int, block_hashes: Sequence[Sequence[Hashable]], prompt: list[int],
+                        end_tokens: list[int]) -> list[Sequence[Hashable]]:
     """Each request's full-block hashes to its end: the prompt's, then its own decode ones."""
-    bs = cache.block_size
     out: list[Sequence[Hashable]] = []
-    if isinstance(cache, ArrayPrefixCache):
-        assert decode_ids_from is not None, "an ArrayPrefixCache needs decode_ids_from (run_concurrent)"
-        nxt = decode_ids_from
-        for i, h in enumerate(block_hashes):
-            extra = max(end_tokens[i] // bs - prompt[i] // bs, 0)
-            own = np.arange(nxt, nxt + extra, dtype=np.int64)
-            nxt += extra
-            out.append(np.concatenate([np.asarray(h, np.int64)[: prompt[i] // bs], own]))
-        return out
     for i, h in enumerate(block_hashes):
         extra = max(end_tokens[i] // bs - prompt[i] // bs, 0)
         out.append(list(h[: prompt[i] // bs]) + [("decode", i, k) for k in range(extra)])

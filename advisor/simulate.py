@@ -10,8 +10,9 @@ Per block size the blocks are keyed once (`block_trace`: advisor.fastsim's chain
 64-bit keys as dense ids; LoRA name and cache_salt keep requests apart; hash traces
 chain their `hash_ids` at the trace's block size, the only size they simulate at).
 Sequential mode runs on fastsim's compiled replays of the same rules, concurrent mode
-on fastcache's compiled twin of `advisor.cache.PrefixCache` (both tested equal to
-cache.py under eviction pressure; `engine="reference"` runs cache.py itself):
+on advisor.fastevents' compiled event loop (tested equal to cache.py, and to
+events.run_concurrent over it, under eviction pressure and preemption;
+`engine="reference"` runs those instead):
 - mode "sequential": log order, one request at a time, prefill only, each freed
   before the next (DESIGN §5; what the exactness checks and replay confirm);
 - mode "concurrent": `advisor.events.run_concurrent` (arrivals, pinning, decode
@@ -60,8 +61,8 @@ from advisor import kvmemory as kv
 from advisor import schema
 from advisor.cache import FutureUses, PrefixCache
 from advisor.errors import AdvisorError
-from advisor.events import CostModel, decode_block_count, run_concurrent
-from advisor.fastcache import ArrayPrefixCache
+from advisor.events import CostModel, run_concurrent
+from advisor.fastevents import request_hashes, run_concurrent_compiled
 from advisor.workload import Workload, load_workload, warm_mask
 
 __all__ = [
@@ -94,7 +95,7 @@ class SimulateOptions:
     max_num_batched_tokens: int | None = None  # concurrent mode: vLLM's per-step token budget (None: unlimited)
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
-    workers: int = 1  # processes for the concurrent-mode configurations
+    workers: int = 1  # threads for the grid's configurations
     max_request_rows: int = 5_000_000
 
     def as_dict(self) -> dict[str, Any]:
@@ -229,6 +230,7 @@ def simulate_one(
     future: FutureUses | None = None,
     options: SimulateOptions | None = None,
     engine: str = "auto",
+    prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> ConfigResult:
     """Simulate ONE configuration with vLLM's exact rules (advisor.cache semantics).
 
@@ -238,10 +240,11 @@ def simulate_one(
     a time, prefill only) or "concurrent" (`options` gives the cost model,
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
     (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
+    (and, for concurrent mode, `prepared`: `fastevents.request_hashes(trace, ...)`)
     may be passed to reuse them across budgets of one block size. `engine`: "auto"
     runs sequential mode on advisor.fastsim's compiled replays (lru, fifo, belady)
-    and concurrent mode with a budget on advisor.fastcache.ArrayPrefixCache, both
-    tested equal to cache.py; "reference" forces cache.PrefixCache everywhere. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
+    and concurrent mode on advisor.fastevents' compiled loop, both tested equal to
+    cache.py / events.run_concurrent over it; "reference" runs those instead. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
     order) vLLM `num_cached_tokens`; `.totals()` the sums.
     """
     opts = options or SimulateOptions()
@@ -280,63 +283,30 @@ def simulate_one(
         raise ValueError(f"unknown mode {mode!r}")
     if policy != schema.POLICY_LRU:
         raise AdvisorError(f"policy {policy!r} is simulated in sequential mode only; use lru for concurrent mode.")
-    cache: PrefixCache | ArrayPrefixCache
+    arrivals = workload.arrivals(opts.speedup)
     if engine == "auto":
         # Infinite cache: a pool with a block for every block the log ever allocates
         # never has to evict (a hashed block is popped only when no unhashed one is free).
         pool = num_blocks if num_blocks is not None else 1 + int(
             (-(-(n_tokens + np.maximum(workload.output_tokens - 1, 0)) // block_size)).sum())
-        # decode blocks get hash ids of their own, after the prompts' (events.decode_block_count)
-        decode_ids = decode_block_count(n_tokens, workload.output_tokens, block_size)
-        cache = (ArrayPrefixCache if num_blocks is not None else _TrackedCache)(
-            pool, block_size, max(trace.num_ids + decode_ids, 1))
-        hashes = TraceHashes(trace, arrays=True)
+        res = run_concurrent_compiled(
+            trace, pool, n_tokens, workload.output_tokens, arrivals, opts.cost_model(), opts.max_num_seqs,
+            workload.latency_s, workload.ttft_s, max_num_batched_tokens=opts.max_num_batched_tokens,
+            prepared=prepared)
+        used = res.blocks_used  # the highest block id ever popped + 1 (`ceiling_blocks`)
     else:
         cache = PrefixCache(num_blocks, block_size, policy)
-    res = run_concurrent(
-        cache, hashes, n_tokens, workload.output_tokens, workload.arrivals(opts.speedup),
-        opts.cost_model(), opts.max_num_seqs, workload.latency_s, workload.ttft_s,
-        max_num_batched_tokens=opts.max_num_batched_tokens, decode_ids_from=trace.num_ids,
-    )
+        res = run_concurrent(
+            cache, hashes, n_tokens, workload.output_tokens, arrivals, opts.cost_model(), opts.max_num_seqs,
+            workload.latency_s, workload.ttft_s, max_num_batched_tokens=opts.max_num_batched_tokens)
+        used = len(cache.pool.blocks)  # the infinite pool's every allocation
     exact_from = None
     if num_blocks is None:
-        # Blocks ever taken from the pool (reference: the infinite pool's every allocation;
-        # compiled: the highest block id ever popped + 1), at least the largest request.
-        used = cache.max_block_used + 1 if isinstance(cache, _TrackedCache) else len(cache.pool.blocks)
+        # at least the largest request's end, which the pool must hold whole
         ends = n_tokens + np.maximum(workload.output_tokens - 1, 0)
         exact_from = max(used, int((-(-ends[n_tokens > 0] // block_size)).max(initial=1)))
     return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, res.hit_tokens, res.scheduled,
                         res.evictions, res.peak_blocks_in_use, res.preemptions, exact_from)
-
-
-class _TrackedCache(ArrayPrefixCache):
-    """ArrayPrefixCache noting the highest block id it ever hands out (`max_block_used`).
-
-    Never-used blocks leave the free queue in id order (it starts as 0..n-1, freed
-    blocks go to its head when unhashed, its tail when hashed), so in a run that never
-    evicts, `max_block_used + 1` is how many blocks it ever used: see `ceiling_blocks`.
-    """
-
-    def __init__(self, num_blocks: int, block_size: int, num_ids: int) -> None:
-        super().__init__(num_blocks, block_size, num_ids)
-        self.max_block_used = -1
-
-    def admit(self, request_id: str, block_hashes: Any, num_tokens: int, *,
-              position: int | None = None, preempted: bool = False) -> int | None:
-        hit = super().admit(request_id, block_hashes, num_tokens, position=position, preempted=preempted)
-        if hit is not None:
-            req = self.running[request_id]
-            self.max_block_used = max(self.max_block_used, int(req.blocks[: req.nblocks].max(initial=-1)))
-        return hit
-
-    def grow(self, request_id: str, num_tokens_total: int, block_hashes: Any = ()) -> bool:
-        req = self.running[request_id]
-        before = req.nblocks
-        ok = super().grow(request_id, num_tokens_total, block_hashes)
-        if ok and req.nblocks > before:
-            req = self.running[request_id]
-            self.max_block_used = max(self.max_block_used, int(req.blocks[before : req.nblocks].max()))
-        return ok
 
 
 def _sequential_blocks_used(trace: fastsim.BlockTrace, n_tokens: np.ndarray, hit_tokens: np.ndarray) -> int:
@@ -458,8 +428,10 @@ def simulate_grid(
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
         ceiling_runs: dict[str, ConfigResult] = {}
+        prepared = (request_hashes(trace, workload.n_tokens, workload.output_tokens, trace.num_ids)
+                    if schema.MODE_CONCURRENT in options.modes else None)
         for mode in options.modes:
-            res = simulate_one(workload, bs, None, mode=mode, trace=trace, options=options)
+            res = simulate_one(workload, bs, None, mode=mode, trace=trace, options=options, prepared=prepared)
             ceiling_runs[mode] = res
             for window, mask in ((schema.WINDOW_COLD, None), (schema.WINDOW_WARM, warm)):
                 t = res.totals(mask)
@@ -471,7 +443,7 @@ def simulate_grid(
         configs = [(nb, mode, policy) for nb in budgets for mode in options.modes
                    for policy in options.policies
                    if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
-        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs):
+        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared):
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
                 keep_requests(res)
@@ -483,21 +455,11 @@ def simulate_grid(
     return GridResult(sim, sim_requests, notes)
 
 
-_POOL_STATE: tuple[Workload, int, fastsim.BlockTrace, SimulateOptions] | None = None
-
-
-def _run_in_worker(config: tuple[int, str, str]) -> ConfigResult:
-    assert _POOL_STATE is not None
-    workload, bs, trace, options = _POOL_STATE
-    nb, mode, policy = config
-    return simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options)
-
-
 def ceiling_blocks(ceiling: ConfigResult) -> int | None:
     """The smallest budget from which a configuration's result IS the infinite-cache run's.
 
-    `ceiling.exact_from`: the blocks that run ever took from its pool (module
-    `_TrackedCache` / `_sequential_blocks_used`). A pool of at least that many blocks
+    `ceiling.exact_from`: the blocks that run ever took from its pool (concurrent:
+    `ConcurrentResult.blocks_used`; sequential: `_sequential_blocks_used`). A pool of at least that many blocks
     never evicts: the free queue holds unhashed blocks (freed ones at its head, then the
     never-used ones in id order) before hashed ones, and allocation pops the head, so a
     hashed block is taken only once every block has been used; it never lacks blocks
@@ -514,13 +476,12 @@ def _as_budget(ceiling: ConfigResult, num_blocks: int, policy: str) -> ConfigRes
 
 def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs: list[tuple[int, str, str]],
                  options: SimulateOptions, tick: Callable[[int], None],
-                 ceiling_runs: dict[str, ConfigResult] | None = None) -> list[ConfigResult]:
+                 ceiling_runs: dict[str, ConfigResult] | None = None,
+                 prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[ConfigResult]:
     """Results of `configs` in their order. A budget at or past its mode's
     `ceiling_blocks` takes the ceiling run's result (`ceiling_runs`, by mode) unsimulated.
-    Concurrent ones (pure Python, the slow part) run in `options.workers` forked
-    processes when > 1; each is independent, so the results do not depend on the
-    worker count."""
-    global _POOL_STATE
+    The others run in `options.workers` threads when > 1 (the compiled kernels release
+    the GIL); each is independent, so the results do not depend on the worker count."""
     done: dict[tuple[int, str, str], ConfigResult] = {}
     for config in configs:
         nb, mode, policy = config
@@ -530,27 +491,25 @@ def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs
             assert ceiling is not None
             done[config] = _as_budget(ceiling, nb, policy)
             tick(1)
-    slow = [c for c in configs if c[1] == schema.MODE_CONCURRENT and c not in done]
-    if options.workers > 1 and len(slow) > 1:
-        import multiprocessing
 
-        _POOL_STATE = (workload, bs, trace, options)
-        try:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(options.workers, len(slow))) as pool:
-                for config, res in zip(slow, pool.imap(_run_in_worker, slow), strict=True):
-                    done[config] = res
-                    tick(1)
-        finally:
-            _POOL_STATE = None
-    out = []
-    for config in configs:
+    def run(config: tuple[int, str, str]) -> ConfigResult:
+        nb, mode, policy = config
+        return simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options,
+                            prepared=prepared)
+
+    todo = [c for c in configs if c not in done]
+    if options.workers > 1 and len(todo) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(options.workers, len(todo))) as pool:
+            for config, res in zip(todo, pool.map(run, todo), strict=True):
+                done[config] = res
+                tick(1)
+    for config in todo:
         if config not in done:
-            nb, mode, policy = config
-            done[config] = simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options)
+            done[config] = run(config)
             tick(1)
-        out.append(done[config])
-    return out
+    return [done[c] for c in configs]
 
 
 def _spread(budgets: list[int], k: int) -> set[int]:
