@@ -81,8 +81,37 @@ def _dense(keys: np.ndarray, num_tokens: np.ndarray, block_size: int) -> BlockTr
     full = num_tokens // block_size
     offsets = np.zeros(len(num_tokens) + 1, np.int64)
     np.cumsum(full, out=offsets[1:])
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    return BlockTrace(block_size, inverse.astype(np.int64).reshape(-1), offsets, num_tokens.astype(np.int64), len(uniq))
+    keys = np.ascontiguousarray(keys, np.uint64).reshape(-1)
+    if HAVE_NUMBA:
+        ids = np.empty(len(keys), np.int64)
+        num_ids = _intern(keys, ids)
+    else:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        ids, num_ids = inverse.astype(np.int64).reshape(-1), len(uniq)
+    return BlockTrace(block_size, ids, offsets, num_tokens.astype(np.int64), int(num_ids))
+
+
+@compiled
+def _intern(keys, ids):  # type: ignore[no-untyped-def]
+    """Dense ids of 64-bit keys, in order of first appearance (an open-addressing table)."""
+    size = 1
+    while size < 2 * len(keys) + 2:
+        size *= 2
+    mask = np.uint64(size - 1)
+    table_key = np.zeros(size, np.uint64)
+    table_id = np.full(size, -1, np.int64)
+    n = 0
+    for i in range(len(keys)):
+        k = keys[i]
+        slot = (k ^ (k >> np.uint64(29))) & mask
+        while table_id[slot] >= 0 and table_key[slot] != k:
+            slot = (slot + np.uint64(1)) & mask
+        if table_id[slot] < 0:
+            table_key[slot] = k
+            table_id[slot] = n
+            n += 1
+        ids[i] = table_id[slot]
+    return n
 
 
 def _chain(block_values: np.ndarray, full: np.ndarray, salts: np.ndarray) -> np.ndarray:
@@ -318,14 +347,15 @@ def sweep_sequential(trace: BlockTrace, budgets: Sequence[int | None]) -> list[S
     return [simulate_sequential(trace, b) for b in budgets]
 
 
-def simulate_sequential_policy(trace: BlockTrace, num_blocks: int, policy: str) -> SequentialResult:
+def simulate_sequential_policy(trace: BlockTrace, num_blocks: int, policy: str,
+                               uses: tuple[np.ndarray, np.ndarray] | None = None) -> SequentialResult:
     """Sequential mode under "lru" (vLLM), "fifo" or "belady" (advisor.cache's rules;
-    the last two compiled in advisor.fastpolicy)."""
+    the last two compiled in advisor.fastpolicy; `uses`: its `future_uses(trace)`)."""
     if policy == "lru":
         return simulate_sequential(trace, num_blocks)
     from advisor.fastpolicy import simulate_reference_policy
 
-    return simulate_reference_policy(trace, num_blocks, policy)
+    return simulate_reference_policy(trace, num_blocks, policy, uses)
 
 
 @compiled
@@ -339,12 +369,18 @@ def _ceiling(ids, offsets, num_tokens, block_size, first_req, hits):  # type: ig
         hits[r] = k * block_size
 
 
+@compiled
+def _first_requests(ids, offsets, first_req):  # type: ignore[no-untyped-def]
+    for r in range(len(offsets) - 1):
+        for i in range(offsets[r], offsets[r + 1]):
+            if first_req[ids[i]] > r:
+                first_req[ids[i]] = r
+
+
 def ceiling_hits(trace: BlockTrace) -> np.ndarray:
     """Per-request hit tokens of an infinite cache (vLLM rules, nothing ever evicted)."""
-    req = np.repeat(np.arange(trace.num_requests, dtype=np.int64), np.diff(trace.offsets))
     first_req = np.full(max(trace.num_ids, 1), np.iinfo(np.int64).max, np.int64)
-    seen, first_index = np.unique(trace.ids, return_index=True)
-    first_req[seen] = req[first_index]  # requests are in order: first occurrence = first request
+    _first_requests(trace.ids, trace.offsets, first_req)  # the request that first has each id
     hits = np.zeros(trace.num_requests, np.int64)
     _ceiling(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, first_req, hits)
     return hits

@@ -63,6 +63,7 @@ from advisor.cache import FutureUses, PrefixCache
 from advisor.errors import AdvisorError
 from advisor.events import CostModel, run_concurrent
 from advisor.fastevents import request_hashes, run_concurrent_compiled
+from advisor.fastpolicy import future_uses
 from advisor.workload import Workload, load_workload, warm_mask
 
 __all__ = [
@@ -231,6 +232,7 @@ def simulate_one(
     options: SimulateOptions | None = None,
     engine: str = "auto",
     prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    uses: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ConfigResult:
     """Simulate ONE configuration with vLLM's exact rules (advisor.cache semantics).
 
@@ -240,8 +242,8 @@ def simulate_one(
     a time, prefill only) or "concurrent" (`options` gives the cost model,
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
     (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
-    (and, for concurrent mode, `prepared`: `fastevents.request_hashes(trace, ...)`)
-    may be passed to reuse them across budgets of one block size. `engine`: "auto"
+    (and `prepared`: `fastevents.request_hashes(trace, ...)` for concurrent mode,
+    `uses`: `fastpolicy.future_uses(trace)` for belady) may be passed to reuse them across budgets of one block size. `engine`: "auto"
     runs sequential mode on advisor.fastsim's compiled replays (lru, fifo, belady)
     and concurrent mode on advisor.fastevents' compiled loop, both tested equal to
     cache.py / events.run_concurrent over it; "reference" runs those instead. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
@@ -253,7 +255,7 @@ def simulate_one(
     n_tokens = workload.n_tokens
     if mode == schema.MODE_SEQUENTIAL and engine == "auto":
         fast = (fastsim.simulate_sequential(trace, num_blocks) if num_blocks is None
-                else fastsim.simulate_sequential_policy(trace, num_blocks, policy))
+                else fastsim.simulate_sequential_policy(trace, num_blocks, policy, uses))
         scheduled = (n_tokens > 0) & fast.fits
         hit_tokens = np.where(scheduled, fast.hit_tokens, 0)
         return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hit_tokens, scheduled,
@@ -443,7 +445,8 @@ def simulate_grid(
         configs = [(nb, mode, policy) for nb in budgets for mode in options.modes
                    for policy in options.policies
                    if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
-        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared):
+        uses = future_uses(trace) if schema.POLICY_BELADY in options.policies else None
+        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared, uses):
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
                 keep_requests(res)
@@ -477,7 +480,8 @@ def _as_budget(ceiling: ConfigResult, num_blocks: int, policy: str) -> ConfigRes
 def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs: list[tuple[int, str, str]],
                  options: SimulateOptions, tick: Callable[[int], None],
                  ceiling_runs: dict[str, ConfigResult] | None = None,
-                 prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[ConfigResult]:
+                 prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 uses: tuple[np.ndarray, np.ndarray] | None = None) -> list[ConfigResult]:
     """Results of `configs` in their order. A budget at or past its mode's
     `ceiling_blocks` takes the ceiling run's result (`ceiling_runs`, by mode) unsimulated.
     The others run in `options.workers` threads when > 1 (the compiled kernels release
@@ -495,7 +499,7 @@ def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs
     def run(config: tuple[int, str, str]) -> ConfigResult:
         nb, mode, policy = config
         return simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options,
-                            prepared=prepared)
+                            prepared=prepared, uses=uses)
 
     todo = [c for c in configs if c not in done]
     if options.workers > 1 and len(todo) > 1:

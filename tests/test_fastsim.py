@@ -185,3 +185,19 @@ def test_long_seeded_workloads_equal_the_reference(seed, policy):
         got = fastsim.simulate_sequential_policy(trace, num_blocks, policy)
         assert got.evictions > 0
         assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 4, num_blocks, policy)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "belady"])
+def test_a_hot_prefix_under_a_tight_pool_keeps_the_free_pool_bookkeeping_bounded(policy):
+    """Every request shares a 70-token prompt (2 full blocks at B=32) and the pool holds
+    barely more than one request: the same blocks are touched and freed hundreds of times,
+    which once overflowed FIFO's revisit heap with duplicate entries (out-of-bounds writes
+    in compiled code). Results still equal the reference."""
+    rng = np.random.default_rng(1)
+    shared = rng.integers(1, 500, 70).tolist()
+    reqs = [shared + rng.integers(1, 500, int(rng.integers(1, 30))).tolist() for _ in range(300)]
+    trace = fastsim.trace_from_tokens(*flat(reqs), 32)
+    for num_blocks in (4, 5, 6, 8):
+        got = fastsim.simulate_sequential_policy(trace, num_blocks, policy)
+        assert got.evictions > 0
+        assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 32, num_blocks, policy)
