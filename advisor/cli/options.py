@@ -50,7 +50,7 @@ def tokenize_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
     f = click.option(
         "--workers", type=int, default=None,
-        help="Tokenizer threads (default: all cores).",
+        help="Threads: for the tokenizer, and in `run` for the simulate grid too (default: all cores).",
     )(f)
     return f
 
@@ -149,7 +149,7 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     o(f, "--reference-budgets", type=int, default=None,
       help="Budgets per block size the fifo/belady reference lines run at; 0 = all [default: 4].")
     o(f, "--workers", type=int, default=None,
-      help="Processes for the concurrent-mode simulations (default: all cores).")
+      help="Threads for the grid's configurations (default: all cores).")
     for decls, kw in reversed(specs):  # click lists options in reverse order of application
         f = _option_once(f, *decls, **kw)
     return f
