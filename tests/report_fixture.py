@@ -100,7 +100,11 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
                          "mode": "sequential", "window": "cold", "requests": n, "queries": total,
                          "hit_tokens": round(hr * total), "hit_rate": hr, "evictions": 0 if nb is None else 300 // nb,
                          "peak_blocks_in_use": nb or 90, "ceiling_hit_rate": _hit_rate(bs, None)})
+    # reference lines at block size 16: 64 and 256 blocks (rows[0] and rows[2])
     rows.append({**rows[0], "policy": "fifo", "hit_rate": 0.1})
+    rows.append({**rows[0], "policy": "belady", "hit_rate": 0.25})
+    rows.append({**rows[2], "policy": "fifo", "hit_rate": 0.5})
+    rows.append({**rows[2], "policy": "belady", "hit_rate": 0.55})
     rf.write_table(root / rf.SIM, pa.Table.from_pylist(rows, schema=schema.SIM), schema.SIM)
     rf.write_table(root / rf.SIM_REQUESTS, pa.Table.from_pylist(
         [{"request_id": rid, "block_size": 16, "num_blocks": 256, "mode": "sequential", "n_tokens": t,

@@ -192,6 +192,51 @@ def test_empty_input_renders_and_invents_nothing() -> None:
     assert "<svg" not in page
 
 
+def test_eviction_policy_comparison_shows_the_gap_to_belady(pages: tuple[str, str]) -> None:
+    """The fixture's reference lines (block size 16, the recommended one): LRU 13.2% vs Belady
+    25.0% at 64 blocks, the largest gap, and 52.9% vs 55.0% at 256."""
+    page, md = pages
+    for doc in ("".join(_parse(page).text), md):
+        assert "How far vLLM's eviction is from the best possible" in doc
+        assert "At 64 blocks Belady" in doc and "would hit 11.77 pp more" in doc
+        assert "+2.09 pp" in doc
+        assert "At the recommended 256 blocks the gap is 2.09 pp." in doc
+
+
+def _sim_row(nb: int | None, policy: str, rate: float, bs: int = 16, window: str = "cold") -> dict[str, object]:
+    return {"block_size": bs, "num_blocks": nb, "kv_gib": None, "policy": policy, "mode": "sequential",
+            "window": window, "requests": 10, "queries": 1000, "hit_tokens": round(rate * 1000), "hit_rate": rate,
+            "evictions": 1, "peak_blocks_in_use": nb or 9, "ceiling_hit_rate": 0.6}
+
+
+def test_eviction_policy_verdict_follows_the_largest_gap() -> None:
+    close = [_sim_row(8, "lru", 0.500), _sim_row(8, "belady", 0.505), _sim_row(8, "fifo", 0.45),
+             _sim_row(32, "lru", 0.6), _sim_row(32, "belady", 0.6)]
+    pc = facts.policy_comparison(build("RUN", sim=close))
+    assert pc is not None and pc.block_size == 16 and [r[0] for r in pc.rows] == ["8", "32"]
+    assert "within 0.50 pp" in pc.verdict and "no eviction policy could do materially better" in pc.verdict
+    far = [*close, _sim_row(16, "lru", 0.3), _sim_row(16, "belady", 0.4)]
+    pc = facts.policy_comparison(build("RUN", sim=far))
+    assert pc is not None and pc.verdict.startswith("At 16 blocks Belady") and "10.00 pp" in pc.verdict
+    # the recommended block size and window are the ones compared
+    other = [*close, _sim_row(8, "lru", 0.1, bs=64, window="warm"), _sim_row(8, "belady", 0.3, bs=64, window="warm"),
+             _sim_row(8, "lru", 0.1, bs=64), _sim_row(8, "belady", 0.1, bs=64)]
+    rec = {"recommended": {"block_size": 64, "num_blocks": 8, "window": "warm"}}
+    pc = facts.policy_comparison(build("RUN", sim=other, recommendation=rec))
+    assert pc is not None and (pc.block_size, pc.window) == (64, "warm") and "20.00 pp" in pc.verdict
+    assert "KV memory" not in pc.header  # no model: no GiB column of dashes
+    rec = {"recommended": {"block_size": 16, "num_blocks": 20}}
+    pc = facts.policy_comparison(build("RUN", sim=far, recommendation=rec))
+    assert pc is not None and pc.verdict.endswith(
+        "The recommended 20 blocks were not run under the reference policies; nearest: 16 blocks: 10.00 pp, "
+        "32 blocks: 0.00 pp.")
+    # no reference lines (simulated with --policies lru): no section, nothing invented
+    only_lru = [r for r in close if r["policy"] == "lru"]
+    data = build("RUN", sim=only_lru)
+    assert facts.policy_comparison(data) is None
+    assert "Belady" not in md_report.render(data) and "Belady" not in html_report.render(data)
+
+
 def test_a_run_with_only_ingest_names_the_missing_stages(tmp_path: Path) -> None:
     full = write_fixture_run(tmp_path / "full")
     part = tmp_path / "part"

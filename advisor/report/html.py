@@ -208,6 +208,12 @@ def _sweep(data: ReportData) -> str:
     out.append(f"<h3>The sweep</h3><p>{esc(caption)}</p>")
     out.append(_foldable(f"all {len(rows)} configurations of the plot", _table(fx.SWEEP_HEADER, rows, numeric=range(1, 8)),
                          len(rows)))
+    pc = fx.policy_comparison(data)
+    if pc:
+        out.append("<h3>How far vLLM's eviction is from the best possible</h3>")
+        out.append(f"<p>Block size {pc.block_size}, sequential mode, {esc(fx.window_text(pc.window))}. "
+                   f"{esc(pc.verdict)}</p>")
+        out.append(_table(pc.header, pc.rows, numeric=range(0, len(pc.header))))
     return "".join(out) + "</section>"
 
 

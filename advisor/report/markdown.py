@@ -119,8 +119,14 @@ def _sweep(data: ReportData) -> list[str]:
     if not data.sim:
         return out + [_missing(data, "sim.parquet"), ""]
     caption, rows = fx.sweep_rows(data)
-    return out + ["The plot of this sweep is in report.html. " + md_text(caption), "",
-                  table(fx.SWEEP_HEADER, rows, numeric=range(1, 8)), ""]
+    out += ["The plot of this sweep is in report.html. " + md_text(caption), "",
+            table(fx.SWEEP_HEADER, rows, numeric=range(1, 8)), ""]
+    pc = fx.policy_comparison(data)
+    if pc:
+        out += ["### How far vLLM's eviction is from the best possible", "",
+                md_text(f"Block size {pc.block_size}, sequential mode, {fx.window_text(pc.window)}. {pc.verdict}"), "",
+                table(pc.header, pc.rows, numeric=range(0, len(pc.header))), ""]
+    return out
 
 
 def _prompts(data: ReportData) -> list[str]:
