@@ -121,9 +121,9 @@ def _draw_curve(fig: Figure, view: Sequence[Mapping[str, Any]], rec: Mapping[str
     lo = max(0.0, math.floor((min(lows or [0.0]) - 5) / 10) * 10)
     hi = min(100.0, math.ceil((max(highs or [100.0]) + 4) / 10) * 10)
     ax.set_ylim(lo, hi if hi > lo else lo + 10)
+    if highs:  # one legend entry explains every dashed line (a label in the plot could sit on them)
+        ax.plot([], [], ls="--", lw=1, color="#6b7280", label="ceiling (infinite cache)")
     ax.legend(loc="lower right", fontsize=8.5)
-    ax.text(0.01, 0.98, "dashed: block ceiling (infinite cache)", transform=ax.transAxes,
-            va="top", fontsize=8, color="#6b7280")
 
 
 def _plain(v: float, _pos: Any = None) -> str:
