@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from advisor.errors import AdvisorError
 from advisor.schema import KIND_HASH_TRACE, MODE_CONCURRENT, MODE_SEQUENTIAL
+from advisor.workload import cache_namespaces
 
 STATUS_CONFIRMED = "confirmed"
 STATUS_MISMATCH = "mismatch"
@@ -89,7 +90,7 @@ class Workload:
     token_ids: list[list[int]]
     arrival_s: list[float]  # offsets from the first request, seconds
     output_tokens: list[int | None]
-    cache_salts: list[str | None]
+    cache_salts: list[str | None]  # as simulated: with the model when the log names several (cache_namespaces)
     loras: list[str | None]
     synthetic: bool  # token ids synthesized from a hash trace
     hash_ids: list[list[int]] | None = None
@@ -167,7 +168,7 @@ def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None
         token_ids=token_ids,
         arrival_s=[t - t0 for t in ts],
         output_tokens=list(req["output_tokens"]),
-        cache_salts=list(req["cache_salt"]),
+        cache_salts=cache_namespaces(req["model"], req["cache_salt"]),
         loras=list(req["lora"]),
         synthetic=hash_trace,
         hash_ids=[list(h) for h in req["hash_ids"]] if hash_trace else None,

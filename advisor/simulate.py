@@ -407,6 +407,10 @@ def simulate_grid(
     """Every configuration of the grid: sim rows and per-request rows (module docstring)."""
     _validate(workload, options)
     notes: list[str] = []
+    if len(workload.models) > 1:
+        notes.append(f"{len(workload.models)} models in this log: each is simulated as its own cache (no block "
+                     "shared across models) in one pool of memory; each model is its own vLLM deployment, so "
+                     "for a per-deployment budget run pc-advise on each model's lines")
     warm = warm_mask(workload, options.warmup)
     tp = options.tensor_parallel_size
     rows: list[dict[str, Any]] = []

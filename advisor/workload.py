@@ -1,10 +1,11 @@
 """The workload the simulator replays: per-request arrays read from the run folder.
 
-Inputs: requests.parquet (arrival times, output lengths, logged latencies, LoRA
-name, cache_salt, hash-trace ids) and tokens.parquet (token ids, prompt lengths),
-same rows in the same order. Output: a `Workload` holding columns as numpy arrays
-(token ids flattened into one int32 array plus offsets, never a Python list per
-token), and `warm_mask`, the requests a warm (steady-state) window counts.
+Inputs: requests.parquet (arrival times, output lengths, logged latencies, model,
+LoRA name, cache_salt, hash-trace ids) and tokens.parquet (token ids, prompt
+lengths), same rows in the same order. Output: a `Workload` holding columns as
+numpy arrays (token ids flattened into one int32 array plus offsets, never a Python
+list per token), `warm_mask`, the requests a warm (steady-state) window counts, and
+`cache_namespaces`, the cache salt each request is simulated and replayed with.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from advisor.errors import AdvisorError
 
 @dataclass(frozen=True, eq=False)
 class Workload:
-    """Requests in log order. Unknown output lengths are 0, unknown times NaN."""
+    """Requests in log order. Unknown output lengths are 0, unknown times NaN.
+
+    `cache_salt` is the salt the request is simulated with (`cache_namespaces`: its own,
+    plus its model when the log names several); `models` the distinct model names.
+    """
 
     request_ids: pa.Array  # string
     n_tokens: np.ndarray  # int64 prompt tokens (0: refused at tokenization, never run)
@@ -38,6 +43,7 @@ class Workload:
     token_offsets: np.ndarray | None  # int64, request i is values[off[i]:off[i+1]]
     hash_ids: list[np.ndarray] | None  # hash traces: one id per trace block
     trace_block_size: int | None
+    models: tuple[str, ...] = ()  # distinct model names in the log (None shown as "")
 
     @property
     def num_requests(self) -> int:
@@ -120,6 +126,18 @@ class Workload:
         )
 
 
+def cache_namespaces(models: Sequence[str | None], cache_salts: Sequence[str | None]) -> list[str | None]:
+    """The cache salt each request is simulated and replayed with.
+
+    Its own `cache_salt`; and when the log names more than one model, its model too: one
+    vLLM engine serves one model, so requests for different models never share a cached
+    block even when their prompts are the same tokens. A single-model log is unchanged.
+    """
+    if len({m or "" for m in models}) <= 1:
+        return list(cache_salts)
+    return [f"model={m or ''}" + ("" if s is None else f"|salt={s}") for m, s in zip(models, cache_salts, strict=True)]
+
+
 def _floats(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
@@ -128,7 +146,7 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
 
 def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
     """Read the two run-folder inputs into a `Workload` (rows must line up)."""
-    cols = ["request_id", "timestamp", "kind", "output_tokens", "hash_ids", "input_length",
+    cols = ["request_id", "timestamp", "kind", "model", "output_tokens", "hash_ids", "input_length",
             "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s"]
     have = set(pq.read_schema(requests_path).names)
     req = pq.read_table(requests_path, columns=[c for c in cols if c in have])
@@ -147,6 +165,8 @@ def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
             "cache simulation: split the log and ingest each part into its own run folder."
         )
     out = req["output_tokens"].fill_null(0).to_numpy().astype(np.int64) if "output_tokens" in have else np.zeros(n, np.int64)
+    models = req["model"].to_pylist() if "model" in have else [None] * n
+    salts = req["cache_salt"].to_pylist() if "cache_salt" in have else [None] * n
     common = dict(
         request_ids=req["request_id"].combine_chunks(),
         n_tokens=tok["n_tokens"].to_numpy().astype(np.int64),
@@ -155,7 +175,8 @@ def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
         latency_s=_floats(req, "latency_s"),
         ttft_s=_floats(req, "ttft_s"),
         lora=req["lora"].to_pylist() if "lora" in have else [None] * n,
-        cache_salt=req["cache_salt"].to_pylist() if "cache_salt" in have else [None] * n,
+        cache_salt=cache_namespaces(models, salts),
+        models=tuple(sorted({m or "" for m in models})),
     )
     if is_trace:
         sizes = set(req["trace_block_size"].unique().to_pylist())

@@ -207,6 +207,27 @@ def test_hash_trace_replays_with_synthetic_tokens(model_cache: Path) -> None:
     assert at_trace.measured_hit_tokens > 0
 
 
+@pytest.mark.replay
+def test_two_models_in_one_log_replay_as_separate_caches(model_cache: Path) -> None:
+    """The same prompt under two model names: the replay engine (one model) is given the
+    model as part of the cache salt, so it measures what the simulator predicts: no hit
+    across models, hits within one."""
+    p = toks(5, 100)
+    models = ["a", "b", "a", "b"]
+    requests = _conform(pa.table({
+        "request_id": [f"m{i}" for i in range(4)], "line": [1, 2, 3, 4], "timestamp": [0.0, 1.0, 2.0, 3.0],
+        "kind": [schema.KIND_TOKENS] * 4, "format": [schema.FORMAT_COMPLETION] * 4, "model": models,
+        "prompt_token_ids": [p] * 4, "output_tokens": [1] * 4,
+    }), schema.REQUESTS)
+    tokens = _conform(pa.table({"request_id": requests["request_id"], "token_ids": [p] * 4,
+                                "n_tokens": [100] * 4}), schema.TOKENS)
+    w = rp.load_workload(requests, tokens)
+    assert w.cache_salts == ["model=a", "model=b", "model=a", "model=b"]
+    (cfg,) = replay_one(w, [rp.ReplayConfig(32, 16)], model_cache).configs
+    assert cfg.per_request_predicted == [0, 0, 96, 96]
+    assert cfg.per_request_measured == cfg.per_request_predicted
+
+
 def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
     cols = [table[f.name].cast(f.type) if f.name in table.column_names
             else pa.nulls(table.num_rows, f.type) for f in target]

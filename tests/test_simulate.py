@@ -28,7 +28,7 @@ from advisor import schema
 from advisor.cli import main
 from advisor.errors import AdvisorError
 from advisor.simulate import SimulateOptions, block_trace, plan_budgets, simulate_grid, simulate_one
-from advisor.workload import Workload, warm_mask
+from advisor.workload import Workload, cache_namespaces, load_workload, warm_mask
 
 B = 4
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -67,7 +67,7 @@ def naive_ceiling(reqs: Sequence[Sequence[int]], bs: int = B) -> list[int]:
 
 
 def write_run(root: Path, reqs: Sequence[Sequence[int]], timestamps: Sequence[float] | None = None,
-              output_tokens: Sequence[int] | None = None) -> Path:
+              output_tokens: Sequence[int] | None = None, models: Sequence[str | None] | None = None) -> Path:
     """A run folder with requests.parquet + tokens.parquet written straight from the schemas."""
     n = len(reqs)
     ids = [f"req-{i}" for i in range(n)]
@@ -75,7 +75,8 @@ def write_run(root: Path, reqs: Sequence[Sequence[int]], timestamps: Sequence[fl
     requests.update(request_id=ids, line=list(range(1, n + 1)), kind=[schema.KIND_TOKENS] * n,
                     format=[schema.FORMAT_COMPLETION] * n, prompt_token_ids=[list(r) for r in reqs],
                     timestamp=list(timestamps) if timestamps is not None else [float(i) for i in range(n)],
-                    output_tokens=list(output_tokens) if output_tokens is not None else [None] * n)
+                    output_tokens=list(output_tokens) if output_tokens is not None else [None] * n,
+                    model=list(models) if models is not None else [None] * n)
     root.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pydict(requests, schema=schema.REQUESTS), root / "requests.parquet")
     tokens = {name: [None] * n for name in schema.TOKENS.names}
@@ -371,6 +372,32 @@ def test_lora_and_cache_salt_separate_caches() -> None:
     p = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     w = Workload.from_token_lists([p, p, p, p], lora=[None, "a", "a", None], cache_salt=[None, None, None, "s"])
     assert list(hits(w, None)) == [0, 0, 8, 0]
+
+
+def test_requests_for_different_models_never_share_a_block(tmp_path: Path) -> None:
+    """One engine serves one model: the same prompt under another model is a miss. Within a
+    model, hits as usual; a single-model log keeps its own cache salts unchanged."""
+    p = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    run = write_run(tmp_path / "two", [p, p, p, p], models=["a", "b", "a", None])
+    w = load_workload(run / "requests.parquet", run / "tokens.parquet")
+    assert w.models == ("", "a", "b")
+    for mode in ("sequential", "concurrent"):
+        assert list(hits(w, None, mode=mode)) == [0, 0, 8, 0]
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(B,), modes=("sequential",), policies=("lru",)))
+    assert any("3 models in this log" in n for n in grid.notes)
+    one = write_run(tmp_path / "one", [p, p], models=["a", "a"])
+    w1 = load_workload(one / "requests.parquet", one / "tokens.parquet")
+    assert w1.cache_salt == [None, None] and list(hits(w1, None)) == [0, 8]
+    grid = simulate_grid(w1, SimulateOptions(block_sizes=(B,), modes=("sequential",), policies=("lru",)))
+    assert not any("models in this log" in n for n in grid.notes)
+
+
+def test_cache_namespaces_keep_the_salt_and_add_the_model_only_when_needed() -> None:
+    assert cache_namespaces(["m", "m"], [None, "s"]) == [None, "s"]
+    assert cache_namespaces([None, None], [None, None]) == [None, None]
+    got = cache_namespaces(["a", "b", "a", None], [None, None, "s", None])
+    assert got == ["model=a", "model=b", "model=a|salt=s", "model="]
+    assert len(set(got)) == 4
 
 
 def test_hash_trace_simulates_at_its_block_size_only(tmp_path: Path) -> None:

@@ -209,6 +209,14 @@ def sweep_rows(data: ReportData) -> tuple[str, list[tuple[str, ...]]]:
     return caption, rows
 
 
+MULTI_MODEL_NOTE = (
+    "Each model's requests are simulated and replayed as their own cache (no block is shared across "
+    "models), drawing on one pool of KV memory. Each model is its own vLLM deployment with its own memory: "
+    "for a per-deployment budget, run pc-advise on each model's lines, for example:"
+)
+MULTI_MODEL_SPLIT = "jq -c 'select(.model == \"NAME\")' logs.jsonl > NAME.jsonl && pc-advise NAME.jsonl"
+
+
 POLICY_HEADER = ("blocks", "KV memory", "vLLM (LRU)", "FIFO", "Belady (knows the future)", "LRU behind Belady")
 
 # Below this gap at every budget, no eviction policy could have done materially better.

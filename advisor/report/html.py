@@ -238,7 +238,8 @@ def _prompts(data: ReportData) -> str:
         out.append("<h3>By model</h3>" + _table(
             ("model", "requests", "prompt tokens", "token ceiling"),
             [(m, fx.num(v.get("requests")), fx.num(v.get("prompt_tokens")), fx.pct(v.get("ceiling_rate")))
-             for m, v in by_model.items()], numeric=(1, 2, 3)))
+             for m, v in by_model.items()], numeric=(1, 2, 3))
+                   + f"<p>{esc(fx.MULTI_MODEL_NOTE)}</p><pre>{esc(fx.MULTI_MODEL_SPLIT)}</pre>")
     tops = st.get("top_prefixes") or []
     out.append("<h3>Top shared prefixes</h3>")
     if not tops:

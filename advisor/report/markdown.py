@@ -151,7 +151,8 @@ def _prompts(data: ReportData) -> list[str]:
         out += ["### By model", "", table(
             ("model", "requests", "prompt tokens", "token ceiling"),
             [(m, fx.num(v.get("requests")), fx.num(v.get("prompt_tokens")), fx.pct(v.get("ceiling_rate")))
-             for m, v in by_model.items()], numeric=(1, 2, 3)), ""]
+             for m, v in by_model.items()], numeric=(1, 2, 3)), "", md_text(fx.MULTI_MODEL_NOTE), "",
+            _shell([fx.MULTI_MODEL_SPLIT]), ""]
     tops = st.get("top_prefixes") or []
     out += ["### Top shared prefixes", ""]
     if not tops:
