@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from advisor.errors import AdvisorError
 from advisor.schema import KIND_HASH_TRACE, MODE_CONCURRENT, MODE_SEQUENTIAL
-from advisor.workload import cache_namespaces
+from advisor.workload import cache_namespaces, reply_lengths
 
 STATUS_CONFIRMED = "confirmed"
 STATUS_MISMATCH = "mismatch"
@@ -167,7 +167,7 @@ def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None
         request_ids=list(req["request_id"]),
         token_ids=token_ids,
         arrival_s=[t - t0 for t in ts],
-        output_tokens=list(req["output_tokens"]),
+        output_tokens=[int(o) or None for o in reply_lengths(requests.slice(0, n), tokens.slice(0, n))],
         cache_salts=cache_namespaces(req["model"], req["cache_salt"]),
         loras=list(req["lora"]),
         synthetic=hash_trace,

@@ -63,6 +63,10 @@ TOKENS = pa.schema(
         # Why vLLM would refuse this request before scheduling it (template failed, empty
         # prompt, non-text part); then token_ids = [] and n_tokens = 0. Null when tokenized.
         pa.field("tokenize_error", pa.string()),
+        # The reply's length where the log has its text but no count (usage.completion_tokens,
+        # output_tokens): the text's tokens + 1 for the stop token the model emitted. Null
+        # otherwise; requests.output_tokens, when logged, is used instead.
+        pa.field("output_tokens_from_text", pa.int64()),
     ]
 )
 

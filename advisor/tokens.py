@@ -15,6 +15,10 @@ OpenAI-compatible server:
 - tokens: prompt_token_ids passed through;
 - hash_trace: no ids (null), n_tokens = input_length.
 
+A reply logged as text but without a token count (`output_text`, no
+`output_tokens`) is encoded too: `output_tokens_from_text` = its tokens + 1 (the
+stop token), which the simulator and the replay use as the output length.
+
 A request that vLLM would refuse before scheduling (its template fails to
 render, an image part for a text-only tokenizer, an empty prompt) is kept:
 its row has token_ids = [] , n_tokens = 0 and the reason in `tokenize_error`.
@@ -92,6 +96,7 @@ class TokenizeResult:
     by_kind: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     first_errors: list[list[Any]] = field(default_factory=list)  # [request_id, line, reason]
+    outputs_from_text: int = 0  # replies whose length was counted from their logged text
 
     def as_counts(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +207,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> l
 
 _COLUMNS = ["request_id", "line", "kind", "messages", "tools", "prompt", "prompt_token_ids",
             "input_length"]
+_REPLY_COLUMNS = ["output_tokens", "output_text"]  # read when present
 
 
 @dataclass
@@ -217,12 +223,21 @@ class _Pending:
     chat_texts: list[str] = field(default_factory=list)
     comp_rows: list[int] = field(default_factory=list)
     comp_texts: list[str] = field(default_factory=list)
+    out_rows: list[int] = field(default_factory=list)  # replies logged as text without a count
+    out_texts: list[str] = field(default_factory=list)
+    out_counts: list[int | None] = field(default_factory=list)
 
 
 def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pending:
-    cols = {c: batch.column(c).to_pylist() for c in _COLUMNS}
+    cols = {c: batch.column(c).to_pylist() for c in _COLUMNS + _REPLY_COLUMNS if c in batch.schema.names}
     n = len(cols["request_id"])
     p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
+    p.out_counts = [None] * n
+    for i, (count, text) in enumerate(zip(cols.get("output_tokens", [None] * n), cols.get("output_text", [None] * n),
+                                          strict=True)):
+        if count is None and isinstance(text, str) and tokenizer is not None:
+            p.out_rows.append(i)
+            p.out_texts.append(text)
     for i, kind in enumerate(cols["kind"]):
         assert tokenizer is not None or kind not in (schema.KIND_CHAT, schema.KIND_COMPLETION)
         try:
@@ -258,6 +273,10 @@ def _encode_pending(p: _Pending, tokenizer: Any) -> _Pending:
                                  (p.comp_rows, p.comp_texts, True)):
         for i, row_ids in zip(rows, _encode(tokenizer, texts, special)):
             p.ids[i] = row_ids
+    # A reply's tokens as the model produced them (no special tokens added), plus the stop
+    # token it ended with, which vLLM's usage.completion_tokens counts too.
+    for i, row_ids in zip(p.out_rows, _encode(tokenizer, p.out_texts, False)):
+        p.out_counts[i] = len(row_ids) + 1
     return p
 
 
@@ -271,6 +290,7 @@ def _finish(p: _Pending) -> tuple[pa.Table, list[list[Any]]]:
             "token_ids": pa.array(p.ids, pa.list_(pa.int32())),
             "n_tokens": pa.array(p.lengths, pa.int64()),
             "tokenize_error": pa.array(p.errors, pa.string()),
+            "output_tokens_from_text": pa.array(p.out_counts, pa.int64()),
         },
         schema=schema.TOKENS,
     )
@@ -307,13 +327,14 @@ def tokenize_file(
                   if spec is not None else schema.TOKENS)
     src = pq.ParquetFile(requests_path)
     batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
-    rows = tokens = n_errors = 0
+    rows = tokens = n_errors = from_text = 0
     by_kind: dict[str, int] = {}
     first_errors: list[list[Any]] = []
 
     def write(writer: pq.ParquetWriter, encoded: _Pending) -> None:
-        nonlocal rows, tokens, n_errors
+        nonlocal rows, tokens, n_errors, from_text
         table, failed = _finish(encoded)
+        from_text += table.num_rows - table.column("output_tokens_from_text").null_count
         writer.write_table(table.replace_schema_metadata(out_schema.metadata))
         rows += table.num_rows
         tokens += pc.sum(table.column("n_tokens")).as_py() or 0
@@ -325,7 +346,8 @@ def tokenize_file(
     with atomic_path(tokens_path) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
             in_flight: Future[_Pending] | None = None
-            for batch in src.iter_batches(batch_size=batch_rows, columns=_COLUMNS):
+            columns = _COLUMNS + [c for c in _REPLY_COLUMNS if c in src.schema_arrow.names]
+            for batch in src.iter_batches(batch_size=batch_rows, columns=columns):
                 for k in batch.column("kind").to_pylist():
                     by_kind[k] = by_kind.get(k, 0) + 1
                 pending = _prepare(batch, tokenizer, spec)
@@ -334,4 +356,4 @@ def tokenize_file(
                 in_flight = pool.submit(_encode_pending, pending, tokenizer)
             if in_flight is not None:
                 write(writer, in_flight.result())
-    return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors)
+    return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors, from_text)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from advisor import schema
@@ -138,6 +139,17 @@ def cache_namespaces(models: Sequence[str | None], cache_salts: Sequence[str | N
     return [f"model={m or ''}" + ("" if s is None else f"|salt={s}") for m, s in zip(models, cache_salts, strict=True)]
 
 
+def reply_lengths(requests: pa.Table, tokens: pa.Table) -> np.ndarray:
+    """Each reply's length in tokens: the logged count, else the count of its logged text
+    (tokens.parquet's `output_tokens_from_text`), else 0 (unknown: prefill only)."""
+    n = requests.num_rows
+    logged = (requests["output_tokens"].combine_chunks().cast(pa.int64()) if "output_tokens" in requests.column_names
+              else pa.nulls(n, pa.int64()))
+    if "output_tokens_from_text" in tokens.column_names:
+        logged = pc.coalesce(logged, tokens["output_tokens_from_text"].combine_chunks())
+    return np.maximum(logged.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), 0)
+
+
 def _floats(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
@@ -150,7 +162,9 @@ def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
             "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s"]
     have = set(pq.read_schema(requests_path).names)
     req = pq.read_table(requests_path, columns=[c for c in cols if c in have])
-    tok = pq.read_table(tokens_path, columns=["request_id", "token_ids", "n_tokens"])
+    tok_have = set(pq.read_schema(tokens_path).names)
+    tok = pq.read_table(tokens_path, columns=[c for c in ("request_id", "token_ids", "n_tokens",
+                                                          "output_tokens_from_text") if c in tok_have])
     if req.num_rows != tok.num_rows or not req["request_id"].equals(tok["request_id"]):
         raise AdvisorError(
             f"{tokens_path} does not line up with {requests_path} (different rows): rerun "
@@ -164,13 +178,13 @@ def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
             "this log mixes block-hash trace lines with text/token requests, which cannot share one "
             "cache simulation: split the log and ingest each part into its own run folder."
         )
-    out = req["output_tokens"].fill_null(0).to_numpy().astype(np.int64) if "output_tokens" in have else np.zeros(n, np.int64)
+    out = reply_lengths(req, tok)
     models = req["model"].to_pylist() if "model" in have else [None] * n
     salts = req["cache_salt"].to_pylist() if "cache_salt" in have else [None] * n
     common = dict(
         request_ids=req["request_id"].combine_chunks(),
         n_tokens=tok["n_tokens"].to_numpy().astype(np.int64),
-        output_tokens=np.maximum(out, 0),
+        output_tokens=out,
         timestamps=_floats(req, "timestamp"),
         latency_s=_floats(req, "latency_s"),
         ttft_s=_floats(req, "ttft_s"),

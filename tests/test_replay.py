@@ -228,6 +228,21 @@ def test_two_models_in_one_log_replay_as_separate_caches(model_cache: Path) -> N
     assert cfg.per_request_measured == cfg.per_request_predicted
 
 
+def test_replay_uses_reply_lengths_counted_from_text() -> None:
+    """A reply logged as text only (tokens.parquet's output_tokens_from_text) sets the
+    concurrent replay's max_tokens like a logged count; unknown stays unknown."""
+    requests = _conform(pa.table({
+        "request_id": ["a", "b", "c"], "line": [1, 2, 3], "timestamp": [0.0, 1.0, 2.0],
+        "kind": [schema.KIND_TOKENS] * 3, "format": [schema.FORMAT_COMPLETION] * 3,
+        "prompt_token_ids": [[1, 2]] * 3, "output_tokens": [None, 9, None],
+    }), schema.REQUESTS)
+    tokens = _conform(pa.table({"request_id": ["a", "b", "c"], "token_ids": [[1, 2]] * 3, "n_tokens": [2] * 3,
+                                "output_tokens_from_text": [7, 5, None]}), schema.TOKENS)
+    w = rp.load_workload(requests, tokens)
+    assert w.output_tokens == [7, 9, None]
+    assert rp.output_lengths(w, "concurrent", 256) == [7, 9, 1]
+
+
 def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
     cols = [table[f.name].cast(f.type) if f.name in table.column_names
             else pa.nulls(table.num_rows, f.type) for f in target]

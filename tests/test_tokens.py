@@ -451,6 +451,37 @@ def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
         r["n_tokens"] for r in table)
 
 
+def test_reply_length_comes_from_its_text_when_the_log_has_no_count(tmp_path, cli_env, qwen):
+    """DESIGN §3: the response's usage.completion_tokens, or its text, gives the output length.
+    The text's tokens + 1 (the stop token vLLM counts too); a logged count always wins; no reply,
+    no length (0: prefill only)."""
+    from advisor.cli import main
+    from advisor.workload import load_workload
+
+    reply = "Paris is the capital of France."
+    ask = {"model": "m", "messages": [{"role": "user", "content": "capital of France?"}]}
+    lines = [
+        {"request": ask, "response": {"choices": [{"message": {"role": "assistant", "content": reply}}]}},
+        {"request": ask, "response": {"choices": [{"message": {"content": reply}}],
+                                      "usage": {"prompt_tokens": 12, "completion_tokens": 40}}},
+        {"request": ask, "response": reply},
+        {"request": ask},
+    ]
+    log = tmp_path / "replies.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_dir = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(main, ["ingest", str(log), "-o", str(run_dir)], env=cli_env).exit_code == 0
+    result = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=cli_env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stages"]["tokenize"]["outputs_from_text"] == 2
+    expected = len(qwen(reply, add_special_tokens=False)["input_ids"]) + 1
+    counted = pq.read_table(run_dir / "tokens.parquet")["output_tokens_from_text"].to_pylist()
+    assert counted == [expected, None, expected, None]
+    w = load_workload(run_dir / "requests.parquet", run_dir / "tokens.parquet")
+    assert w.output_tokens.tolist() == [expected, 40, expected, 0]
+
+
 def test_editing_a_user_tokenizer_folder_changes_the_stage_fingerprint(tmp_path, tiny_folder):
     folder = tmp_path / "tok"
     shutil.copytree(tiny_folder, folder)

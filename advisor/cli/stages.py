@@ -103,6 +103,8 @@ def do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) ->
     c = out.counts
     con.stage(out, f"{c['rows']} requests, {c['tokens']:,} prompt tokens "
                    f"({c['tokenizer'] or 'no text: no tokenizer needed'})")
+    if c.get("outputs_from_text"):
+        con.say(f"  {c['outputs_from_text']} reply lengths counted from logged reply text (no usage count logged)")
     if c.get("errors"):
         con.say(
             f"  {c['errors']} requests vLLM would refuse (kept with 0 tokens, reason in "
