@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from advisor import cache as refcache
 from advisor import events, fastsim
 from advisor.fastevents import run_concurrent_compiled
-from advisor.simulate import TraceHashes
+from advisor.simconfig import TraceHashes
 
 B = 4
 CASES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
