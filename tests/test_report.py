@@ -272,7 +272,7 @@ def test_replay_not_run_says_how_to_confirm(tmp_path: Path) -> None:
 # --- golden Markdown ----------------------------------------------------------------------
 def test_markdown_matches_golden(run_dir: Path) -> None:
     doc = md_report.render(load(run_dir), include_timings=False)
-    doc = doc.replace(md_report.md_text(str(run_dir)), "RUN\\_DIR").replace(str(run_dir), "RUN_DIR")
+    doc = doc.replace(str(run_dir), "RUN_DIR").replace(md_report.md_text(str(run_dir)), "RUN\\_DIR")
     if os.environ.get("PC_ADVISE_REGEN_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(doc, encoding="utf-8")
@@ -295,6 +295,21 @@ def test_md_text_is_one_inert_line_that_reads_back(s: str) -> None:
     assert not set("<>|\n\r") & set(out)
     unescaped = stdhtml.unescape(re.sub(r"\\([\\`*_\[\]~#])", r"\1", out))
     assert unescaped == " ".join(s.split())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_md_code_span_keeps_its_content_and_cannot_be_closed_early(s: str) -> None:
+    """CommonMark: a span opened by N backticks closes only at a run of exactly N; one
+    leading and trailing space is stripped when both are there."""
+    span = md_report.md_code(s)
+    n = len(span) - len(span.lstrip("`"))
+    inner = span[n:-n]
+    assert span.endswith("`" * n) and "`" * n not in re.sub(r"`{%d,}" % (n + 1), "", inner)
+    if inner.startswith(" ") and inner.endswith(" ") and inner.strip():
+        inner = inner[1:-1]
+    assert inner.strip() == " ".join(s.split()).strip() or not s.strip()
+    assert "\n" not in span
 
 
 @given(st.text(alphabet=st.sampled_from("`a \n~|<")))

@@ -30,6 +30,16 @@ def md_text(x: Any) -> str:
     return " ".join(s.split())  # newlines and tabs would end a table row or start a block
 
 
+def md_code(x: Any) -> str:
+    """An inline code span (for names and paths in prose, not table cells): its content shows
+    as written, and no backtick run in it can close the span early."""
+    s = " ".join(("" if x is None else str(x)).split())
+    longest = max((len(m) for m in re.findall(r"`+", s)), default=0)
+    tick = "`" * (longest + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") or not s.strip() else ""
+    return f"{tick}{pad}{s}{pad}{tick}"
+
+
 def fenced(text: Any) -> str:
     """A fenced code block that no content can close early."""
     s = "" if text is None else str(text)
@@ -110,7 +120,8 @@ def _recommendation(data: ReportData) -> list[str]:
         out += [f"### Candidates, ranked by prefill saved per GiB (first {len(cands)} of {ncand})", "",
                 table(fx.CANDIDATE_HEADER, cands, numeric=range(1, 7)), ""]
     if rec.get("cost_model"):
-        out += ["Cost model: " + md_text(fx.cost_model_text(rec)), ""]
+        out += ["Cost model: " + ", ".join(md_code(f"{k} = {'none' if v is None else v}")
+                                           for k, v in (rec.get("cost_model") or {}).items()), ""]
     return out
 
 
@@ -268,7 +279,7 @@ def render(data: ReportData, include_timings: bool = True) -> str:
         data = replace(data, stage_times=())
     name = data.run_dir.rstrip("/").split("/")[-1] or data.run_dir
     lines = [f"# Prefix-cache report: {md_text(name)}", "",
-             f"Run folder {md_text(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
+             f"Run folder {md_code(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
              + ".", ""]
     for section in (_summary, _recommendation, _sweep, _prompts, _timeline, _clusters, _replay, _inputs):
         lines += section(data)
