@@ -312,6 +312,16 @@ def test_md_code_span_keeps_its_content_and_cannot_be_closed_early(s: str) -> No
     assert "\n" not in span
 
 
+def test_our_backticked_names_render_as_code_and_the_rest_stays_inert() -> None:
+    line = "`<MODEL>` in the command is a placeholder: replace *it* with your_model."
+    assert md_report.md_prose(line) == (
+        "`<MODEL>` in the command is a placeholder: replace \\*it\\* with your\\_model.")
+    assert html_report._prose(line).startswith("<code>&lt;MODEL&gt;</code> in the command")
+    odd = "an unpaired ` backtick <b>"
+    assert md_report.md_prose(odd) == md_report.md_text(odd)
+    assert html_report._prose(odd) == html_report.esc(odd)
+
+
 @given(st.text(alphabet=st.sampled_from("`a \n~|<")))
 @settings(max_examples=200)
 def test_fenced_block_cannot_be_closed_by_its_content(s: str) -> None:

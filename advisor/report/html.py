@@ -83,6 +83,14 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Iterab
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
+def _prose(text: Any) -> str:
+    """Our own sentences: `backticked` names as <code>, everything escaped."""
+    parts = ("" if text is None else str(text)).split("`")
+    if len(parts) % 2 == 0:
+        return esc(text)
+    return "".join(f"<code>{esc(p)}</code>" if k % 2 else esc(p) for k, p in enumerate(parts))
+
+
 def _prompt(text: Any) -> str:
     if text is None:
         return '<span class="muted">—</span>'
@@ -159,7 +167,7 @@ def _recommendation(data: ReportData) -> str:
         out.append(_missing(data, "recommendation.json"))
         return "".join(out) + "</section>"
     if rec.get("reasoning"):
-        out.append("<h3>Why</h3><ul>" + "".join(f"<li>{esc(r)}</li>" for r in rec["reasoning"]) + "</ul>")
+        out.append("<h3>Why</h3><ul>" + "".join(f"<li>{_prose(r)}</li>" for r in rec["reasoning"]) + "</ul>")
     runner = rec.get("runner_up")
     out.append("<h3>Recommended" + (" vs runner-up" if runner else "") + "</h3>")
     header = ("", "recommended", "runner-up") if runner else ("", "recommended")
@@ -173,7 +181,7 @@ def _recommendation(data: ReportData) -> str:
                    f'{esc(fx.gib(o.get("gib")))} of offload is predicted to reach {esc(fx.pct(o.get("hit_rate")))}.</div>')
     if rec.get("constraints"):
         out.append("<h3>Constraints respected</h3><ul>"
-                   + "".join(f"<li>{esc(c)}</li>" for c in rec["constraints"]) + "</ul>")
+                   + "".join(f"<li>{_prose(c)}</li>" for c in rec["constraints"]) + "</ul>")
     fixes = rec.get("prompt_fixes") or []
     if fixes:
         out.append("<h3>Prompt changes that raise the ceiling</h3>")

@@ -40,6 +40,23 @@ def md_code(x: Any) -> str:
     return f"{tick}{pad}{s}{pad}{tick}"
 
 
+def md_prose(x: Any) -> str:
+    """Our own sentences (recommend's reasons, constraints): `backticked` names become code
+    spans, the rest is made inert like md_text. An unpaired backtick stays plain text."""
+    parts = ("" if x is None else str(x)).split("`")
+    if len(parts) % 2 == 0:  # unpaired: no code spans
+        return md_text(x)
+    return "".join(md_code(p) if k % 2 else _spaced(p) for k, p in enumerate(parts))
+
+
+def _spaced(p: str) -> str:
+    """md_text, keeping one space where the text began or ended with whitespace."""
+    core = md_text(p)
+    if not core:
+        return " " if p else ""
+    return (" " if p[:1].isspace() else "") + core + (" " if p[-1:].isspace() else "")
+
+
 def fenced(text: Any) -> str:
     """A fenced code block that no content can close early."""
     s = "" if text is None else str(text)
@@ -95,7 +112,7 @@ def _recommendation(data: ReportData) -> list[str]:
     if rec is None:
         return out + [_missing(data, "recommendation.json"), ""]
     if rec.get("reasoning"):
-        out += ["### Why", "", *[f"- {md_text(r)}" for r in rec["reasoning"]], ""]
+        out += ["### Why", "", *[f"- {md_prose(r)}" for r in rec["reasoning"]], ""]
     runner = rec.get("runner_up")
     out += ["### Recommended" + (" vs runner-up" if runner else ""), ""]
     header = (" ", "recommended", "runner-up") if runner else (" ", "recommended")
@@ -107,7 +124,7 @@ def _recommendation(data: ReportData) -> list[str]:
         out += [f"KV offloading: the curve still climbs past GPU memory; {md_text(fx.gib(o.get('gib')))} of "
                 f"offload is predicted to reach {md_text(fx.pct(o.get('hit_rate')))}.", ""]
     if rec.get("constraints"):
-        out += ["### Constraints respected", "", *[f"- {md_text(c)}" for c in rec["constraints"]], ""]
+        out += ["### Constraints respected", "", *[f"- {md_prose(c)}" for c in rec["constraints"]], ""]
     fixes = rec.get("prompt_fixes") or []
     if fixes:
         out += ["### Prompt changes that raise the ceiling", "",
