@@ -44,8 +44,8 @@ from advisor.replay_plan import (  # noqa: F401  (re-exported: the stage's API i
     CONCURRENT_TOLERANCE_POINTS, CPU_BLOCK_MULTIPLE, ENGINE_INPROCESS, ENGINE_SERVER,
     STATUS_CONFIRMED, STATUS_MISMATCH, STATUS_NOT_CONFIRMABLE, STATUS_NOT_RUN, ConfigResult,
     ReplayConfig, ReplayOptions, ReplayResult, Workload, check_failures, configs_to_confirm,
-    confirmability, engine_batched_tokens, load_workload, max_model_len, merge_results, modes_for, not_run,
-    output_lengths, predicted_hits, synthesize_trace_tokens,
+    confirmability, engine_batched_tokens, from_workload, load_workload, max_model_len, merge_results, modes_for,
+    not_run, output_lengths, predicted_hits, synthesize_trace_tokens,
 )
 from advisor.schema import MODE_CONCURRENT, MODE_SEQUENTIAL
 

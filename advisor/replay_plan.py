@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from advisor import workload
 from advisor.errors import AdvisorError
-from advisor.schema import KIND_HASH_TRACE, MODE_CONCURRENT, MODE_SEQUENTIAL
-from advisor.workload import cache_namespaces, reply_lengths
+from advisor.schema import MODE_CONCURRENT, MODE_SEQUENTIAL
 
 STATUS_CONFIRMED = "confirmed"
 STATUS_MISMATCH = "mismatch"
@@ -139,41 +139,35 @@ def synthesize_trace_tokens(
 
 
 def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None) -> Workload:
-    """Join requests and tokens (same rows, same order) into what the engine replays."""
-    if requests.num_rows != tokens.num_rows:
-        raise AdvisorError(
-            "requests.parquet and tokens.parquet have different row counts: rerun "
-            "`pc-advise tokenize RUN_DIR --force`."
-        )
-    n = requests.num_rows if not limit else min(limit, requests.num_rows)
-    req = requests.slice(0, n).to_pydict()
-    tok = tokens.slice(0, n).to_pydict()
-    kinds = req["kind"]
-    ts = [t if t is not None else float(i) for i, t in enumerate(req["timestamp"])]
-    t0 = min(ts) if ts else 0.0
-    hash_trace = n > 0 and all(k == KIND_HASH_TRACE for k in kinds)
-    if any(k == KIND_HASH_TRACE for k in kinds) and not hash_trace:
-        raise AdvisorError(
-            "the log mixes hash-trace lines with text/token requests; replay them separately "
-            "(split the log, or ingest with --format)."
-        )
-    tbs = None
-    if hash_trace:
-        tbs = int(req["trace_block_size"][0])
-        token_ids = synthesize_trace_tokens(req["hash_ids"], req["input_length"], tbs)
+    """`from_workload` over requests and tokens tables (in memory)."""
+    return from_workload(workload.from_tables(requests, tokens), limit)
+
+
+def from_workload(sw: workload.Workload, limit: int | None = None) -> Workload:
+    """What the engine replays: the simulator's view of the run folder (advisor.workload,
+    the one reader of requests + tokens), as token lists, first `limit` requests."""
+    total = sw.num_requests
+    n = total if not limit else min(limit, total)
+    arrivals = sw.timestamps[:n]
+    arrivals = np.where(np.isfinite(arrivals), arrivals, np.arange(n, dtype=np.float64))
+    t0 = float(arrivals.min()) if n else 0.0
+    if sw.is_hash_trace:
+        assert sw.hash_ids is not None and sw.trace_block_size is not None
+        token_ids = synthesize_trace_tokens([h.tolist() for h in sw.hash_ids[:n]], sw.n_tokens[:n].tolist(),
+                                            sw.trace_block_size)
     else:
-        token_ids = [list(t) if t is not None else [] for t in tok["token_ids"]]
+        token_ids = [sw.tokens(i).tolist() for i in range(n)]
     return Workload(
-        request_ids=list(req["request_id"]),
+        request_ids=sw.request_ids.slice(0, n).to_pylist(),
         token_ids=token_ids,
-        arrival_s=[t - t0 for t in ts],
-        output_tokens=[int(o) or None for o in reply_lengths(requests.slice(0, n), tokens.slice(0, n))],
-        cache_salts=cache_namespaces(req["model"], req["cache_salt"]),
-        loras=list(req["lora"]),
-        synthetic=hash_trace,
-        hash_ids=[list(h) for h in req["hash_ids"]] if hash_trace else None,
-        trace_block_size=tbs,
-        total_requests=requests.num_rows,
+        arrival_s=[float(t) - t0 for t in arrivals],
+        output_tokens=[int(o) or None for o in sw.output_tokens[:n]],
+        cache_salts=list(sw.cache_salt[:n]),
+        loras=list(sw.lora[:n]),
+        synthetic=sw.is_hash_trace,
+        hash_ids=[h.tolist() for h in sw.hash_ids[:n]] if sw.hash_ids is not None else None,
+        trace_block_size=sw.trace_block_size,
+        total_requests=total,
     )
 
 

@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from advisor import schema
+from advisor import schema, workload
 from advisor.prefixhash import chained_hashes, common_prefix_len
 
 Decode = Callable[[Sequence[int]], str]
@@ -92,76 +91,34 @@ def workload_from_lists(
     )
 
 
-def _flatten(col: pa.ChunkedArray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Flat values and offsets of a list column (nulls count as empty lists)."""
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    values = pa.concat_arrays([arr.flatten()]).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return values, offsets
-
-
-def _read_token_ids(tokens_path: Path, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """token_ids as one flat int32 array + offsets, read one row group at a time (the file is
-    never held whole next to the array)."""
-    bound = int(n_tokens.sum())  # a token row has n_tokens ids; a null row has none
-    values = np.empty(bound, dtype=np.int32)
-    offsets = np.zeros(len(n_tokens) + 1, dtype=np.int64)
-    row = pos = 0
-    for batch in pq.ParquetFile(tokens_path).iter_batches(columns=["token_ids"], batch_size=4096):
-        arr = batch.column(0)
-        lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        flat = arr.flatten().to_numpy(zero_copy_only=False)
-        if pos + len(flat) > len(values):  # n_tokens disagrees with token_ids: grow
-            values = np.concatenate([values[:pos], np.empty(len(flat) + pos, dtype=np.int32)])
-        values[pos : pos + len(flat)] = flat
-        np.cumsum(lens, out=offsets[row + 1 : row + 1 + len(lens)])
-        offsets[row + 1 : row + 1 + len(lens)] += pos
-        pos += len(flat)
-        row += len(lens)
-    return values[:pos], offsets
-
-
 def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
-    """Read the columns the analysis needs (never the raw request text)."""
-    req_cols = set(pq.read_schema(requests_path).names)
-    wanted = [c for c in ("request_id", "model", "session_id", "lora", "cache_salt", "hash_ids",
-                          "trace_block_size") if c in req_cols]
-    req = pq.read_table(requests_path, columns=wanted)
-    tok = pq.read_table(tokens_path, columns=["request_id", "n_tokens"])
-    if tok.num_rows != req.num_rows:
-        from advisor.errors import AdvisorError
+    """The analysis view of the run folder, read by advisor.workload (the one reader of
+    requests + tokens; never the raw request text)."""
+    return from_workload(workload.load_workload(requests_path, tokens_path))
 
-        raise AdvisorError(
-            f"{tokens_path} has {tok.num_rows} rows but {requests_path} has {req.num_rows}: "
-            "rerun `pc-advise tokenize RUN_DIR --force`."
-        )
-    n = req.num_rows
 
-    def col(name: str) -> list[Any]:
-        return req.column(name).to_pylist() if name in req.column_names else [None] * n
-
-    models, loras, salts = col("model"), col("lora"), col("cache_salt")
-    n_tokens = tok.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
-    # a hash trace: every row has hash ids (no row has token ids then: tokenize leaves them null)
-    hash_trace = n > 0 and "hash_ids" in req.column_names and req.column("hash_ids").null_count == 0
-    unit = 1
-    if hash_trace:
-        values, offsets = _flatten(req.column("hash_ids"), np.int64)
-        sizes = [s for s in col("trace_block_size") if s]
-        unit = int(sizes[0]) if sizes else 512
+def from_workload(w: workload.Workload) -> Workload:
+    """Units are token ids, or a hash trace's hash ids (`unit_tokens` tokens each)."""
+    n = w.num_requests
+    if w.is_hash_trace:
+        assert w.hash_ids is not None
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(h) for h in w.hash_ids], out=offsets[1:])
+        values = np.concatenate(w.hash_ids) if n else np.zeros(0, np.int64)
     else:
-        values, offsets = _read_token_ids(tokens_path, n_tokens)
+        assert w.token_values is not None and w.token_offsets is not None
+        values, offsets = w.token_values, w.token_offsets
+    models = list(w.request_models) or [None] * n
     return Workload(
-        request_ids=req.column("request_id").to_pylist(),
-        n_tokens=n_tokens,
-        values=values, offsets=offsets, models=models, sessions=col("session_id"),
+        request_ids=w.request_ids.to_pylist(),
+        n_tokens=w.n_tokens,
+        values=values, offsets=offsets, models=models, sessions=list(w.sessions) or [None] * n,
+        # requests in different namespaces never share a block (the simulator's salts)
         namespaces=[
             None if (m, lo, s) == (None, None, None) else f"{m}|{lo}|{s}"
-            for m, lo, s in zip(models, loras, salts, strict=True)
+            for m, lo, s in zip(models, w.lora, w.cache_salt, strict=True)
         ],
-        hash_trace=hash_trace, unit_tokens=unit,
+        hash_trace=w.is_hash_trace, unit_tokens=w.trace_block_size or 1,
     )
 
 

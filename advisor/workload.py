@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,8 @@ class Workload:
     hash_ids: list[np.ndarray] | None  # hash traces: one id per trace block
     trace_block_size: int | None
     models: tuple[str, ...] = ()  # distinct model names in the log (None shown as "")
+    request_models: list[str | None] = field(default_factory=list)  # per request, when read from a run
+    sessions: list[str | None] = field(default_factory=list)  # session ids, per request, when read
 
     @property
     def num_requests(self) -> int:
@@ -156,43 +159,82 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
     return table[name].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
+_REQUEST_COLUMNS = ("request_id", "timestamp", "kind", "model", "session_id", "output_tokens", "hash_ids",
+                    "input_length", "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s")
+_TOKEN_COLUMNS = ("request_id", "n_tokens", "output_tokens_from_text")
+
+
 def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
-    """Read the two run-folder inputs into a `Workload` (rows must line up)."""
-    cols = ["request_id", "timestamp", "kind", "model", "output_tokens", "hash_ids", "input_length",
-            "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s"]
+    """Read the two run-folder inputs into a `Workload` (rows must line up). Only the columns
+    the stages use are read, never the request text; token ids one row group at a time."""
     have = set(pq.read_schema(requests_path).names)
-    req = pq.read_table(requests_path, columns=[c for c in cols if c in have])
     tok_have = set(pq.read_schema(tokens_path).names)
-    tok = pq.read_table(tokens_path, columns=[c for c in ("request_id", "token_ids", "n_tokens",
-                                                          "output_tokens_from_text") if c in tok_have])
+    req = pq.read_table(requests_path, columns=[c for c in _REQUEST_COLUMNS if c in have])
+    tok = pq.read_table(tokens_path, columns=[c for c in _TOKEN_COLUMNS if c in tok_have])
+    _check_rows(req, tok)
+    is_trace = _is_hash_trace(req)
+    ids = None if is_trace else _read_token_ids(tokens_path, tok["n_tokens"].to_numpy().astype(np.int64))
+    return _build(req, tok, ids)
+
+
+def from_tables(req: pa.Table, tok: pa.Table) -> Workload:
+    """A `Workload` from requests and tokens tables held in memory (missing optional
+    columns count as unknown)."""
+    _check_rows(req, tok)
+    if _is_hash_trace(req):
+        return _build(req, tok, None)
+    col = tok["token_ids"].combine_chunks()
+    start = int(col.offsets[0].as_py())
+    offs = col.offsets.to_numpy().astype(np.int64) - start
+    if col.null_count:  # a null list (refused at tokenization) spans nothing: 0 tokens
+        lengths = np.where(col.is_null().to_numpy(zero_copy_only=False), 0, np.diff(offs))
+        offs = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offs[1:])
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return _build(req, tok, (values, offs))
+
+
+def _check_rows(req: pa.Table, tok: pa.Table) -> None:
     if req.num_rows != tok.num_rows or not req["request_id"].equals(tok["request_id"]):
         raise AdvisorError(
-            f"{tokens_path} does not line up with {requests_path} (different rows): rerun "
-            "`pc-advise tokenize` for this run folder."
+            "tokens.parquet does not line up with requests.parquet (different rows): rerun "
+            "`pc-advise tokenize RUN_DIR --force`."
         )
-    n = req.num_rows
-    kinds = set(req["kind"].unique().to_pylist()) if n else set()
-    is_trace = schema.KIND_HASH_TRACE in kinds
-    if is_trace and len(kinds) > 1:
+
+
+def _is_hash_trace(req: pa.Table) -> bool:
+    kinds = set(req["kind"].unique().to_pylist()) if req.num_rows else set()
+    if schema.KIND_HASH_TRACE in kinds and len(kinds) > 1:
         raise AdvisorError(
             "this log mixes block-hash trace lines with text/token requests, which cannot share one "
             "cache simulation: split the log and ingest each part into its own run folder."
         )
-    out = reply_lengths(req, tok)
-    models = req["model"].to_pylist() if "model" in have else [None] * n
-    salts = req["cache_salt"].to_pylist() if "cache_salt" in have else [None] * n
-    common = dict(
+    return schema.KIND_HASH_TRACE in kinds
+
+
+def _build(req: pa.Table, tok: pa.Table, token_ids: tuple[np.ndarray, np.ndarray] | None) -> Workload:
+    """The Workload of aligned tables; `token_ids` (flat values, offsets) unless a hash trace."""
+    have = set(req.column_names)
+    n = req.num_rows
+
+    def col(name: str) -> list[Any]:
+        return req[name].to_pylist() if name in have else [None] * n
+
+    models, salts = col("model"), col("cache_salt")
+    common: dict[str, Any] = dict(
         request_ids=req["request_id"].combine_chunks(),
         n_tokens=tok["n_tokens"].to_numpy().astype(np.int64),
-        output_tokens=out,
+        output_tokens=reply_lengths(req, tok),
         timestamps=_floats(req, "timestamp"),
         latency_s=_floats(req, "latency_s"),
         ttft_s=_floats(req, "ttft_s"),
-        lora=req["lora"].to_pylist() if "lora" in have else [None] * n,
+        lora=col("lora"),
         cache_salt=cache_namespaces(models, salts),
         models=tuple(sorted({m or "" for m in models})),
+        request_models=models,
+        sessions=col("session_id"),
     )
-    if is_trace:
+    if token_ids is None:
         sizes = set(req["trace_block_size"].unique().to_pylist())
         if len(sizes) != 1 or None in sizes:
             raise AdvisorError(
@@ -200,20 +242,38 @@ def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
                 "one --trace-block-size."
             )
         ids = req["hash_ids"].combine_chunks()
-        values = ids.values.to_numpy().astype(np.int64)
-        offs = ids.offsets.to_numpy()
+        values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        lens = ids.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        offs = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=offs[1:])
         hash_ids = [values[offs[i] : offs[i + 1]] for i in range(n)]
         return Workload(**common, token_values=None, token_offsets=None, hash_ids=hash_ids,
                         trace_block_size=int(sizes.pop()))
-    ids = tok["token_ids"].combine_chunks()
-    start = int(ids.offsets[0].as_py())
-    offs = ids.offsets.to_numpy().astype(np.int64) - start
-    lengths = np.diff(offs)  # a null list (refused at tokenization) spans nothing: 0 tokens
-    if ids.null_count:
-        lengths = np.where(ids.is_null().to_numpy(zero_copy_only=False), 0, lengths)
-    common["n_tokens"] = lengths.astype(np.int64)
-    values = ids.values.to_numpy().astype(np.int32, copy=False)[start:]
+    values, offs = token_ids
+    common["n_tokens"] = np.diff(offs).astype(np.int64)  # 0 where refused at tokenization
     return Workload(**common, token_values=values, token_offsets=offs, hash_ids=None, trace_block_size=None)
+
+
+def _read_token_ids(tokens_path: Path, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """token_ids as one flat int32 array + offsets, read one row group at a time (the file is
+    never held whole next to the array)."""
+    bound = int(n_tokens.sum())  # a token row has n_tokens ids; a null row has none
+    values = np.empty(bound, dtype=np.int32)
+    offsets = np.zeros(len(n_tokens) + 1, dtype=np.int64)
+    row = pos = 0
+    for batch in pq.ParquetFile(tokens_path).iter_batches(columns=["token_ids"], batch_size=4096):
+        arr = batch.column(0)
+        lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = arr.flatten().to_numpy(zero_copy_only=False)
+        if pos + len(flat) > len(values):  # n_tokens disagrees with token_ids: grow
+            values = np.concatenate([values[:pos], np.empty(len(flat) + pos, dtype=np.int32)])
+        values[pos : pos + len(flat)] = flat
+        np.cumsum(lens, out=offsets[row + 1 : row + 1 + len(lens)])
+        offsets[row + 1 : row + 1 + len(lens)] += pos
+        pos += len(flat)
+        row += len(lens)
+    return values[:pos], offsets
+
 
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")

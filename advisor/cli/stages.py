@@ -276,6 +276,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
     import pyarrow.parquet as pq
 
     from advisor import replay as rp
+    from advisor.workload import load_workload
 
     switch = opts.get("replay")  # None = auto (replay when vLLM is importable)
     url = opts.get("replay_url")
@@ -342,8 +343,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
                           if not explicit and recommendation_path.exists() else None)
         configs = rp.configs_to_confirm(recommendation, opts.get("replay_block_size"),
                                         opts.get("replay_num_blocks"), extra)
-        w = rp.load_workload(pq.read_table(r.require(rf.REQUESTS)), pq.read_table(r.require(rf.TOKENS)),
-                             options.limit)
+        w = rp.from_workload(load_workload(r.require(rf.REQUESTS), r.require(rf.TOKENS)), options.limit)
         sim_req = pq.read_table(r.path(rf.SIM_REQUESTS)) if r.path(rf.SIM_REQUESTS).exists() else None
         results = []
         for mode in rp.modes_for(options.mode):
