@@ -20,6 +20,10 @@ this module reproduces for text-only models:
   turns, and all system turns merge into one at the front.
 - tools: dumped with vLLM's field set (name, description, parameters; strict and
   defer_loading when set); an empty tools array is refused.
+- chat_template_kwargs (e.g. Qwen3's `enable_thinking`): passed to the template when
+  it reads the name or apply_chat_template takes it, else dropped; `chat_template` and
+  `tokenize` make vLLM refuse the request. The request-level add_generation_prompt
+  (True) wins over one given there, as vLLM 0.32 merges them.
 """
 
 from __future__ import annotations
@@ -266,18 +270,64 @@ def template_text(tokenizer: Any, tools: Any) -> str:
         return str(getattr(tokenizer, "chat_template", "") or "")
 
 
-def render_chat(tokenizer: Any, messages: Any, tools: Any) -> str:
-    """The prompt text vLLM would tokenize for this chat request."""
+_REFUSED_KWARGS = frozenset({"chat_template", "tokenize"})  # vLLM answers 400 to these
+
+
+@lru_cache(maxsize=64)
+def template_variables(template: str) -> frozenset[str]:
+    """Names a chat template reads without defining them (jinja2's undeclared variables)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.meta
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateError:  # e.g. HF's {% generation %} tag: no template variables known
+        return frozenset()
+
+
+@lru_cache(maxsize=1)
+def _hf_chat_params() -> frozenset[str]:
+    """The named parameters of transformers' own apply_chat_template."""
+    import inspect
+
+    try:
+        from transformers import PythonBackend
+    except ImportError:  # older transformers
+        from transformers import PreTrainedTokenizerBase as PythonBackend
+    return frozenset(p.name for p in inspect.signature(PythonBackend.apply_chat_template).parameters.values()
+                     if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
+
+
+def template_kwargs(template: str, given: dict[str, Any] | None) -> dict[str, Any]:
+    """The request's `chat_template_kwargs` that reach the template, as vLLM resolves them:
+    names the template reads or apply_chat_template takes; others are dropped silently.
+    `chat_template` and `tokenize` are refused, as vLLM refuses the request."""
+    if not given:
+        return {}
+    if refused := sorted(_REFUSED_KWARGS & given.keys()):
+        raise RenderError(f"chat_template_kwargs sets {', '.join(refused)}, which vLLM refuses (HTTP 400)")
+    accept = (template_variables(template) | _hf_chat_params()) - _REFUSED_KWARGS
+    return {k: v for k, v in given.items() if k in accept}
+
+
+def render_chat(tokenizer: Any, messages: Any, tools: Any, chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt text vLLM would tokenize for this chat request (with its
+    `chat_template_kwargs`, e.g. Qwen3's enable_thinking, resolved as vLLM does)."""
     tool_dicts = vllm_tools(tools)
     template = template_text(tokenizer, tool_dicts)
     conversation = vllm_conversation(messages, content_format(template))
     if any(m["role"] == "developer" for m in conversation) \
             and '"developer"' not in template and "'developer'" not in template:
         conversation = developer_as_system(conversation)
+    # The request's own add_generation_prompt (True unless it says otherwise, which ingest
+    # does not keep) wins over one in chat_template_kwargs, as vLLM merges them.
+    kwargs = {**template_kwargs(template, chat_template_kwargs), "add_generation_prompt": True}
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, tools=tool_dicts, add_generation_prompt=True, tokenize=False
-        )
+        text = tokenizer.apply_chat_template(conversation, tools=tool_dicts, tokenize=False, **kwargs)
     except Exception as e:  # a template's raise_exception, a missing key, a type error
         raise RenderError(f"chat template failed: {type(e).__name__}: {e}") from e
     if not isinstance(text, str):

@@ -207,7 +207,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> l
 
 _COLUMNS = ["request_id", "line", "kind", "messages", "tools", "prompt", "prompt_token_ids",
             "input_length"]
-_REPLY_COLUMNS = ["output_tokens", "output_text"]  # read when present
+_OPTIONAL_COLUMNS = ["output_tokens", "output_text", "chat_template_kwargs"]  # read when present
 
 
 @dataclass
@@ -229,7 +229,7 @@ class _Pending:
 
 
 def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pending:
-    cols = {c: batch.column(c).to_pylist() for c in _COLUMNS + _REPLY_COLUMNS if c in batch.schema.names}
+    cols = {c: batch.column(c).to_pylist() for c in _COLUMNS + _OPTIONAL_COLUMNS if c in batch.schema.names}
     n = len(cols["request_id"])
     p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
     p.out_counts = [None] * n
@@ -245,7 +245,8 @@ def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pe
                 _require_chat_template(tokenizer, spec)
                 msgs = json.loads(cols["messages"][i]) if cols["messages"][i] else None
                 tools = json.loads(cols["tools"][i]) if cols["tools"][i] else None
-                p.chat_texts.append(render_chat(tokenizer, msgs, tools))
+                extra = cols.get("chat_template_kwargs", [None] * n)[i]
+                p.chat_texts.append(render_chat(tokenizer, msgs, tools, json.loads(extra) if extra else None))
                 p.chat_rows.append(i)
             elif kind == schema.KIND_COMPLETION:
                 if not cols["prompt"][i]:
@@ -346,7 +347,7 @@ def tokenize_file(
     with atomic_path(tokens_path) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
             in_flight: Future[_Pending] | None = None
-            columns = _COLUMNS + [c for c in _REPLY_COLUMNS if c in src.schema_arrow.names]
+            columns = _COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in src.schema_arrow.names]
             for batch in src.iter_batches(batch_size=batch_rows, columns=columns):
                 for k in batch.column("kind").to_pylist():
                     by_kind[k] = by_kind.get(k, 0) + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -606,6 +607,72 @@ def test_prompt_ids_equal_vllms_own_chat_rendering(vllm_model_config, cache_dir,
         ours = tok.encode(tk.render_chat(tok, msgs, tools), add_special_tokens=False)
         assert ours == list(theirs), (msgs, tools)
     assert 0 < refused < 100  # both paths were exercised
+
+
+# A Qwen3-style switch: the template reads `enable_thinking` from chat_template_kwargs.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_the_template_as_vllm_resolves_them(qwen):
+    from advisor.chatprompt import RenderError, render_chat
+
+    tok = copy.copy(qwen)
+    tok.chat_template = THINKING_TEMPLATE
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = render_chat(tok, msgs, None)
+    assert plain.endswith("<|im_start|>assistant\n")
+    assert render_chat(tok, msgs, None, {"enable_thinking": False}).endswith("<think>\n\n</think>\n\n")
+    assert render_chat(tok, msgs, None, {"enable_thinking": True}) == plain
+    assert render_chat(tok, msgs, None, {"not_in_the_template": 1}) == plain  # dropped, as vLLM does
+    assert render_chat(tok, msgs, None, {"add_generation_prompt": False}) == plain  # the request's own wins
+    for refused in ({"tokenize": True}, {"chat_template": "x"}):
+        with pytest.raises(RenderError, match="vLLM refuses"):
+            render_chat(tok, msgs, None, refused)
+
+
+@pytest.mark.oracle
+def test_chat_template_kwargs_render_like_vllm(vllm_model_config, cache_dir):
+    """vLLM's own resolution (resolve_chat_template_kwargs) and rendering give our ids."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.renderers.hf import resolve_chat_template_kwargs, safe_apply_chat_template
+
+    tok = tk.load_tokenizer(None, cache_dir)
+    tok.chat_template = THINKING_TEMPLATE
+    msgs = [{"role": "user", "content": "hi"}]
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True, "other": 3},
+                   {"add_generation_prompt": False}):
+        request = ChatCompletionRequest(model="m", messages=msgs, chat_template_kwargs=kwargs)
+        merged = request.build_chat_params(THINKING_TEMPLATE, "string").chat_template_kwargs
+        theirs = safe_apply_chat_template(vllm_model_config, tok, msgs, chat_template=THINKING_TEMPLATE,
+                                          tokenize=True, **merged)
+        ours = tok.encode(tk.render_chat(tok, msgs, None, kwargs), add_special_tokens=False)
+        assert ours == list(theirs), kwargs
+    for refused in ({"tokenize": True}, {"chat_template": "x"}):  # vLLM: HTTP 400; ours: a RenderError
+        with pytest.raises(ValueError, match="unexpected chat template kwargs"):
+            resolve_chat_template_kwargs(tok, THINKING_TEMPLATE, refused)
+
+
+def test_tokenize_file_passes_each_requests_chat_template_kwargs(tmp_path, qwen):
+    tok = copy.copy(qwen)
+    tok.chat_template = THINKING_TEMPLATE
+    msgs = [{"role": "user", "content": "hi"}]
+    cols = pa.schema([*_REQUEST_COLUMNS, schema.REQUESTS.field("chat_template_kwargs")])
+    rows = [{f.name: None for f in cols} for _ in range(2)]
+    for i, r in enumerate(rows):
+        r.update(request_id=f"L{i}", line=i + 1, format="openai-chat", kind=schema.KIND_CHAT,
+                 messages=json.dumps(msgs))
+    rows[1]["chat_template_kwargs"] = json.dumps({"enable_thinking": False})
+    pq.write_table(pa.Table.from_pylist(rows, schema=cols), tmp_path / "requests.parquet")
+    spec = str(tmp_path / "tok")
+    tok.save_pretrained(spec)
+    tk.tokenize_file(tmp_path / "requests.parquet", tmp_path / "tokens.parquet", tok, tk.TokenizeOptions(spec, 1))
+    a, b = pq.read_table(tmp_path / "tokens.parquet")["token_ids"].to_pylist()
+    assert qwen.decode(b[len(a):]) == "<think>\n\n</think>\n\n" and b[: len(a)] == a
 
 
 CONTENT_FORMAT_CASES = [
