@@ -6,12 +6,14 @@ interrupted run never leaves a half-written artifact. `manifest.json` records,
 per stage, a fingerprint of its inputs and options; a stage whose fingerprint
 is unchanged is skipped on rerun, and because each fingerprint covers the
 checksums of the upstream artifacts, a change upstream invalidates everything
-after it.
+after it. The fingerprint also covers the tool's own code (`code_digest`), so an
+upgrade, or an edit in a development checkout, reruns the stages it may change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +111,17 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A hash of the advisor package's source and data files (read once per process)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".json", ".jinja")
+                       and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run folder. Stateless: the manifest lives on disk."""
@@ -148,7 +161,7 @@ class RunDir:
         """Content hash of a stage's inputs and options, plus the per-input checksums."""
         sums = {str(p.name if p.parent == self.root else p): file_checksum(p) for p in inputs}
         blob = json.dumps(
-            {"stage": stage, "version": __version__, "inputs": sums, "options": options},
+            {"stage": stage, "version": __version__, "code": code_digest(), "inputs": sums, "options": options},
             sort_keys=True,
             default=str,
         )

@@ -480,6 +480,20 @@ def test_cli_ingest_prints_the_three_counts_and_skips_a_rerun(tmp_path: Path) ->
     assert again.exit_code == 0 and "skipped" in again.output
 
 
+def test_a_change_in_the_tools_code_reruns_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint covers the package's code: after an upgrade (or an edit in a checkout
+    whose version string did not move) the stage reruns instead of keeping stale outputs."""
+    from advisor import runfolder
+
+    out = tmp_path / "run"
+    args = ["ingest", str(SAMPLES / "malformed.jsonl"), "-o", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert "skipped" in CliRunner().invoke(main, args).output
+    monkeypatch.setattr(runfolder, "code_digest", lambda: "another build")
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "skipped" not in again.output
+
+
 def test_cli_ingest_reads_stdin(tmp_path: Path) -> None:
     data = j(chat()) + b"\n" + j({"prompt": "p"}) + b"\nnot json\n"
     res = CliRunner().invoke(main, ["ingest", "-", "-o", str(tmp_path / "run"), "--json"], input=data)
