@@ -285,6 +285,19 @@ def resolve_gpu(spec: str | float) -> float:
     )
 
 
+def vllm_batch_defaults(gpu: str | float) -> tuple[int, int]:
+    """`vllm serve`'s default (max_num_seqs, max_num_batched_tokens) on this GPU, as vLLM 0.32
+    picks them from the device's memory and name (EngineArgs.get_batch_defaults): 160 GiB or
+    more: (1024, 16384); 70 GiB or more, except A100s: (1024, 8192); else (256, 2048). A GPU
+    given as a number of GiB has no name, so an 80 GiB A100 must be named (a100-80gb)."""
+    gib = resolve_gpu(gpu)
+    if gib >= 160:
+        return 1024, 16384
+    if gib >= 70 and "a100" not in _norm(str(gpu)):
+        return 1024, 8192
+    return 256, 2048
+
+
 # --- local config.json ---
 def geometry_from_config_path(path: Path) -> ModelGeometry:
     folder = path if path.is_dir() else path.parent

@@ -152,6 +152,10 @@ def simulate_grid(
     """Every configuration of the grid: sim rows and per-request rows (module docstring)."""
     _validate(workload, options)
     notes: list[str] = []
+    if schema.MODE_CONCURRENT in options.modes:
+        budget = options.max_num_batched_tokens
+        notes.append(f"concurrent mode: --max-num-seqs {options.max_num_seqs}, --max-num-batched-tokens "
+                     f"{'unlimited' if budget is None else budget}")
     if len(workload.models) > 1:
         notes.append(f"{len(workload.models)} models in this log: each is simulated as its own cache (no block "
                      "shared across models) in one pool of memory; each model is its own vLLM deployment, so "

@@ -159,3 +159,13 @@ def test_qwen_style_disabled_sliding_window_is_ignored(tmp_path: Path) -> None:
     )
     g = kv.resolve_model(str(folder))
     assert g.sliding_window is None and g.sliding_window_layers == 0
+
+
+def test_vllm_serve_batch_defaults_follow_the_gpu() -> None:
+    """vLLM 0.32's EngineArgs.get_batch_defaults for the OpenAI server."""
+    assert kv.vllm_batch_defaults("h100") == (1024, 8192)
+    assert kv.vllm_batch_defaults("h200") == (1024, 8192)
+    assert kv.vllm_batch_defaults("a100-80gb") == (256, 2048)  # A100s keep the small defaults
+    assert kv.vllm_batch_defaults("l4") == (256, 2048)
+    assert kv.vllm_batch_defaults(180) == (1024, 16384)
+    assert kv.vllm_batch_defaults("80") == (1024, 8192)  # a bare size has no name to exclude A100s by

@@ -444,6 +444,24 @@ def test_default_sweep_spans_the_working_set_and_flattens() -> None:
 
 
 # --- CLI ---
+def test_cli_concurrent_mode_schedules_like_vllm_serve_on_the_given_gpu(tmp_path: Path) -> None:
+    """--gpu sets vllm serve's own batch defaults for concurrent mode; explicit flags win."""
+    reqs = [[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4
+    run = write_run(tmp_path / "run", reqs, output_tokens=[3] * 4)
+    base = ["simulate", str(run), "--block-sizes", "4", "--num-blocks", "8", "--json", "--force"]
+
+    def notes(*extra: str) -> list[str]:
+        res = CliRunner().invoke(main, [*base, *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)["stages"]["simulate"]["notes"]
+
+    assert "concurrent mode: --max-num-seqs 256, --max-num-batched-tokens unlimited" in notes()
+    assert "concurrent mode: --max-num-seqs 1024, --max-num-batched-tokens 8192" in notes(
+        "--model", "llama-3.1-8b", "--gpu", "h100")
+    assert "concurrent mode: --max-num-seqs 64, --max-num-batched-tokens 8192" in notes(
+        "--model", "llama-3.1-8b", "--gpu", "h100", "--max-num-seqs", "64")
+
+
 def test_cli_simulate_writes_both_artifacts_and_skips_when_unchanged(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     sys_prompt = list(rng.integers(1, 500, 70))

@@ -141,9 +141,11 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
       help="Calibrate the cost model's prefill and decode rates from the log's latency_s/ttft_s "
       "where present.")
     o(f, "--max-num-seqs", type=int, default=None,
-      help="Concurrent mode: most requests running at once (vLLM's flag) [default: 256].")
+      help="Concurrent mode: most requests running at once (vLLM's flag) [default: 256; with --gpu, "
+      "vllm serve's default on that GPU: 256 or 1024].")
     o(f, "--max-num-batched-tokens", type=int, default=None,
-      help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: unlimited].")
+      help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: unlimited; with "
+      "--gpu, vllm serve's default on that GPU: 2048, 8192 or 16384].")
     o(f, "--sweep-points", type=int, default=None,
       help="Budgets in the default sweep per block size [default: 10].")
     o(f, "--reference-budgets", type=int, default=None,

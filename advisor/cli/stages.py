@@ -187,6 +187,9 @@ def _simulate_options_from(opts: dict[str, Any]) -> Any:
 
     d = SimulateOptions()
     speedup = opts.get("speedup") or opts.get("replay_speedup") or 1.0  # `run` shares replay's --speedup
+    # Concurrent mode schedules like `vllm serve` on the given GPU unless told otherwise.
+    seqs, batched = (kvm.vllm_batch_defaults(opts["gpu"]) if opts.get("gpu") is not None
+                     else (d.max_num_seqs, d.max_num_batched_tokens))
     return SimulateOptions(
         block_sizes=tuple(opts.get("block_sizes") or d.block_sizes),
         num_blocks=tuple(opts.get("num_blocks") or ()),
@@ -204,8 +207,8 @@ def _simulate_options_from(opts: dict[str, Any]) -> Any:
         prefill_tps=opts.get("prefill_tps") or d.prefill_tps,
         decode_tps=opts.get("decode_tps") or d.decode_tps,
         use_logged_latency=opts.get("logged_latency", True),
-        max_num_seqs=opts.get("max_num_seqs") or d.max_num_seqs,
-        max_num_batched_tokens=opts.get("max_num_batched_tokens") or d.max_num_batched_tokens,
+        max_num_seqs=opts.get("max_num_seqs") or seqs,
+        max_num_batched_tokens=opts.get("max_num_batched_tokens") or batched,
         sweep_points=opts.get("sweep_points") or d.sweep_points,
         reference_budgets=d.reference_budgets if opts.get("reference_budgets") is None else opts["reference_budgets"],
         workers=opts.get("workers") or os.cpu_count() or 1,
