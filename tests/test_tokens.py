@@ -427,22 +427,26 @@ def test_cli_tokenize_without_ingest_names_the_command(tmp_path):
     assert result.exit_code == 1 and "pc-advise ingest" in result.stderr
 
 
-def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
-    pytest.importorskip("advisor.ingest", reason="ingest stage not built in this tree yet")
+def _ingest_and_tokenize(log: Path, lines: list[dict], run_dir: Path, env: dict[str, str]):
+    """Write `lines` as a JSONL log, ingest it into `run_dir` and tokenize it (--json)."""
     from advisor.cli import main
 
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    runner = CliRunner()
+    assert runner.invoke(main, ["ingest", str(log), "-o", str(run_dir)], env=env).exit_code == 0
+    result = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    return run_dir, result
+
+
+def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
     log = tmp_path / "small.jsonl"
     lines = [
         {"model": "m", "messages": [{"role": "system", "content": "S"},
                                     {"role": "user", "content": f"question {i}"}]}
         for i in range(5)
     ] + [{"prompt": "plain completion"}, {"prompt_token_ids": [1, 2, 3]}]
-    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run_dir = tmp_path / "out"
-    runner = CliRunner()
-    assert runner.invoke(main, ["ingest", str(log), "-o", str(run_dir)], env=cli_env).exit_code == 0
-    result = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=cli_env)
-    assert result.exit_code == 0, result.output
+    run_dir, result = _ingest_and_tokenize(log, lines, tmp_path / "out", cli_env)
     table = pq.read_table(run_dir / "tokens.parquet").to_pylist()
     assert len(table) == 7 and table[-1]["token_ids"] == [1, 2, 3]
     first = qwen.decode(table[0]["token_ids"])
@@ -456,7 +460,6 @@ def test_reply_length_comes_from_its_text_when_the_log_has_no_count(tmp_path, cl
     """DESIGN §3: the response's usage.completion_tokens, or its text, gives the output length.
     The text's tokens + 1 (the stop token vLLM counts too); a logged count always wins; no reply,
     no length (0: prefill only)."""
-    from advisor.cli import main
     from advisor.workload import load_workload
 
     reply = "Paris is the capital of France."
@@ -469,12 +472,7 @@ def test_reply_length_comes_from_its_text_when_the_log_has_no_count(tmp_path, cl
         {"request": ask},
     ]
     log = tmp_path / "replies.jsonl"
-    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run_dir = tmp_path / "out"
-    runner = CliRunner()
-    assert runner.invoke(main, ["ingest", str(log), "-o", str(run_dir)], env=cli_env).exit_code == 0
-    result = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=cli_env)
-    assert result.exit_code == 0, result.output
+    run_dir, result = _ingest_and_tokenize(log, lines, tmp_path / "out", cli_env)
     assert json.loads(result.stdout)["stages"]["tokenize"]["outputs_from_text"] == 2
     expected = len(qwen(reply, add_special_tokens=False)["input_ids"]) + 1
     counted = pq.read_table(run_dir / "tokens.parquet")["output_tokens_from_text"].to_pylist()
