@@ -215,7 +215,8 @@ MULTI_MODEL_NOTE = (
     "models), drawing on one pool of KV memory. Each model is its own vLLM deployment with its own memory: "
     "for a per-deployment budget, run pc-advise on each model's lines, for example:"
 )
-MULTI_MODEL_SPLIT = "jq -c 'select(.model == \"NAME\")' logs.jsonl > NAME.jsonl && pc-advise NAME.jsonl"
+MULTI_MODEL_SPLIT = ("jq -c 'select((.model // .request.model // .body.model) == \"NAME\")' logs.jsonl > NAME.jsonl"
+                     " && pc-advise NAME.jsonl")
 
 
 POLICY_HEADER = ("blocks", "KV memory", "vLLM (LRU)", "FIFO", "Belady (knows the future)", "LRU behind Belady")
