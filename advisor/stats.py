@@ -77,18 +77,8 @@ def workload_from_lists(
     sessions: Sequence[str | None] | None = None,
 ) -> Workload:
     """A token Workload from Python lists (tests, small inputs)."""
-    n = len(token_lists)
-    lens = np.array([len(t) for t in token_lists], dtype=np.int64)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(lens.sum()))
-    ms = list(models) if models is not None else [None] * n
-    return Workload(
-        request_ids=list(request_ids) if request_ids is not None else [f"r{i}" for i in range(n)],
-        n_tokens=lens, values=values, offsets=offsets, models=ms,
-        sessions=list(sessions) if sessions is not None else [None] * n,
-        namespaces=[m for m in ms],
-    )
+    return from_workload(workload.Workload.from_token_lists(
+        token_lists, request_ids=request_ids, models=models, sessions=sessions))
 
 
 def load_workload(requests_path: Path, tokens_path: Path) -> Workload:

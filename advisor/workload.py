@@ -89,8 +89,11 @@ class Workload:
         output_tokens: Sequence[int] | None = None,
         lora: Sequence[str | None] | None = None,
         cache_salt: Sequence[str | None] | None = None,
+        models: Sequence[str | None] | None = None,
+        sessions: Sequence[str | None] | None = None,
     ) -> Workload:
-        """A workload from in-memory token lists (tests, replay)."""
+        """A workload from in-memory token lists (tests, replay); `models` and `sessions` per
+        request, as a run folder's (the cache salt then carries the model as load_workload's)."""
         n = len(token_lists)
         lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -98,6 +101,7 @@ class Workload:
         values = (np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists])
                   if n and offsets[-1] else np.zeros(0, dtype=np.int32))
         nan = np.full(n, np.nan)
+        ms = list(models) if models is not None else [None] * n
         return cls(
             request_ids=pa.array(list(request_ids) if request_ids is not None else [f"r{i}" for i in range(n)],
                                  type=pa.string()),
@@ -106,8 +110,10 @@ class Workload:
             timestamps=np.asarray(timestamps, dtype=np.float64) if timestamps is not None else nan,
             latency_s=nan, ttft_s=nan,
             lora=list(lora) if lora is not None else [None] * n,
-            cache_salt=list(cache_salt) if cache_salt is not None else [None] * n,
+            cache_salt=cache_namespaces(ms, list(cache_salt) if cache_salt is not None else [None] * n),
             token_values=values, token_offsets=offsets, hash_ids=None, trace_block_size=None,
+            models=tuple(sorted({m or "" for m in ms})) if models is not None else (),
+            request_models=ms, sessions=list(sessions) if sessions is not None else [None] * n,
         )
 
     @classmethod
