@@ -440,7 +440,8 @@ def run_concurrent_compiled(
     hits = np.zeros(n, np.int64)
     scheduled = np.zeros(n, np.bool_)
     out = np.zeros(6, np.int64)
-    num_ids = max(int(flat.max(initial=-1)) + 1, trace.num_ids, 1)
+    # prompt ids < trace.num_ids, then one id per decode block (request_hashes)
+    num_ids = max(trace.num_ids + len(flat) - int((prompt // bs).sum()), 1)
     makespan = _run(flat, hoff, boff, prompt, target, arrivals, order, int(num_blocks), num_ids, bs, int(max_num_seqs),
                     int(max_num_batched_tokens) if max_num_batched_tokens is not None else 1 << 62,
                     1.0 / cost.decode_tps, float(cost.prefill_tps), skip_quiet_steps, hits, scheduled, out)

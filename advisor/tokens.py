@@ -229,12 +229,13 @@ class _Pending:
 
 
 def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pending:
-    cols = {c: batch.column(c).to_pylist() for c in _COLUMNS + _OPTIONAL_COLUMNS if c in batch.schema.names}
-    n = len(cols["request_id"])
+    n = batch.num_rows
+    # optional columns (absent from older or partial tables) read as all-null
+    cols = {c: batch.column(c).to_pylist() if c in batch.schema.names else [None] * n
+            for c in _COLUMNS + _OPTIONAL_COLUMNS}
     p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
     p.out_counts = [None] * n
-    for i, (count, text) in enumerate(zip(cols.get("output_tokens", [None] * n), cols.get("output_text", [None] * n),
-                                          strict=True)):
+    for i, (count, text) in enumerate(zip(cols["output_tokens"], cols["output_text"], strict=True)):
         if count is None and isinstance(text, str) and tokenizer is not None:
             p.out_rows.append(i)
             p.out_texts.append(text)
@@ -245,7 +246,7 @@ def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pe
                 _require_chat_template(tokenizer, spec)
                 msgs = json.loads(cols["messages"][i]) if cols["messages"][i] else None
                 tools = json.loads(cols["tools"][i]) if cols["tools"][i] else None
-                extra = cols.get("chat_template_kwargs", [None] * n)[i]
+                extra = cols["chat_template_kwargs"][i]
                 p.chat_texts.append(render_chat(tokenizer, msgs, tools, json.loads(extra) if extra else None))
                 p.chat_rows.append(i)
             elif kind == schema.KIND_COMPLETION:
