@@ -109,7 +109,7 @@ def mooncake(run: Path, trace: Path, block: int) -> None:
 
 def measure(run: Path) -> None:
     """Child process: load + analyze one run folder, print timings and peak RSS as JSON."""
-    from advisor import stats as st
+    from advisor.analyze import stage as st
 
     t0 = time.perf_counter()
     w = st.load_workload(run / "requests.parquet", run / "tokens.parquet")

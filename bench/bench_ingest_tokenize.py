@@ -109,8 +109,8 @@ def main() -> int:
     ap.add_argument("--regenerate", action="store_true", help="rewrite the log even if present")
     args = ap.parse_args()
 
-    from advisor import ingest as ing
-    from advisor import tokens as tk
+    from advisor.ingest import stage as ing
+    from advisor.tokens import stage as tk
 
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / f"chat_{int(args.mb)}mb_seed{args.seed}.jsonl"

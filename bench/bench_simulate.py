@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from advisor import fastsim
+from advisor.sim.fast import policies as fastpolicy
+from advisor.sim.fast import sequential as fastsim
+from advisor.sim.fast import trace as fasttrace
 
 BLOCK_SIZES = (16, 32, 64, 128)
 NUM_BUDGETS = 8
@@ -85,7 +87,7 @@ def bench_fast_grid(tokens: np.ndarray, offsets: np.ndarray) -> dict[int, dict[i
     queries = int(offsets[-1])
     hits: dict[int, dict[int | None, int]] = {}
     start = time.perf_counter()
-    traces = fastsim.traces_from_tokens(tokens, offsets, BLOCK_SIZES)  # hashes tokens once
+    traces = fasttrace.traces_from_tokens(tokens, offsets, BLOCK_SIZES)  # hashes tokens once
     print(f"block keys and dense ids, all block sizes: {time.perf_counter() - start:.1f}s")
     for bs in BLOCK_SIZES:
         trace = traces[bs]
@@ -103,7 +105,7 @@ def bench_fast_grid(tokens: np.ndarray, offsets: np.ndarray) -> dict[int, dict[i
     trace = traces[16]
     for policy in ("fifo", "belady"):
         t0 = time.perf_counter()
-        results = [fastsim.simulate_sequential_policy(trace, b, policy) for b in budgets_for(trace.working_set_blocks())]
+        results = [fastpolicy.simulate_sequential_policy(trace, b, policy) for b in budgets_for(trace.working_set_blocks())]
         curve = "  ".join(f"{r.num_blocks:>8}:{r.hits / queries:6.1%}" for r in results)
         print(f"reference policy {policy:<6} B=16, {len(results)} budgets: {time.perf_counter() - t0:5.1f}s\n        {curve}")
     return hits
@@ -115,7 +117,11 @@ def bench_vllm_one(tokens: np.ndarray, offsets: np.ndarray, block_size: int, num
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+    )
     from vllm.v1.request import Request
 
     init_none_hash(sha256)
@@ -139,7 +145,7 @@ def bench_vllm_one(tokens: np.ndarray, offsets: np.ndarray, block_size: int, num
     return wall, int(stats.hits)
 
 
-def load_trace(path: Path) -> fastsim.BlockTrace:
+def load_trace(path: Path) -> fasttrace.BlockTrace:
     ids: list[int] = []
     offsets = [0]
     lengths = []
@@ -149,7 +155,7 @@ def load_trace(path: Path) -> fastsim.BlockTrace:
             ids.extend(row["hash_ids"])
             offsets.append(len(ids))
             lengths.append(row["input_length"])
-    return fastsim.trace_from_hash_ids(np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), 512)
+    return fasttrace.trace_from_hash_ids(np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), 512)
 
 
 def bench_mooncake(folder: Path) -> None:
@@ -182,7 +188,7 @@ def bench_stage_grid(tokens: np.ndarray, offsets: np.ndarray, seed: int) -> dict
     import pyarrow as pa
 
     from advisor import schema
-    from advisor.simulate import SimulateOptions, simulate_grid
+    from advisor.sim.grid import SimulateOptions, simulate_grid
     from advisor.workload import Workload
 
     n = len(offsets) - 1
@@ -226,7 +232,7 @@ def main() -> None:
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--traces", type=Path, default=Path("/work/shared/traces/mooncake"))
     args = ap.parse_args()
-    print(f"numba: {fastsim.HAVE_NUMBA}")
+    print(f"numba: {fasttrace.HAVE_NUMBA}")
     bench_mooncake(args.traces)
     t0 = time.perf_counter()
     tokens, offsets = make_workload(int(args.tokens), args.seed)

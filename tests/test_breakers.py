@@ -9,8 +9,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advisor.breakers import align_pair, find_breakers, label_pair
-from advisor.stats import AnalyzeOptions, analyze, prefix_pass, workload_from_lists
+from advisor.analyze.breakers import align_pair, find_breakers, label_pair
+from advisor.analyze.prefixes import prefix_pass, workload_from_lists
+from advisor.analyze.stage import AnalyzeOptions, analyze
 
 WORDS = ("alpha beta gamma delta policy order refund shipping invoice customer support answer "
          "region vendor license ticket backup cluster").split()
@@ -144,7 +145,7 @@ def test_alignment_finds_a_replaced_span(seed: int, start: int, a_len: int, b_le
 def test_content_chunks_away_from_an_edit_survive_the_shift(seed: int, at: int, inserted: int) -> None:
     """Chunk boundaries depend on the 4 tokens before them only, so every chunk that starts 4+
     tokens after an insertion reappears, shifted, in the edited sequence."""
-    from advisor.prefixhash import content_chunks
+    from advisor.analyze.hashing import content_chunks
 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 500, 400).astype(np.int32)

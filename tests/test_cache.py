@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advisor.blockhash import chain_trace_hash_ids, request_block_hashes
-from advisor.cache import (
-    FreeBlockQueue,
+from advisor.sim.cache import (
     Block,
+    FreeBlockQueue,
     PrefixCache,
     sequential_hits,
     sequential_hits_from_hashes,

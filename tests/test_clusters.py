@@ -6,8 +6,13 @@ import random
 
 import numpy as np
 
-from advisor.clusters import cluster_labels, features
-from advisor.stats import AnalyzeOptions, analyze, ceiling_per_request, prefix_pass, workload_from_lists
+from advisor.analyze.clusters import cluster_labels, features
+from advisor.analyze.prefixes import (
+    ceiling_per_request,
+    prefix_pass,
+    workload_from_lists,
+)
+from advisor.analyze.stage import AnalyzeOptions, analyze
 
 
 def families(seed: int, sizes: tuple[int, ...], stamp: bool = False) -> tuple[list[list[int]], list[int]]:

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from advisor.blockhash import request_block_hashes
-from advisor.cache import PrefixCache
-from advisor.fastcache import ArrayPrefixCache
+from advisor.sim.cache import PrefixCache
+from advisor.sim.fast.cache import ArrayPrefixCache
 
 B = 4
 SYSTEMS = [list(range(100 * k, 100 * k + n)) for k, n in enumerate((5, 8, 13))]

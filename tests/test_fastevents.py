@@ -12,20 +12,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advisor import cache as refcache
-from advisor import events, fastsim
-from advisor.fastevents import run_concurrent_compiled
-from advisor.simconfig import TraceHashes
+from advisor.sim import cache as refcache
+from advisor.sim import events
+from advisor.sim.configuration import TraceHashes
+from advisor.sim.fast import trace as fasttrace
+from advisor.sim.fast.events import run_concurrent_compiled
 
 B = 4
 CASES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def trace_of(reqs: list[list[int]], bs: int = B) -> fastsim.BlockTrace:
+def trace_of(reqs: list[list[int]], bs: int = B) -> fasttrace.BlockTrace:
     offsets = np.zeros(len(reqs) + 1, np.int64)
     np.cumsum([len(r) for r in reqs], out=offsets[1:])
     tokens = np.asarray([t for r in reqs for t in r], np.int32)
-    return fastsim.trace_from_tokens(tokens, offsets, bs)
+    return fasttrace.trace_from_tokens(tokens, offsets, bs)
 
 
 def both(reqs: list[list[int]], outs: list[int], arrivals: list[float], num_blocks: int, *,
@@ -114,7 +115,7 @@ def test_blocks_used_counts_the_pool_a_never_evicting_run_touches() -> None:
 
 
 def test_prepared_hashes_give_decode_blocks_their_own_ids() -> None:
-    from advisor.fastevents import request_hashes
+    from advisor.sim.fast.events import request_hashes
 
     trace = trace_of([[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 9]])
     flat, hoff, boff = request_hashes(trace, np.array([9, 5]), np.array([8, 5]), trace.num_ids)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advisor import fastlists as fl
+from advisor.sim.fast import lists as fl
 
 
 def queue_order(nxt: np.ndarray, n: int) -> list[int]:

@@ -9,7 +9,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
-from advisor import blockhash, cache, fastsim
+from advisor import blockhash
+from advisor.sim import cache
+from advisor.sim.fast import policies as fastpolicy
+from advisor.sim.fast import sequential as fastsim
+from advisor.sim.fast import trace as fasttrace
 
 SYSTEMS = [list(range(100 * k, 100 * k + n)) for k, n in enumerate((3, 8, 13, 16))]
 
@@ -47,7 +51,7 @@ def reference(reqs: Sequence[Sequence[int]], block_size: int, num_blocks: int | 
 @given(reqs=workloads(), block_size=st.sampled_from([4, 8]), num_blocks=st.integers(1, 24))
 def test_sequential_lru_equals_the_reference(reqs, block_size, num_blocks):
     tokens, offsets = flat(reqs)
-    trace = fastsim.trace_from_tokens(tokens, offsets, block_size)
+    trace = fasttrace.trace_from_tokens(tokens, offsets, block_size)
     got = fastsim.simulate_sequential(trace, num_blocks)
     ref = reference(reqs, block_size, num_blocks)
     target(float(ref.evictions))
@@ -60,7 +64,7 @@ def test_sequential_lru_equals_the_reference(reqs, block_size, num_blocks):
 @settings(max_examples=60, deadline=None)
 @given(reqs=workloads(), block_size=st.sampled_from([4, 8]))
 def test_ceiling_equals_an_infinite_reference_cache(reqs, block_size):
-    trace = fastsim.trace_from_tokens(*flat(reqs), block_size)
+    trace = fasttrace.trace_from_tokens(*flat(reqs), block_size)
     assert fastsim.ceiling_hits(trace).tolist() == cache.sequential_hits(reqs, block_size, None)
     assert fastsim.simulate_sequential(trace, None).hits == reference(reqs, block_size, None).hits
 
@@ -68,7 +72,7 @@ def test_ceiling_equals_an_infinite_reference_cache(reqs, block_size):
 @settings(max_examples=80, deadline=None)
 @given(reqs=workloads(), block_size=st.sampled_from([1, 4, 8]))
 def test_block_keys_are_equal_exactly_when_chained_hashes_are(reqs, block_size):
-    keys = fastsim.prefix_keys(*flat(reqs), (block_size,))[block_size].tolist()
+    keys = fasttrace.prefix_keys(*flat(reqs), (block_size,))[block_size].tolist()
     hashes = [h for r in reqs for h in blockhash.request_block_hashes(r, block_size)]
     assert len(keys) == len(hashes)
     pairs = set(zip(keys, hashes, strict=True))
@@ -80,17 +84,17 @@ def test_block_keys_are_equal_exactly_when_chained_hashes_are(reqs, block_size):
 def test_numpy_keys_equal_compiled_keys_for_several_block_sizes_at_once(reqs):
     tokens, offsets = flat(reqs)
     salts = np.arange(len(reqs), dtype=np.uint64) % 3
-    both = fastsim.prefix_keys(tokens, offsets, (1, 4, 8), salts)
-    numpy_only = fastsim._prefix_keys_numpy(tokens, offsets, (1, 4, 8), salts)
+    both = fasttrace.prefix_keys(tokens, offsets, (1, 4, 8), salts)
+    numpy_only = fasttrace._prefix_keys_numpy(tokens, offsets, (1, 4, 8), salts)
     for bs in (1, 4, 8):
         assert both[bs].tolist() == numpy_only[bs].tolist()
-        assert both[bs].tolist() == fastsim.prefix_keys(tokens, offsets, (bs,), salts)[bs].tolist()
+        assert both[bs].tolist() == fasttrace.prefix_keys(tokens, offsets, (bs,), salts)[bs].tolist()
 
 
 def test_salts_separate_identical_prompts_like_extra_keys():
     reqs = [list(range(12))] * 3
     salts = np.asarray([0, 5, 5], np.uint64)
-    keys = fastsim.prefix_keys(*flat(reqs), (4,), salts)[4].reshape(3, 3)
+    keys = fasttrace.prefix_keys(*flat(reqs), (4,), salts)[4].reshape(3, 3)
     assert set(keys[0]).isdisjoint(keys[1])
     assert keys[1].tolist() == keys[2].tolist()
 
@@ -105,7 +109,7 @@ def test_hash_traces_match_the_reference_with_partial_last_blocks(data, num_bloc
     flat_ids = np.asarray([i for ids in lists for i in ids], np.int64)
     offsets = np.zeros(len(lists) + 1, np.int64)
     offsets[1:] = np.cumsum([len(ids) for ids in lists])
-    trace = fastsim.trace_from_hash_ids(flat_ids, offsets, np.asarray(lengths), tbs)
+    trace = fasttrace.trace_from_hash_ids(flat_ids, offsets, np.asarray(lengths), tbs)
     chained = [blockhash.chain_trace_hash_ids(ids, n, tbs) for ids, n in zip(lists, lengths, strict=True)]
     ref = cache.sequential_hits_from_hashes(chained, lengths, tbs, num_blocks)
     got = fastsim.simulate_sequential(trace, num_blocks)
@@ -118,7 +122,7 @@ def test_a_repeated_multiple_of_b_prompt_duplicates_its_last_block():
     # second copy; a request of new content evicts one copy, and the prompt extended
     # still hits both blocks (a one-block-per-hash simulator would hit only 4 tokens).
     reqs = [list(range(8)), list(range(8)), [50, 51, 52, 53], list(range(9))]
-    trace = fastsim.trace_from_tokens(*flat(reqs), 4)
+    trace = fasttrace.trace_from_tokens(*flat(reqs), 4)
     got = fastsim.simulate_sequential(trace, 3)
     assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 4, 3) == [0, 4, 0, 8]
     assert got.evictions == 2  # a copy of hash 1, then the new content's block
@@ -126,15 +130,15 @@ def test_a_repeated_multiple_of_b_prompt_duplicates_its_last_block():
 
 def test_a_prompt_too_long_for_the_pool_gets_no_hit_and_changes_nothing():
     reqs = [list(range(8)), list(range(40)), list(range(9))]
-    got = fastsim.simulate_sequential(fastsim.trace_from_tokens(*flat(reqs), 4), 4)
+    got = fastsim.simulate_sequential(fasttrace.trace_from_tokens(*flat(reqs), 4), 4)
     assert got.hit_tokens.tolist() == [0, 0, 8]
     assert got.fits.tolist() == [True, False, True]
 
 
-@pytest.mark.skipif(not fastsim.HAVE_NUMBA, reason="numba is not installed: only the Python loop exists")
+@pytest.mark.skipif(not fasttrace.HAVE_NUMBA, reason="numba is not installed: only the Python loop exists")
 def test_the_python_loop_and_the_compiled_loop_agree():
     reqs = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7, 8, 9], [1, 2, 3, 4, 5], [9] * 13, [1, 2, 3, 4, 6, 7, 8, 9, 1]]
-    trace = fastsim.trace_from_tokens(*flat(reqs), 4)
+    trace = fasttrace.trace_from_tokens(*flat(reqs), 4)
     hits = np.zeros(len(reqs), np.int64)
     loop = getattr(fastsim._sequential_lru, "py_func", fastsim._sequential_lru)
     counters = loop(trace.ids, trace.offsets, trace.num_tokens, 4, 4, trace.num_ids, hits)
@@ -158,7 +162,7 @@ def test_fifo_and_belady_equal_the_reference(reqs, num_blocks, policy):
             ref.free(str(i))
     target(float(ref.evictions))
     assume(ref.evictions > 0)
-    got = fastsim.simulate_sequential_policy(fastsim.trace_from_tokens(*flat(reqs), 4), num_blocks, policy)
+    got = fastpolicy.simulate_sequential_policy(fasttrace.trace_from_tokens(*flat(reqs), 4), num_blocks, policy)
     assert got.hit_tokens.tolist() == expected == cache.sequential_hits(reqs, 4, num_blocks, policy)
     assert (got.evictions, got.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
 
@@ -180,9 +184,9 @@ def seeded_workload(seed: int, n: int) -> list[list[int]]:
 @pytest.mark.parametrize("policy", ["lru", "fifo", "belady"])
 def test_long_seeded_workloads_equal_the_reference(seed, policy):
     reqs = seeded_workload(seed, 150)
-    trace = fastsim.trace_from_tokens(*flat(reqs), 4)
+    trace = fasttrace.trace_from_tokens(*flat(reqs), 4)
     for num_blocks in (3, 5, 8, 13):
-        got = fastsim.simulate_sequential_policy(trace, num_blocks, policy)
+        got = fastpolicy.simulate_sequential_policy(trace, num_blocks, policy)
         assert got.evictions > 0
         assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 4, num_blocks, policy)
 
@@ -196,8 +200,8 @@ def test_a_hot_prefix_under_a_tight_pool_keeps_the_free_pool_bookkeeping_bounded
     rng = np.random.default_rng(1)
     shared = rng.integers(1, 500, 70).tolist()
     reqs = [shared + rng.integers(1, 500, int(rng.integers(1, 30))).tolist() for _ in range(300)]
-    trace = fastsim.trace_from_tokens(*flat(reqs), 32)
+    trace = fasttrace.trace_from_tokens(*flat(reqs), 32)
     for num_blocks in (4, 5, 6, 8):
-        got = fastsim.simulate_sequential_policy(trace, num_blocks, policy)
+        got = fastpolicy.simulate_sequential_policy(trace, num_blocks, policy)
         assert got.evictions > 0
         assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 32, num_blocks, policy)

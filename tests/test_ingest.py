@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advisor import ingest as ing
 from advisor import schema
 from advisor.cli import main
 from advisor.errors import AdvisorError, InputRefused
+from advisor.ingest import stage as ing
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_logs"
 
@@ -324,7 +324,7 @@ def test_a_50_mb_line_is_rejected_without_being_held_in_memory(tmp_path: Path) -
 
 
 def test_iter_lines_never_returns_more_than_the_limit(tmp_path: Path) -> None:
-    from advisor.ingest_io import Oversize, iter_lines
+    from advisor.ingest.reader import Oversize, iter_lines
 
     stream = io.BufferedReader(io.BytesIO(b"a" * 10_000 + b"\nok\n" + b"b" * 50), 64)  # type: ignore[arg-type]
     out = list(iter_lines(stream, 100))

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
-from advisor import fastsim
 from advisor.blockhash import request_block_hashes
-from advisor.cache import PrefixCache, sequential_hits
-from advisor.fastcache import ArrayPrefixCache
+from advisor.sim.cache import PrefixCache, sequential_hits
+from advisor.sim.fast import sequential as fastsim
+from advisor.sim.fast import trace as fasttrace
+from advisor.sim.fast.cache import ArrayPrefixCache
 
 vllm = pytest.importorskip(
     "vllm.v1.core.kv_cache_manager",
@@ -38,7 +39,11 @@ class VllmOracle:
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_manager import KVCacheManager
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.kv_cache_interface import (
+            FullAttentionSpec,
+            KVCacheConfig,
+            KVCacheGroupSpec,
+        )
 
         init_none_hash(sha256)
         spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
@@ -359,7 +364,7 @@ def test_fastsim_sequential_replay_matches_vllm_on_long_workloads(seed):
         reqs.append((heads[int(rng.integers(len(heads)))] + rng.integers(0, 3, rng.integers(0, 12)).tolist()) or [1])
     offsets = np.zeros(len(reqs) + 1, np.int64)
     offsets[1:] = np.cumsum([len(r) for r in reqs])
-    trace = fastsim.trace_from_tokens(np.asarray([t for r in reqs for t in r], np.int32), offsets, B)
+    trace = fasttrace.trace_from_tokens(np.asarray([t for r in reqs for t in r], np.int32), offsets, B)
     for num_blocks in (9, 16, 30):
         oracle = VllmOracle(num_blocks)
         expected = []

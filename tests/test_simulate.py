@@ -21,13 +21,19 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advisor import cache as refcache
-from advisor import events
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.cli import main
 from advisor.errors import AdvisorError
-from advisor.simulate import SimulateOptions, block_trace, plan_budgets, simulate_grid, simulate_one
+from advisor.sim import cache as refcache
+from advisor.sim import events
+from advisor.sim.grid import (
+    SimulateOptions,
+    block_trace,
+    plan_budgets,
+    simulate_grid,
+    simulate_one,
+)
 from advisor.workload import Workload, cache_namespaces, load_workload, warm_mask
 
 B = 4

@@ -15,16 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advisor import schema
-from advisor.cli import main
-from advisor.stats import (
-    AnalyzeOptions,
-    Workload,
-    analyze,
+from advisor.analyze.prefixes import (
+    AnalysisView,
     ceiling_per_request,
-    load_workload,
+    from_workload,
     prefix_pass,
     workload_from_lists,
 )
+from advisor.analyze.stage import AnalyzeOptions, analyze
+from advisor.workload import load_workload
+from advisor.cli import main
 
 
 def naive_shared(tokens: list[list[int]]) -> list[int]:
@@ -151,7 +151,7 @@ def test_empty_and_single_request_inputs() -> None:
         json.dumps(a.stats)  # serialisable as is
 
 
-def hash_trace_workload(hash_lists: list[list[int]], lengths: list[int], unit: int = 512) -> Workload:
+def hash_trace_workload(hash_lists: list[list[int]], lengths: list[int], unit: int = 512) -> AnalysisView:
     w = workload_from_lists([[0]] * len(hash_lists))
     offsets = np.zeros(len(hash_lists) + 1, dtype=np.int64)
     np.cumsum([len(h) for h in hash_lists], out=offsets[1:])
@@ -228,7 +228,7 @@ def test_load_workload_reads_token_ids_across_row_groups(tmp_path: Path) -> None
     tok.update({"request_id": req["request_id"], "token_ids": lists,
                 "n_tokens": [len(t) if t else 0 for t in lists]})
     pq.write_table(pa.table(tok, schema=schema.TOKENS), tmp_path / "tokens.parquet", row_group_size=7)
-    w = load_workload(tmp_path / "requests.parquet", tmp_path / "tokens.parquet")
+    w = from_workload(load_workload(tmp_path / "requests.parquet", tmp_path / "tokens.parquet"))
     assert not w.hash_trace and len(w) == n
     assert [w.units(i).tolist() for i in range(n)] == [t or [] for t in lists]
     assert w.sessions[:3] == ["s0", "s1", "s2"]

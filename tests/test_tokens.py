@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advisor import schema
-from advisor import tokens as tk
-from advisor.default_tokenizer import ADDED_TOKENS, EMBEDDED_SPEC, FIRST_ADDED_ID
 from advisor.errors import AdvisorError
+from advisor.tokens import chatprompt
+from advisor.tokens import stage as tk
+from advisor.tokens.default_tokenizer import ADDED_TOKENS, EMBEDDED_SPEC, FIRST_ADDED_ID
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -150,7 +151,7 @@ def test_embedded_build_is_reused_and_loads_through_autotokenizer(cache_dir, qwe
 
 # --- chat rendering (Qwen2.5's documented ChatML with tools) ---
 def test_chat_without_system_gets_qwen_default_system(qwen):
-    text = tk.render_chat(qwen, [{"role": "user", "content": "Hi"}], None)
+    text = chatprompt.render_chat(qwen, [{"role": "user", "content": "Hi"}], None)
     assert text == (
         f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n"
@@ -196,11 +197,11 @@ def test_chat_with_system_tools_tool_calls_and_results(qwen):
         "<|im_start|>user\nThanks<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert tk.render_chat(qwen, messages, tools) == expected
+    assert chatprompt.render_chat(qwen, messages, tools) == expected
 
 
 def test_tools_without_system_use_default_system_and_vllm_field_set(qwen):
-    text = tk.render_chat(qwen, [{"role": "user", "content": "x"}],
+    text = chatprompt.render_chat(qwen, [{"role": "user", "content": "x"}],
                           [{"type": "function", "function": {"name": "f", "extra": 1}}])
     assert text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}\n\n# Tools\n")
     # vLLM dumps unset optional fields as null and drops unknown ones.
@@ -209,7 +210,7 @@ def test_tools_without_system_use_default_system_and_vllm_field_set(qwen):
 
 
 def test_content_parts_are_joined_with_newlines_like_vllm():
-    conv = tk.vllm_conversation([
+    conv = chatprompt.vllm_conversation([
         {"role": "user", "content": [{"type": "text", "text": "a"}, "b",
                                      {"type": "input_text", "text": "c"}]},
         {"role": "assistant", "content": None, "tool_calls": []},
@@ -218,7 +219,7 @@ def test_content_parts_are_joined_with_newlines_like_vllm():
 
 
 def test_tool_call_arguments_become_objects_bad_ones_empty():
-    conv = tk.vllm_conversation([{"role": "assistant", "tool_calls": [
+    conv = chatprompt.vllm_conversation([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{\"x\": [1]}"}},
         {"type": "function", "function": {"name": "g", "arguments": "not json"}},
         {"type": "function", "function": {"name": "h", "arguments": "[1, 2]"}},
@@ -227,8 +228,8 @@ def test_tool_call_arguments_become_objects_bad_ones_empty():
 
 
 def test_image_parts_are_refused_for_a_text_model():
-    with pytest.raises(tk.RenderError, match="image_url"):
-        tk.vllm_conversation([{"role": "user", "content": [
+    with pytest.raises(chatprompt.RenderError, match="image_url"):
+        chatprompt.vllm_conversation([{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
 
 
@@ -244,7 +245,7 @@ def test_tool_dump_matches_vllms_own_pydantic_model():
                                           "parameters": {"type": "object"}, "junk": 1}},
         {"type": "function", "defer_loading": True, "function": {"name": "c"}},
     ]
-    ours = tk.vllm_tools(tools)
+    ours = chatprompt.vllm_tools(tools)
     theirs = [protocol.ChatCompletionToolsParam.model_validate(t).model_dump() for t in tools]
     assert json.dumps(ours) == json.dumps(theirs)
 
@@ -267,7 +268,7 @@ def test_tokenize_file_kinds_order_passthrough_and_refusals(tmp_path, qwen):
     assert table.schema.remove_metadata() == schema.TOKENS
     rows = table.to_pylist()
     assert [r["request_id"] for r in rows] == [f"L{i}" for i in range(1, 7)]
-    want_chat = qwen.encode(tk.render_chat(qwen, msgs, None), add_special_tokens=False)
+    want_chat = qwen.encode(chatprompt.render_chat(qwen, msgs, None), add_special_tokens=False)
     assert rows[0]["token_ids"] == want_chat and rows[0]["n_tokens"] == len(want_chat)
     assert rows[1]["token_ids"] == qwen.encode("Once upon a time")
     assert rows[2]["token_ids"] == [5, 6, 7] and rows[2]["n_tokens"] == 3
@@ -494,16 +495,16 @@ def test_editing_a_user_tokenizer_folder_changes_the_stage_fingerprint(tmp_path,
 def test_developer_turns_become_one_leading_system_turn_like_vllm(qwen):
     messages = [{"role": "system", "content": "A"}, {"role": "user", "content": "u"},
                 {"role": "developer", "content": "B"}]
-    assert tk.render_chat(qwen, messages, None) == (
+    assert chatprompt.render_chat(qwen, messages, None) == (
         "<|im_start|>system\nA\n\nB<|im_end|>\n<|im_start|>user\nu<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     only_dev = [{"role": "developer", "content": "D"}, {"role": "user", "content": "u"}]
-    assert tk.render_chat(qwen, only_dev, None).startswith("<|im_start|>system\nD<|im_end|>\n")
+    assert chatprompt.render_chat(qwen, only_dev, None).startswith("<|im_start|>system\nD<|im_end|>\n")
     # Without a developer turn nothing moves: a later system turn stays where it is.
     late = [{"role": "user", "content": "u"}, {"role": "system", "content": "S"}]
-    assert tk.vllm_conversation(late) == late
-    assert "<|im_start|>user\nu<|im_end|>\n<|im_start|>system\nS" in tk.render_chat(qwen, late, None)
+    assert chatprompt.vllm_conversation(late) == late
+    assert "<|im_start|>user\nu<|im_end|>\n<|im_start|>system\nS" in chatprompt.render_chat(qwen, late, None)
 
 
 def _random_chat(rng) -> tuple[list[dict], list[dict] | None]:
@@ -594,15 +595,15 @@ def test_prompt_ids_equal_vllms_own_chat_rendering(vllm_model_config, cache_dir,
             request = ChatCompletionRequest(model="m", messages=msgs, tools=tools)
         except Exception:  # vLLM answers 400: tokens.py must refuse it too
             refused += 1
-            with pytest.raises(tk.RenderError):
-                tk.render_chat(tok, msgs, tools)
+            with pytest.raises(chatprompt.RenderError):
+                chatprompt.render_chat(tok, msgs, tools)
             continue
         conv, _, _ = parse_chat_messages(request.messages, config, content_format=fmt)
         tool_dicts = None if request.tools is None else [t.model_dump() for t in request.tools]
         theirs = safe_apply_chat_template(config, tok, conv, tools=tool_dicts,
                                           chat_template=tok.chat_template,
                                           add_generation_prompt=True, tokenize=True)
-        ours = tok.encode(tk.render_chat(tok, msgs, tools), add_special_tokens=False)
+        ours = tok.encode(chatprompt.render_chat(tok, msgs, tools), add_special_tokens=False)
         assert ours == list(theirs), (msgs, tools)
     assert 0 < refused < 100  # both paths were exercised
 
@@ -617,7 +618,7 @@ THINKING_TEMPLATE = (
 
 
 def test_chat_template_kwargs_reach_the_template_as_vllm_resolves_them(qwen):
-    from advisor.chatprompt import RenderError, render_chat
+    from advisor.tokens.chatprompt import RenderError, render_chat
 
     tok = copy.copy(qwen)
     tok.chat_template = THINKING_TEMPLATE
@@ -648,7 +649,7 @@ def test_chat_template_kwargs_render_like_vllm(vllm_model_config, cache_dir):
         merged = request.build_chat_params(THINKING_TEMPLATE, "string").chat_template_kwargs
         theirs = safe_apply_chat_template(vllm_model_config, tok, msgs, chat_template=THINKING_TEMPLATE,
                                           tokenize=True, **merged)
-        ours = tok.encode(tk.render_chat(tok, msgs, None, kwargs), add_special_tokens=False)
+        ours = tok.encode(chatprompt.render_chat(tok, msgs, None, kwargs), add_special_tokens=False)
         assert ours == list(theirs), kwargs
     for refused in ({"tokenize": True}, {"chat_template": "x"}):  # vLLM: HTTP 400; ours: a RenderError
         with pytest.raises(ValueError, match="unexpected chat template kwargs"):
@@ -687,7 +688,7 @@ CONTENT_FORMAT_CASES = [
 
 @pytest.mark.parametrize("template, fmt", CONTENT_FORMAT_CASES)
 def test_content_format_is_read_from_the_template(template, fmt):
-    from advisor.chatprompt import content_format
+    from advisor.tokens.chatprompt import content_format
 
     assert content_format(template) == fmt
 
@@ -695,8 +696,8 @@ def test_content_format_is_read_from_the_template(template, fmt):
 @pytest.mark.oracle
 def test_content_format_agrees_with_vllms_detector():
     hf = pytest.importorskip("vllm.renderers.hf", reason="vLLM not installed: it is the reference")
-    from advisor.chatprompt import content_format
-    from advisor.default_tokenizer import chat_template_text
+    from advisor.tokens.chatprompt import content_format
+    from advisor.tokens.default_tokenizer import chat_template_text
 
     for template in [t for t, _ in CONTENT_FORMAT_CASES] + [chat_template_text(), PARTS_TEMPLATE]:
         assert content_format(template) == hf._detect_content_format(template, default="string")

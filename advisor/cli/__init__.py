@@ -8,7 +8,6 @@ taking the run folder, so a later stage can rerun alone. Option sets live in
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import click
 
 from advisor import __version__
-from advisor.cli.console import Console, fail as _fail
+from advisor.cli.console import Console
+from advisor.cli.console import fail as _fail
 from advisor.cli.options import (
     analyze_options,
     common_options,
@@ -28,7 +28,6 @@ from advisor.cli.options import (
     simulate_options,
     tokenize_options,
 )
-from advisor.cli.summary import render_table, summary_rows
 from advisor.cli.stages import (
     default_out_dir,
     do_analyze,
@@ -39,6 +38,7 @@ from advisor.cli.stages import (
     do_simulate,
     do_tokenize,
 )
+from advisor.cli.summary import render_table, summary_rows
 from advisor.errors import AdvisorError
 from advisor.runfolder import RunDir
 

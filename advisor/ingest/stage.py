@@ -39,9 +39,9 @@ import pyarrow.parquet as pq
 
 from advisor import schema
 from advisor.errors import AdvisorError
-from advisor.ingest_fields import DAMAGED_STREAM, TOO_LONG, LineError, decode_line
-from advisor.ingest_formats import parse_request
-from advisor.ingest_io import (
+from advisor.ingest.fields import DAMAGED_STREAM, TOO_LONG, LineError, decode_line
+from advisor.ingest.formats import parse_request
+from advisor.ingest.reader import (
     RAW_KEEP,
     CorruptStream,
     Oversize,

@@ -68,7 +68,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from advisor.cache import PrefixCache
+from advisor.sim.cache import PrefixCache
 
 
 @dataclass(frozen=True)

@@ -144,8 +144,15 @@ def _merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
 
 def build_backend(ranks: dict[bytes, int]):  # -> tokenizers.Tokenizer
     """The Rust tokenizer for these BPE ranks, with Qwen2.5's pipeline and added tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
 
     alphabet = byte_alphabet()
 

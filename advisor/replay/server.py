@@ -34,9 +34,15 @@ from typing import Any
 import pyarrow as pa
 
 from advisor.errors import AdvisorError
-from advisor.replay_plan import (
-    ENGINE_SERVER, ConfigResult, ReplayConfig, ReplayOptions, ReplayResult, Workload,
-    output_lengths, predicted_hits,
+from advisor.replay.plan import (
+    ENGINE_SERVER,
+    ConfigResult,
+    ReplayConfig,
+    ReplayOptions,
+    ReplayResult,
+    Workload,
+    output_lengths,
+    predicted_hits,
 )
 from advisor.schema import MODE_SEQUENTIAL
 

@@ -1,6 +1,6 @@
 """Clusters of requests that share prompt structure (scikit-learn, seeded, deterministic).
 
-Input: a `Workload` and its `PrefixPass` (advisor.stats), a `decode` callable or None.
+Input: a `AnalysisView` and its `PrefixPass` (advisor.stats), a `decode` callable or None.
 Output: a cluster label per request, and the clusters.parquet table (schema.CLUSTERS).
 
 Features. Each request's leading window (`lead_tokens`) is cut into content-defined chunks
@@ -26,8 +26,13 @@ import numpy as np
 import pyarrow as pa
 
 from advisor import schema
-from advisor.prefixhash import common_prefix_len, content_chunks, mix64
-from advisor.stats import Decode, PrefixPass, Workload, ceiling_per_request
+from advisor.analyze.hashing import common_prefix_len, content_chunks, mix64
+from advisor.analyze.prefixes import (
+    AnalysisView,
+    Decode,
+    PrefixPass,
+    ceiling_per_request,
+)
 
 DIM = 128
 _FIT_SAMPLE = 4_000
@@ -36,7 +41,7 @@ _MIN_SILHOUETTE = 0.25
 _TEXT_TOKENS = 64
 
 
-def features(w: Workload, lead_tokens: int) -> np.ndarray:
+def features(w: AnalysisView, lead_tokens: int) -> np.ndarray:
     """(N, DIM) float32 prefix-structure vectors; see the module docstring."""
     out = np.zeros((len(w), DIM), dtype=np.float32)
     for r in range(len(w)):
@@ -119,7 +124,7 @@ def _cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.nda
 
 
 def summarize(
-    w: Workload, p: PrefixPass, labels: np.ndarray, x: np.ndarray, decode: Decode | None
+    w: AnalysisView, p: PrefixPass, labels: np.ndarray, x: np.ndarray, decode: Decode | None
 ) -> pa.Table:
     """One clusters.parquet row per cluster: size, tokens, own ceiling, representative prefix."""
     ceil = ceiling_per_request(w, p)

@@ -25,8 +25,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from advisor.fastlists import compiled, new_rings, ring_link, ring_lookup, ring_unlink
-from advisor.fastsim import BlockTrace, SequentialResult
+from advisor.sim.fast.lists import (
+    compiled,
+    new_rings,
+    ring_link,
+    ring_lookup,
+    ring_unlink,
+)
+from advisor.sim.fast.sequential import SequentialResult, simulate_sequential
+from advisor.sim.fast.trace import BlockTrace
 
 _SEQ_BITS = 34  # cached order in a Belady key's low bits (17e9 cachings)
 
@@ -363,3 +370,12 @@ def simulate_reference_policy(trace: BlockTrace, num_blocks: int, policy: str,
         evictions, peak = _sequential_fifo(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks),
                                            max(trace.num_ids, 1), hits)
     return SequentialResult(int(num_blocks), hits, int(evictions), int(peak), -(-trace.num_tokens // bs) <= num_blocks)
+
+
+def simulate_sequential_policy(trace: BlockTrace, num_blocks: int, policy: str,
+                               uses: tuple[np.ndarray, np.ndarray] | None = None) -> SequentialResult:
+    """Sequential mode under "lru" (vLLM), "fifo" or "belady" (advisor.cache's rules;
+    the last two compiled in advisor.fastpolicy; `uses`: its `future_uses(trace)`)."""
+    if policy == "lru":
+        return simulate_sequential(trace, num_blocks)
+    return simulate_reference_policy(trace, num_blocks, policy, uses)

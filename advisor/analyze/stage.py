@@ -1,6 +1,6 @@
 """Analyze stage: per-request prefix statistics, the token-granular ceiling, top shared prefixes.
 
-Inputs: one `Workload` (token ids per request as flat Arrow/numpy buffers, or a hash trace's
+Inputs: one `AnalysisView` (token ids per request as flat Arrow/numpy buffers, or a hash trace's
 hash ids, plus request ids, models, sessions) built by `load_workload` from requests.parquet and
 tokens.parquet. Outputs: an `Analysis` holding the prefixes.parquet and clusters.parquet tables
 and the stats.json object; cli.py writes them.
@@ -28,88 +28,23 @@ full-block part is always exact). Memory grows with distinct blocks
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from advisor import schema, workload
-from advisor.prefixhash import chained_hashes, common_prefix_len
-
-Decode = Callable[[Sequence[int]], str]
-
-_MASK = (1 << 64) - 1
-_MAX_CANDIDATES = 4  # earlier requests compared token by token per (parent block, first token)
-
-
-# --- the workload as read from the run folder ---
-@dataclass
-class Workload:
-    """Requests in arrival order. `values[offsets[i]:offsets[i+1]]` are request i's units:
-    token ids (int32) for token logs, hash ids (int64) for hash traces (`unit_tokens` tokens
-    each, the last one possibly partial)."""
-
-    request_ids: list[str]
-    n_tokens: np.ndarray  # int64, prompt tokens per request
-    values: np.ndarray
-    offsets: np.ndarray  # int64, len N+1
-    models: list[str | None]
-    sessions: list[str | None]
-    namespaces: list[str | None]  # "model|lora|cache_salt": requests in different ones never share
-    hash_trace: bool = False
-    unit_tokens: int = 1  # tokens per unit: 1, or the trace block size
-
-    def __len__(self) -> int:
-        return len(self.request_ids)
-
-    def units(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i] : self.offsets[i + 1]]
-
-
-def workload_from_lists(
-    token_lists: Sequence[Sequence[int]],
-    request_ids: Sequence[str] | None = None,
-    models: Sequence[str | None] | None = None,
-    sessions: Sequence[str | None] | None = None,
-) -> Workload:
-    """A token Workload from Python lists (tests, small inputs)."""
-    return from_workload(workload.Workload.from_token_lists(
-        token_lists, request_ids=request_ids, models=models, sessions=sessions))
-
-
-def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
-    """The analysis view of the run folder, read by advisor.workload (the one reader of
-    requests + tokens; never the raw request text)."""
-    return from_workload(workload.load_workload(requests_path, tokens_path))
-
-
-def from_workload(w: workload.Workload) -> Workload:
-    """Units are token ids, or a hash trace's hash ids (`unit_tokens` tokens each)."""
-    n = w.num_requests
-    if w.is_hash_trace:
-        assert w.hash_ids is not None
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(h) for h in w.hash_ids], out=offsets[1:])
-        values = np.concatenate(w.hash_ids) if n else np.zeros(0, np.int64)
-    else:
-        assert w.token_values is not None and w.token_offsets is not None
-        values, offsets = w.token_values, w.token_offsets
-    models = list(w.request_models) or [None] * n
-    return Workload(
-        request_ids=w.request_ids.to_pylist(),
-        n_tokens=w.n_tokens,
-        values=values, offsets=offsets, models=models, sessions=list(w.sessions) or [None] * n,
-        # requests in different namespaces never share a block (the simulator's salts)
-        namespaces=[
-            None if (m, lo, s) == (None, None, None) else f"{m}|{lo}|{s}"
-            for m, lo, s in zip(models, w.lora, w.cache_salt, strict=True)
-        ],
-        hash_trace=w.is_hash_trace, unit_tokens=w.trace_block_size or 1,
-    )
+from advisor import schema
+from advisor.analyze.breakers import find_breakers
+from advisor.analyze.clusters import cluster_labels, features, summarize
+from advisor.analyze.prefixes import (
+    AnalysisView,
+    Decode,
+    PrefixPass,
+    _codes,
+    ceiling_per_request,
+    prefix_pass,
+)
 
 
 # --- options and results ---
@@ -124,99 +59,6 @@ class AnalyzeOptions:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-@dataclass
-class PrefixPass:
-    """Per-request results of the streaming pass (arrays of length N)."""
-
-    shared_tokens: np.ndarray  # int64, longest prefix shared with any earlier request
-    shared_blocks: np.ndarray  # int64, full analysis blocks of it
-    best_match: np.ndarray  # int64, index of that earlier request, -1 when none
-    same_session_tokens: np.ndarray  # int64, of shared_tokens, from blocks first seen in-session
-    hashes: np.ndarray  # int64, every request's chained block hashes, concatenated
-    hash_offsets: np.ndarray  # int64, len N+1
-    block_tokens: int  # tokens per hashed block
-
-
-def _namespace_key(ns: str | None) -> int:
-    if ns is None:
-        return 0
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(ns.encode(), digest_size=8).digest(), "little")
-
-
-def prefix_pass(w: Workload, block_size: int) -> PrefixPass:
-    """Longest earlier prefix per request (see the module docstring for the method)."""
-    n = len(w)
-    unit_block = 1 if w.hash_trace else block_size
-    block_tokens = w.unit_tokens if w.hash_trace else block_size
-    shared = np.zeros(n, dtype=np.int64)
-    best = np.full(n, -1, dtype=np.int64)
-    same = np.zeros(n, dtype=np.int64)
-    sess_code = _codes(w.sessions)
-    first: dict[int, int] = {}  # chained hash -> first request that had it
-    cands: dict[int, list[int]] = {}  # (parent hash, first unit of next block) -> requests
-    all_hashes: list[np.ndarray] = []
-    hash_offsets = np.zeros(n + 1, dtype=np.int64)
-    ns_cache: dict[str | None, int] = {}
-    for r in range(n):
-        units = w.units(r)
-        ns = ns_cache.setdefault(w.namespaces[r], _namespace_key(w.namespaces[r]))
-        hs = chained_hashes(units, unit_block, ns)
-        all_hashes.append(hs)
-        hash_offsets[r + 1] = hash_offsets[r] + len(hs)
-        hl = hs.tolist()
-        lo, hi = 0, len(hl)
-        while lo < hi:  # chained hashes: known blocks form a prefix of hl
-            mid = (lo + hi) // 2
-            if hl[mid] in first:
-                lo = mid + 1
-            else:
-                hi = mid
-        m = lo
-        parent = hl[m - 1] if m else ns
-        b = first[hl[m - 1]] if m else -1
-        ext = 0
-        tail = units[m * unit_block : (m + 1) * unit_block]
-        if len(tail) and not w.hash_trace:
-            key = parent ^ (int(tail[0]) * 0x9E3779B97F4A7C15 & _MASK)
-            pool = cands.setdefault(key, [])
-            for c in ([b] if b >= 0 else []) + pool:
-                other = w.units(c)[m * unit_block : (m + 1) * unit_block]
-                e = common_prefix_len(tail, other)
-                if e > ext:
-                    ext, b = e, c
-            if len(pool) < _MAX_CANDIDATES:
-                pool.append(r)
-        if m < len(hl):
-            first.update(zip(hl[m:], itertools.repeat(r)))
-        if w.hash_trace:
-            shared[r] = min(m * block_tokens, int(w.n_tokens[r]))
-        else:
-            shared[r] = m * block_size + ext
-        best[r] = b
-        if sess_code[r] >= 0 and shared[r]:
-            owners = np.fromiter((first[h] for h in hl[:m]), dtype=np.int64, count=m)
-            same_blocks = int(np.count_nonzero(sess_code[owners] == sess_code[r]))
-            same[r] = min(same_blocks * block_tokens, int(shared[r]))
-            if ext and b >= 0 and sess_code[b] == sess_code[r]:
-                same[r] += ext
-    hashes = np.concatenate(all_hashes) if all_hashes else np.empty(0, dtype=np.int64)
-    blocks = np.minimum(shared // block_tokens, hash_offsets[1:] - hash_offsets[:-1])
-    return PrefixPass(shared, blocks, best, same, hashes, hash_offsets, block_tokens)
-
-
-def _codes(values: Sequence[str | None]) -> np.ndarray:
-    """Integer codes of string values; -1 for None."""
-    table: dict[str, int] = {}
-    return np.array([-1 if v is None else table.setdefault(v, len(table)) for v in values],
-                    dtype=np.int64).reshape(-1)
-
-
-def ceiling_per_request(w: Workload, p: PrefixPass) -> np.ndarray:
-    """Tokens an infinite token-granular cache serves: shared tokens, last token recomputed."""
-    return np.minimum(p.shared_tokens, np.maximum(w.n_tokens - 1, 0))
 
 # --- the stage: prefix pass + breakers + clusters -> tables and stats.json ---
 @dataclass
@@ -247,7 +89,7 @@ def _first_last_lines(text: str) -> tuple[str, str]:
 
 
 def top_prefixes(
-    w: Workload, p: PrefixPass, labels: np.ndarray, decode: Decode | None, top: int
+    w: AnalysisView, p: PrefixPass, labels: np.ndarray, decode: Decode | None, top: int
 ) -> list[dict[str, Any]]:
     """Maximal shared block prefixes ranked by saved tokens = (requests - 1) x length.
 
@@ -285,12 +127,9 @@ def top_prefixes(
     return out
 
 
-def analyze(w: Workload, options: AnalyzeOptions, decode: Decode | None = None,
+def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = None,
             tokenizer: str | None = None) -> Analysis:
     """Run the analysis over a workload; `decode` turns token ids into text (None: no text)."""
-    from advisor.breakers import find_breakers
-    from advisor.clusters import cluster_labels, features, summarize
-
     n = len(w)
     block = w.unit_tokens if w.hash_trace else options.block_size
     p = prefix_pass(w, options.block_size)

@@ -41,16 +41,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from advisor import schema
-from advisor.chatprompt import (  # noqa: F401  (re-exported: the stage's rendering API)
-    RenderError,
-    developer_as_system,
-    render_chat,
-    vllm_conversation,
-    vllm_tools,
-)
-from advisor.default_tokenizer import EMBEDDED_SPEC, embedded_dirname, ensure_embedded
 from advisor.errors import AdvisorError
 from advisor.runfolder import atomic_path
+from advisor.tokens.chatprompt import (
+    RenderError,
+    render_chat,
+)
+from advisor.tokens.default_tokenizer import (
+    EMBEDDED_SPEC,
+    embedded_dirname,
+    ensure_embedded,
+)
 
 METADATA_KEY = b"pc_advise.tokenizer"
 ROWS_PER_WORKER = 256  # rows per batch = workers x this: enough texts to keep every thread busy

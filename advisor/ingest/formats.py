@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 from advisor import schema
-from advisor.ingest_fields import (
+from advisor.ingest.fields import (
     INT32_MAX,
     INT64_MAX,
     UNKNOWN_SHAPE,

@@ -37,13 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from advisor import fastsim
 from advisor import kvmemory as kv
 from advisor import schema
-from advisor.cache import FutureUses, PrefixCache
 from advisor.errors import AdvisorError
-from advisor.events import CostModel, run_concurrent
-from advisor.fastevents import run_concurrent_compiled
+from advisor.sim.cache import FutureUses, PrefixCache
+from advisor.sim.events import CostModel, run_concurrent
+from advisor.sim.fast import policies as fastpolicy
+from advisor.sim.fast import sequential as fastsim
+from advisor.sim.fast import trace as fasttrace
+from advisor.sim.fast.events import run_concurrent_compiled
 from advisor.workload import Workload
 
 
@@ -117,7 +119,7 @@ class ConfigResult:
         }
 
 
-def block_trace(workload: Workload, block_size: int) -> fastsim.BlockTrace:
+def block_trace(workload: Workload, block_size: int) -> fasttrace.BlockTrace:
     """Every request's full blocks at `block_size` as dense ids (advisor.fastsim).
 
     Equal ids exactly when vLLM's chained block hashes are equal (64-bit keys; see
@@ -131,17 +133,17 @@ def block_trace(workload: Workload, block_size: int) -> fastsim.BlockTrace:
         offsets = np.zeros(workload.num_requests + 1, np.int64)
         np.cumsum([len(h) for h in workload.hash_ids], out=offsets[1:])
         flat = np.concatenate(workload.hash_ids) if workload.num_requests else np.zeros(0, np.int64)
-        return fastsim.trace_from_hash_ids(flat, offsets, workload.n_tokens, block_size)
+        return fasttrace.trace_from_hash_ids(flat, offsets, workload.n_tokens, block_size)
     assert workload.token_values is not None and workload.token_offsets is not None
-    return fastsim.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
+    return fasttrace.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
 
 
-def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fastsim.BlockTrace]:
+def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fasttrace.BlockTrace]:
     """`block_trace` for several block sizes (token ids are hashed in one pass)."""
     if workload.is_hash_trace:
         return {bs: block_trace(workload, bs) for bs in block_sizes}
     assert workload.token_values is not None and workload.token_offsets is not None
-    return fastsim.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
+    return fasttrace.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
                                       _salts(workload))
 
 
@@ -161,7 +163,7 @@ class TraceHashes(Sequence[Any]):
     """Per-request block hashes (dense ids) on access: Python lists for `cache.PrefixCache`,
     int64 array views for `fastcache.ArrayPrefixCache` (`arrays=True`)."""
 
-    def __init__(self, trace: fastsim.BlockTrace, arrays: bool = False) -> None:
+    def __init__(self, trace: fasttrace.BlockTrace, arrays: bool = False) -> None:
         self.trace = trace
         self.arrays = arrays
 
@@ -195,7 +197,7 @@ def simulate_one(
     *,
     mode: str = schema.MODE_SEQUENTIAL,
     policy: str = schema.POLICY_LRU,
-    trace: fastsim.BlockTrace | None = None,
+    trace: fasttrace.BlockTrace | None = None,
     future: FutureUses | None = None,
     options: SimulateOptions | None = None,
     engine: str = "auto",
@@ -223,7 +225,7 @@ def simulate_one(
     n_tokens = workload.n_tokens
     if mode == schema.MODE_SEQUENTIAL and engine == "auto":
         fast = (fastsim.simulate_sequential(trace, num_blocks) if num_blocks is None
-                else fastsim.simulate_sequential_policy(trace, num_blocks, policy, uses))
+                else fastpolicy.simulate_sequential_policy(trace, num_blocks, policy, uses))
         scheduled = (n_tokens > 0) & fast.fits
         hit_tokens = np.where(scheduled, fast.hit_tokens, 0)
         return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hit_tokens, scheduled,
@@ -279,7 +281,7 @@ def simulate_one(
                         res.evictions, res.peak_blocks_in_use, res.preemptions, exact_from)
 
 
-def _sequential_blocks_used(trace: fastsim.BlockTrace, n_tokens: np.ndarray, hit_tokens: np.ndarray) -> int:
+def _sequential_blocks_used(trace: fasttrace.BlockTrace, n_tokens: np.ndarray, hit_tokens: np.ndarray) -> int:
     """Blocks a sequential run with no eviction ever takes from the pool (`ceiling_blocks`).
 
     Each request frees its blocks before the next: unhashed ones (past its cached full

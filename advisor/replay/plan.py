@@ -207,7 +207,8 @@ def predicted_hits(
         if got is not None:
             return got, "sim_requests.parquet"
     if mode == MODE_SEQUENTIAL:
-        from advisor import blockhash, cache
+        from advisor import blockhash
+        from advisor.sim import cache
 
         lengths = [len(t) for t in w.token_ids]
         if w.synthetic and cfg.block_size == w.trace_block_size:
@@ -239,7 +240,7 @@ def _from_sim_requests(
 
 
 def _concurrent_prediction(w: Workload, cfg: ReplayConfig, opts: ReplayOptions) -> tuple[list[int], str]:
-    from advisor import simulate
+    from advisor.sim import grid as simulate
     from advisor.workload import Workload as SimWorkload
 
     sw = SimWorkload.from_token_lists(

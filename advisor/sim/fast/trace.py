@@ -1,61 +1,33 @@
-"""Fast path of the prefix-cache simulator: the same vLLM rules as `advisor.cache`, on arrays.
+"""Block traces: a workload's full blocks at one block size as dense integer ids.
 
-Inputs: a workload's token ids (flat int32 array + offsets) or a trace's hash ids, a
-block size, and pool sizes in usable blocks. Outputs: per-request hit tokens,
-evictions and peak blocks in use, equal to `advisor.cache.PrefixCache` with policy
-"lru" (tests/test_fastsim.py checks this under eviction pressure), plus the
-infinite-cache ceiling.
+Inputs: token ids (flat int32 array + offsets, with a per-request salt for LoRA name and
+cache_salt) or a block-hash trace's ids. Output: a `BlockTrace`, the input of every
+compiled simulator in this package (`sequential`, `policies`, `events`).
 
-Two steps per block size:
-1. `traces_from_tokens` / `trace_from_hash_ids` turn every full block into a dense
-   integer id (a `BlockTrace`): equal ids exactly when the chained prefixes are equal.
-   A block's key hashes the whole prefix it ends: the sum of a 64-bit mix of each
-   (position, token) up to the block's end, mixed again with the length and the
-   request's salt. One pass over the tokens serves every block size (a compiled loop,
-   or numpy without numba). Two different prefixes get the same key with probability
-   about 2^-64 per pair, so about n^2 / 2^65 for n distinct blocks (3e-6 for 10M
-   blocks); a collision could only add a spurious hit.
-2. `simulate_sequential` replays vLLM's free queue and hash -> blocks map over those
-   ids in a compiled loop (numba when importable; the same code runs as plain Python
-   otherwise, slowly): a doubly linked free queue in two arrays, per-hash circular
-   lists of copies (oldest copy first, as vLLM's dict; both in advisor.fastlists), lazy
-   eviction, tail-first free.
-   It is the cache.py algorithm step for step, so it stays exact where the LRU stack
-   property does not hold (duplicate blocks, unhashed blocks at the queue head); each
-   budget costs one pass over the blocks.
-
-The infinite-cache ceiling (`ceiling_hits`) needs no simulation: a block hits when its
-hash was first cached by an earlier request. `simulate_sequential_policy` also runs the
-reference policies FIFO and Belady (compiled in advisor.fastpolicy); requests that
-overlap in time (pinned running blocks, decode blocks) go through
-advisor.fastcache.ArrayPrefixCache, which has cache.PrefixCache's request API.
+A block's key hashes the whole prefix it ends: the sum of a 64-bit mix of each
+(position, token) up to the block's end, mixed again with the length and the request's
+salt, so equal ids mean equal chained prefixes, as vLLM's chained block hashes. One pass
+over the tokens serves every block size (a compiled loop, or numpy without numba). Two
+different prefixes get the same key with probability about 2^-64 per pair, so about
+n^2 / 2^65 for n distinct blocks (3e-6 for 10M blocks); a collision could only add a
+spurious hit. Keys are interned into dense ids with a hash table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from advisor.blockhash import mix64
-from advisor.fastlists import HAVE_NUMBA as HAVE_NUMBA  # re-exported: callers check it here
-from advisor.fastlists import (
-    compiled,
-    insert_after,
-    insert_before,
-    new_free_queue,
-    new_rings,
-    ring_link,
-    ring_lookup,
-    ring_unlink,
-    unlink,
-)
+from advisor.sim.fast.lists import HAVE_NUMBA, compiled
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TOKEN_CHUNK = 1 << 23  # tokens hashed per numpy pass (bounds temporary memory)
+
 
 
 @dataclass(frozen=True)
@@ -247,140 +219,3 @@ def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: n
     values = mix64(np.asarray(hash_ids, np.int64)[offsets[:-1][req] + j].astype(np.uint64) + _GOLDEN)
     keys = _chain(values, full, np.zeros(len(full), np.uint64))
     return _dense(keys, num_tokens, trace_block_size)
-
-
-def trace_from_hash_lists(block_hash_lists: Sequence[Sequence[Hashable]], num_tokens: Sequence[int], block_size: int) -> BlockTrace:
-    """A `BlockTrace` from explicit per-request block hashes (e.g. `blockhash.request_block_hashes`)."""
-    intern: dict[Hashable, int] = {}
-    ids: list[int] = []
-    offsets = [0]
-    for hashes, n in zip(block_hash_lists, num_tokens, strict=True):
-        for h in hashes[: n // block_size]:
-            ids.append(intern.setdefault(h, len(intern)))
-        offsets.append(len(ids))
-    return BlockTrace(block_size, np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(num_tokens, np.int64), len(intern))
-
-
-@dataclass(frozen=True)
-class SequentialResult:
-    """One budget, sequential mode: per-request hit tokens and the counters."""
-
-    num_blocks: int | None
-    hit_tokens: np.ndarray  # int64 per request (0 for a request too long for the pool)
-    evictions: int
-    peak_blocks_in_use: int
-    fits: np.ndarray  # bool per request: whether an empty pool holds the prompt
-
-    @property
-    def hits(self) -> int:
-        return int(self.hit_tokens.sum())
-
-
-@compiled
-def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, hits):  # type: ignore[no-untyped-def]
-    n = num_blocks
-    head, tail = n, n + 1
-    nxt, prv = new_free_queue(n)
-    block_id_hash = np.full(n, -1, np.int64)
-    first_copy, cnext, cprev = new_rings(num_ids, n)  # oldest cached block of each id; rings of copies
-    req = np.empty(n, np.int64)
-    evictions = 0
-    peak = 0
-    for r in range(len(num_tokens)):
-        base = offsets[r]
-        nfull = offsets[r + 1] - base
-        length = num_tokens[r]
-        nreq = (length + block_size - 1) // block_size
-        if nreq > n or length <= 0:
-            hits[r] = 0
-            continue
-        peak = max(peak, nreq)
-        cap = min(nfull, (length - 1) // block_size)
-        k = ring_lookup(ids[base:], cap, first_copy, req)
-        for i in range(k):  # a hit pulls the block off the free queue
-            unlink(nxt, prv, req[i])
-        for i in range(k, nreq):  # pop the head; evict its hash now
-            b = nxt[head]
-            unlink(nxt, prv, b)
-            h = block_id_hash[b]
-            if h >= 0:
-                ring_unlink(first_copy, cnext, cprev, h, b)
-                block_id_hash[b] = -1
-                evictions += 1
-            req[i] = b
-        for i in range(k, nfull):  # cache the new full blocks (no de-duplication)
-            b = req[i]
-            h = ids[base + i]
-            block_id_hash[b] = h
-            ring_link(first_copy, cnext, cprev, h, b)
-        anchor = head  # free tail-first: unhashed blocks to the head, in that order
-        for i in range(nreq - 1, -1, -1):
-            b = req[i]
-            if block_id_hash[b] < 0:
-                insert_after(nxt, prv, anchor, b)
-                anchor = b
-        for i in range(nreq - 1, -1, -1):  # hashed blocks to the tail
-            b = req[i]
-            if block_id_hash[b] >= 0:
-                insert_before(nxt, prv, tail, b)
-        hits[r] = k * block_size
-    return evictions, peak
-
-
-def simulate_sequential(trace: BlockTrace, num_blocks: int | None) -> SequentialResult:
-    """vLLM's prefix cache (LRU), one request at a time, prefill only, each freed before
-    the next; `num_blocks` usable blocks, None = infinite (the ceiling)."""
-    bs = trace.block_size
-    needed = -(-trace.num_tokens // bs)
-    if num_blocks is None:
-        hits = ceiling_hits(trace)
-        return SequentialResult(None, hits, 0, int(needed.max(initial=0)), np.ones(len(hits), bool))
-    if num_blocks <= 0:
-        raise ValueError("num_blocks must be positive")
-    hits = np.zeros(trace.num_requests, np.int64)
-    evictions, peak = _sequential_lru(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks), max(trace.num_ids, 1), hits)
-    return SequentialResult(int(num_blocks), hits, int(evictions), int(peak), needed <= num_blocks)
-
-
-def sweep_sequential(trace: BlockTrace, budgets: Sequence[int | None]) -> list[SequentialResult]:
-    """`simulate_sequential` for each budget (one pass over the blocks each)."""
-    return [simulate_sequential(trace, b) for b in budgets]
-
-
-def simulate_sequential_policy(trace: BlockTrace, num_blocks: int, policy: str,
-                               uses: tuple[np.ndarray, np.ndarray] | None = None) -> SequentialResult:
-    """Sequential mode under "lru" (vLLM), "fifo" or "belady" (advisor.cache's rules;
-    the last two compiled in advisor.fastpolicy; `uses`: its `future_uses(trace)`)."""
-    if policy == "lru":
-        return simulate_sequential(trace, num_blocks)
-    from advisor.fastpolicy import simulate_reference_policy
-
-    return simulate_reference_policy(trace, num_blocks, policy, uses)
-
-
-@compiled
-def _ceiling(ids, offsets, num_tokens, block_size, first_req, hits):  # type: ignore[no-untyped-def]
-    for r in range(len(num_tokens)):
-        base = offsets[r]
-        cap = min(offsets[r + 1] - base, max(num_tokens[r] - 1, 0) // block_size)
-        k = 0
-        while k < cap and first_req[ids[base + k]] < r:
-            k += 1
-        hits[r] = k * block_size
-
-
-@compiled
-def _first_requests(ids, offsets, first_req):  # type: ignore[no-untyped-def]
-    for r in range(len(offsets) - 1):
-        for i in range(offsets[r], offsets[r + 1]):
-            if first_req[ids[i]] > r:
-                first_req[ids[i]] = r
-
-
-def ceiling_hits(trace: BlockTrace) -> np.ndarray:
-    """Per-request hit tokens of an infinite cache (vLLM rules, nothing ever evicted)."""
-    first_req = np.full(max(trace.num_ids, 1), np.iinfo(np.int64).max, np.int64)
-    _first_requests(trace.ids, trace.offsets, first_req)  # the request that first has each id
-    hits = np.zeros(trace.num_requests, np.int64)
-    _ceiling(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, first_req, hits)
-    return hits

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from advisor.fastlists import (
+from advisor.sim.fast.lists import (
     compiled,
     insert_after,
     insert_before,

@@ -37,7 +37,11 @@ import polars as pl
 from advisor import kvmemory as kv
 from advisor.errors import AdvisorError
 from advisor.schema import (
-    MODE_CONCURRENT, MODE_SEQUENTIAL, POLICY_LRU, WINDOW_COLD, WINDOW_WARM,
+    MODE_CONCURRENT,
+    MODE_SEQUENTIAL,
+    POLICY_LRU,
+    WINDOW_COLD,
+    WINDOW_WARM,
 )
 
 BACKEND_BLOCK_MULTIPLE = {"cuda": 16, "cpu": 32}  # FlashAttention/Triton; vLLM CPU backend

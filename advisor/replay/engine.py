@@ -40,12 +40,19 @@ from typing import Any
 import pyarrow as pa
 
 from advisor.errors import AdvisorError
-from advisor.replay_plan import (  # noqa: F401  (re-exported: the stage's API in one place)
-    CONCURRENT_TOLERANCE_POINTS, CPU_BLOCK_MULTIPLE, ENGINE_INPROCESS, ENGINE_SERVER,
-    STATUS_CONFIRMED, STATUS_MISMATCH, STATUS_NOT_CONFIRMABLE, STATUS_NOT_RUN, ConfigResult,
-    ReplayConfig, ReplayOptions, ReplayResult, Workload, check_failures, configs_to_confirm,
-    confirmability, engine_batched_tokens, from_workload, load_workload, max_model_len, merge_results, modes_for,
-    not_run, output_lengths, predicted_hits, synthesize_trace_tokens,
+from advisor.replay.plan import (
+    CPU_BLOCK_MULTIPLE,
+    ENGINE_INPROCESS,
+    ConfigResult,
+    ReplayConfig,
+    ReplayOptions,
+    ReplayResult,
+    Workload,
+    confirmability,
+    engine_batched_tokens,
+    max_model_len,
+    output_lengths,
+    predicted_hits,
 )
 from advisor.schema import MODE_CONCURRENT, MODE_SEQUENTIAL
 
@@ -340,7 +347,7 @@ def resolve_replay_model(w: Workload, replay_model: str | None, cache_dir: Path)
                 "them, or omit --replay-model (a tiny random model covering the ids is built)."
             )
         return str(p), f"user model {p.name}"
-    from advisor import tinymodel
+    from advisor.replay import tinymodel
 
     vocab = tinymodel.vocab_for(w.max_token_id)
     with engine_log_captured():  # transformers' save progress bar

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from advisor.blockhash import mix64 as mix64  # re-exported: clusters and breakers import it here
+from advisor.blockhash import (
+    mix64 as mix64,  # re-exported: clusters and breakers import it here
+)
 
 _K_POS = np.uint64(0x9E3779B97F4A7C15)
 _K_DEPTH = np.uint64(0xD6E8FEB86659FD93)

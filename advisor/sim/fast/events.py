@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from advisor.events import ConcurrentResult, CostModel
-from advisor.fastcache import _admit, _allocate, _cache_blocks, _free
-from advisor.fastlists import compiled, new_free_queue, new_rings
-from advisor.fastsim import BlockTrace
+from advisor.sim.events import ConcurrentResult, CostModel
+from advisor.sim.fast.cache import _admit, _allocate, _cache_blocks, _free
+from advisor.sim.fast.lists import compiled, new_free_queue, new_rings
+from advisor.sim.fast.trace import BlockTrace
 
 # cnt: the cache's counters, shared with fastcache's kernels (which use the first two)
 _EVICTIONS, _FREE, _IN_USE, _PEAK, _MAX_BLOCK = 0, 1, 2, 3, 4

@@ -1,6 +1,6 @@
 """Cache breakers: near-identical prompts whose token streams diverge early.
 
-Input: a token `Workload` and its `PrefixPass` (advisor.stats); a `decode` callable for text.
+Input: a token `AnalysisView` and its `PrefixPass` (advisor.stats); a `decode` callable for text.
 Output: a list of breaker dicts (stats.json "breakers", keys per the cross-helper contract).
 
 Finding is generic and never looks at the text:
@@ -32,8 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from advisor.prefixhash import common_prefix_len, content_chunks, mix64
-from advisor.stats import Decode, PrefixPass, Workload, ceiling_per_request
+from advisor.analyze.hashing import common_prefix_len, content_chunks, mix64
+from advisor.analyze.prefixes import (
+    AnalysisView,
+    Decode,
+    PrefixPass,
+    ceiling_per_request,
+)
 
 _KGRAM = 8
 _MIN_RUN = 16
@@ -54,7 +59,7 @@ class PairFinding:
     tokens_lost: int
 
 
-def candidate_pairs(w: Workload, p: PrefixPass, lead_tokens: int, min_tokens: int) -> list[tuple[int, int]]:
+def candidate_pairs(w: AnalysisView, p: PrefixPass, lead_tokens: int, min_tokens: int) -> list[tuple[int, int]]:
     """(earlier, later) pairs of near-identical prompts whose shared prefix stops early."""
     last: dict[int, int] = {}
     pairs: list[tuple[int, int]] = []
@@ -132,7 +137,7 @@ def align_pair(a: np.ndarray, b: np.ndarray, window: int) -> tuple[int, int, int
 
 
 def analyse_pairs(
-    w: Workload, p: PrefixPass, pairs: Sequence[tuple[int, int]], window: int, min_tokens: int
+    w: AnalysisView, p: PrefixPass, pairs: Sequence[tuple[int, int]], window: int, min_tokens: int
 ) -> list[PairFinding]:
     ceil = ceiling_per_request(w, p)
     found = []
@@ -221,7 +226,7 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 
 def group_findings(
-    w: Workload, findings: Sequence[PairFinding], decode: Decode | None, block_size: int,
+    w: AnalysisView, findings: Sequence[PairFinding], decode: Decode | None, block_size: int,
     total_tokens: int, window: int,
 ) -> list[dict[str, Any]]:
     """One breaker per (family of near-identical prompts, divergence block)."""
@@ -306,7 +311,7 @@ class BreakerResult:
 
 
 def find_breakers(
-    w: Workload, p: PrefixPass, decode: Decode | None, block_size: int, lead_tokens: int
+    w: AnalysisView, p: PrefixPass, decode: Decode | None, block_size: int, lead_tokens: int
 ) -> BreakerResult:
     """Every cache breaker of a token workload (none for hash traces: no content to compare)."""
     if w.hash_trace or len(w) < 2:

@@ -44,22 +44,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from advisor import fastsim
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
-from advisor.fastevents import request_hashes
-from advisor.fastpolicy import future_uses
-from advisor.simconfig import (
+from advisor.sim.configuration import (
     ConfigResult,
     SimulateOptions,
     TraceHashes,
-    check_trace_block_size,
     block_trace,
     block_traces,
     ceiling_blocks,
+    check_trace_block_size,
     simulate_one,
 )
+from advisor.sim.fast import trace as fasttrace
+from advisor.sim.fast.events import request_hashes
+from advisor.sim.fast.policies import future_uses
 from advisor.workload import Workload, load_workload, warm_mask
 
 __all__ = [  # simconfig's names are re-exported: callers import them from here
@@ -92,7 +92,7 @@ def plan_budgets(
     options: SimulateOptions,
     geom: kv.ModelGeometry | None,
     block_size: int,
-    trace: fastsim.BlockTrace,
+    trace: fasttrace.BlockTrace,
 ) -> tuple[list[int], list[str]]:
     """Usable block counts to simulate at `block_size`, and notes on where they came from."""
     notes: list[str] = []
@@ -215,7 +215,7 @@ def _as_budget(ceiling: ConfigResult, num_blocks: int, policy: str) -> ConfigRes
     return replace(ceiling, num_blocks=num_blocks, policy=policy, exact_from=None)
 
 
-def _run_configs(workload: Workload, bs: int, trace: fastsim.BlockTrace, configs: list[tuple[int, str, str]],
+def _run_configs(workload: Workload, bs: int, trace: fasttrace.BlockTrace, configs: list[tuple[int, str, str]],
                  options: SimulateOptions, tick: Callable[[int], None],
                  ceiling_runs: dict[str, ConfigResult] | None = None,
                  prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
