@@ -24,7 +24,3 @@ class InputRefused(AdvisorError):
 
 class MissingStage(AdvisorError):
     """A stage needs an artifact that an earlier stage has not written yet."""
-
-
-class StageNotBuilt(AdvisorError):
-    """The stage exists in the design but is not implemented in this version."""

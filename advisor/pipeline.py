@@ -1,48 +1,134 @@
-"""Stage bookkeeping shared by every command: skip when fresh, time, record.
+"""The pipeline: every stage in order over one run folder (`advisor.run`).
 
-A stage is a function `(RunDir) -> counts` that reads its inputs from the run
-folder and writes its outputs there. `run_stage` fingerprints the inputs and
-options, skips the stage when the manifest says it already ran on exactly
-these, and otherwise runs it and records the result.
+Each stage is a library function `run_<stage>(run_dir, options, ...) -> StageOutcome` in its
+own package; runfolder.STAGES declares what each reads and writes, and `STAGE_FUNCTIONS`
+binds the names to those functions. `run` chains them; each one is skipped when its inputs
+and options are unchanged since the last run (manifest.json).
+
+Options are passed flat, by the field names of the stages' options dataclasses; a name shared
+by several stages reaches all of them (`model` and `gpu` size both the simulation and the
+recommendation; `speedup` is the clock of both the simulation and the concurrent replay).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from advisor.runfolder import RunDir, StageTimer
+from advisor.analyze.stage import AnalyzeOptions, run_analyze
+from advisor.ingest.stage import IngestOptions, run_ingest
+from advisor.recommend.options import RecommendOptions
+from advisor.recommend.stage import run_recommend
+from advisor.replay.stage import ReplayOptions, run_replay
+from advisor.report.stage import ReportOptions, run_report
+from advisor.runfolder import (
+    DEFAULT_CACHE_DIR,
+    NO_PROGRESS,
+    STAGES,
+    Progress,
+    StageOutcome,
+)
+from advisor.sim.configuration import SimulateOptions
+from advisor.sim.stage import run_simulate
+from advisor.tokens.stage import TokenizeOptions, run_tokenize
+
+STAGE_FUNCTIONS: dict[str, Callable[..., StageOutcome]] = {
+    "ingest": run_ingest, "tokenize": run_tokenize, "analyze": run_analyze,
+    "simulate": run_simulate, "recommend": run_recommend, "replay": run_replay, "report": run_report,
+}
+STAGE_OPTIONS: dict[str, type] = {
+    "ingest": IngestOptions, "tokenize": TokenizeOptions, "analyze": AnalyzeOptions,
+    "simulate": SimulateOptions, "recommend": RecommendOptions, "replay": ReplayOptions,
+    "report": ReportOptions,
+}
+assert [s.name for s in STAGES] == list(STAGE_FUNCTIONS) == list(STAGE_OPTIONS)
 
 
 @dataclass(frozen=True)
-class StageOutcome:
-    stage: str
-    skipped: bool
-    wall_s: float
-    counts: Mapping[str, Any] = field(default_factory=dict)
+class RunResult:
+    """What `run` did: the run folder and each stage's outcome, in pipeline order."""
+
+    run_dir: Path
+    stages: Mapping[str, StageOutcome]
+
+    @property
+    def report_html(self) -> Path:
+        return self.run_dir / "report.html"
+
+    @property
+    def report_md(self) -> Path:
+        return self.run_dir / "report.md"
 
 
-def run_stage(
-    run: RunDir,
-    stage: str,
-    inputs: list[Path],
-    options: Mapping[str, Any],
-    outputs: list[str],
-    body: Callable[[RunDir], Mapping[str, Any]],
+def default_out_dir(log: str | Path) -> Path:
+    """./pc-advise-out/<input name without .jsonl/.gz/.zst>/ ('stdin' for '-')."""
+    if str(log) == "-":
+        return Path("pc-advise-out") / "stdin"
+    name = Path(log).name
+    for suffix in (".zst", ".gz", ".jsonl", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return Path("pc-advise-out") / (name or "log")
+
+
+def option_names() -> dict[str, list[str]]:
+    """Every option `run` takes, with the stages it reaches."""
+    names: dict[str, list[str]] = {}
+    for stage, cls in STAGE_OPTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.init:
+                names.setdefault(f.name, []).append(stage)
+    return names
+
+
+def stage_options(**options: Any) -> dict[str, Any]:
+    """Flat options -> one options object per stage (each with its own defaults)."""
+    known = option_names()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    out = {}
+    for stage, cls in STAGE_OPTIONS.items():
+        mine = {f.name for f in dataclasses.fields(cls) if f.init}
+        out[stage] = cls(**{k: v for k, v in options.items() if k in mine})
+    return out
+
+
+def run(
+    log: str | Path,
+    out: str | Path | None = None,
+    *,
     force: bool = False,
-    fingerprintable: bool = True,
-) -> StageOutcome:
-    """Run `body` unless its inputs and options are unchanged since the last run.
+    progress: Progress = NO_PROGRESS,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    stdin: BinaryIO | None = None,
+    api_key: str | None = None,
+    on_stage: Callable[[StageOutcome], None] = lambda outcome: None,
+    warn: Callable[[str], None] = lambda message: None,
+    **options: Any,
+) -> RunResult:
+    """Run every stage on `log` into `out` (default ./pc-advise-out/<log name>/).
 
-    `fingerprintable=False` (stdin input) always runs: there is nothing to hash up front.
+    `options` are the stages' options by name (see `option_names()`); `on_stage` is called
+    with each stage's outcome as it finishes. Raises AdvisorError for what a user can fix.
     """
-    key, sums = run.fingerprint(stage, inputs, options) if fingerprintable else ("", {})
-    if fingerprintable and not force and run.is_fresh(stage, key, outputs):
-        prev = run.manifest()["stages"][stage]
-        return StageOutcome(stage, True, 0.0, prev.get("counts", {}))
-    with StageTimer() as t:
-        counts = body(run)
-    run.record(stage, key, sums, options, t.elapsed, counts)
-    return StageOutcome(stage, False, t.elapsed, counts)
+    opts = stage_options(**options)
+    run_dir = Path(out) if out is not None else default_out_dir(log)
+    done: dict[str, StageOutcome] = {}
+
+    def record(outcome: StageOutcome) -> None:
+        done[outcome.stage] = outcome
+        on_stage(outcome)
+
+    record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin))
+    record(run_tokenize(run_dir, opts["tokenize"], force=force, progress=progress, cache_dir=cache_dir))
+    record(run_analyze(run_dir, opts["analyze"], force=force, cache_dir=cache_dir))
+    record(run_simulate(run_dir, opts["simulate"], force=force, progress=progress))
+    record(run_recommend(run_dir, opts["recommend"], force=force))
+    record(run_replay(run_dir, opts["replay"], force=force, progress=progress, cache_dir=cache_dir,
+                      api_key=api_key, warn=warn))
+    record(run_report(run_dir, opts["report"], force=force))
+    return RunResult(run_dir, done)

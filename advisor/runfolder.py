@@ -8,6 +8,9 @@ is unchanged is skipped on rerun, and because each fingerprint covers the
 checksums of the upstream artifacts, a change upstream invalidates everything
 after it. The fingerprint also covers the tool's own code (`code_digest`), so an
 upgrade, or an edit in a development checkout, reruns the stages it may change.
+
+`RunDir.run_stage` is the bookkeeping every stage function goes through: fingerprint the
+inputs and options, skip when fresh, otherwise run, time and record.
 """
 
 from __future__ import annotations
@@ -19,16 +22,16 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from advisor import __version__
 from advisor.errors import MissingStage
+from advisor.version import __version__
 
 # Artifact file names (DESIGN §2).
 REQUESTS = "requests.parquet"
@@ -45,21 +48,35 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 MANIFEST = "manifest.json"
 
-# Which stage writes which artifact, so a missing input can name the command to run.
-PRODUCER = {
-    REQUESTS: "ingest",
-    REJECTS: "ingest",
-    TOKENS: "tokenize",
-    PREFIXES: "analyze",
-    CLUSTERS: "analyze",
-    STATS: "analyze",
-    SIM: "simulate",
-    SIM_REQUESTS: "simulate",
-    RECOMMENDATION: "recommend",
-    REPLAY: "replay",
-}
 
-STAGES = ("ingest", "tokenize", "analyze", "simulate", "recommend", "replay", "report")
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline as the run folder sees it: what it reads and writes
+    (`LOG` is the log itself). advisor.pipeline binds each to its function."""
+
+    name: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+LOG = "LOG"
+# The pipeline in order: the one declaration of which stage reads and writes what.
+STAGES = (
+    StageSpec("ingest", (LOG,), (REQUESTS, REJECTS)),
+    StageSpec("tokenize", (REQUESTS,), (TOKENS,)),
+    StageSpec("analyze", (REQUESTS, TOKENS), (PREFIXES, CLUSTERS, STATS)),
+    StageSpec("simulate", (REQUESTS, TOKENS), (SIM, SIM_REQUESTS)),
+    StageSpec("recommend", (SIM, STATS, REQUESTS), (RECOMMENDATION,)),
+    StageSpec("replay", (REQUESTS, TOKENS, RECOMMENDATION, SIM_REQUESTS), (REPLAY,)),
+    StageSpec("report", (MANIFEST, REJECTS, STATS, PREFIXES, CLUSTERS, REQUESTS, SIM, SIM_REQUESTS,
+                         RECOMMENDATION, REPLAY), (REPORT_HTML, REPORT_MD)),
+)
+# Which stage writes which artifact, so a missing input can name the command to run.
+PRODUCER = {artifact: s.name for s in STAGES for artifact in s.writes}
+
+# Built assets kept between runs (the embedded tokenizer, the tiny replay model). The CLI
+# honours PC_ADVISE_CACHE / XDG_CACHE_HOME and passes its choice down as `cache_dir`.
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pc-advise"
 
 
 @contextlib.contextmanager
@@ -120,6 +137,30 @@ def code_digest() -> str:
                        and "__pycache__" not in p.parts):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one stage call did: skipped (fresh) or ran, its wall time, its recorded counts."""
+
+    stage: str
+    skipped: bool
+    wall_s: float
+    counts: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Progress:
+    """Progress of a long stage: `with progress.task(label, total) as advance: advance(n)`.
+
+    The default reports nowhere; the CLI passes one that draws a bar on a terminal.
+    """
+
+    @contextlib.contextmanager
+    def task(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+
+NO_PROGRESS = Progress()
 
 
 @dataclass(frozen=True)
@@ -197,6 +238,36 @@ class RunDir:
             "counts": dict(counts),
         }
         write_json(self.path(MANIFEST), m)
+
+
+    def run_stage(
+        self,
+        stage: str,
+        inputs: list[Path],
+        options: Mapping[str, Any],
+        outputs: list[str],
+        body: Callable[[RunDir], Mapping[str, Any]],
+        force: bool = False,
+        fingerprintable: bool = True,
+    ) -> StageOutcome:
+        """Run `body` unless its inputs and options are unchanged since the last run, then
+        record it. `fingerprintable=False` (a pipe as input) always runs: nothing to hash."""
+        key, sums = self.fingerprint(stage, inputs, options) if fingerprintable else ("", {})
+        if fingerprintable and not force and self.is_fresh(stage, key, outputs):
+            prev = self.manifest()["stages"][stage]
+            return StageOutcome(stage, True, 0.0, prev.get("counts", {}))
+        with StageTimer() as t:
+            counts = body(self)
+        self.record(stage, key, sums, options, t.elapsed, counts)
+        return StageOutcome(stage, False, t.elapsed, counts)
+
+    def stage_counts(self, stage: str) -> dict[str, Any]:
+        """The counts `stage` recorded (empty when it has not run)."""
+        return dict(self.manifest().get("stages", {}).get(stage, {}).get("counts", {}))
+
+    def stage_options(self, stage: str) -> dict[str, Any]:
+        """The options `stage` last ran with, as recorded (empty when it has not run)."""
+        return dict(self.manifest().get("stages", {}).get(stage, {}).get("options", {}))
 
 
 class StageTimer:

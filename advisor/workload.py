@@ -13,6 +13,7 @@ replayed with.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ class Workload:
     cache_salt: list[str | None]
     token_values: np.ndarray | None  # int32, all requests' token ids back to back
     token_offsets: np.ndarray | None  # int64, request i is values[off[i]:off[i+1]]
-    hash_ids: list[np.ndarray] | None  # hash traces: one id per trace block
+    hash_values: np.ndarray | None  # int64, hash traces: all requests' ids (one per trace block) back to back
+    hash_offsets: np.ndarray | None  # int64, request i is hash_values[off[i]:off[i+1]]
     trace_block_size: int | None
     models: tuple[str, ...] = ()  # distinct model names in the log (None shown as "")
     request_models: list[str | None] = field(default_factory=list)  # per request, when read from a run
@@ -58,7 +60,27 @@ class Workload:
 
     @property
     def is_hash_trace(self) -> bool:
-        return self.hash_ids is not None
+        return self.hash_values is not None
+
+    @property
+    def input_kind(self) -> str:
+        """"hash_trace" (hash ids, no tokens) or "tokens": what every stage reports."""
+        return schema.KIND_HASH_TRACE if self.is_hash_trace else "tokens"
+
+    @functools.cached_property
+    def namespaces(self) -> list[str | None]:
+        """Per request, the key of the cache it can share blocks in (None: the common one).
+
+        vLLM never shares a block across LoRA adapters or cache salts, and one engine serves
+        one model (`cache_namespaces` folds the model into the salt when the log names
+        several). Simulation and analysis partition requests by this one key.
+        """
+        return [None if lo is None and s is None else f"lora={lo or ''}|salt={s or ''}"
+                for lo, s in zip(self.lora, self.cache_salt, strict=True)]
+
+    def hash_ids(self, i: int) -> np.ndarray:
+        assert self.hash_values is not None and self.hash_offsets is not None
+        return self.hash_values[self.hash_offsets[i] : self.hash_offsets[i + 1]]
 
     def tokens(self, i: int) -> np.ndarray:
         assert self.token_values is not None and self.token_offsets is not None
@@ -111,7 +133,8 @@ class Workload:
             latency_s=nan, ttft_s=nan,
             lora=list(lora) if lora is not None else [None] * n,
             cache_salt=cache_namespaces(ms, list(cache_salt) if cache_salt is not None else [None] * n),
-            token_values=values, token_offsets=offsets, hash_ids=None, trace_block_size=None,
+            token_values=values, token_offsets=offsets, hash_values=None, hash_offsets=None,
+            trace_block_size=None,
             models=tuple(sorted({m or "" for m in ms})) if models is not None else (),
             request_models=ms, sessions=list(sessions) if sessions is not None else [None] * n,
         )
@@ -135,7 +158,9 @@ class Workload:
             timestamps=np.asarray(timestamps, dtype=np.float64) if timestamps is not None else nan,
             latency_s=nan, ttft_s=nan, lora=[None] * n, cache_salt=[None] * n,
             token_values=None, token_offsets=None,
-            hash_ids=[np.asarray(h, dtype=np.int64) for h in hash_ids], trace_block_size=int(trace_block_size),
+            hash_values=np.concatenate([np.asarray(h, dtype=np.int64) for h in hash_ids]) if n else np.zeros(0, np.int64),
+            hash_offsets=np.concatenate([[0], np.cumsum([len(h) for h in hash_ids])]).astype(np.int64),
+            trace_block_size=int(trace_block_size),
         )
 
 
@@ -255,12 +280,12 @@ def _build(req: pa.Table, tok: pa.Table, token_ids: tuple[np.ndarray, np.ndarray
         lens = ids.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         offs = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=offs[1:])
-        hash_ids = [values[offs[i] : offs[i + 1]] for i in range(n)]
-        return Workload(**common, token_values=None, token_offsets=None, hash_ids=hash_ids,
+        return Workload(**common, token_values=None, token_offsets=None, hash_values=values, hash_offsets=offs,
                         trace_block_size=int(sizes.pop()))
     values, offs = token_ids
     common["n_tokens"] = np.diff(offs).astype(np.int64)  # 0 where refused at tokenization
-    return Workload(**common, token_values=values, token_offsets=offs, hash_ids=None, trace_block_size=None)
+    return Workload(**common, token_values=values, token_offsets=offs, hash_values=None, hash_offsets=None,
+                    trace_block_size=None)
 
 
 def _read_token_ids(tokens_path: Path, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

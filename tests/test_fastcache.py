@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from array_cache import ArrayPrefixCache
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from advisor.blockhash import request_block_hashes
 from advisor.sim.cache import PrefixCache
-from advisor.sim.fast.cache import ArrayPrefixCache
 
 B = 4
 SYSTEMS = [list(range(100 * k, 100 * k + n)) for k, n in enumerate((5, 8, 13))]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from array_cache import ArrayPrefixCache
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from advisor.blockhash import request_block_hashes
 from advisor.sim.cache import PrefixCache, sequential_hits
 from advisor.sim.fast import sequential as fastsim
 from advisor.sim.fast import trace as fasttrace
-from advisor.sim.fast.cache import ArrayPrefixCache
 
 vllm = pytest.importorskip(
     "vllm.v1.core.kv_cache_manager",

@@ -17,7 +17,8 @@ from advisor import kvmemory as kv
 from advisor import runfolder as rf
 from advisor.cli import main
 from advisor.errors import AdvisorError
-from advisor.recommend.stage import RecommendOptions, recommend
+from advisor.recommend.options import RecommendOptions
+from advisor.recommend.stage import recommend
 from advisor.schema import SIM
 
 QUERIES = 1_000_000

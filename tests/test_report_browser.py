@@ -16,7 +16,7 @@ import pytest
 from report_fixture import write_fixture_run
 
 import advisor.runfolder as rf
-from advisor.report import write_report
+from advisor.report.stage import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

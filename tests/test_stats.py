@@ -23,8 +23,8 @@ from advisor.analyze.prefixes import (
     workload_from_lists,
 )
 from advisor.analyze.stage import AnalyzeOptions, analyze
-from advisor.workload import load_workload
 from advisor.cli import main
+from advisor.workload import load_workload
 
 
 def naive_shared(tokens: list[list[int]]) -> list[int]:
@@ -115,7 +115,7 @@ def test_reuse_sources_split_by_the_session_that_first_sent_the_blocks() -> None
     b1 = system + list(range(2000, 2032))
     a2 = a1 + list(range(3000, 3032))
     w = workload_from_lists([a1, b1, a2], sessions=["A", "B", "A"])
-    a = analyze(w, AnalyzeOptions(block_size=16))
+    a = analyze(w, AnalyzeOptions(analysis_block_size=16))
     src = a.stats["reuse_sources"]
     # b1 reuses the system prompt first sent by session A: cross-request, 32 tokens.
     # a2 reuses all of a1 (its own session sent every block of it first): 64 tokens.

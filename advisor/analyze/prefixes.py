@@ -38,7 +38,7 @@ class AnalysisView:
     offsets: np.ndarray  # int64, len N+1
     models: list[str | None]
     sessions: list[str | None]
-    namespaces: list[str | None]  # "model|lora|cache_salt": requests in different ones never share
+    namespaces: list[str | None]  # workload.Workload.namespaces: requests in different ones never share
     hash_trace: bool = False
     unit_tokens: int = 1  # tokens per unit: 1, or the trace block size
 
@@ -64,10 +64,8 @@ def from_workload(w: workload.Workload) -> AnalysisView:
     """Units are token ids, or a hash trace's hash ids (`unit_tokens` tokens each)."""
     n = w.num_requests
     if w.is_hash_trace:
-        assert w.hash_ids is not None
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(h) for h in w.hash_ids], out=offsets[1:])
-        values = np.concatenate(w.hash_ids) if n else np.zeros(0, np.int64)
+        assert w.hash_values is not None and w.hash_offsets is not None
+        values, offsets = w.hash_values, w.hash_offsets
     else:
         assert w.token_values is not None and w.token_offsets is not None
         values, offsets = w.token_values, w.token_offsets
@@ -76,11 +74,7 @@ def from_workload(w: workload.Workload) -> AnalysisView:
         request_ids=w.request_ids.to_pylist(),
         n_tokens=w.n_tokens,
         values=values, offsets=offsets, models=models, sessions=list(w.sessions) or [None] * n,
-        # requests in different namespaces never share a block (the simulator's salts)
-        namespaces=[
-            None if (m, lo, s) == (None, None, None) else f"{m}|{lo}|{s}"
-            for m, lo, s in zip(models, w.lora, w.cache_salt, strict=True)
-        ],
+        namespaces=w.namespaces,  # never share a block across these (the simulator's partition)
         hash_trace=w.is_hash_trace, unit_tokens=w.trace_block_size or 1,
     )
 

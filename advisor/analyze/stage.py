@@ -3,7 +3,7 @@
 Inputs: one `AnalysisView` (token ids per request as flat Arrow/numpy buffers, or a hash trace's
 hash ids, plus request ids, models, sessions) built by `load_workload` from requests.parquet and
 tokens.parquet. Outputs: an `Analysis` holding the prefixes.parquet and clusters.parquet tables
-and the stats.json object; cli.py writes them.
+and the stats.json object; `run_analyze` reads the run folder and writes them.
 
 The central number is `ceiling_tokens` (DESIGN §6): for each request, the longest prefix it shares
 with ANY earlier request, in tokens, capped so the last prompt token is recomputed as vLLM does;
@@ -29,6 +29,7 @@ full-block part is always exact). Memory grows with distinct blocks
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,18 +44,38 @@ from advisor.analyze.prefixes import (
     PrefixPass,
     _codes,
     ceiling_per_request,
+    from_workload,
     prefix_pass,
 )
+from advisor.errors import AdvisorError
+from advisor.runfolder import (
+    CLUSTERS,
+    DEFAULT_CACHE_DIR,
+    PREFIXES,
+    REQUESTS,
+    STATS,
+    TOKENS,
+    RunDir,
+    StageOutcome,
+    write_json,
+    write_table,
+)
+from advisor.tokens.stage import load_tokenizer, tokenizer_spec_of
+from advisor.workload import load_workload
 
 
 # --- options and results ---
 @dataclass(frozen=True)
 class AnalyzeOptions:
-    block_size: int = 16  # analysis block size (tokens); hash traces use the trace's own
-    seed: int = 0  # clustering
-    max_clusters: int = 12
+    analysis_block_size: int = 16  # tokens per block counted; hash traces use the trace's own
+    cluster_seed: int = 0  # same seed, same clusters
+    max_clusters: int = 12  # the largest k tried
     top_prefixes: int = 10
     lead_tokens: int = 1024  # leading window used for clustering features and breaker search
+
+    def __post_init__(self) -> None:
+        if self.analysis_block_size < 1 or self.max_clusters < 1:
+            raise AdvisorError("--analysis-block-size and --max-clusters must be at least 1.")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,13 +152,13 @@ def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = No
             tokenizer: str | None = None) -> Analysis:
     """Run the analysis over a workload; `decode` turns token ids into text (None: no text)."""
     n = len(w)
-    block = w.unit_tokens if w.hash_trace else options.block_size
-    p = prefix_pass(w, options.block_size)
+    block = w.unit_tokens if w.hash_trace else options.analysis_block_size
+    p = prefix_pass(w, options.analysis_block_size)
     ceil = ceiling_per_request(w, p)
-    found = find_breakers(w, p, decode if not w.hash_trace else None, options.block_size,
+    found = find_breakers(w, p, decode if not w.hash_trace else None, options.analysis_block_size,
                           options.lead_tokens)
     x = features(w, options.lead_tokens)
-    labels, method = cluster_labels(x, options.seed, options.max_clusters)
+    labels, method = cluster_labels(x, options.cluster_seed, options.max_clusters)
     clusters = summarize(w, p, labels, x, decode)
 
     sess_known = np.array([s is not None for s in w.sessions], dtype=bool)
@@ -223,3 +244,37 @@ def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = No
         "options": options.as_dict(),
     }
     return Analysis(prefixes, clusters, stats)
+
+
+def run_analyze(
+    run_dir: str | Path, options: AnalyzeOptions | None = None, *, force: bool = False,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+) -> StageOutcome:
+    """The analyze stage on `run_dir`: requests + tokens -> prefixes, clusters, stats.json.
+
+    Texts are decoded with the tokenizer tokens.parquet names; when it cannot be loaded the
+    numbers are still computed and the counts carry a note saying why no text is shown.
+    """
+    options = options or AnalyzeOptions()
+    run = RunDir(Path(run_dir))
+
+    def body(r: RunDir) -> dict[str, Any]:
+        tokens_path = r.require(TOKENS)
+        view = from_workload(load_workload(r.require(REQUESTS), tokens_path))
+        decode, spec, notes = None, None, []
+        if not view.hash_trace:
+            spec = tokenizer_spec_of(tokens_path)
+            if spec is not None:
+                try:
+                    tokenizer = load_tokenizer(spec, cache_dir)
+                    decode = lambda ids: tokenizer.decode([int(i) for i in ids])  # noqa: E731
+                except AdvisorError as e:  # numbers need no text: analyze on, undecoded
+                    notes.append(f"cannot decode token ids, so no texts are shown ({e})")
+        result = analyze(view, options, decode, spec)
+        write_table(r.path(PREFIXES), result.prefixes)
+        write_table(r.path(CLUSTERS), result.clusters)
+        write_json(r.path(STATS), result.stats)
+        return {**result.as_counts(), "notes": notes}
+
+    return run.run_stage("analyze", [run.require(REQUESTS), run.require(TOKENS)], options.as_dict(),
+                         [PREFIXES, CLUSTERS, STATS], body, force=force)

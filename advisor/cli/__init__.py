@@ -2,19 +2,23 @@
 
 `pc-advise LOGS` is `pc-advise run LOGS`. Every stage is also its own command
 taking the run folder, so a later stage can rerun alone. Option sets live in
-`options.py`, the stage bodies in `stages.py`, terminal output in `console.py`.
+`options.py`; what each stage is given and what it prints in `stages.py`; terminal
+output in `console.py`. Every command calls the library (`advisor.pipeline.run`, or one
+`run_<stage>`) and nothing else.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from advisor import __version__
+from advisor import pipeline
+from advisor.analyze.stage import run_analyze
 from advisor.cli.console import Console
 from advisor.cli.console import fail as _fail
 from advisor.cli.options import (
@@ -29,18 +33,25 @@ from advisor.cli.options import (
     tokenize_options,
 )
 from advisor.cli.stages import (
-    default_out_dir,
-    do_analyze,
-    do_ingest,
-    do_recommend,
-    do_replay,
-    do_report,
-    do_simulate,
-    do_tokenize,
+    BarProgress,
+    api_key,
+    cache_dir,
+    options_for,
+    print_outcome,
+    replay_check_line,
+    set_tokenizer_threads,
+    stage_kwargs,
 )
 from advisor.cli.summary import render_table, summary_rows
 from advisor.errors import AdvisorError
+from advisor.ingest.stage import run_ingest
+from advisor.recommend.stage import run_recommend
+from advisor.replay.stage import run_replay
+from advisor.report.stage import run_report
 from advisor.runfolder import RunDir
+from advisor.sim.stage import run_simulate
+from advisor.tokens.stage import run_tokenize
+from advisor.version import __version__
 
 
 class DefaultRunGroup(click.Group):
@@ -106,19 +117,25 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
     Example:
       pc-advise run sample_logs/rag_documents.jsonl -o out/rag
     """
-    rundir = RunDir(out or default_out_dir(log))
+    rundir = RunDir(out or pipeline.default_out_dir(log))
 
-    def pipeline(con: Console) -> None:
+    def whole(con: Console) -> None:
         con.result["run_dir"] = str(rundir.root)
-        do_ingest(rundir, log, opts, force, con)
-        for stage in (do_tokenize, do_analyze, do_simulate, do_recommend, do_replay, do_report):
-            stage(rundir, opts, force, con)
+        set_tokenizer_threads(opts)
+        pipeline.run(
+            log, rundir.root, force=force, progress=BarProgress(con.quiet), cache_dir=cache_dir(),
+            stdin=sys.stdin.buffer if log == "-" else None, api_key=api_key(opts),
+            on_stage=lambda outcome: print_outcome(con, rundir, outcome), warn=con.say,
+            **stage_kwargs(opts),
+        )
+        if (line := replay_check_line(rundir, opts.get("check"))) is not None:
+            con.say(line)
         rows = summary_rows(rundir)
         con.say("\nSummary")
         con.say(render_table(rows))
         con.result["summary"] = dict(rows)
 
-    _stage_command(pipeline, quiet, as_json)
+    _stage_command(whole, quiet, as_json)
 
 
 @main.command()
@@ -133,8 +150,10 @@ def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, 
       pc-advise ingest logs.jsonl.gz -o out/
       cat logs.jsonl | pc-advise ingest - -o out/
     """
-    rundir = RunDir(out or default_out_dir(log))
-    _stage_command(lambda con: do_ingest(rundir, log, opts, force, con), quiet, as_json)
+    rundir = RunDir(out or pipeline.default_out_dir(log))
+    stdin = sys.stdin.buffer if log == "-" else None
+    _stage_command(lambda con: print_outcome(con, rundir, run_ingest(
+        rundir.root, log, options_for("ingest", opts), force=force, stdin=stdin)), quiet, as_json)
 
 
 @main.command()
@@ -148,7 +167,13 @@ def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
     Example:
       pc-advise tokenize pc-advise-out/multiturn_chat --tokenizer ./my-tokenizer
     """
-    _stage_command(lambda con: do_tokenize(RunDir(run_dir), opts, force, con), quiet, as_json)
+    def body(con: Console) -> None:
+        set_tokenizer_threads(opts)
+        print_outcome(con, RunDir(run_dir), run_tokenize(
+            run_dir, options_for("tokenize", opts), force=force, progress=BarProgress(con.quiet),
+            cache_dir=cache_dir()))
+
+    _stage_command(body, quiet, as_json)
 
 
 @main.command()
@@ -166,7 +191,8 @@ def analyze(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any)
     Example:
       pc-advise analyze pc-advise-out/timestamp_system_prompt
     """
-    _stage_command(lambda con: do_analyze(RunDir(run_dir), opts, force, con), quiet, as_json)
+    _stage_command(lambda con: print_outcome(con, RunDir(run_dir), run_analyze(
+        run_dir, options_for("analyze", opts), force=force, cache_dir=cache_dir())), quiet, as_json)
 
 
 @main.command()
@@ -186,7 +212,8 @@ def simulate(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
       pc-advise simulate out/ --model llama-3.1-8b --gpu h100 --block-sizes 16,32
       pc-advise simulate out/ --num-blocks 500,2000 --modes sequential --warmup 30s
     """
-    _stage_command(lambda con: do_simulate(RunDir(run_dir), opts, force, con), quiet, as_json)
+    _stage_command(lambda con: print_outcome(con, RunDir(run_dir), run_simulate(
+        run_dir, options_for("simulate", opts), force=force, progress=BarProgress(con.quiet))), quiet, as_json)
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
@@ -201,7 +228,8 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
     Example:
       pc-advise recommend pc-advise-out/multiturn_chat --model llama-3.1-8b --gpu h100
     """
-    _stage_command(lambda con: do_recommend(RunDir(run_dir), opts, force, con), quiet, as_json)
+    _stage_command(lambda con: print_outcome(con, RunDir(run_dir), run_recommend(
+        run_dir, options_for("recommend", opts), force=force)), quiet, as_json)
 
 
 @main.command()
@@ -231,7 +259,17 @@ def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
       pc-advise replay out/ --replay-mode concurrent --speedup 10
       pc-advise replay out/ --replay-url http://127.0.0.1:8000 --api-key-env VLLM_API_KEY
     """
-    _stage_command(lambda con: do_replay(RunDir(run_dir), {**opts, "replay": True}, force, con), quiet, as_json)
+    def body(con: Console) -> None:
+        rundir = RunDir(run_dir)
+        outcome = run_replay(run_dir, options_for("replay", {**opts, "replay": True}), force=force,
+                             progress=BarProgress(con.quiet), cache_dir=cache_dir(),
+                             api_key=api_key(opts), warn=con.say)
+        print_outcome(con, rundir, outcome)
+        con.result["replay"] = dict(outcome.counts)
+        if (line := replay_check_line(rundir, opts.get("check"))) is not None:
+            con.say(line)
+
+    _stage_command(body, quiet, as_json)
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
@@ -246,4 +284,5 @@ def report(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
       pc-advise report pc-advise-out/multiturn_chat
       pc-advise report out/ --redact
     """
-    _stage_command(lambda con: do_report(RunDir(run_dir), opts, force, con), quiet, as_json)
+    _stage_command(lambda con: print_outcome(con, RunDir(run_dir), run_report(
+        run_dir, options_for("report", opts), force=force)), quiet, as_json)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from advisor.errors import AdvisorError
-from advisor.pipeline import StageOutcome
+from advisor.runfolder import StageOutcome
 
 
 class Console:

@@ -1,16 +1,35 @@
 """Option sets of the commands, one decorator per stage.
 
 Each stage command carries its own set; `run` carries them all, so an option
-means the same thing wherever it appears.
+means the same thing wherever it appears. Defaults are read from the stages' options
+dataclasses (one default per option, kept there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+
+from advisor.analyze.stage import AnalyzeOptions
+from advisor.ingest.stage import IngestOptions
+from advisor.kvmemory import DEFAULT_HEADROOM_GIB
+from advisor.recommend.options import RecommendOptions
+from advisor.replay.stage import ReplayOptions
+from advisor.schema import FORMATS
+from advisor.sim.configuration import SimulateOptions
+
+
+def _d(cls: type, name: str) -> Any:
+    """The default of one option: its options dataclass holds it, the CLI shows it."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _csv(values: tuple[Any, ...]) -> str:
+    return ",".join(map(str, values))
 
 
 # --- shared options (decorators, applied to each stage command and to `run`) ---
@@ -22,22 +41,20 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def ingest_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from advisor.schema import FORMATS
-
     f = click.option(
         "--format", "fmt", type=click.Choice(FORMATS), default=None,
         help="Force one input format instead of detecting it per line.",
     )(f)
     f = click.option(
-        "--trace-block-size", type=int, default=512, show_default=True,
+        "--trace-block-size", type=int, default=_d(IngestOptions, "trace_block_size"), show_default=True,
         help="Tokens per hash id in block-hash traces (Mooncake: 512).",
     )(f)
     f = click.option(
-        "--rate", type=float, default=1.0, show_default=True,
+        "--rate", type=float, default=_d(IngestOptions, "rate"), show_default=True,
         help="Arrival rate (requests/s) assumed for lines without a timestamp.",
     )(f)
     f = click.option(
-        "--max-line-mb", type=float, default=32.0, show_default=True,
+        "--max-line-mb", type=float, default=_d(IngestOptions, "max_line_bytes") / (1 << 20), show_default=True,
         help="Lines longer than this are rejected (not read into memory).",
     )(f)
     return f
@@ -86,16 +103,16 @@ def _option_once(f: Callable[..., Any], *decls: str, **kw: Any) -> Callable[...,
 
 def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
-        "--analysis-block-size", type=int, default=16, show_default=True,
+        "--analysis-block-size", type=int, default=_d(AnalyzeOptions, "analysis_block_size"), show_default=True,
         help="Block size (tokens) for the block counts and top prefixes of the analysis "
         "(hash traces use their own trace block size).",
     )(f)
     f = click.option(
-        "--max-clusters", type=int, default=12, show_default=True,
+        "--max-clusters", type=int, default=_d(AnalyzeOptions, "max_clusters"), show_default=True,
         help="Largest number of request clusters tried (the data picks k up to this).",
     )(f)
     f = click.option(
-        "--cluster-seed", type=int, default=0, show_default=True,
+        "--cluster-seed", type=int, default=_d(AnalyzeOptions, "cluster_seed"), show_default=True,
         help="Seed for clustering (same seed, same clusters).",
     )(f)
     return f
@@ -109,7 +126,7 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
         specs.append((decls, kw))
 
     o(f, "--block-sizes", type=_CommaList(int), default=None,
-      help="Block sizes to simulate [default: 16,32,64,128; a hash trace: its own].")
+      help=f"Block sizes to simulate [default: {_csv(_d(SimulateOptions, 'block_sizes'))}; a hash trace: its own].")
     o(f, "--num-blocks", type=_CommaList(int), default=None,
       help="KV budgets in usable blocks (replaces the default sweep).")
     o(f, "--budget-tokens", type=_CommaList(int), default=None,
@@ -121,24 +138,24 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     o(f, "--gpu", "--gpu-memory-gib", "gpu", default=None,
       help="GPU memory (GiB or a name: h100, a100-40gb, ...); with --model adds its KV budget.")
     o(f, "--gpu-memory-utilization", type=float, default=None,
-      help="vLLM's --gpu-memory-utilization (default 0.92, vLLM 0.32's).")
+      help=f"vLLM's --gpu-memory-utilization [default: {_d(SimulateOptions, 'gpu_memory_utilization')}, vLLM 0.32's].")
     o(f, "--tensor-parallel-size", type=int, default=None,
       help="GPUs the model is sharded over (KV heads and weights split).")
     o(f, "--headroom-gib", type=float, default=None,
-      help="Activation/runtime memory per GPU besides weights and KV (default 2.0).")
+      help=f"Activation/runtime memory per GPU besides weights and KV [default: {DEFAULT_HEADROOM_GIB}].")
     o(f, "--policies", type=_CommaList(str, ("lru", "fifo", "belady")), default=None,
       help="Eviction policies: lru (vLLM) and the references fifo, belady [default: all].")
     o(f, "--modes", type=_CommaList(str, ("sequential", "concurrent")), default=None,
       help="sequential (one request at a time, prefill only) and/or concurrent [default: both].")
-    o(f, "--warmup", default="50%", show_default=True,
+    o(f, "--warmup", default=_d(SimulateOptions, "warmup"), show_default=True,
       help="Warm-up not counted in the warm window: a share (50%), requests (500), seconds (30s).")
     o(f, "--speedup", type=float, default=None,
-      help="Concurrent mode: divide logged inter-arrival times by this [default: 1].")
+      help=f"Concurrent mode: divide logged inter-arrival times by this [default: {_d(SimulateOptions, 'speedup'):g}].")
     o(f, "--prefill-tps", type=float, default=None,
-      help="Cost model: uncached prompt tokens per second per request [default: 10000].")
+      help=f"Cost model: uncached prompt tokens per second per request [default: {_d(SimulateOptions, 'prefill_tps'):g}].")
     o(f, "--decode-tps", type=float, default=None,
-      help="Cost model: output tokens per second per running request [default: 50].")
-    o(f, "--logged-latency/--no-logged-latency", "logged_latency", default=True, show_default=True,
+      help=f"Cost model: output tokens per second per running request [default: {_d(SimulateOptions, 'decode_tps'):g}].")
+    o(f, "--logged-latency/--no-logged-latency", "use_logged_latency", default=_d(SimulateOptions, "use_logged_latency"), show_default=True,
       help="Calibrate the cost model's prefill and decode rates from the log's latency_s/ttft_s "
       "where present.")
     o(f, "--max-num-seqs", type=int, default=None,
@@ -148,9 +165,9 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
       help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: unlimited; with "
       "--gpu, vllm serve's default on that GPU: 2048, 8192 or 16384].")
     o(f, "--sweep-points", type=int, default=None,
-      help="Budgets in the default sweep per block size [default: 10].")
+      help=f"Budgets in the default sweep per block size [default: {_d(SimulateOptions, 'sweep_points')}].")
     o(f, "--reference-budgets", type=int, default=None,
-      help="Budgets per block size the fifo/belady reference lines run at; 0 = all [default: 4].")
+      help=f"Budgets per block size the fifo/belady reference lines run at; 0 = all [default: {_d(SimulateOptions, 'reference_budgets')}].")
     o(f, "--workers", type=int, default=None,
       help="Threads for the grid's configurations (default: all cores).")
     for decls, kw in reversed(specs):  # click lists options in reverse order of application
@@ -161,16 +178,16 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def recommend_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options only `recommend` reads (applied to `run` too)."""
     f = click.option(
-        "--backend", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+        "--backend", type=click.Choice(["cuda", "cpu"]), default=_d(RecommendOptions, "backend"), show_default=True,
         help="Attention backend: its block sizes are allowed (cuda: multiples of 16, cpu: of 32).",
     )(f)
     f = click.option(
-        "--min-gain-per-gib", type=float, default=0.1, show_default=True,
+        "--min-gain-per-gib", type=float, default=_d(RecommendOptions, "min_gain_per_gib") * 100, show_default=True,
         help="Hit-rate points one more GiB of KV memory must buy to be worth it (memory's price).",
     )(f)
     f = click.option(
         "--prefill-tokens-per-s", type=float, default=None,
-        help="Prefill throughput for the TTFT gain (default: simulate's --prefill-tps, else 10000).",
+        help="Prefill throughput for the TTFT gain (default: the simulate stage's --prefill-tps).",
     )(f)
     return f
 
@@ -184,11 +201,11 @@ def recommend_model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--gpu", "--gpu-memory-gib", "gpu", default=None,
                      help="GPU memory: GiB or a name (h100, h200, a100-40gb, l40s, l4, ...).")(f)
     f = click.option("--gpu-memory-utilization", type=float, default=None,
-                     help="vLLM's --gpu-memory-utilization ceiling (default 0.92, vLLM 0.32's).")(f)
+                     help="vLLM's --gpu-memory-utilization ceiling (default: the simulate stage's).")(f)
     f = click.option("--tensor-parallel-size", type=int, default=None,
                      help="GPUs the model is sharded over (KV heads and weights split).")(f)
     f = click.option("--headroom-gib", type=float, default=None,
-                     help="Activation/runtime memory per GPU besides weights and KV (default 2.0).")(f)
+                     help=f"Activation/runtime memory per GPU besides weights and KV [default: {DEFAULT_HEADROOM_GIB}].")(f)
     return f
 
 
@@ -203,16 +220,17 @@ def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the replay stage (applied to `replay` and to `run`)."""
     f = click.option("--replay-mode", type=click.Choice(["sequential", "concurrent", "both"]),
-                     default="sequential", show_default=True,
+                     default=_d(ReplayOptions, "replay_mode"), show_default=True,
                      help="sequential: one request at a time, prefill-only, exact to the token; "
                      "concurrent: logged arrival times and output lengths, within 1 point.")(f)
     f = click.option("--replay-model", type=click.Path(path_type=Path, file_okay=False), default=None,
                      help="Local model folder to replay with (default: a tiny random Llama; "
                      "hits depend on token ids, not weights).")(f)
-    f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int, default=256,
-                     show_default=True, help="Concurrent replay: cap on logged output lengths "
+    f = click.option("--max-output-tokens", "replay_max_output_tokens", type=int,
+                     default=_d(ReplayOptions, "replay_max_output_tokens"), show_default=True,
+                     help="Concurrent replay: cap on logged output lengths "
                      "(each output token is one engine step, ~20 ms with the tiny model on a CPU).")(f)
-    f = click.option("--replay-limit", type=int, default=5000, show_default=True,
+    f = click.option("--replay-limit", type=int, default=_d(ReplayOptions, "replay_limit"), show_default=True,
                      help="Replay only the first N requests, 0 = all (both modes are causal: "
                      "the prediction for them is the whole log's first N).")(f)
     f = click.option("--replay-url", default=None,
@@ -221,7 +239,7 @@ def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--api-key-env", default=None,
                      help="Name of the environment variable holding the server's API key "
                      "(the key is never printed or stored).")(f)
-    f = click.option("--concurrency", "replay_concurrency", type=int, default=8, show_default=True,
+    f = click.option("--concurrency", "replay_concurrency", type=int, default=_d(ReplayOptions, "replay_concurrency"), show_default=True,
                      help="Server replay: requests in flight at most.")(f)
     f = click.option("--assume-config", is_flag=True,
                      help="Server replay: trust that the server runs the configuration being "

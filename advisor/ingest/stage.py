@@ -50,7 +50,7 @@ from advisor.ingest.reader import (
     read_head,
     sniff,
 )
-from advisor.runfolder import atomic_path
+from advisor.runfolder import REJECTS, REQUESTS, RunDir, StageOutcome, atomic_path
 
 ROW_GROUP = 8192
 ROW_GROUP_BYTES = 64 << 20  # of source lines: long agent prompts flush sooner
@@ -122,6 +122,26 @@ def ingest_source(
         return _ingest_stream(raw, requests_path, rejects_path, options)
     with open(check_source(log), "rb") as f:
         return _ingest_stream(f, requests_path, rejects_path, options)
+
+
+def run_ingest(
+    run_dir: str | Path, log: str | Path, options: IngestOptions | None = None, *,
+    force: bool = False, stdin: BinaryIO | None = None,
+) -> StageOutcome:
+    """The ingest stage on `run_dir`: skipped when `log` and the options are unchanged.
+
+    A pipe (`-`, /dev/fd/N) can be read once only: nothing to checksum, so it always runs.
+    """
+    options = options or IngestOptions()
+    log = str(log)
+    run = RunDir(Path(run_dir))
+    streamed = log == "-" or not check_source(log).is_file()
+
+    def body(r: RunDir) -> dict[str, Any]:
+        return ingest_source(log, r.path(REQUESTS), r.path(REJECTS), options, stdin=stdin).as_counts()
+
+    return run.run_stage("ingest", [] if streamed else [Path(log)], {**options.as_dict(), "log": log},
+                         [REQUESTS, REJECTS], body, force=force, fingerprintable=not streamed)
 
 
 def check_source(log: str) -> Path:

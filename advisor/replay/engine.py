@@ -1,7 +1,7 @@
 """Replay through an in-process vLLM engine: the measuring half of the replay stage.
 
-Input: a `replay_plan.Workload` (token ids in arrival order), the configurations
-to confirm, `ReplayOptions`, a model folder, and sim_requests.parquet (or None)
+Input: a `replay_plan.ReplayView` (token ids in arrival order), the configurations
+to confirm, `EngineOptions`, a model folder, and sim_requests.parquet (or None)
 for the predictions. Output: a `replay_plan.ReplayResult` (replay.json). The
 engine-free half (workload, predictions, results, `--check`) is
 advisor/replay_plan.py, re-exported here.
@@ -44,10 +44,10 @@ from advisor.replay.plan import (
     CPU_BLOCK_MULTIPLE,
     ENGINE_INPROCESS,
     ConfigResult,
+    EngineOptions,
     ReplayConfig,
-    ReplayOptions,
     ReplayResult,
-    Workload,
+    ReplayView,
     confirmability,
     engine_batched_tokens,
     max_model_len,
@@ -140,7 +140,7 @@ def engine_log_captured() -> Iterator[None]:
             os.close(saved)
 
 
-def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
+def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: EngineOptions) -> Any:
     with engine_log_captured():
         from vllm import LLM
 
@@ -148,7 +148,7 @@ def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) 
             return _new_llm(LLM, model, cfg, max_len, opts)
 
 
-def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: ReplayOptions) -> Any:
+def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: EngineOptions) -> Any:
     return LLM(
         model=model,
         skip_tokenizer_init=True,  # prompts are token ids; outputs are not detokenized
@@ -169,7 +169,7 @@ def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: Replay
     )
 
 
-def _prompt(w: Workload, i: int) -> Any:
+def _prompt(w: ReplayView, i: int) -> Any:
     from vllm.inputs import TokensPrompt
 
     p = TokensPrompt(prompt_token_ids=w.token_ids[i])
@@ -178,7 +178,7 @@ def _prompt(w: Workload, i: int) -> Any:
     return p
 
 
-def _replay_sequential(llm: Any, w: Workload, tick: Callable[[int], None]) -> list[int]:
+def _replay_sequential(llm: Any, w: ReplayView, tick: Callable[[int], None]) -> list[int]:
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=1, detokenize=False)
@@ -193,7 +193,7 @@ def _replay_sequential(llm: Any, w: Workload, tick: Callable[[int], None]) -> li
     return out
 
 
-def _replay_concurrent(llm: Any, w: Workload, opts: ReplayOptions,
+def _replay_concurrent(llm: Any, w: ReplayView, opts: EngineOptions,
                        tick: Callable[[int], None]) -> list[int]:
     """Step the engine, adding each request once its (compressed) arrival time has come.
 
@@ -252,7 +252,7 @@ def with_stand_ins(configs: Sequence[ReplayConfig], cpu_backend: bool) -> list[R
     return out
 
 
-def runs_planned(w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptions) -> int:
+def runs_planned(w: ReplayView, configs: Sequence[ReplayConfig], opts: EngineOptions) -> int:
     """How many requests `replay_inprocess` will send (for a progress bar's length)."""
     from vllm.platforms import current_platform
 
@@ -263,7 +263,7 @@ def runs_planned(w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptio
 
 
 def replay_inprocess(
-    w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptions, model_dir: str,
+    w: ReplayView, configs: Sequence[ReplayConfig], opts: EngineOptions, model_dir: str,
     model_label: str, sim_requests: pa.Table | None,
     progress: Callable[[int], None] | None = None,
 ) -> ReplayResult:
@@ -327,7 +327,7 @@ def replay_inprocess(
                         notes=notes)
 
 
-def resolve_replay_model(w: Workload, replay_model: str | None, cache_dir: Path) -> tuple[str, str]:
+def resolve_replay_model(w: ReplayView, replay_model: str | None, cache_dir: Path) -> tuple[str, str]:
     """(model folder, label for the report): the user's model, or the tiny random Llama."""
     if replay_model:
         p = Path(replay_model)

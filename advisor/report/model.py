@@ -23,7 +23,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 import advisor.runfolder as rf
-from advisor import __version__
+from advisor.recommend.view import main_view
+from advisor.version import __version__
 
 # How many rows of each long list the report carries (the artifacts hold all of them).
 MAX_REJECTS = 10
@@ -126,29 +127,7 @@ def _redact_recommendation(rec: Mapping[str, Any]) -> dict[str, Any]:
 # --- the pure part ---------------------------------------------------------------------
 def _ordered_stage_times(manifest: Mapping[str, Any]) -> list[tuple[str, float]]:
     stages = manifest.get("stages") or {}
-    return [(s, float(stages[s].get("wall_s", 0.0))) for s in rf.STAGES if s in stages]
-
-
-def main_view(sim: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The sim rows the sweep plot and table show: one policy, one mode, one window.
-
-    The recommendation's view (its `view` or `recommended` policy/mode/window) when it names
-    one; else vLLM's LRU, sequential mode, the whole log (cold window), when simulated.
-    """
-    rec = rec or {}
-    named = {**(rec.get("recommended") or {}), **(rec.get("view") or {})}
-    if rec.get("mode"):
-        named.setdefault("mode", rec["mode"])
-    rows = [dict(r) for r in sim]
-    for key, default in (("policy", "lru"), ("mode", "sequential"), ("window", "cold")):
-        values = {str(r.get(key)) for r in rows}
-        if not values:
-            return []
-        want = named.get(key)
-        pick = want if want in values else (default if default in values else sorted(values)[0])
-        rows = [r for r in rows if str(r.get(key)) == pick]
-    rows.sort(key=lambda r: (r["block_size"], r["num_blocks"] is None, r["num_blocks"] or 0))
-    return rows
+    return [(s, float(stages[s].get("wall_s", 0.0))) for s in (spec.name for spec in rf.STAGES) if s in stages]
 
 
 def build_timeline(

@@ -21,7 +21,8 @@ from matplotlib.backends.backend_svg import FigureCanvasSVG  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from advisor.report.model import ReportData, TimelinePoint, main_view  # noqa: E402
+from advisor.recommend.view import main_view  # noqa: E402
+from advisor.report.model import ReportData, TimelinePoint  # noqa: E402
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 HIT = "#059669"

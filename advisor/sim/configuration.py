@@ -31,6 +31,7 @@ ever used (`ceiling_blocks`): every budget at least that large gives its very re
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -69,12 +70,25 @@ class SimulateOptions:
     prefill_tps: float = 10_000.0
     decode_tps: float = 50.0
     use_logged_latency: bool = True
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # concurrent mode: vLLM's per-step token budget (None: unlimited)
+    # Concurrent mode's batch limits (vLLM's flags). None: `vllm serve`'s default on `gpu`
+    # (kvmemory.vllm_batch_defaults), and without a GPU 256 sequences and no token budget.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
-    workers: int = 1  # threads for the grid's configurations
+    workers: int = 0  # threads for the grid's configurations, 0 = every core
     max_request_rows: int = 5_000_000
+
+    def __post_init__(self) -> None:
+        # Resolved here, once, so the defaults live in this class and the manifest records
+        # the values actually simulated (replay reuses them).
+        seqs, batched = (kv.vllm_batch_defaults(self.gpu) if self.gpu is not None else (256, None))
+        if self.max_num_seqs is None:
+            object.__setattr__(self, "max_num_seqs", seqs)
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens", batched)
+        if not self.workers:
+            object.__setattr__(self, "workers", os.cpu_count() or 1)
 
     def as_dict(self) -> dict[str, Any]:
         """The options that shape the results (the fingerprint): all but `workers`."""
@@ -129,11 +143,9 @@ def block_trace(workload: Workload, block_size: int) -> fasttrace.BlockTrace:
     """
     if workload.is_hash_trace:
         check_trace_block_size(workload, block_size)
-        assert workload.hash_ids is not None
-        offsets = np.zeros(workload.num_requests + 1, np.int64)
-        np.cumsum([len(h) for h in workload.hash_ids], out=offsets[1:])
-        flat = np.concatenate(workload.hash_ids) if workload.num_requests else np.zeros(0, np.int64)
-        return fasttrace.trace_from_hash_ids(flat, offsets, workload.n_tokens, block_size)
+        assert workload.hash_values is not None and workload.hash_offsets is not None
+        return fasttrace.trace_from_hash_ids(workload.hash_values, workload.hash_offsets, workload.n_tokens,
+                                             block_size)
     assert workload.token_values is not None and workload.token_offsets is not None
     return fasttrace.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
 
@@ -148,14 +160,15 @@ def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fa
 
 
 def _salts(workload: Workload) -> np.ndarray | None:
-    if all(x is None for x in workload.lora) and all(x is None for x in workload.cache_salt):
+    """A 64-bit salt per request from its cache namespace (None: all in the common one)."""
+    if all(ns is None for ns in workload.namespaces):
         return None
-    memo: dict[tuple[str | None, str | None], int] = {(None, None): 0}
+    memo: dict[str | None, int] = {None: 0}
     out = np.zeros(workload.num_requests, np.uint64)
-    for i, key in enumerate(zip(workload.lora, workload.cache_salt)):
-        if key not in memo:
-            memo[key] = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") | 1
-        out[i] = memo[key]
+    for i, ns in enumerate(workload.namespaces):
+        if ns not in memo:
+            memo[ns] = int.from_bytes(hashlib.blake2b(ns.encode(), digest_size=8).digest(), "little") | 1
+        out[i] = memo[ns]
     return out
 
 

