@@ -3,15 +3,15 @@
 Inputs: one request's token ids (with its LoRA name and cache_salt) or its trace hash ids,
 and a block size. Outputs: one hash per FULL block (a partial tail block has none),
 `h_i = H(h_{i-1}, tokens of block i, extra keys)` with the LoRA name on every block and
-`cache_salt` on block 0 only (DESIGN.md section 5). `advisor.cache` keys its blocks by them.
+`cache_salt` on block 0 only (docs/design.md §5). `advisor.sim.cache` keys its blocks by them.
 
 Hash values need not equal vLLM's, only their equality: `hash_block` is blake2b with a
 16-byte digest, so two different prefixes collide with probability about n^2 / 2^129
 for n distinct blocks (below 1e-24 for a billion blocks).
 
 `mix64` is the analysis' cheap 64-bit scrambler (splitmix64's finalizer) on uint64
-arrays: the fast path's block keys (advisor.fastsim) and the analysis hashes
-(advisor.prefixhash) are built from it.
+arrays: the fast path's block keys (advisor.sim.fast.sequential) and the analysis hashes
+(advisor.analyze.hashing) are built from it.
 """
 
 from __future__ import annotations

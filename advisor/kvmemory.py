@@ -3,7 +3,7 @@
 Inputs: a model spec (a name in the built-in catalog `advisor/data/models.json`,
 or a local Hugging Face model folder / config.json) and a GPU (a name in the
 same catalog or a size in GiB). Outputs: `ModelGeometry`, bytes per token and
-per block, and how many usable blocks a KV budget buys (DESIGN §5 capacity).
+per block, and how many usable blocks a KV budget buys (docs/design.md §5 capacity).
 
 The arithmetic mirrors vLLM v1 (`vllm/v1/kv_cache_interface.py`,
 `vllm/v1/core/kv_cache_utils.py`, read on 0.32.0):
@@ -89,6 +89,7 @@ class ModelGeometry:
     forced_block_size: int | None = None  # hybrid models where vLLM fixes the block size
     notes: tuple[str, ...] = field(default_factory=tuple)
     serve_name: str | None = None  # what `vllm serve` takes: HF repo id or local folder
+    max_position_embeddings: int | None = None  # the model's context (vLLM's derived max_model_len)
 
     @property
     def weight_bytes(self) -> float:
@@ -110,6 +111,7 @@ class ModelGeometry:
             "sliding_window_layers": self.sliding_window_layers,
             "forced_block_size": self.forced_block_size,
             "serve_name": self.serve_name,
+            "max_position_embeddings": self.max_position_embeddings,
             "sources": list(self.sources),
             "notes": list(self.notes),
         }
@@ -245,6 +247,7 @@ def _from_catalog(key: str) -> ModelGeometry:
         forced_block_size=e.get("forced_block_size"),
         notes=notes,
         serve_name=e.get("hf_repo"),
+        max_position_embeddings=e.get("max_position_embeddings"),
     )
 
 
@@ -334,6 +337,11 @@ def geometry_from_config(cfg: dict[str, Any], name: str, source: str) -> ModelGe
     dtype_name = str(c.get("torch_dtype") or c.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
     dtype_bytes = DTYPE_BYTES.get(dtype_name.removeprefix("torch."), 2)
     notes: list[str] = []
+    if dtype_name.removeprefix("torch.") in ("float32", "float"):
+        # vLLM's dtype "auto" downcasts a float32 checkpoint to the platform's first 16-bit
+        # dtype (ModelConfig._resolve_auto_dtype), so its weights and KV cache take 2 bytes.
+        dtype_bytes = 2
+        notes.append("float32 config: vLLM's --dtype auto runs it in 16 bits, so 2 bytes per KV element")
     mla = None
     if c.get("kv_lora_rank") and c.get("qk_rope_head_dim") is not None:
         mla = int(c["kv_lora_rank"]) + int(c["qk_rope_head_dim"])
@@ -373,6 +381,7 @@ def geometry_from_config(cfg: dict[str, Any], name: str, source: str) -> ModelGe
         sliding_window=int(window) if window and sliding else None,
         sliding_window_layers=sliding if window else 0, forced_block_size=forced,
         notes=tuple(notes),
+        max_position_embeddings=int(c["max_position_embeddings"]) if c.get("max_position_embeddings") else None,
     )
 
 

@@ -1,6 +1,6 @@
 """The run folder: artifact paths, atomic writes, and manifest.json.
 
-A run folder holds every artifact of one analysis (DESIGN §2). Every file is
+A run folder holds every artifact of one analysis (docs/design.md §2). Every file is
 written to a temporary name in the same folder and renamed into place, so an
 interrupted run never leaves a half-written artifact. `manifest.json` records,
 per stage, a fingerprint of its inputs and options; a stage whose fingerprint
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from advisor.errors import MissingStage
 from advisor.version import __version__
 
-# Artifact file names (DESIGN §2).
+# Artifact file names (docs/design.md §2).
 REQUESTS = "requests.parquet"
 REJECTS = "rejects.jsonl"
 TOKENS = "tokens.parquet"

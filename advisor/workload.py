@@ -5,7 +5,7 @@ session, LoRA name, cache_salt, hash-trace ids) and tokens.parquet (token ids,
 prompt lengths, reply lengths counted from text), same rows in the same order.
 Output: a `Workload` holding columns as numpy arrays (token ids flattened into one
 int32 array plus offsets, never a Python list per token). The simulator uses it as
-is; analyze (`stats.from_workload`) and replay (`replay_plan.from_workload`) build
+is; analyze (`advisor.analyze.prefixes.from_workload`) and replay (`advisor.replay.plan.from_workload`) build
 their views from it. Also `warm_mask`, the requests a warm (steady-state) window
 counts, and `cache_namespaces`, the cache salt each request is simulated and
 replayed with.

@@ -7,7 +7,7 @@ Usage:
    sessions over shared system prompts, some with a per-request "timestamp" token that
    breaks the shared prefix), then times the full default grid (block sizes 16, 32,
    64, 128 x 8 budgets from 1% to 120% of each block size's working set, plus the
-   infinite-cache ceiling) through `advisor.fastsim`, sequential mode; then the
+   infinite-cache ceiling) through `advisor.sim.fast.sequential`, sequential mode; then the
    reference policies FIFO and Belady over the B=16 budgets.
 2. Replays ONE configuration of the same workload (B=16, the grid's middle budget)
    through vLLM's KVCacheManager, driven standalone as its scheduler would, and
@@ -188,7 +188,8 @@ def bench_stage_grid(tokens: np.ndarray, offsets: np.ndarray, seed: int) -> dict
     import pyarrow as pa
 
     from advisor import schema
-    from advisor.sim.grid import SimulateOptions, simulate_grid
+    from advisor.sim.configuration import SimulateOptions
+    from advisor.sim.grid import simulate_grid
     from advisor.workload import Workload
 
     n = len(offsets) - 1

@@ -1,4 +1,4 @@
-"""Stories for advisor.cache: exact hits, evictions and free-queue order (B = 4)."""
+"""Stories for advisor.sim.cache: exact hits, evictions and free-queue order (B = 4)."""
 
 from __future__ import annotations
 

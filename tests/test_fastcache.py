@@ -1,4 +1,4 @@
-"""advisor.fastcache.ArrayPrefixCache against advisor.cache.PrefixCache, step by step."""
+"""tests/array_cache.py's ArrayPrefixCache against advisor.sim.cache.PrefixCache, step by step."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""advisor.fastevents (the compiled concurrent loop) against advisor.events.run_concurrent over
-advisor.cache.PrefixCache: every field equal, clock and step count included.
+"""advisor.sim.fast.events (the compiled concurrent loop) against advisor.sim.events.run_concurrent over
+advisor.sim.cache.PrefixCache: every field equal, clock and step count included.
 
 run_concurrent over cache.PrefixCache is the readable reference; tests/test_replay.py checks it
 (and, through simulate_one, this kernel) against vLLM's engine request by request.

@@ -1,4 +1,4 @@
-"""The array linked lists of advisor.fastlists against Python lists doing the same moves."""
+"""The array linked lists of advisor.sim.fast.lists against Python lists doing the same moves."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""advisor.fastsim against the exact reference advisor.cache, under eviction pressure."""
+"""advisor.sim.fast.sequential against the exact reference advisor.sim.cache, under eviction pressure."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""advisor.cache against vLLM's own KVCacheManager, driven standalone (no model, no GPU).
+"""advisor.sim.cache against vLLM's own KVCacheManager, driven standalone (no model, no GPU).
 
 Each test runs the same requests through both and asserts, after every step, equal hit
 tokens, equal admit/grow outcomes and the same free queue (head to tail). Workloads
@@ -117,10 +117,10 @@ class VllmOracle:
 
 
 class Twins:
-    """advisor.cache and the oracle side by side; every step asserts they agree."""
+    """advisor.sim.cache and the oracle side by side; every step asserts they agree."""
 
     def __init__(self, num_blocks: int, array: bool = False) -> None:
-        """`array`: check advisor.fastcache.ArrayPrefixCache instead of cache.PrefixCache."""
+        """`array`: check tests/array_cache.py's ArrayPrefixCache instead of cache.PrefixCache."""
         self.oracle = VllmOracle(num_blocks)
         self.cache: PrefixCache | ArrayPrefixCache = ArrayPrefixCache(num_blocks, B, 100_000) if array else PrefixCache(num_blocks, B)
         self.ids: dict[bytes, int] | None = {} if array else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +191,20 @@ def _util(serve: str) -> float:
     return float(serve.split("--gpu-memory-utilization ")[1].split()[0])
 
 
-def test_gpu_utilization_flag_buys_the_recommended_kv_under_concurrency() -> None:
+def test_memory_flag_pins_the_recommended_kv_exactly_under_concurrency() -> None:
+    """The serve line pins the pool with --kv-cache-memory-bytes: exactly the recommended
+    usable blocks plus vLLM's null block; the utilization is offered only as an estimate,
+    and it too buys at least the blocks (and 0.01 less would not)."""
     gpu = kv.resolve_gpu("h100")
     n = blocks_for_gib(10)
     out = recommend(sim([row(16, n, 0.5, mode="concurrent", peak=10)]), None,
                     RecommendOptions(model="llama-3.1-8b", gpu="h100"), geom=LLAMA8, gpu_gib=gpu)
-    util = _util(out["vllm_serve"])
+    pinned = int(re.search(r"--kv-cache-memory-bytes (\d+)", out["vllm_serve"]).group(1))
+    assert pinned == (n + 1) * kv.bytes_per_block(LLAMA8, 16)
+    assert kv.blocks_for_kv_bytes(LLAMA8, 16, pinned) == n
+    assert "--gpu-memory-utilization" not in out["vllm_serve"]
+    estimate = next(r for r in out["reasoning"] if "estimated: --gpu-memory-utilization" in r)
+    util = float(re.search(r"--gpu-memory-utilization ([0-9.]+)", estimate).group(1))
     assert util < 0.92  # 10 GiB of KV needs far less than the whole H100
     assert kv.blocks_for_kv_bytes(LLAMA8, 16, kv.kv_bytes_for_gpu(LLAMA8, gpu, util)) >= n
     assert kv.blocks_for_kv_bytes(LLAMA8, 16, kv.kv_bytes_for_gpu(LLAMA8, gpu, util - 0.01)) < n

@@ -29,7 +29,7 @@ from advisor.replay import stage as replay_stage
 from advisor.replay.stage import ReplayOptions, run_replay
 from advisor.runfolder import RunDir, write_table
 from advisor.sim import cache, events
-from advisor.sim.grid import SimulateOptions, simulate_one
+from advisor.sim.configuration import SimulateOptions, simulate_one
 from advisor.workload import Workload as SimWorkload
 from advisor.workload import from_tables
 

@@ -1,6 +1,6 @@
 """The simulate stage: grid, budgets, windows, concurrency, hash traces, CLI.
 
-Exactness of the cache rules themselves is tests/test_oracle.py's job (advisor.cache
+Exactness of the cache rules themselves is tests/test_oracle.py's job (advisor.sim.cache
 against vLLM); here the stage is checked for the properties that must hold whatever
 the workload, against naive references, and on small stories worked out by hand.
 """
@@ -27,13 +27,8 @@ from advisor.cli import main
 from advisor.errors import AdvisorError
 from advisor.sim import cache as refcache
 from advisor.sim import events
-from advisor.sim.grid import (
-    SimulateOptions,
-    block_trace,
-    plan_budgets,
-    simulate_grid,
-    simulate_one,
-)
+from advisor.sim.configuration import SimulateOptions, block_trace, simulate_one
+from advisor.sim.grid import plan_budgets, simulate_grid
 from advisor.workload import Workload, cache_namespaces, load_workload, warm_mask
 
 B = 4
@@ -257,15 +252,16 @@ def test_grid_rows_past_the_threshold_equal_simulating_them(reqs: list[list[int]
     assert len(rows) == len(budgets) * (len(opts.policies) + 1)
 
 
-def test_worker_processes_do_not_change_results() -> None:
+def test_worker_threads_do_not_change_results() -> None:
     rng = np.random.default_rng(3)
     sys_prompt = list(rng.integers(1, 500, 30))
     reqs = [sys_prompt + list(rng.integers(1, 500, int(rng.integers(1, 20)))) for _ in range(30)]
     w = Workload.from_token_lists(reqs, timestamps=np.cumsum(rng.exponential(0.01, 30)),
                                   output_tokens=rng.integers(1, 40, 30))
-    opts = SimulateOptions(block_sizes=(B, 8), sweep_points=4)
+    opts = SimulateOptions(block_sizes=(B, 8), sweep_points=4, workers=1)
     one = simulate_grid(w, opts)
     two = simulate_grid(w, replace(opts, workers=2))
+    assert opts.workers == 1 and replace(opts, workers=2).workers == 2
     assert one.sim.equals(two.sim) and one.sim_requests.equals(two.sim_requests)
     assert "workers" not in opts.as_dict()
 

@@ -458,7 +458,7 @@ def test_cli_ingest_then_tokenize_a_small_log(tmp_path, cli_env, qwen):
 
 
 def test_reply_length_comes_from_its_text_when_the_log_has_no_count(tmp_path, cli_env, qwen):
-    """DESIGN §3: the response's usage.completion_tokens, or its text, gives the output length.
+    """docs/design.md §3: the response's usage.completion_tokens, or its text, gives the output length.
     The text's tokens + 1 (the stop token vLLM counts too); a logged count always wins; no reply,
     no length (0: prefill only)."""
     from advisor.workload import load_workload

@@ -1,6 +1,6 @@
 """Cache breakers: near-identical prompts whose token streams diverge early.
 
-Input: a token `AnalysisView` and its `PrefixPass` (advisor.stats); a `decode` callable for text.
+Input: a token `AnalysisView` and its `PrefixPass` (advisor.analyze.stage); a `decode` callable for text.
 Output: a list of breaker dicts (stats.json "breakers", keys per the cross-helper contract).
 
 Finding is generic and never looks at the text:

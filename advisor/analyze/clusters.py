@@ -1,6 +1,6 @@
 """Clusters of requests that share prompt structure (scikit-learn, seeded, deterministic).
 
-Input: a `AnalysisView` and its `PrefixPass` (advisor.stats), a `decode` callable or None.
+Input: a `AnalysisView` and its `PrefixPass` (advisor.analyze.stage), a `decode` callable or None.
 Output: a cluster label per request, and the clusters.parquet table (schema.CLUSTERS).
 
 Features. Each request's leading window (`lead_tokens`) is cut into content-defined chunks

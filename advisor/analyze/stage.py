@@ -5,13 +5,13 @@ hash ids, plus request ids, models, sessions) built by `load_workload` from requ
 tokens.parquet. Outputs: an `Analysis` holding the prefixes.parquet and clusters.parquet tables
 and the stats.json object; `run_analyze` reads the run folder and writes them.
 
-The central number is `ceiling_tokens` (DESIGN §6): for each request, the longest prefix it shares
+The central number is `ceiling_tokens` (docs/design.md §6): for each request, the longest prefix it shares
 with ANY earlier request, in tokens, capped so the last prompt token is recomputed as vLLM does;
 summed over requests it is what an infinite, token-granular cache could serve. It is not the
 simulator's block ceiling (whole blocks only, per block size), which is never larger.
 
-Hashing primitives (chained block hashes, content-defined chunks) are in advisor/prefixhash.py;
-cache breakers in advisor/breakers.py; clusters in advisor/clusters.py.
+Hashing primitives (chained block hashes, content-defined chunks) are in advisor/analyze/hashing.py;
+cache breakers in advisor/analyze/breakers.py; clusters in advisor/analyze/clusters.py.
 
 How it streams: requests are visited in arrival order. Each prompt's full blocks at the analysis
 block size get 64-bit chained hashes (a block's hash covers every token before it, and the

@@ -2,7 +2,7 @@
 
 Input: a line's bytes, or a decoded field value and its path ("messages[2].content").
 Output: the JSON object / the value in the type requests.parquet stores, or a `LineError`
-whose reason says what is wrong and what would fix it. Used by ingest_formats, which
+whose reason says what is wrong and what would fix it. Used by advisor.ingest.formats, which
 knows the request shapes; nothing here knows a format.
 """
 

@@ -5,7 +5,7 @@ Input: the bytes of one line. Output: a `dict` of schema.REQUESTS columns (witho
 a `LineError` whose reason says what is wrong with the line and what would fix it,
 e.g. "messages[2].content is a number; expected a string or a list of content parts".
 
-Formats (DESIGN §3, docs/formats.md), detected per line unless one is forced:
+Formats (docs/design.md §3, docs/formats.md), detected per line unless one is forced:
   openai-chat   bare chat body {"model","messages","tools"?,...}, or a wrapper
                 {"timestamp"|"created", "request": {...}, "response": {...}} whose
                 response gives usage.completion_tokens / the reply text

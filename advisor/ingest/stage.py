@@ -12,10 +12,10 @@ and renamed into place:
 Every line lands in exactly one of them: lines_read == accepted + rejected.
 
 A file that is not JSON Lines at all is refused (InputRefused) before anything is written.
-Request shapes are in ingest_formats, JSON decoding and typed fields in ingest_fields,
-bytes, compression and the refusal sniff in ingest_io.
+Request shapes are in formats.py, JSON decoding and typed fields in fields.py, bytes,
+compression and the refusal sniff in reader.py (all in advisor/ingest/).
 
-Ids: request_id is the logged id (see ingest_formats) or "L<line>" when the line has none.
+Ids: request_id is the logged id (see advisor.ingest.formats) or "L<line>" when the line has none.
 A repeated id gets "#2", "#3", ... appended (its occurrence number), so ids stay unique;
 `logged_id` keeps the id as logged and the summary counts the repeats (duplicate_ids).
 Time: a line without a timestamp gets `accepted_so_far / rate` seconds (its place in line

@@ -64,14 +64,25 @@ def offload_past_gpu(
 def serve_flags(
     best: Point, options: RecommendOptions, geom: kv.ModelGeometry | None, gpu_gib: float | None,
     hash_trace: bool, offload: dict[str, Any] | None, concurrent: bool,
+    longest_request: int | None = None, gpu_kv_bytes: int | None = None,
 ) -> tuple[list[str], str, list[str]]:
-    """The flags, the `vllm serve` line, and notes on how the memory flag was chosen."""
+    """The flags, the `vllm serve` line, and notes on how the memory flags were chosen.
+
+    The line must start: vLLM refuses to start unless one request of `--max-model-len`
+    tokens fits the pool (null block aside), so the length is set from the log and checked
+    against the pool the memory flag gives (`max_model_len`)."""
     tp = options.tensor_parallel_size
     flags = ["--enable-prefix-caching"]  # the default in vLLM 0.32; stated so a config diff shows it
+    block_size = best.block_size if not hash_trace else VLLM_DEFAULT_BLOCK_SIZE
     if not hash_trace:
         flags.append(f"--block-size {best.block_size}")
-    memory_flag, notes = _memory_flag(best, options, geom, gpu_gib, hash_trace, concurrent)
+    memory_flag, pool_blocks, notes = _memory_flag(best, options, geom, gpu_gib, hash_trace, concurrent,
+                                                   gpu_kv_bytes)
     flags.append(memory_flag)
+    length, length_notes = max_model_len(longest_request, block_size, pool_blocks, geom)
+    if length is not None:
+        flags.append(f"--max-model-len {length}")
+    notes += length_notes
     if tp > 1:
         flags.append(f"--tensor-parallel-size {tp}")
     if offload is not None:
@@ -84,37 +95,80 @@ def serve_flags(
     return flags, " ".join(["vllm serve", model, *flags]), notes
 
 
+VLLM_DEFAULT_BLOCK_SIZE = 16  # vLLM 0.32's --block-size on GPU attention backends
+MAX_MODEL_LEN_STEP = 256  # --max-model-len is rounded up to this, to read well
+
+
+def max_model_len(
+    longest_request: int | None, block_size: int, pool_blocks: int | None, geom: kv.ModelGeometry | None,
+) -> tuple[int | None, list[str]]:
+    """`--max-model-len` for the serve line, and what it caps.
+
+    The log's longest request (prompt + reply) rounded up, capped by the model's context when
+    known, then by what vLLM's start-up check allows: one request of that many tokens must
+    fit the usable blocks (`cdiv(max_model_len, block_size) <= pool_blocks`, the null block
+    held back), else vLLM refuses to start."""
+    if longest_request is None or longest_request <= 0:
+        return None, ["--max-model-len is not set: the simulation did not record the log's longest "
+                      "request (rerun `pc-advise simulate`); vLLM then takes the model's whole context, "
+                      "which must fit the KV pool for vLLM to start."]
+    length = -(-longest_request // MAX_MODEL_LEN_STEP) * MAX_MODEL_LEN_STEP
+    notes = []
+    context = geom.max_position_embeddings if geom is not None else None
+    if context is not None and length > context:
+        length = context
+        if longest_request > context:
+            notes.append(f"The log's longest request ({longest_request:,} tokens) is longer than the "
+                         f"model's context ({context:,}): vLLM rejects it.")
+    if pool_blocks is not None and -(-length // block_size) > pool_blocks:
+        fits = pool_blocks * block_size
+        if fits < longest_request:
+            notes.append(f"--max-model-len {fits:,}: the largest that one request can fill in this pool "
+                         f"({pool_blocks:,} usable blocks of {block_size}); the log's longest request is "
+                         f"{longest_request:,} tokens, so vLLM rejects requests longer than {fits:,} "
+                         "(the simulation refused them too).")
+        length = fits
+    what = f"the log's longest request is {longest_request:,} tokens (prompt + reply)"
+    notes.insert(0, f"--max-model-len {length:,}: {what}; vLLM starts only if one request of that "
+                    "length fits the KV pool, so the model's full context is not asked for"
+                 + (f" ({context:,} tokens)." if context is not None and context > length else "."))
+    return length, notes
+
+
 def _memory_flag(
     best: Point, options: RecommendOptions, geom: kv.ModelGeometry | None, gpu_gib: float | None,
-    hash_trace: bool, concurrent: bool,
-) -> tuple[str, list[str]]:
-    """The flag that sizes the KV cache: utilization with a GPU, bytes with a model only,
-    blocks without a model."""
+    hash_trace: bool, concurrent: bool, gpu_kv_bytes: int | None,
+) -> tuple[str, int | None, list[str]]:
+    """The flag that sizes the KV cache, the usable blocks it gives (None: unknown), notes.
+
+    With a model the exact `--kv-cache-memory-bytes` (the chosen blocks plus the null block);
+    `--gpu-memory-utilization` only as an estimated alternative (it rests on a guess of the
+    activation memory). Without a model, the block count itself."""
     tp = options.tensor_parallel_size
     need = kv.kv_bytes_for_blocks(geom, best.block_size, best.num_blocks, tp) if geom is not None else None
-    if geom is not None and gpu_gib is not None and need is not None:
-        util = kv.utilization_for_kv_bytes(geom, gpu_gib, need, options.headroom_gib, tp)
-        util = min(options.gpu_memory_utilization, math.ceil(util * 100) / 100)
-        if not concurrent:
-            # Running requests were not simulated: do not shrink the pool below what vLLM would take.
-            return f"--gpu-memory-utilization {options.gpu_memory_utilization:.2f}", [
-                f"The prefix cache needs {need / kv.GIB:.2f} GiB per GPU (--gpu-memory-utilization {util:.2f} "
-                f"would give it); the flag keeps {options.gpu_memory_utilization:.2f} because the sequential "
-                "simulation does not size the memory running requests need. To pin the cache exactly, use "
-                f"--kv-cache-memory-bytes {need}."
-            ]
-        return f"--gpu-memory-utilization {util:.2f}", [
-            f"--gpu-memory-utilization {util:.2f} gives the KV cache {need / kv.GIB:.2f} GiB per GPU "
-            f"(or pin it exactly with --kv-cache-memory-bytes {need}). That is the least memory "
-            "that buys this hit rate at the logged load; on a GPU that serves nothing else, "
-            f"{options.gpu_memory_utilization:.2f} costs nothing and leaves room for bursts."
+    if need is not None and not concurrent and gpu_kv_bytes is not None:
+        # Running requests were not simulated: do not pin the pool to the prefix cache's share.
+        pool = kv.blocks_for_kv_bytes(geom, best.block_size, gpu_kv_bytes, tp)
+        return f"--gpu-memory-utilization {options.gpu_memory_utilization:.2f}", pool, [
+            f"The prefix cache needs {need / kv.GIB:.2f} GiB per GPU (--kv-cache-memory-bytes {need} "
+            "pins exactly that); the flag keeps --gpu-memory-utilization "
+            f"{options.gpu_memory_utilization:.2f} because the sequential simulation does not size the "
+            "memory running requests need."
         ]
     if need is not None:
-        return f"--kv-cache-memory-bytes {need}", []
+        notes = [f"--kv-cache-memory-bytes {need} gives the KV cache exactly {best.num_blocks:,} usable "
+                 f"blocks ({need / kv.GIB:.2f} GiB per GPU, vLLM's null block included)."]
+        if gpu_gib is not None:
+            util = kv.utilization_for_kv_bytes(geom, gpu_gib, need, options.headroom_gib, tp)
+            util = min(options.gpu_memory_utilization, math.ceil(util * 100) / 100)
+            notes.append(f"Alternative, estimated: --gpu-memory-utilization {util:.2f} (it assumes "
+                         f"{headroom(options):.1f} GiB of activations and runtime besides the weights; a "
+                         "0.5 GiB error there moves the pool by as much).")
+        return f"--kv-cache-memory-bytes {need}", best.num_blocks, notes
     if not hash_trace:
-        return f"--num-gpu-blocks-override {best.num_blocks + 1}", []  # vLLM counts the null block
-    blocks16 = -(-best.num_blocks * best.block_size // 16)
-    return f"--num-gpu-blocks-override {blocks16 + 1}", [
+        return f"--num-gpu-blocks-override {best.num_blocks + 1}", best.num_blocks, []  # + the null block
+    blocks16 = -(-best.num_blocks * best.block_size // VLLM_DEFAULT_BLOCK_SIZE)
+    return f"--num-gpu-blocks-override {blocks16 + 1}", blocks16, [
         f"The trace's {best.num_blocks:,} blocks of {best.block_size} tokens are "
-        f"{blocks16:,} blocks at vLLM's default --block-size 16 (plus the null block)."
+        f"{blocks16:,} blocks at vLLM's default --block-size {VLLM_DEFAULT_BLOCK_SIZE} (plus the null block)."
     ]

@@ -79,8 +79,10 @@ def recommend(
     geom: kv.ModelGeometry | None = None,
     gpu_gib: float | None = None,
     input_kind: str = "tokens",
+    longest_request: int | None = None,
 ) -> dict[str, Any]:
-    """The recommendation.json dict for these simulation rows (module docstring)."""
+    """The recommendation.json dict for these simulation rows (module docstring);
+    `longest_request`: the log's longest prompt + reply, which sets --max-model-len."""
     options = resolve_options(options, {})
     tp, tps = options.tensor_parallel_size, options.prefill_tokens_per_s
     hash_trace = input_kind == "hash_trace"
@@ -95,7 +97,8 @@ def recommend(
     notes += [*gpu_notes, *fit_notes]
     offload, offload_lines = offload_past_gpu(points, best, gpu_kv_bytes, tp)
     flags, serve, memory_notes = serve_flags(best, options, geom, gpu_gib, hash_trace, offload,
-                                             concurrent=where["mode"] == MODE_CONCURRENT)
+                                             concurrent=where["mode"] == MODE_CONCURRENT,
+                                             longest_request=longest_request, gpu_kv_bytes=gpu_kv_bytes)
     fixes, fixes_line = prompt_fixes(stats)
 
     reasoning = [headline(best, pr, hash_trace), describe(where), *offload_lines, *memory_notes]
@@ -137,10 +140,11 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
     def body(r: RunDir) -> dict[str, Any]:
         geom = kv.resolve_model(options.model) if options.model else None
         gpu_gib = kv.resolve_gpu(options.gpu) if options.gpu else None
-        kind = r.stage_counts("simulate").get("input_kind", "tokens")
+        simulated = r.stage_counts("simulate")
+        kind = simulated.get("input_kind", "tokens")
         stats = r.read_json(STATS) if r.path(STATS).exists() else None
         result = recommend(pl.read_parquet(sim_path), stats, options, geom=geom, gpu_gib=gpu_gib,
-                           input_kind=kind)
+                           input_kind=kind, longest_request=simulated.get("longest_request_tokens"))
         write_json(r.path(RECOMMENDATION), result)
         best = result["recommended"]
         return {

@@ -1,18 +1,18 @@
 """Replay through an in-process vLLM engine: the measuring half of the replay stage.
 
-Input: a `replay_plan.ReplayView` (token ids in arrival order), the configurations
-to confirm, `EngineOptions`, a model folder, and sim_requests.parquet (or None)
-for the predictions. Output: a `replay_plan.ReplayResult` (replay.json). The
-engine-free half (workload, predictions, results, `--check`) is
-advisor/replay_plan.py, re-exported here.
+Input: a `ReplayView` (token ids in arrival order), the configurations to confirm,
+`EngineOptions`, a model folder, and sim_requests.parquet (or None) for the predictions.
+Output: a `ReplayResult` (replay.json). The engine-free half (what is replayed, the
+predictions, results, `--check`) is advisor/replay/plan.py; the stage around both is
+advisor/replay/stage.py.
 
 The engine runs in process (`vllm.LLM`, prompts as `TokensPrompt`) with the
 block size and the block budget pinned: `num_gpu_blocks_override` is the
 usable block count plus vLLM's reserved null block. Prefix-cache hits depend
 on token ids, block size and block count only, so without a user model a tiny
-random Llama (advisor/tinymodel.py) does the replay on any machine.
+random Llama (advisor/replay/tinymodel.py) does the replay on any machine.
 
-Modes (DESIGN §5): `sequential` sends one request at a time in log order,
+Modes (docs/design.md §5): `sequential` sends one request at a time in log order,
 prefill-only (`max_tokens=1`: the one sampled token never gets a KV slot), and
 must match the simulator to the token. `concurrent` feeds requests to the
 engine at their logged arrival times (divided by `speedup`, on the simulator's
@@ -22,7 +22,7 @@ one percentage point.
 
 This is the only module that imports vllm, and only inside the functions
 that run the engine. The engine's multiprocessing mode is the caller's
-choice (the CLI sets `VLLM_ENABLE_V1_MULTIPROCESSING=0` for a 4 s start).
+choice (the replay stage sets `VLLM_ENABLE_V1_MULTIPROCESSING=0` for a 4 s start).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _kernel_scan_guard() -> Iterator[None]:
 
     At engine start vLLM's Triton kernel dispatcher walks every attribute of every
     module in sys.modules and calls `vars(value).get(...)`. llvmlite's `ffi.lib`
-    (imported with numba, which advisor.fastsim uses) answers `vars()` with a
+    (imported with numba, which advisor.sim.fast.sequential uses) answers `vars()` with a
     non-mapping, so the engine fails to start in any process that simulated first
     (`pc-advise run`). Such modules are taken out of sys.modules for the
     duration of the start and put back after; the engine never uses them.
@@ -161,7 +161,7 @@ def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: Engine
         max_model_len=max_len,
         max_num_seqs=opts.max_num_seqs,
         # Room for every waiting prompt in one step up to 64Ki tokens; the concurrent
-        # prediction runs on the same budget (replay_plan.engine_batched_tokens).
+        # prediction runs on the same budget (plan.engine_batched_tokens).
         max_num_batched_tokens=engine_batched_tokens(max_len, opts.max_num_seqs),
         disable_log_stats=False,
         enforce_eager=True,

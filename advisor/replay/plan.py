@@ -4,11 +4,11 @@ Inputs: requests.parquet and tokens.parquet (`load_workload`: token ids, arrival
 times, output lengths; hash traces get synthesized token streams), the
 configurations to confirm (`configs_to_confirm`: recommendation.json or explicit
 block size / block count, plus extra sweep rows) and sim_requests.parquet
-(`predicted_hits`: per-request predictions, computed with advisor.cache /
-advisor.simulate when a configuration is not in it). Output: `ReplayResult`, whose
+(`predicted_hits`: per-request predictions, computed with advisor.sim.cache /
+advisor.sim.grid when a configuration is not in it). Output: `ReplayResult`, whose
 `as_json()` is replay.json, and `check_failures` for `replay --check`.
 
-No vllm here: advisor.replay (in-process engine) and advisor.replay_server (a
+No vllm here: advisor.replay (in-process engine) and advisor.replay.server (a
 running server over HTTP) both measure, and both report through these types.
 """
 
@@ -33,7 +33,7 @@ STATUS_NOT_RUN = "not_run"
 STATUS_NOT_CONFIRMABLE = "not_confirmable"
 ENGINE_INPROCESS = "vllm-inprocess"
 ENGINE_SERVER = "vllm-server"
-CONCURRENT_TOLERANCE_POINTS = 1.0  # DESIGN §5 fidelity contract
+CONCURRENT_TOLERANCE_POINTS = 1.0  # docs/design.md §5 fidelity contract
 SYNTHETIC_VOCAB = 8192  # token ids drawn for hash-trace blocks: [2, SYNTHETIC_VOCAB)
 MAX_LISTED_MISMATCHES = 50
 CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend
@@ -70,7 +70,7 @@ class EngineOptions:
     # replay only the first N requests: both modes are causal, so their predictions are the
     # first N of the whole log's
     limit: int | None = None
-    # Concurrent mode's clock: the simulator's cost model (advisor.events.CostModel), so the
+    # Concurrent mode's clock: the simulator's cost model (advisor.sim.events.CostModel), so the
     # replay is independent of how fast this machine runs the model.
     prefill_tps: float = 10_000.0
     decode_tps: float = 50.0

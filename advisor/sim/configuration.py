@@ -3,20 +3,20 @@
 Inputs: a `Workload` (advisor.workload), a block size, a pool size in usable blocks
 (None = infinite), and the `SimulateOptions` that shape a run (the concurrent cost
 model, `max_num_seqs`, `speedup`). Output: a `ConfigResult`, each request's hit tokens
-(vLLM's `num_cached_tokens`) and the pool's counters. advisor.simulate runs a grid of
-these; advisor.replay_plan recomputes any one of them to predict a replay.
+(vLLM's `num_cached_tokens`) and the pool's counters. advisor.sim.grid runs a grid of
+these; advisor.replay.plan recomputes any one of them to predict a replay.
 
-Per block size the blocks are keyed once (`block_trace`: advisor.fastsim's chained
+Per block size the blocks are keyed once (`block_trace`: advisor.sim.fast.trace's chained
 64-bit keys as dense ids; LoRA name and cache_salt keep requests apart, and so does
 the model when a log names several, through `workload.cache_namespaces`; hash traces
 chain their `hash_ids` at the trace's block size, the only size they simulate at).
-Sequential mode runs on fastsim's compiled replays of the same rules, concurrent mode
-on advisor.fastevents' compiled event loop (tested equal to cache.py, and to
+Sequential mode runs on advisor.sim.fast's compiled replays of the same rules, concurrent mode
+on advisor.sim.fast.events' compiled event loop (tested equal to cache.py, and to
 events.run_concurrent over it, under eviction pressure and preemption;
 `engine="reference"` runs those instead):
 - mode "sequential": log order, one request at a time, prefill only, each freed
-  before the next (DESIGN §5; what the exactness checks and replay confirm);
-- mode "concurrent": `advisor.events.run_concurrent` (arrivals, pinning, decode
+  before the next (docs/design.md §5; what the exactness checks and replay confirm);
+- mode "concurrent": `advisor.sim.events.run_concurrent` (arrivals, pinning, decode
   blocks, `max_num_seqs`; its docstring states the simplifications);
 - policies: "lru" (vLLM) in both modes; "fifo" and "belady" (reference lines) in
   sequential mode only.
@@ -134,10 +134,10 @@ class ConfigResult:
 
 
 def block_trace(workload: Workload, block_size: int) -> fasttrace.BlockTrace:
-    """Every request's full blocks at `block_size` as dense ids (advisor.fastsim).
+    """Every request's full blocks at `block_size` as dense ids (advisor.sim.fast.trace).
 
     Equal ids exactly when vLLM's chained block hashes are equal (64-bit keys; see
-    fastsim for the collision odds). LoRA name and cache_salt become a per-request
+    advisor.sim.fast.trace for the collision odds). LoRA name and cache_salt become a per-request
     salt, so requests that differ in them never share a block, as in vLLM. Hash
     traces chain their ids at their own block size, the only one they simulate at.
     """
@@ -217,7 +217,7 @@ def simulate_one(
     prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     uses: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ConfigResult:
-    """Simulate ONE configuration with vLLM's exact rules (advisor.cache semantics).
+    """Simulate ONE configuration with vLLM's exact rules (advisor.sim.cache semantics).
 
     `workload`: a `Workload` (`load_workload(requests.parquet, tokens.parquet)` or
     `Workload.from_token_lists(...)`); `num_blocks`: usable blocks (vLLM's count
@@ -225,10 +225,10 @@ def simulate_one(
     a time, prefill only) or "concurrent" (`options` gives the cost model,
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
     (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
-    (and `prepared`: `fastevents.request_hashes(trace, ...)` for concurrent mode,
-    `uses`: `fastpolicy.future_uses(trace)` for belady) may be passed to reuse them across budgets of one block size. `engine`: "auto"
-    runs sequential mode on advisor.fastsim's compiled replays (lru, fifo, belady)
-    and concurrent mode on advisor.fastevents' compiled loop, both tested equal to
+    (and `prepared`: `advisor.sim.fast.events.request_hashes(trace, ...)` for concurrent mode,
+    `uses`: `advisor.sim.fast.policies.future_uses(trace)` for belady) may be passed to reuse them across budgets of one block size. `engine`: "auto"
+    runs sequential mode on advisor.sim.fast.sequential's compiled replays (lru, fifo, belady)
+    and concurrent mode on advisor.sim.fast.events' compiled loop, both tested equal to
     cache.py / events.run_concurrent over it; "reference" runs those instead. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
     order) vLLM `num_cached_tokens`; `.totals()` the sums.
     """

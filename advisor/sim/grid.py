@@ -6,7 +6,7 @@ sim.parquet rows (schema.SIM: one per block size x budget x policy x mode x
 window, plus the infinite-cache ceiling rows with `num_blocks` null) and
 sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens).
 
-Each configuration is advisor.simconfig's `simulate_one` (its docstring has the
+Each configuration is advisor.sim.configuration's `simulate_one` (its docstring has the
 modes, policies and counting); this module chooses the configurations and turns
 their results into rows:
 - policies: "lru" (vLLM) in both modes at every budget; "fifo" and "belady" as
@@ -16,7 +16,7 @@ their results into rows:
   (`warmup`: "50%" of the log by default, "N" requests, or "Ns" seconds after the
   first timestamp). Both come from the same pass: the warm-up requests still fill
   the cache;
-- a budget at or past the never-evicting size (`simconfig.ceiling_blocks`) takes
+- a budget at or past the never-evicting size (`configuration.ceiling_blocks`) takes
   the infinite-cache run's result unsimulated; the others run in `workers` threads.
 
 Budgets (`plan_budgets`): explicit `num_blocks`, `budget_tokens` (tokens // block
@@ -50,8 +50,6 @@ from advisor.errors import AdvisorError
 from advisor.sim.configuration import (
     ConfigResult,
     SimulateOptions,
-    TraceHashes,
-    block_trace,
     block_traces,
     ceiling_blocks,
     check_trace_block_size,
@@ -61,12 +59,6 @@ from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import request_hashes
 from advisor.sim.fast.policies import future_uses
 from advisor.workload import Workload, load_workload, warm_mask
-
-__all__ = [  # simconfig's names are re-exported: callers import them from here
-    "SimulateOptions", "ConfigResult", "GridResult", "Workload", "load_workload", "TraceHashes",
-    "block_trace", "block_traces", "ceiling_blocks", "plan_budgets", "simulate_one", "simulate_grid",
-    "simulate_run",
-]
 
 
 @dataclass(frozen=True)
@@ -342,6 +334,8 @@ def summary_counts(grid: GridResult, workload: Workload) -> dict[str, Any]:
         "requests": workload.num_requests,
         "input_kind": "hash_trace" if workload.is_hash_trace else "tokens",
         "prompt_tokens": int(workload.n_tokens.sum()),
+        # the longest sequence one request reaches (prompt + reply): sizes vLLM's --max-model-len
+        "longest_request_tokens": int((workload.n_tokens + np.maximum(workload.output_tokens, 1)).max(initial=0)),
         "configs": sim.num_rows // 2,
         "sim_request_rows": grid.sim_requests.num_rows,
         "ceiling_by_block_size": {

@@ -4,10 +4,10 @@ Input: requests.parquet (schema.REQUESTS) and a Hugging Face fast tokenizer.
 Output: tokens.parquet (schema.TOKENS), one row per request in the same order,
 with the tokenizer's spec in the Parquet metadata key `pc_advise.tokenizer`.
 
-How each kind of request becomes token ids (DESIGN §4), matching vLLM's
+How each kind of request becomes token ids (docs/design.md §4), matching vLLM's
 OpenAI-compatible server:
 - chat: the messages and tools normalised the way vLLM parses them, rendered with
-  the tokenizer's chat template (advisor/chatprompt.py: `apply_chat_template(...,
+  the tokenizer's chat template (advisor/tokens/chatprompt.py: `apply_chat_template(...,
   tools=..., add_generation_prompt=True, tokenize=False)`), then encoded without
   adding special tokens again;
 - completion: the prompt encoded with special tokens added (the /v1/completions

@@ -1,4 +1,4 @@
-"""Array-backed linked lists shared by the compiled simulators (fastsim, fastpolicy, fastcache).
+"""Array-backed linked lists shared by the compiled simulators (sequential, policies, cache, events).
 
 Inputs and outputs: int64 numpy arrays, changed in place. Two structures, as in vLLM's
 block pool:

@@ -1,7 +1,7 @@
 """Compiled sequential replay of the reference eviction policies, FIFO and Belady.
 
-Inputs: a `fastsim.BlockTrace` and a pool size in usable blocks. Output: a
-`fastsim.SequentialResult` equal to `advisor.cache.PrefixCache` with policy "fifo" or
+Inputs: a `BlockTrace` (advisor.sim.fast.trace) and a pool size in usable blocks. Output: a
+`SequentialResult` (advisor.sim.fast.sequential) equal to `advisor.sim.cache.PrefixCache` with policy "fifo" or
 "belady" fed the same requests one at a time (tests/test_fastsim.py checks hits,
 evictions and peak under eviction pressure). The free pool is
 `cache.PriorityFreePool` on arrays: unhashed free blocks first (a stack), then the
@@ -374,8 +374,8 @@ def simulate_reference_policy(trace: BlockTrace, num_blocks: int, policy: str,
 
 def simulate_sequential_policy(trace: BlockTrace, num_blocks: int, policy: str,
                                uses: tuple[np.ndarray, np.ndarray] | None = None) -> SequentialResult:
-    """Sequential mode under "lru" (vLLM), "fifo" or "belady" (advisor.cache's rules;
-    the last two compiled in advisor.fastpolicy; `uses`: its `future_uses(trace)`)."""
+    """Sequential mode under "lru" (vLLM), "fifo" or "belady" (advisor.sim.cache's rules;
+    the last two compiled in advisor.sim.fast.policies; `uses`: its `future_uses(trace)`)."""
     if policy == "lru":
         return simulate_sequential(trace, num_blocks)
     return simulate_reference_policy(trace, num_blocks, policy, uses)
