@@ -32,7 +32,7 @@ def trace_of(reqs: list[list[int]], bs: int = B) -> fasttrace.BlockTrace:
 def both(reqs: list[list[int]], outs: list[int], arrivals: list[float], num_blocks: int, *,
          max_num_seqs: int = 256, budget: int | None = None, skip: bool = True,
          latency: list[float] | None = None, ttft: list[float] | None = None,
-         cost: events.CostModel = events.CostModel(decode_tps=100.0)) -> tuple[events.ConcurrentResult, events.ConcurrentResult]:
+         cost: events.CostModel = events.CostModel(10_000.0, decode_tps=100.0)) -> tuple[events.ConcurrentResult, events.ConcurrentResult]:
     trace = trace_of(reqs)
     lengths = np.asarray([len(r) for r in reqs], np.int64)
     out_arr, arr = np.asarray(outs, np.int64), np.asarray(arrivals, np.float64)
@@ -126,4 +126,4 @@ def test_prepared_hashes_give_decode_blocks_their_own_ids() -> None:
     decode = [flat[2], flat[3], flat[5]]
     assert decode == list(range(trace.num_ids, trace.num_ids + 3))
     with pytest.raises(AssertionError):
-        run_concurrent_compiled(trace, 0, np.array([9, 5]), np.array([8, 5]), np.zeros(2), events.CostModel(), 4)
+        run_concurrent_compiled(trace, 0, np.array([9, 5]), np.array([8, 5]), np.zeros(2), events.CostModel(10_000.0, 50.0), 4)

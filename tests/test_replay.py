@@ -394,7 +394,7 @@ def test_concurrent_chunked_prefill_per_request_exactness(model_cache: Path,
     hashes = [cache.request_block_hashes(t, 64) for t in token_lists]
     budget = small(max(len(t) + o for t, o in zip(token_lists, outputs)), 256)
     steps = [events.run_concurrent(cache.PrefixCache(10, 64), hashes, lengths, outs, np.array(arrivals),
-                                   events.CostModel(use_logged_latency=False), 256, max_num_batched_tokens=b).steps
+                                   events.CostModel(10_000.0, 50.0, use_logged_latency=False), 256, max_num_batched_tokens=b).steps
              for b in (None, budget)]
     assert steps[0] != steps[1]  # the budget really cuts prompts into chunks
     res = replay_one(workload(token_lists, arrivals, outputs), [replay_plan.ReplayConfig(64, 10)], model_cache,

@@ -316,7 +316,7 @@ def test_preempted_request_resumes_on_its_own_cached_blocks() -> None:
     reqs = [[1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16, 17]]
     pool = refcache.PrefixCache(6, B)
     res = events.run_concurrent(pool, [refcache.request_block_hashes(r, B) for r in reqs], np.array([8, 7]),
-                                np.array([9, 9]), np.zeros(2), events.CostModel(use_logged_latency=False), 256)
+                                np.array([9, 9]), np.zeros(2), events.CostModel(10_000.0, 50.0, use_logged_latency=False), 256)
     assert res.preemptions == 1 and list(res.hit_tokens) == [0, 0] and res.scheduled.all()
     assert (pool.queries, pool.hits) == (15, 0)
     assert (pool.preempted_queries, pool.preempted_hits) == (12, 8)
@@ -340,7 +340,7 @@ def test_quiet_step_jumps_equal_the_plain_step_loop(reqs: list[list[int]], extra
     got = []
     for skip in (True, False):
         pool = refcache.PrefixCache(nb, B)
-        res = events.run_concurrent(pool, hashes, lengths, outs, arrivals, events.CostModel(decode_tps=100.0), max_num_seqs,
+        res = events.run_concurrent(pool, hashes, lengths, outs, arrivals, events.CostModel(10_000.0, decode_tps=100.0), max_num_seqs,
                                     max_num_batched_tokens=budget, skip_quiet_steps=skip)
         got.append((list(res.hit_tokens), list(res.scheduled), res.evictions, res.peak_blocks_in_use, res.preemptions,
                     res.steps, res.makespan_s, pool.preempted_queries, pool.preempted_hits))
@@ -356,9 +356,9 @@ def test_logged_latencies_calibrate_the_step_clock() -> None:
     cost = events.CostModel(prefill_tps=1.0, decode_tps=1.0).calibrated(prompt, out, latency, ttft)
     assert cost.prefill_tps == pytest.approx(5000.0)  # 5000, 5000, 10000
     assert cost.decode_tps == pytest.approx(22.5)  # 10 / 0.4 and 20 / 1.0
-    ignored = events.CostModel(use_logged_latency=False)
+    ignored = events.CostModel(10_000.0, 50.0, use_logged_latency=False)
     assert ignored.calibrated(prompt, out, latency, ttft) == ignored
-    nothing_logged = events.CostModel()
+    nothing_logged = events.CostModel(10_000.0, 50.0)
     assert nothing_logged.calibrated(prompt, out, np.full(4, np.nan), None) == nothing_logged
 
 

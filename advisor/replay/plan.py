@@ -60,20 +60,26 @@ class ReplayConfig:
         return out
 
 
+_SIMULATED = SimulateOptions(workers=1)  # the simulator's defaults, which a replay shares
+
+
 @dataclass(frozen=True)
 class EngineOptions:
+    """How one replay runs (the replay stage resolves them from `ReplayOptions` and the
+    simulate stage's record); the clock defaults are the simulator's own."""
+
     mode: str = MODE_SEQUENTIAL
-    speedup: float = 1.0  # concurrent mode: arrival times divided by this
+    speedup: float = _SIMULATED.speedup  # concurrent mode: arrival times divided by this
     max_output_tokens: int = 256  # concurrent mode: cap on logged output lengths
     replay_model: str | None = None  # a local model folder; None = tiny random Llama
-    max_num_seqs: int = 256  # the engine's, and the concurrent prediction's
+    max_num_seqs: int = _SIMULATED.max_num_seqs  # the engine's, and the concurrent prediction's
     # replay only the first N requests: both modes are causal, so their predictions are the
     # first N of the whole log's
     limit: int | None = None
     # Concurrent mode's clock: the simulator's cost model (advisor.sim.events.CostModel), so the
     # replay is independent of how fast this machine runs the model.
-    prefill_tps: float = 10_000.0
-    decode_tps: float = 50.0
+    prefill_tps: float = _SIMULATED.prefill_tps
+    decode_tps: float = _SIMULATED.decode_tps
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -75,8 +75,8 @@ from advisor.sim.cache import PrefixCache
 class CostModel:
     """Step time of the batched engine (module docstring)."""
 
-    prefill_tps: float = 10_000.0  # uncached prompt tokens per second
-    decode_tps: float = 50.0  # decode steps per second (one token per running request)
+    prefill_tps: float  # uncached prompt tokens per second
+    decode_tps: float  # decode steps per second (one token per running request)
     use_logged_latency: bool = True  # calibrate both rates from latency_s / ttft_s when logged
 
     def __post_init__(self) -> None:
