@@ -288,6 +288,12 @@ def resolve_gpu(spec: str | float) -> float:
     )
 
 
+# vLLM 0.32's serve defaults (max_num_seqs, max_num_batched_tokens) when the device is not one
+# it sizes up for (EngineArgs.get_batch_defaults, "non-H100/H200 GPUs"): also what it uses
+# when it cannot query the device.
+VLLM_UNKNOWN_GPU_BATCH_DEFAULTS = (256, 2048)
+
+
 def vllm_batch_defaults(gpu: str | float) -> tuple[int, int]:
     """`vllm serve`'s default (max_num_seqs, max_num_batched_tokens) on this GPU, as vLLM 0.32
     picks them from the device's memory and name (EngineArgs.get_batch_defaults): 160 GiB or

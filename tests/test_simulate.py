@@ -457,11 +457,14 @@ def test_cli_concurrent_mode_schedules_like_vllm_serve_on_the_given_gpu(tmp_path
         assert res.exit_code == 0, res.output
         return json.loads(res.stdout)["stages"]["simulate"]["notes"]
 
-    assert "concurrent mode: --max-num-seqs 256, --max-num-batched-tokens unlimited" in notes()
-    assert "concurrent mode: --max-num-seqs 1024, --max-num-batched-tokens 8192" in notes(
-        "--model", "llama-3.1-8b", "--gpu", "h100")
-    assert "concurrent mode: --max-num-seqs 64, --max-num-batched-tokens 8192" in notes(
-        "--model", "llama-3.1-8b", "--gpu", "h100", "--max-num-seqs", "64")
+    # never unlimited: without --gpu, vLLM's own fallback tier, and the note says so
+    assert notes()[0] == ("concurrent mode: --max-num-seqs 256, --max-num-batched-tokens 2048 (vLLM's "
+                          "defaults for a GPU it does not size up for; give --gpu for yours)")
+    assert notes("--model", "llama-3.1-8b", "--gpu", "h100")[0] == (
+        "concurrent mode: --max-num-seqs 1024, --max-num-batched-tokens 8192 (vllm serve's defaults on h100)")
+    assert notes("--model", "llama-3.1-8b", "--gpu", "h100", "--max-num-seqs", "64")[0] == (
+        "concurrent mode: --max-num-seqs 64, --max-num-batched-tokens 8192 (as given; vllm serve's defaults on "
+        "h100 otherwise)")
 
 
 def test_cli_simulate_writes_both_artifacts_and_skips_when_unchanged(tmp_path: Path) -> None:

@@ -162,8 +162,8 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
       help="Concurrent mode: most requests running at once (vLLM's flag) [default: 256; with --gpu, "
       "vllm serve's default on that GPU: 256 or 1024].")
     o(f, "--max-num-batched-tokens", type=int, default=None,
-      help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: unlimited; with "
-      "--gpu, vllm serve's default on that GPU: 2048, 8192 or 16384].")
+      help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: vllm serve's "
+      "default on --gpu: 2048, 8192 or 16384; without --gpu, 2048].")
     o(f, "--sweep-points", type=int, default=None,
       help=f"Budgets in the default sweep per block size [default: {_d(SimulateOptions, 'sweep_points')}].")
     o(f, "--reference-budgets", type=int, default=None,

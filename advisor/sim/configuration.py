@@ -71,7 +71,8 @@ class SimulateOptions:
     decode_tps: float = 50.0
     use_logged_latency: bool = True
     # Concurrent mode's batch limits (vLLM's flags). None: `vllm serve`'s default on `gpu`
-    # (kvmemory.vllm_batch_defaults), and without a GPU 256 sequences and no token budget.
+    # (kvmemory.vllm_batch_defaults); without a GPU, the tier vLLM itself falls back to when
+    # it cannot tell the device (its non-H100/H200 defaults: 256 sequences, 2,048 tokens).
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     sweep_points: int = 10
@@ -82,7 +83,8 @@ class SimulateOptions:
     def __post_init__(self) -> None:
         # Resolved here, once, so the defaults live in this class and the manifest records
         # the values actually simulated (replay reuses them).
-        seqs, batched = (kv.vllm_batch_defaults(self.gpu) if self.gpu is not None else (256, None))
+        seqs, batched = (kv.vllm_batch_defaults(self.gpu) if self.gpu is not None
+                         else kv.VLLM_UNKNOWN_GPU_BATCH_DEFAULTS)
         if self.max_num_seqs is None:
             object.__setattr__(self, "max_num_seqs", seqs)
         if self.max_num_batched_tokens is None:

@@ -68,6 +68,18 @@ class GridResult:
     notes: list[str] = field(default_factory=list)
 
 
+def batch_limits_note(options: SimulateOptions) -> str:
+    """Which batch limits concurrent mode used, and where they came from."""
+    tier = (f"vllm serve's defaults on {options.gpu}" if options.gpu is not None else
+            "vLLM's defaults for a GPU it does not size up for; give --gpu for yours")
+    default = SimulateOptions(gpu=options.gpu, workers=1)
+    given = (options.max_num_seqs, options.max_num_batched_tokens) != (default.max_num_seqs,
+                                                                        default.max_num_batched_tokens)
+    budget = options.max_num_batched_tokens
+    return (f"concurrent mode: --max-num-seqs {options.max_num_seqs}, --max-num-batched-tokens "
+            f"{'unlimited' if budget is None else budget} ({'as given; ' + tier + ' otherwise' if given else tier})")
+
+
 # --- budgets ---
 def sweep(working_set: int, largest_request: int, points: int) -> list[int]:
     """Geometric budgets from ~1.5% of the working set (>= the largest request) past 125%."""
@@ -145,9 +157,7 @@ def simulate_grid(
     _validate(workload, options)
     notes: list[str] = []
     if schema.MODE_CONCURRENT in options.modes:
-        budget = options.max_num_batched_tokens
-        notes.append(f"concurrent mode: --max-num-seqs {options.max_num_seqs}, --max-num-batched-tokens "
-                     f"{'unlimited' if budget is None else budget}")
+        notes.append(batch_limits_note(options))
     if len(workload.models) > 1:
         notes.append(f"{len(workload.models)} models in this log: each is simulated as its own cache (no block "
                      "shared across models) in one pool of memory; each model is its own vLLM deployment, so "
