@@ -1,1 +1,1 @@
-"""TODO"""
+"""The analyze stage: shared prefixes, the ceiling, cache breakers, clusters (stage.py; prefixes, breakers, clusters, hashing)."""

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The replay stage: a real vLLM engine confirms the prediction (stage.py; plan, engine, server, tinymodel)."""

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The compiled twins of advisor.sim's references (numba): trace, sequential, policies, cache, events, lists."""
