@@ -202,7 +202,7 @@ def bench_stage_grid(tokens: np.ndarray, offsets: np.ndarray, seed: int) -> dict
         latency_s=np.full(n, np.nan), ttft_s=np.full(n, np.nan),
         lora=[None] * n, cache_salt=[None] * n,
         token_values=tokens, token_offsets=offsets.astype(np.int64),
-        hash_ids=None, trace_block_size=None,
+        hash_values=None, hash_offsets=None, trace_block_size=None,
     )
     # Load (or compile, the first time on a machine) every kernel on a tiny slice first:
     # numba caches them on disk, so this is a one-off cost, not the grid's.

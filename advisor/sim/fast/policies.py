@@ -14,7 +14,7 @@ hashed free blocks in priority order, kept two ways:
   is the smaller of that heap's top and the cursor's entry. Each caching is passed
   once, so a run costs about what LRU's does.
 - Belady (priority = minus the next request position wanting the block's hash, ties
-  to the most recently cached block; cache.py's module docstring has the
+  to the most recently cached block; docs/simulate.md's Belady section has the
   refinements): a binary heap of one packed int64 key per entry, `(priority rank,
   cached order)`, with lazy deletion: an entry is live while its block is free and
   the key is the block's current one (`cur_key`), so a re-keyed or re-used block's
