@@ -27,6 +27,8 @@ from advisor.report.stage import ReportOptions, run_report
 from advisor.runfolder import (
     DEFAULT_CACHE_DIR,
     NO_PROGRESS,
+    REPORT_HTML,
+    REPORT_MD,
     STAGES,
     Progress,
     StageOutcome,
@@ -56,11 +58,11 @@ class RunResult:
 
     @property
     def report_html(self) -> Path:
-        return self.run_dir / "report.html"
+        return self.run_dir / REPORT_HTML
 
     @property
     def report_md(self) -> Path:
-        return self.run_dir / "report.md"
+        return self.run_dir / REPORT_MD
 
 
 def default_out_dir(log: str | Path) -> Path:

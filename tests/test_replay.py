@@ -147,6 +147,15 @@ def test_without_vllm_replay_json_says_unconfirmed_and_how_to_confirm(
     assert "unconfirmed" in out["reason"] and "pc-advise replay" in out["reason"]
 
 
+
+def test_check_fails_when_nothing_was_replayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--check is a gate: a replay that could not run (here: no vLLM) fails it, from the
+    library as from the command line, and replay.json still says why."""
+    monkeypatch.setattr(replay_stage, "vllm_available", lambda: False)
+    with pytest.raises(AdvisorError, match="replay --check failed.*not measured"):
+        run_replay(tmp_path, ReplayOptions(replay=None, check=1.0))
+    assert json.loads((tmp_path / "replay.json").read_text())["status"] == "not_run"
+
 # --- a real engine ---
 @needs_vllm
 @pytest.mark.replay

@@ -38,7 +38,6 @@ from advisor.cli.stages import (
     cache_dir,
     options_for,
     print_outcome,
-    replay_check_line,
     set_tokenizer_threads,
     stage_kwargs,
 )
@@ -128,8 +127,6 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
             on_stage=lambda outcome: print_outcome(con, rundir, outcome), warn=con.say,
             **stage_kwargs(opts),
         )
-        if (line := replay_check_line(rundir, opts.get("check"))) is not None:
-            con.say(line)
         rows = summary_rows(rundir)
         con.say("\nSummary")
         con.say(render_table(rows))
@@ -266,8 +263,6 @@ def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
                              api_key=api_key(opts), warn=con.say)
         print_outcome(con, rundir, outcome)
         con.result["replay"] = dict(outcome.counts)
-        if (line := replay_check_line(rundir, opts.get("check"))) is not None:
-            con.say(line)
 
     _stage_command(body, quiet, as_json)
 

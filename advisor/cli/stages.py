@@ -22,8 +22,8 @@ from advisor import pipeline
 from advisor.cli.console import Console
 from advisor.errors import AdvisorError
 from advisor.runfolder import (
+    DEFAULT_CACHE_DIR,
     REJECTS,
-    REPLAY,
     REPORT_HTML,
     REPORT_MD,
     Progress,
@@ -38,7 +38,7 @@ _RENAMED = {"fmt": "format", "configs": "replay_configs"}
 def cache_dir() -> Path:
     """Where built assets (the embedded tokenizer, the tiny replay model) are kept."""
     base = os.environ.get("PC_ADVISE_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return Path(base) / "pc-advise" if base else Path.home() / ".cache" / "pc-advise"
+    return Path(base) / "pc-advise" if base else DEFAULT_CACHE_DIR
 
 
 def stage_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
@@ -51,8 +51,6 @@ def stage_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
             out["max_line_bytes"] = int(value * (1 << 20))
         elif key == "min_gain_per_gib":  # points per GiB on the command line, a share inside
             out[key] = float(value) / 100
-        elif key in ("block_sizes", "num_blocks", "budget_tokens", "kv_cache_gib", "policies", "modes"):
-            out[key] = tuple(value)
         else:
             out[_RENAMED.get(key, key)] = value
     known = pipeline.option_names()
@@ -105,6 +103,8 @@ def print_outcome(con: Console, run: RunDir, outcome: StageOutcome) -> None:
     con.stage(outcome, line)
     for note in notes:
         con.say(f"  {note}")
+    if c.get("check_passed") is not None:
+        con.say(f"replay --check {c['check_passed']}: passed")
 
 
 def _ingest(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
@@ -175,10 +175,3 @@ def _report(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
 
 _PRINTERS = {"ingest": _ingest, "tokenize": _tokenize, "analyze": _analyze, "simulate": _simulate,
              "recommend": _recommend, "replay": _replay, "report": _report}
-
-
-def replay_check_line(run: RunDir, check: float | None) -> str | None:
-    """The line saying --check passed (a failure is raised by the stage)."""
-    if check is None or not run.path(REPLAY).exists():
-        return None
-    return f"replay --check {check}: passed"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,7 @@ def run_replay(
     run = RunDir(Path(run_dir))
     reason = _reason_not_to_run(run, options)
     if reason is not None:
-        write_json(run.path(REPLAY), plan.not_run(reason))
-        return StageOutcome("replay", False, 0.0, {"status": "not_run", "reason": reason})
+        return _checked(run, options, _not_run(run, reason))
     recorded = run.stage_options("simulate")
     engine_opts = [options.engine_options(recorded, m) for m in plan.modes_for(options.replay_mode)]
     extra = plan.ReplayConfig.parse_list(options.replay_configs)
@@ -119,8 +118,8 @@ def run_replay(
         run.path(n) for n in ([] if options.explicit else [RECOMMENDATION]) + [SIM_REQUESTS]
         if run.path(n).exists()]
     fingerprint = {**asdict(options), "engine": [e.as_dict() for e in engine_opts]}
-    for secretless in ("replay", "check"):  # neither changes what is measured
-        fingerprint.pop(secretless)
+    for not_measured in ("replay", "check"):  # neither changes what is measured
+        fingerprint.pop(not_measured)
 
     def body(r: RunDir) -> dict[str, Any]:
         out = _replay(r, options, engine_opts, extra, progress, cache_dir, api_key, warn)
@@ -135,13 +134,25 @@ def run_replay(
         if options.replay is not None:
             raise
         # under the pipeline's auto mode a failed confirmation must not cost the user the report
-        write_json(run.path(REPLAY), plan.not_run(str(e)))
-        return StageOutcome("replay", False, 0.0, {"status": "not_run", "reason": str(e)})
-    if options.check is not None:
-        problems = plan.check_failures(run.read_json(REPLAY), float(options.check))
-        if problems:
-            raise AdvisorError("replay --check failed: " + "; ".join(problems))
-    return outcome
+        outcome = _not_run(run, str(e))
+    return _checked(run, options, outcome)
+
+
+def _not_run(run: RunDir, reason: str) -> StageOutcome:
+    """replay.json saying why nothing was measured (not recorded as a run of the stage)."""
+    write_json(run.path(REPLAY), plan.not_run(reason))
+    return StageOutcome("replay", False, 0.0, {"status": "not_run", "reason": reason})
+
+
+def _checked(run: RunDir, options: ReplayOptions, outcome: StageOutcome) -> StageOutcome:
+    """`--check TOLERANCE`: an error when measured and predicted differ by more, or when
+    nothing was measured; else the outcome says it passed."""
+    if options.check is None:
+        return outcome
+    problems = plan.check_failures(run.read_json(REPLAY), float(options.check))
+    if problems:
+        raise AdvisorError("replay --check failed: " + "; ".join(problems))
+    return replace(outcome, counts={**outcome.counts, "check_passed": options.check})
 
 
 def _reason_not_to_run(run: RunDir, options: ReplayOptions) -> str | None:

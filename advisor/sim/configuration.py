@@ -8,7 +8,7 @@ these; advisor.replay.plan recomputes any one of them to predict a replay.
 
 Per block size the blocks are keyed once (`block_trace`: advisor.sim.fast.trace's chained
 64-bit keys as dense ids; LoRA name and cache_salt keep requests apart, and so does
-the model when a log names several, through `workload.cache_namespaces`; hash traces
+the model when a log names several: one key per request, `Workload.namespaces`; hash traces
 chain their `hash_ids` at the trace's block size, the only size they simulate at).
 Sequential mode runs on advisor.sim.fast's compiled replays of the same rules, concurrent mode
 on advisor.sim.fast.events' compiled event loop (tested equal to cache.py, and to
