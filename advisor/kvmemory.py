@@ -49,6 +49,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from advisor import vllm_versions
 from advisor.errors import AdvisorError
 
 GIB = 1 << 30
@@ -90,6 +91,8 @@ class ModelGeometry:
     notes: tuple[str, ...] = field(default_factory=tuple)
     serve_name: str | None = None  # what `vllm serve` takes: HF repo id or local folder
     max_position_embeddings: int | None = None  # the model's context (vLLM's derived max_model_len)
+    q_heads: int | None = None  # attention (query) heads, for advisor.sim.steptime's attention FLOPs
+    active_params: float | None = None  # parameters one token passes through (MoE: < params); None: params
 
     @property
     def weight_bytes(self) -> float:
@@ -248,6 +251,8 @@ def _from_catalog(key: str) -> ModelGeometry:
         notes=notes,
         serve_name=e.get("hf_repo"),
         max_position_embeddings=e.get("max_position_embeddings"),
+        q_heads=e.get("num_attention_heads"),
+        active_params=float(e["active_params"]) if e.get("active_params") else None,
     )
 
 
@@ -265,6 +270,20 @@ def resolve_model(spec: str) -> ModelGeometry:
     )
 
 
+def gpu_key(spec: str) -> str | None:
+    """The catalog's key for a GPU name (h100, NVIDIA-A100-40GB, amd-mi300x, ...), or None."""
+    s = _norm(str(spec))
+    gpus = catalog()["gpus"]
+    for c in (s, s.removeprefix("nvidia-"), s.removeprefix("amd-"), s.replace("-sxm", "").replace("-pcie", "")):
+        c = c.removeprefix("nvidia-").removeprefix("amd-")
+        if c in gpus:
+            return c
+        c2 = re.sub(r"-?(\d+)gb$", r"-\1gb", c)
+        if c2 in gpus:
+            return c2
+    return None
+
+
 def resolve_gpu(spec: str | float) -> float:
     """GPU memory in GiB: a number (GiB) or a catalog name such as h100, a100-40gb, l40s."""
     if isinstance(spec, (int, float)):
@@ -275,36 +294,23 @@ def resolve_gpu(spec: str | float) -> float:
     except ValueError:
         pass
     gpus = catalog()["gpus"]
-    for c in (s, s.removeprefix("nvidia-"), s.removeprefix("amd-"), s.replace("-sxm", "").replace("-pcie", "")):
-        c = c.removeprefix("nvidia-").removeprefix("amd-")
-        if c in gpus:
-            return gpus[c]["memory_mib"] * MIB / GIB
-        c2 = re.sub(r"-?(\d+)gb$", r"-\1gb", c)
-        if c2 in gpus:
-            return gpus[c2]["memory_mib"] * MIB / GIB
+    key = gpu_key(s)
+    if key is not None:
+        return gpus[key]["memory_mib"] * MIB / GIB
     raise AdvisorError(
         f"unknown GPU {spec!r}: give its memory in GiB (e.g. --gpu 80) or one of: "
         f"{', '.join(sorted(gpus))}."
     )
 
 
-# vLLM 0.32's serve defaults (max_num_seqs, max_num_batched_tokens) when the device is not one
-# it sizes up for (EngineArgs.get_batch_defaults, "non-H100/H200 GPUs"): also what it uses
-# when it cannot query the device.
-VLLM_UNKNOWN_GPU_BATCH_DEFAULTS = (256, 2048)
-
-
-def vllm_batch_defaults(gpu: str | float) -> tuple[int, int]:
-    """`vllm serve`'s default (max_num_seqs, max_num_batched_tokens) on this GPU, as vLLM 0.32
-    picks them from the device's memory and name (EngineArgs.get_batch_defaults): 160 GiB or
-    more: (1024, 16384); 70 GiB or more, except A100s: (1024, 8192); else (256, 2048). A GPU
-    given as a number of GiB has no name, so an 80 GiB A100 must be named (a100-80gb)."""
-    gib = resolve_gpu(gpu)
-    if gib >= 160:
-        return 1024, 16384
-    if gib >= 70 and "a100" not in _norm(str(gpu)):
-        return 1024, 8192
-    return 256, 2048
+def vllm_batch_defaults(gpu: str | float | None, vllm_version: str | None = None) -> tuple[int, int]:
+    """`vllm serve`'s default (max_num_seqs, max_num_batched_tokens) on this GPU (a catalog
+    name or GiB; None: no GPU known) under `vllm_version` (None: the newest known), by the
+    rule in advisor.vllm_versions (vLLM's EngineArgs.get_batch_defaults). A GPU given as a
+    number of GiB has no name, so an 80 GiB A100 must be named (a100-80gb)."""
+    if gpu is None:
+        return vllm_versions.batch_defaults(vllm_version, None)
+    return vllm_versions.batch_defaults(vllm_version, resolve_gpu(gpu), _norm(str(gpu)))
 
 
 # --- local config.json ---
@@ -380,6 +386,12 @@ def geometry_from_config(cfg: dict[str, Any], name: str, source: str) -> ModelGe
         elif "fp8" in str(q.get("quant_method", "")):
             weight_dtype_bytes = 1.0
     params = _estimate_params(c, layers, heads, kv_heads, head_dim)
+    active = None
+    top_k = c.get("num_experts_per_tok") or c.get("moe_topk")
+    if top_k and params > 0:  # MoE: a token passes through top_k routed experts (+ shared ones)
+        k = int(top_k)
+        active = _estimate_params({**c, "num_local_experts": k, "num_experts": k, "n_routed_experts": k},
+                                  layers, heads, kv_heads, head_dim)
     notes.append("params estimated from config dimensions (no weight index found)")
     return ModelGeometry(
         name=name, layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes,
@@ -388,6 +400,7 @@ def geometry_from_config(cfg: dict[str, Any], name: str, source: str) -> ModelGe
         sliding_window_layers=sliding if window else 0, forced_block_size=forced,
         notes=tuple(notes),
         max_position_embeddings=int(c["max_position_embeddings"]) if c.get("max_position_embeddings") else None,
+        q_heads=heads, active_params=active,
     )
 
 
@@ -430,5 +443,5 @@ __all__ = [
     "GIB", "DEFAULT_HEADROOM_GIB", "VLLM_DEFAULT_GPU_MEMORY_UTILIZATION", "ModelGeometry",
     "bytes_per_token", "bytes_per_block", "blocks_for_kv_bytes", "kv_bytes_for_blocks",
     "kv_gib_for_blocks", "kv_bytes_for_gpu", "utilization_for_kv_bytes", "resolve_model",
-    "resolve_gpu", "geometry_from_config", "geometry_from_config_path", "catalog", "catalog_names",
+    "resolve_gpu", "gpu_key", "geometry_from_config", "geometry_from_config_path", "catalog", "catalog_names",
 ]

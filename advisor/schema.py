@@ -51,6 +51,13 @@ REQUESTS = pa.schema(
         pa.field("prompt_tokens_logged", pa.int64()),  # response usage.prompt_tokens, when given
         pa.field("chat_template_kwargs", pa.string()),  # JSON object, when the body has one
         pa.field("logged_id", pa.string()),  # the id as logged (request_id adds "#n" to repeats)
+        # Request fields vLLM treats differently (docs/simulate.md, "Requests vLLM treats apart"):
+        pa.field("prompt_logprobs", pa.int64()),  # the body's prompt_logprobs; null: not asked
+        pa.field("echo", pa.bool_()),  # the body's echo (false when absent; null for hash traces)
+        # logprobs per sampled token: completions' `logprobs`, chat's `top_logprobs` (0 when
+        # null) when its `logprobs` is true; null: not asked
+        pa.field("logprobs", pa.int64()),
+        pa.field("n", pa.int64()),  # completions asked for (vLLM fans them out); 1 when absent
     ]
 )
 
@@ -74,6 +81,9 @@ TOKENS = pa.schema(
 POLICY_LRU = "lru"  # vLLM's free queue
 POLICY_FIFO = "fifo"
 POLICY_BELADY = "belady"
+# concurrent mode's baseline: prefix caching off (vllm serve --no-enable-prefix-caching), the
+# same engine and clock with no cache read
+POLICY_OFF = "off"
 MODE_SEQUENTIAL = "sequential"
 MODE_CONCURRENT = "concurrent"
 WINDOW_COLD = "cold"  # whole log counted
@@ -97,6 +107,20 @@ SIM = pa.schema(
         # requests too long for the whole pool (vLLM refuses them): not in requests/queries
         pa.field("refused", pa.int64()),
         pa.field("preemptions", pa.int64()),  # concurrent mode: recompute preemptions (vLLM's)
+        # concurrent mode, on its clock (advisor.sim.steptime), over the window's requests:
+        # seconds from arrival to the end of the step sampling the first / last token
+        pa.field("ttft_p50_s", pa.float64()),
+        pa.field("ttft_p95_s", pa.float64()),
+        pa.field("ttft_p99_s", pa.float64()),
+        pa.field("e2e_p50_s", pa.float64()),
+        pa.field("e2e_p95_s", pa.float64()),
+        # the whole run (both windows): first arrival to last finish, the steps' summed time,
+        # the prefill chunks' part of it, finished requests and output tokens per second
+        pa.field("makespan_s", pa.float64()),
+        pa.field("busy_s", pa.float64()),
+        pa.field("prefill_s", pa.float64()),
+        pa.field("throughput_rps", pa.float64()),
+        pa.field("output_tps", pa.float64()),
     ]
 )
 

@@ -9,6 +9,11 @@ is; analyze (`advisor.analyze.prefixes.from_workload`) and replay (`advisor.repl
 their views from it. Also `warm_mask`, the requests a warm (steady-state) window
 counts, and `cache_namespaces`, the cache salt each request is simulated and
 replayed with.
+
+Two per-request facts change how vLLM serves a line, decided here once
+(`skips_prefix_cache`, `fan_out`; docs/simulate.md, "Requests vLLM treats apart"): a
+request that asks for prompt logprobs never reads the prefix cache, and a request for
+`n` completions becomes n scheduler requests with the same prompt.
 """
 
 from __future__ import annotations
@@ -53,10 +58,39 @@ class Workload:
     models: tuple[str, ...] = ()  # distinct model names in the log (None shown as "")
     request_models: list[str | None] = field(default_factory=list)  # per request, when read from a run
     sessions: list[str | None] = field(default_factory=list)  # session ids, per request, when read
+    # Per request: completions asked for (vLLM's `n`, >= 1) and whether vLLM skips its
+    # prefix-cache lookup (`skips_prefix_cache`). None: 1 and False for every request.
+    n: np.ndarray = None  # type: ignore[assignment]  # int64
+    skip_prefix_cache: np.ndarray = None  # type: ignore[assignment]  # bool
+
+    def __post_init__(self) -> None:
+        count = len(self.n_tokens)
+        n = np.ones(count, np.int64) if self.n is None else np.asarray(self.n, np.int64)
+        skip = np.zeros(count, bool) if self.skip_prefix_cache is None else np.asarray(self.skip_prefix_cache, bool)
+        assert n.shape == skip.shape == (count,) and (n >= 1).all()
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "skip_prefix_cache", skip)
 
     @property
     def num_requests(self) -> int:
         return len(self.n_tokens)
+
+    @property
+    def fans_out(self) -> bool:
+        """Whether some request asks for n > 1 completions."""
+        return bool((self.n > 1).any())
+
+    @functools.cached_property
+    def fan_out(self) -> np.ndarray:
+        """The requests vLLM's scheduler sees, as the index of the logged request each one is.
+
+        vLLM's front end turns a request for `n` completions into n child requests with the
+        same prompt and sampling parameters (n = 1 each), added to the engine one after
+        another (vllm/v1/engine/async_llm.py `add_request`, parallel_sampling.py
+        `ParentRequest`): here they are adjacent in log order and arrive together. int64,
+        `sum(n)` long; `arange(num_requests)` when nobody fans out.
+        """
+        return np.repeat(np.arange(self.num_requests, dtype=np.int64), self.n)
 
     @property
     def is_hash_trace(self) -> bool:
@@ -113,10 +147,13 @@ class Workload:
         cache_salt: Sequence[str | None] | None = None,
         models: Sequence[str | None] | None = None,
         sessions: Sequence[str | None] | None = None,
+        n: Sequence[int] | None = None,
+        skip_prefix_cache: Sequence[bool] | None = None,
     ) -> Workload:
         """A workload from in-memory token lists (tests, replay); `models` and `sessions` per
-        request, as a run folder's (the cache salt then carries the model as load_workload's)."""
-        n = len(token_lists)
+        request, as a run folder's (the cache salt then carries the model as load_workload's);
+        `n` and `skip_prefix_cache` per request as `load_workload` decides them."""
+        n_children, n = n, len(token_lists)
         lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -137,6 +174,8 @@ class Workload:
             trace_block_size=None,
             models=tuple(sorted({m or "" for m in ms})) if models is not None else (),
             request_models=ms, sessions=list(sessions) if sessions is not None else [None] * n,
+            n=None if n_children is None else np.asarray(n_children, np.int64),
+            skip_prefix_cache=None if skip_prefix_cache is None else np.asarray(skip_prefix_cache, bool),
         )
 
     @classmethod
@@ -187,6 +226,36 @@ def reply_lengths(requests: pa.Table, tokens: pa.Table) -> np.ndarray:
     return np.maximum(logged.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), 0)
 
 
+def skips_prefix_cache(requests: pa.Table) -> np.ndarray:
+    """Per request (bool), whether vLLM serves it without reading the prefix cache.
+
+    vLLM 0.32 skips the lookup of a request whose sampling parameters ask for prompt
+    logprobs (sampling_params.py: `skip_reading_prefix_cache` defaults to `prompt_logprobs
+    is not None`; kv_cache_manager.py `get_computed_blocks` then returns no hit). Its
+    OpenAI server also asks for them on `echo` (chat_completion/ and completion/protocol.py
+    `to_sampling_params`): a chat request's `top_logprobs`, which is never null (0 by
+    default), so every chat request with echo; a completion's `logprobs`, so a completion
+    with echo and logprobs. 0.34 reads the same fields into its `prefix_cache_hit_limit`.
+    """
+    n = requests.num_rows
+
+    def col(name: str, typ: pa.DataType) -> pa.Array:
+        return requests[name].combine_chunks() if name in requests.column_names else pa.nulls(n, typ)
+
+    chat = pc.equal(col("kind", pa.string()), schema.KIND_CHAT).fill_null(False)
+    echoed = pc.and_(col("echo", pa.bool_()).fill_null(False), pc.or_(chat, pc.is_valid(col("logprobs", pa.int64()))))
+    skip = pc.or_(pc.is_valid(col("prompt_logprobs", pa.int64())), echoed)
+    return np.asarray(skip.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def completions_asked(requests: pa.Table) -> np.ndarray:
+    """Per request (int64 >= 1), vLLM's `n`: the completions asked for (null, absent: 1)."""
+    if "n" not in requests.column_names:
+        return np.ones(requests.num_rows, np.int64)
+    counts = requests["n"].combine_chunks().cast(pa.int64()).fill_null(1).to_numpy(zero_copy_only=False)
+    return np.maximum(counts.astype(np.int64), 1)
+
+
 def _floats(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
@@ -194,7 +263,8 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
 
 
 _REQUEST_COLUMNS = ("request_id", "timestamp", "kind", "model", "session_id", "output_tokens", "hash_ids",
-                    "input_length", "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s")
+                    "input_length", "trace_block_size", "lora", "cache_salt", "latency_s", "ttft_s",
+                    "prompt_logprobs", "echo", "logprobs", "n")
 _TOKEN_COLUMNS = ("request_id", "n_tokens", "output_tokens_from_text")
 
 
@@ -267,6 +337,8 @@ def _build(req: pa.Table, tok: pa.Table, token_ids: tuple[np.ndarray, np.ndarray
         models=tuple(sorted({m or "" for m in models})),
         request_models=models,
         sessions=col("session_id"),
+        n=completions_asked(req),
+        skip_prefix_cache=skips_prefix_cache(req),
     )
     if token_ids is None:
         sizes = set(req["trace_block_size"].unique().to_pylist())

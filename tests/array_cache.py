@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.fast.cache import (
     _NONE,
     _UNIQUE,
-    _admit,
+    _admit_flagged,
     _allocate,
     _cache_blocks,
     _free,
@@ -31,15 +32,18 @@ class _Running:
 
 
 class ArrayPrefixCache:
-    """`cache.PrefixCache(num_blocks, block_size, "lru")` on arrays; block hashes are ids < num_ids."""
+    """`cache.PrefixCache(num_blocks, block_size, "lru", speculative=)` on arrays; block hashes
+    are ids < num_ids."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_ids: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, num_ids: int, speculative: str | None = None,
+                 vllm_version: str | None = "0.32") -> None:
         if num_blocks <= 0:
             raise ValueError("num_blocks must be positive (use cache.PrefixCache for an infinite cache)")
         n = num_blocks
         self.num_blocks = n
         self.block_size = block_size
         self.policy = "lru"
+        self.drop_last_hit_block = drops_last_hit_block(speculative, vllm_version)
         self._nxt, self._prv = new_free_queue(n)  # head sentinel n, tail sentinel n+1
         self._ref = np.zeros(n, np.int64)
         self._bhash = np.full(n, _NONE, np.int64)
@@ -68,7 +72,7 @@ class ArrayPrefixCache:
 
     def admit(
         self, request_id: str, block_hashes: Sequence[int] | np.ndarray, num_tokens: int, *,
-        position: int | None = None, preempted: bool = False,
+        position: int | None = None, preempted: bool = False, skip_prefix_cache: bool = False,
     ) -> int | None:
         """As `cache.PrefixCache.admit`: hit tokens, or None (nothing changed)."""
         assert request_id not in self.running, f"request {request_id} is already running"
@@ -78,14 +82,17 @@ class ArrayPrefixCache:
             return None
         nreq = -(-num_tokens // self.block_size)
         blocks = np.zeros(max(nreq, 4), np.int64)
-        k, in_use = _admit(self._nxt, self._prv, self._ref, self._bhash, self._first_copy, self._cnext, self._cprev,
-                           self._cnt, hashes, num_tokens, self.block_size, blocks)
+        k, in_use = _admit_flagged(self._nxt, self._prv, self._ref, self._bhash, self._first_copy, self._cnext,
+                                   self._cprev, self._cnt, hashes, num_tokens, self.block_size, blocks,
+                                   skip_prefix_cache, self.drop_last_hit_block)
         if k < 0:
             return None
         self.running[request_id] = _Running(blocks, nreq, num_tokens // self.block_size, hashes.copy())
         self.blocks_in_use += int(in_use)
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
-        if preempted:
+        if skip_prefix_cache:
+            pass
+        elif preempted:
             self.preempted_queries += num_tokens
             self.preempted_hits += int(k) * self.block_size
         else:

@@ -1,11 +1,16 @@
 """Skips that hold for the whole suite: a test that needs vLLM (its `replay` or `oracle`
 marker says so) or Chromium (`browser`) skips with the reason and the way to get it, so
-`python -m pytest -q` passes on a machine that has neither."""
+`python -m pytest -q` passes on a machine that has neither.
+
+The vLLM the oracle tests ran against (the first importable `vllm` on sys.path: .ci/run
+puts a second version first with PYTHONPATH) is recorded once and printed in the
+summary; tests/test_vllm_versions.py asserts it is the one PC_ADVISE_ORACLE_VLLM names."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +35,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_vllm)
         if not HAVE_CHROMIUM and item.get_closest_marker("browser"):
             item.add_marker(no_chromium)
+
+
+_ORACLE_VLLM = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Record which vLLM the first oracle test that runs imports (vLLM is imported only then)."""
+    if not HAVE_VLLM or _ORACLE_VLLM in item.config.stash or item.get_closest_marker("oracle") is None:
+        return
+    import vllm
+
+    item.config.stash[_ORACLE_VLLM] = f"{vllm.__version__} ({Path(vllm.__file__).parent})"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if _ORACLE_VLLM in config.stash:
+        terminalreporter.write_line(f"oracle tests ran against vLLM {config.stash[_ORACLE_VLLM]}")

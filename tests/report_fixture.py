@@ -117,6 +117,7 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
         "recommended": rec_row,
         "runner_up": {**rec_row, "block_size": 32, "num_blocks": 128, "kv_gib": 0.512, "hit_rate": _hit_rate(32, 128),
                       "why_lost": "saves 120 fewer prefill tokens for the same memory"},
+        "vllm_version": "0.34",
         "flags": ["--enable-prefix-caching", "--block-size 16", "--num-gpu-blocks-override 257"],
         "vllm_serve": "vllm serve MODEL --enable-prefix-caching --block-size 16 --num-gpu-blocks-override 257",
         "reasoning": ["The curve flattens after 256 blocks.", "Block size 16 keeps more partial prefixes."],

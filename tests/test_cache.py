@@ -12,7 +12,9 @@ from advisor.blockhash import chain_trace_hash_ids, request_block_hashes
 from advisor.sim.cache import (
     Block,
     FreeBlockQueue,
+    FutureUses,
     PrefixCache,
+    drops_last_hit_block,
     sequential_hits,
     sequential_hits_from_hashes,
 )
@@ -129,6 +131,62 @@ def test_hash_trace_partial_last_block_is_never_hit():
     assert [len(h) for h in hashes] == [2, 3, 3]
     # Request 1 hits the two full blocks of request 0 (its own third block is capped by L-1).
     assert sequential_hits_from_hashes(hashes, lengths, B, None) == [0, 8, 8]
+
+
+# --- requests vLLM treats apart: prompt logprobs, speculative decoding --------------------
+def test_a_request_that_skips_the_cache_read_hits_nothing_counts_nothing_and_still_caches():
+    cache = PrefixCache(10, B)
+    run_and_free(cache, "a", range(9))
+    hashes = request_block_hashes(list(range(9)), B)
+    assert cache.admit("skip", hashes, 9, skip_prefix_cache=True) == 0  # would hit 8
+    assert (cache.queries, cache.hits, cache.blocks_in_use) == (9, 0, 3)  # 3 new blocks, a's stay free
+    cache.free("skip")
+    assert len(cache.pool.cached[hashes[1]]) == 2  # its blocks were cached: a second copy of each
+    new = request_block_hashes(list(range(50, 59)), B)
+    assert cache.admit("skip2", new, 9, skip_prefix_cache=True) == 0
+    cache.free("skip2")
+    assert make_request(cache, "b", range(50, 59)) == 8  # a later request hits what it cached
+    assert (cache.queries, cache.hits) == (18, 8)
+
+
+def test_a_preempted_request_that_skips_the_cache_read_counts_nothing_either():
+    cache = PrefixCache(10, B)
+    run_and_free(cache, "a", range(9))
+    assert cache.admit("p", request_block_hashes(list(range(9)), B), 9, preempted=True, skip_prefix_cache=True) == 0
+    assert (cache.preempted_queries, cache.preempted_hits, cache.queries) == (0, 0, 9)
+
+
+@pytest.mark.parametrize(("length", "hit", "eagle_hit"), [(5, 4, 0), (8, 4, 0), (9, 8, 4), (13, 12, 8), (17, 16, 12)])
+def test_eagle_drops_the_last_matched_block_after_the_last_token_cap(length, hit, eagle_hit):
+    for speculative, expected in ((None, hit), ("ngram", hit), ("eagle", eagle_hit), ("mtp", eagle_hit)):
+        cache = PrefixCache(10, B, speculative=speculative)
+        run_and_free(cache, "warm", range(16))  # 4 cached blocks; a probe of 17 tokens matches all 4
+        assert cache.lookup(request_block_hashes(list(range(length)), B), length) == expected, speculative
+        assert make_request(cache, "probe", range(length)) == expected
+
+
+def test_eagle_leaves_the_dropped_block_free_and_computes_a_copy_of_it():
+    cache = PrefixCache(10, B, speculative="eagle")
+    run_and_free(cache, "a", range(9))  # blocks 0, 1 cached; 2 partial
+    assert make_request(cache, "b", range(9)) == 4  # block 0 hit; block 1 dropped, recomputed
+    assert 1 in cache.free_block_ids() and 0 not in cache.free_block_ids()
+    assert len(cache.pool.cached[request_block_hashes(list(range(9)), B)[1]]) == 2
+
+
+def test_which_speculative_methods_drop_the_last_hit_block():
+    assert [drops_last_hit_block(m) for m in ("eagle", "eagle3", "mtp", "dflash", "dspark")] == [True] * 5
+    assert [drops_last_hit_block(m) for m in (None, "ngram", "draft_model", "suffix", "medusa")] == [False] * 5
+    with pytest.raises(ValueError, match="unknown speculative method 'eagle4'"):
+        drops_last_hit_block("eagle4")
+    # 0.33 and 0.34 hash each block with the token after it instead, and drop nothing
+    assert not any(drops_last_hit_block(m, v) for m in ("eagle", "mtp", "dflash") for v in ("0.33", "0.34"))
+    assert PrefixCache(4, B, speculative="eagle", vllm_version="0.34").drop_last_hit_block is False
+
+
+def test_belady_future_ignores_requests_that_skip_the_cache_read():
+    hashes = [request_block_hashes(list(range(9)), B)] * 3
+    future = FutureUses(hashes, [9, 9, 9], B, skip=[False, True, False])
+    assert [future.next_use(hashes[0][0], p) for p in (0, 1, 3)] == [0.0, 2.0, float("inf")]
 
 
 # --- reference policies ----------------------------------------------------------------

@@ -19,9 +19,9 @@ SYSTEMS = [list(range(100 * k, 100 * k + n)) for k, n in enumerate((5, 8, 13))]
 class Pair:
     """The reference and the array cache fed the same requests; every step must agree."""
 
-    def __init__(self, num_blocks: int) -> None:
-        self.ref = PrefixCache(num_blocks, B)
-        self.fast = ArrayPrefixCache(num_blocks, B, num_ids=10_000)
+    def __init__(self, num_blocks: int, speculative: str | None = None) -> None:
+        self.ref = PrefixCache(num_blocks, B, speculative=speculative)
+        self.fast = ArrayPrefixCache(num_blocks, B, num_ids=10_000, speculative=speculative)
         self.ids: dict[bytes, int] = {}
         self.tokens: dict[str, list[int]] = {}
         self.kv: dict[str, int] = {}
@@ -30,10 +30,10 @@ class Pair:
         hashes = request_block_hashes(tokens, B)
         return hashes, [self.ids.setdefault(h, len(self.ids)) for h in hashes]
 
-    def admit(self, rid: str, tokens: Sequence[int], preempted: bool = False) -> int | None:
+    def admit(self, rid: str, tokens: Sequence[int], preempted: bool = False, skip: bool = False) -> int | None:
         hashes, ids = self.dense(tokens)
-        got = self.fast.admit(rid, ids, len(tokens), preempted=preempted)
-        expected = self.ref.admit(rid, hashes, len(tokens), preempted=preempted)
+        got = self.fast.admit(rid, ids, len(tokens), preempted=preempted, skip_prefix_cache=skip)
+        expected = self.ref.admit(rid, hashes, len(tokens), preempted=preempted, skip_prefix_cache=skip)
         assert got == expected
         if got is not None:
             self.tokens[rid], self.kv[rid] = list(tokens), len(tokens)
@@ -91,7 +91,22 @@ def test_an_infinite_pool_is_refused_with_the_fix():
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(data=st.data(), num_blocks=st.integers(3, 14))
 def test_generated_programs_agree_at_every_step(data, num_blocks):
-    pair = Pair(num_blocks)
+    run_program(data, Pair(num_blocks))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data(), num_blocks=st.integers(3, 14), speculative=st.sampled_from([None, "eagle"]))
+def test_programs_with_skipped_reads_and_eagle_agree_at_every_step(data, num_blocks, speculative):
+    """`_admit_flagged`, the primitive concurrent mode will call for prompt-logprob requests and
+    EAGLE-style drafters, equals PrefixCache's `skip_prefix_cache` / `speculative`."""
+    run_program(data, Pair(num_blocks, speculative), skips=True)
+
+
+def run_program(data: st.DataObject, pair: Pair, skips: bool = False) -> None:
+    """A generated program of admissions (some skipping the cache read when `skips`), decode
+    steps, preemptions and frees; every step must agree."""
+    num_blocks = pair.ref.num_blocks
+    assert num_blocks is not None
     earlier: list[list[int]] = []
     for n in range(data.draw(st.integers(5, 45))):
         running = sorted(pair.tokens)
@@ -100,7 +115,7 @@ def test_generated_programs_agree_at_every_step(data, num_blocks):
             heads = [[], *SYSTEMS] + [p[: len(p) // B * B] for p in earlier[-5:]]
             prompt = (data.draw(st.sampled_from(heads)) + data.draw(st.lists(st.integers(0, 2), max_size=10)))[: num_blocks * B]
             earlier.append(prompt or [0])
-            pair.admit(f"r{n}", earlier[-1])
+            pair.admit(f"r{n}", earlier[-1], skip=skips and data.draw(st.booleans()))
         elif op == "grow":
             rid = data.draw(st.sampled_from(running))
             new = data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=6))

@@ -141,7 +141,8 @@ def test_the_python_loop_and_the_compiled_loop_agree():
     trace = fasttrace.trace_from_tokens(*flat(reqs), 4)
     hits = np.zeros(len(reqs), np.int64)
     loop = getattr(fastsim._sequential_lru, "py_func", fastsim._sequential_lru)
-    counters = loop(trace.ids, trace.offsets, trace.num_tokens, 4, 4, trace.num_ids, hits)
+    counters = loop(trace.ids, trace.offsets, trace.num_tokens, 4, 4, trace.num_ids, np.zeros(len(reqs), bool), False,
+                    hits)
     got = fastsim.simulate_sequential(trace, 4)
     assert hits.tolist() == got.hit_tokens.tolist()
     assert counters == (got.evictions, got.peak_blocks_in_use)
@@ -205,3 +206,51 @@ def test_a_hot_prefix_under_a_tight_pool_keeps_the_free_pool_bookkeeping_bounded
         got = fastpolicy.simulate_sequential_policy(trace, num_blocks, policy)
         assert got.evictions > 0
         assert got.hit_tokens.tolist() == cache.sequential_hits(reqs, 32, num_blocks, policy)
+
+
+# --- requests vLLM treats apart: the compiled replays equal the reference ----------------
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data(), reqs=workloads(), num_blocks=st.one_of(st.none(), st.integers(1, 16)),
+       policy=st.sampled_from(["lru", "fifo", "belady"]),
+       speculative=st.sampled_from([None, "eagle", "mtp", "ngram"]))
+def test_skipped_reads_and_speculative_drops_equal_the_reference(data, reqs, num_blocks, policy, speculative):
+    """Requests that skip the cache read (prompt logprobs) and an EAGLE-style drafter's dropped
+    last block, mixed into workloads under eviction pressure: hits, evictions and peak equal."""
+    assume(num_blocks is not None or policy == "lru")
+    skip = data.draw(st.lists(st.booleans(), min_size=len(reqs), max_size=len(reqs)))
+    drop_last = cache.drops_last_hit_block(speculative)
+    hashes = [blockhash.request_block_hashes(r, 4) for r in reqs]
+    lengths = [len(r) for r in reqs]
+    future = cache.FutureUses(hashes, lengths, 4, skip) if policy == "belady" else None
+    ref = cache.PrefixCache(num_blocks, 4, policy, future, speculative)
+    expected, queried = [], 0
+    for i, (h, n) in enumerate(zip(hashes, lengths, strict=True)):
+        hit = ref.admit(str(i), h, n, position=i, skip_prefix_cache=skip[i])
+        expected.append(hit or 0)
+        if hit is not None:
+            ref.free(str(i))
+            queried += 0 if skip[i] else n
+            assert hit == 0 or not skip[i]
+    if num_blocks is not None:
+        target(float(ref.evictions))
+        assume(ref.evictions > 0)
+    trace = fasttrace.trace_from_tokens(*flat(reqs), 4)
+    got = (fastsim.simulate_sequential(trace, None, np.asarray(skip), drop_last) if num_blocks is None else
+           fastpolicy.simulate_sequential_policy(trace, num_blocks, policy, None, np.asarray(skip), drop_last))
+    assert got.hit_tokens.tolist() == expected
+    assert expected == cache.sequential_hits(reqs, 4, num_blocks, policy, skip=skip, speculative=speculative)
+    if num_blocks is not None:
+        assert (got.evictions, got.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
+    assert (ref.queries, ref.hits) == (queried, sum(expected))
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=workloads(), counts=st.lists(st.integers(1, 4), min_size=40, max_size=40))
+def test_repeating_requests_equals_tracing_the_repeated_token_lists(reqs, counts):
+    counts = counts[: len(reqs)]
+    trace = fasttrace.repeat_requests(fasttrace.trace_from_tokens(*flat(reqs), 4), np.asarray(counts))
+    repeated = [r for r, c in zip(reqs, counts, strict=True) for _ in range(c)]
+    again = fasttrace.trace_from_tokens(*flat(repeated), 4)
+    assert trace.offsets.tolist() == again.offsets.tolist() and trace.num_tokens.tolist() == again.num_tokens.tolist()
+    # the same equality pattern (dense ids are numbered in order of first appearance in both)
+    assert trace.ids.tolist() == again.ids.tolist()

@@ -140,6 +140,44 @@ def test_completion_text_and_pretokenized_prompts(tmp_path: Path) -> None:
     assert res.by_kind == {"completion": 2, "tokens": 2}
 
 
+def test_fields_vllm_treats_apart_are_kept_from_every_request_shape(tmp_path: Path) -> None:
+    lines = [j(chat()),
+             j(chat(prompt_logprobs=1, n=3)),
+             j(chat(echo=True, logprobs=True, top_logprobs=None)),  # chat counts logprobs in top_logprobs
+             j({"prompt": "x", "echo": True, "logprobs": 0, "n": 2.0}),
+             j({"request": {"prompt_token_ids": [1, 2], "echo": None, "logprobs": 5}, "response": {}}),
+             j({"custom_id": "b", "url": "/v1/completions", "body": {"prompt": "y", "prompt_logprobs": -1, "n": 4}}),
+             j({"timestamp": 5, "input_length": 4, "output_length": 1, "hash_ids": [1, 2]})]
+    res, rows, rejects = run_ingest(tmp_path, lines, trace_block_size=2)
+    assert not rejects
+    assert [(r["prompt_logprobs"], r["echo"], r["logprobs"], r["n"]) for r in rows] == [
+        (None, False, None, 1), (1, False, None, 3), (None, True, 0, 1), (None, True, 0, 2),
+        (None, False, 5, 1), (-1, False, None, 4), (None, None, None, None)]
+
+
+BAD_SAMPLING = [
+    (j(chat(n=0)), "n is 0; vLLM serves 1 to 16,384 completions per request"),
+    (j(chat(n=20_000)), "n is 20000"),
+    (j(chat(n=True)), "n is a boolean; expected an integer >= 1"),
+    (j({"prompt": "x", "n": "2"}), "n is a string; expected an integer >= 1"),
+    (j({"prompt": "x", "n": 1.5}), "n is a number; expected an integer >= 1"),
+    (j(chat(prompt_logprobs=-2)), "prompt_logprobs is -2; expected an integer >= 0 (or -1"),
+    (j(chat(prompt_logprobs="1")), "prompt_logprobs is a string"),
+    (j(chat(echo="yes")), "echo is a string; expected true or false"),
+    (j(chat(logprobs=3)), "logprobs is a number; a chat request takes true or false"),
+    (j(chat(logprobs=True, top_logprobs=-3)), "top_logprobs is -3"),
+    (j({"prompt": "x", "echo": True, "logprobs": True}), "logprobs is a boolean; expected an integer"),
+    (j({"custom_id": "c", "body": {"prompt": "x", "n": -1}}), "n is -1"),
+]
+
+
+@pytest.mark.parametrize("line,reason", BAD_SAMPLING, ids=[r[:24] for _, r in BAD_SAMPLING])
+def test_bad_sampling_fields_reject_the_line_and_name_the_fix(tmp_path: Path, line: bytes, reason: str) -> None:
+    rej = one_reject(tmp_path, line)
+    assert (rej["cause"], rej["line"]) == ("wrong_field", 2)
+    assert reason in rej["reason"]
+
+
 def test_mooncake_trace_times_are_milliseconds_from_the_start(tmp_path: Path) -> None:
     row = one_row(tmp_path, {"timestamp": 27482, "input_length": 1100, "output_length": 52,
                              "hash_ids": [46, 47, 2353]})
@@ -526,7 +564,8 @@ def test_cli_format_flag_forces_one_format(tmp_path: Path) -> None:
 
 KEYS = ["model", "messages", "prompt", "prompt_token_ids", "timestamp", "request", "response", "custom_id",
         "body", "url", "hash_ids", "input_length", "chat_id", "parent_chat_id", "user", "metadata", "lora",
-        "cache_salt", "max_tokens", "latency_ms", "request_id", "role", "content", "type", "text"]
+        "cache_salt", "max_tokens", "latency_ms", "request_id", "role", "content", "type", "text", "n", "echo",
+        "logprobs", "top_logprobs", "prompt_logprobs"]
 scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
            | st.sampled_from(["\ud800", "2026-11-03T10:00:05Z", "user", "text", "/v1/completions", ""]))
 json_like = st.recursive(
@@ -541,8 +580,10 @@ TEMPLATES = [
      "response": {"id": "c", "choices": [{"message": {"content": "a"}}],
                   "usage": {"completion_tokens": 3, "prompt_tokens": 4}}},
     {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
-     "body": {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "t"}]}]}},
-    {"prompt": "p", "prompt_token_ids": [1, 2], "timestamp_ms": 5, "metadata": {"conversation_id": 3}},
+     "body": {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "t"}]}],
+              "n": 2, "echo": True, "logprobs": True, "top_logprobs": 1, "prompt_logprobs": 0}},
+    {"prompt": "p", "prompt_token_ids": [1, 2], "timestamp_ms": 5, "metadata": {"conversation_id": 3},
+     "n": 3, "echo": False, "logprobs": 2},
     {"chat_id": 2, "parent_chat_id": -1, "timestamp": 1.5, "input_length": 9, "output_length": 1,
      "hash_ids": [1, 2, 3]},
 ]

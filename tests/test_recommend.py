@@ -137,12 +137,15 @@ def test_hash_trace_recommends_memory_only() -> None:
     table = sim([row(512, 100, 0.30), row(512, 400, 0.45), row(512, None, 0.46)])
     out = recommend(table, None, RecommendOptions(backend="cpu"), input_kind="hash_trace")
     assert out["input_kind"] == "hash_trace"
-    assert "--block-size" not in out["vllm_serve"]
     assert out["recommended"]["block_size"] == 512  # not dropped by the backend rule
     assert any("fixed by the trace" in c for c in out["constraints"])
     assert out["reasoning"][0].startswith("Recommended KV memory")
-    # 400 blocks of 512 tokens = 12,800 blocks of vLLM's default 16, plus the null block
-    assert "--num-gpu-blocks-override 12801" in out["vllm_serve"]
+    # The block size is stated, the version's default for the backend: 400 blocks of 512
+    # tokens = 1,600 blocks of the CPU backend's 128, plus the null block.
+    assert "--block-size 128 --num-gpu-blocks-override 1601" in out["vllm_serve"]
+    # On GPUs with vLLM 0.32: 12,800 blocks of its default 16.
+    out = recommend(table, None, RecommendOptions(vllm_version="0.32"), input_kind="hash_trace")
+    assert "--block-size 16 --num-gpu-blocks-override 12801" in out["vllm_serve"]
 
 
 def test_running_requests_reserve_blocks_at_logged_concurrency() -> None:

@@ -30,6 +30,7 @@ from advisor.replay.stage import ReplayOptions, run_replay
 from advisor.runfolder import RunDir, write_table
 from advisor.sim import cache, events
 from advisor.sim.configuration import SimulateOptions, simulate_one
+from advisor.sim.steptime import StepTimeModel
 from advisor.workload import Workload as SimWorkload
 from advisor.workload import from_tables
 
@@ -403,7 +404,7 @@ def test_concurrent_chunked_prefill_per_request_exactness(model_cache: Path,
     hashes = [cache.request_block_hashes(t, 64) for t in token_lists]
     budget = small(max(len(t) + o for t, o in zip(token_lists, outputs)), 256)
     steps = [events.run_concurrent(cache.PrefixCache(10, 64), hashes, lengths, outs, np.array(arrivals),
-                                   events.CostModel(10_000.0, 50.0, use_logged_latency=False), 256, max_num_batched_tokens=b).steps
+                                   StepTimeModel.from_rates(10_000.0, 50.0), 256, max_num_batched_tokens=b).steps
              for b in (None, budget)]
     assert steps[0] != steps[1]  # the budget really cuts prompts into chunks
     res = replay_one(workload(token_lists, arrivals, outputs), [replay_plan.ReplayConfig(64, 10)], model_cache,

@@ -7,6 +7,7 @@ the workload, against naive references, and on small stories worked out by hand.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,11 +26,20 @@ from advisor import kvmemory as kv
 from advisor import schema
 from advisor.cli import main
 from advisor.errors import AdvisorError
+from advisor.replay import plan
 from advisor.sim import cache as refcache
 from advisor.sim import events
 from advisor.sim.configuration import SimulateOptions, block_trace, simulate_one
+from advisor.sim.fast.events import run_concurrent_compiled
 from advisor.sim.grid import plan_budgets, simulate_grid
-from advisor.workload import Workload, cache_namespaces, load_workload, warm_mask
+from advisor.sim.steptime import StepTimeModel
+from advisor.workload import (
+    Workload,
+    cache_namespaces,
+    load_workload,
+    skips_prefix_cache,
+    warm_mask,
+)
 
 B = 4
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -249,7 +259,7 @@ def test_grid_rows_past_the_threshold_equal_simulating_them(reqs: list[list[int]
         assert (row["hit_tokens"], row["queries"], row["refused"]) == (tot["hit_tokens"], tot["queries"], tot["refused"])
         assert (row["evictions"], row["peak_blocks_in_use"], row["preemptions"]) == (
             res.evictions, res.peak_blocks_in_use, res.preemptions)
-    assert len(rows) == len(budgets) * (len(opts.policies) + 1)
+    assert len(rows) == len(budgets) * (len(opts.policies) + 2)  # + concurrent lru and caching off
 
 
 def test_worker_threads_do_not_change_results() -> None:
@@ -316,50 +326,34 @@ def test_preempted_request_resumes_on_its_own_cached_blocks() -> None:
     reqs = [[1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16, 17]]
     pool = refcache.PrefixCache(6, B)
     res = events.run_concurrent(pool, [refcache.request_block_hashes(r, B) for r in reqs], np.array([8, 7]),
-                                np.array([9, 9]), np.zeros(2), events.CostModel(10_000.0, 50.0, use_logged_latency=False), 256)
+                                np.array([9, 9]), np.zeros(2), StepTimeModel.from_rates(10_000.0, 50.0), 256)
     assert res.preemptions == 1 and list(res.hit_tokens) == [0, 0] and res.scheduled.all()
     assert (pool.queries, pool.hits) == (15, 0)
     assert (pool.preempted_queries, pool.preempted_hits) == (12, 8)
     assert res.steps == 9 + 4  # A: prefill + 8 decodes; B resumes after A and samples its last 4
 
 
-@FAST
-@given(structured(), st.integers(0, 6), st.lists(st.tuples(st.sampled_from([0.0, 0.0, 0.01, 0.2]), st.integers(0, 14)),
-                                                   min_size=24, max_size=24),
-       st.integers(1, 6), st.sampled_from([None, 1, 3, 9, 40]))
-def test_quiet_step_jumps_equal_the_plain_step_loop(reqs: list[list[int]], extra: int, shape: list[tuple[float, int]],
-                                                   max_num_seqs: int, budget: int | None) -> None:
-    """Taking the steps where nothing can change in one jump gives what stepping one by one
-    gives: hits, counters, preemptions, step count and clock, under preemption and chunking."""
-    n = len(reqs)
-    lengths = np.array([len(r) for r in reqs])
-    outs = np.array([o for _, o in shape[:n]])
-    arrivals = np.cumsum([g for g, _ in shape[:n]])
-    hashes = [refcache.request_block_hashes(r, B) for r in reqs]
-    nb = blocks_needed([r + [0] * max(o - 1, 0) for r, (_, o) in zip(reqs, shape)]) + extra
-    got = []
-    for skip in (True, False):
-        pool = refcache.PrefixCache(nb, B)
-        res = events.run_concurrent(pool, hashes, lengths, outs, arrivals, events.CostModel(10_000.0, decode_tps=100.0), max_num_seqs,
-                                    max_num_batched_tokens=budget, skip_quiet_steps=skip)
-        got.append((list(res.hit_tokens), list(res.scheduled), res.evictions, res.peak_blocks_in_use, res.preemptions,
-                    res.steps, res.makespan_s, pool.preempted_queries, pool.preempted_hits))
-    assert got[0] == got[1]
-    assert all(got[0][1])  # every request fits the pool and finishes
-
-
 def test_logged_latencies_calibrate_the_step_clock() -> None:
     """Rates from the log: median prompt/ttft, and median (O - 1)/(latency - ttft) over
-    requests that decoded; requests without times, or with one output token, do not vote."""
+    requests that decoded; requests without times, or with one output token, do not vote;
+    --no-logged-latency keeps the given rates."""
     prompt, out = np.array([1000, 2000, 500, 800]), np.array([11, 21, 1, 5])
     ttft, latency = np.array([0.2, 0.4, 0.05, np.nan]), np.array([0.6, 1.4, 0.05, np.nan])
-    cost = events.CostModel(prefill_tps=1.0, decode_tps=1.0).calibrated(prompt, out, latency, ttft)
-    assert cost.prefill_tps == pytest.approx(5000.0)  # 5000, 5000, 10000
-    assert cost.decode_tps == pytest.approx(22.5)  # 10 / 0.4 and 20 / 1.0
-    ignored = events.CostModel(10_000.0, 50.0, use_logged_latency=False)
-    assert ignored.calibrated(prompt, out, latency, ttft) == ignored
-    nothing_logged = events.CostModel(10_000.0, 50.0)
-    assert nothing_logged.calibrated(prompt, out, np.full(4, np.nan), None) == nothing_logged
+    clock = SimulateOptions(prefill_tps=1.0, decode_tps=1.0, workers=1).step_time_model(prompt, out, latency, ttft)
+    assert clock.flat_prefill_tps == pytest.approx(5000.0)  # 5000, 5000, 10000
+    assert clock.decode_tps == pytest.approx(22.5)  # 10 / 0.4 and 20 / 1.0
+    ignored = SimulateOptions(use_logged_latency=False, workers=1).step_time_model(prompt, out, latency, ttft)
+    assert (ignored.flat_prefill_tps, ignored.decode_tps) == (10_000.0, 50.0)
+    nothing = SimulateOptions(workers=1).step_time_model(prompt, out, np.full(4, np.nan), None)
+    assert (nothing.flat_prefill_tps, nothing.decode_tps) == (10_000.0, 50.0)
+
+
+def test_the_clock_is_the_roofline_with_a_model_and_a_catalog_gpu() -> None:
+    assert SimulateOptions(workers=1).clock == "flat"
+    assert SimulateOptions(model="llama-3.1-8b", gpu="h100", workers=1).clock == "roofline"
+    assert SimulateOptions(model="llama-3.1-8b", gpu="80", workers=1).clock == "flat"  # GiB only: no peaks
+    with pytest.raises(AdvisorError, match="roofline clock needs --model"):
+        SimulateOptions(gpu="h100", clock="roofline", workers=1)
 
 
 def test_too_long_request_is_refused_not_counted() -> None:
@@ -392,6 +386,156 @@ def test_requests_for_different_models_never_share_a_block(tmp_path: Path) -> No
     assert w1.cache_salt == [None, None] and list(hits(w1, None)) == [0, 8]
     grid = simulate_grid(w1, SimulateOptions(block_sizes=(B,), modes=("sequential",), policies=("lru",)))
     assert not any("models in this log" in n for n in grid.notes)
+
+
+# --- requests vLLM treats apart: n > 1, prompt logprobs, speculative decoding ---
+P9 = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_n_children_arrive_together_and_hit_the_first_childs_blocks() -> None:
+    """n = 3: three requests with one prompt; the 2nd and 3rd hit the blocks the 1st cached.
+    Reported per logged request: queries and hits summed over its children."""
+    w = Workload.from_token_lists([P9, [7] * 9, P9], n=[3, 1, 2])
+    assert w.fan_out.tolist() == [0, 0, 0, 1, 2, 2]
+    for engine in ("auto", "reference"):
+        for mode in ("sequential", "concurrent"):
+            res = simulate_one(w, B, 40, mode=mode, engine=engine)
+            assert res.hit_tokens.tolist() == [16, 0, 16] and res.n_tokens.tolist() == [27, 9, 18], (engine, mode)
+            assert res.totals() == {"requests": 3, "queries": 54, "hit_tokens": 32, "hit_rate": 32 / 54, "refused": 0}
+    res = simulate_one(w, B, 40, options=SimulateOptions(speculative="eagle", vllm_version="0.32", workers=1))
+    assert res.hit_tokens.tolist() == [8, 0, 8]  # each child's 2-block hit drops one (0.32's EAGLE rule)
+    res = simulate_one(w, B, 40, options=SimulateOptions(speculative="eagle", vllm_version="0.34", workers=1))
+    assert res.hit_tokens.tolist() == [16, 0, 16]  # 0.34 drops nothing (its lookahead hashes are not modelled)
+
+
+def test_prompt_logprob_requests_hit_nothing_count_nothing_and_still_cache_their_blocks() -> None:
+    w = Workload.from_token_lists([P9, P9, [5] * 9, [5] * 9], skip_prefix_cache=[False, True, True, False])
+    for engine in ("auto", "reference"):
+        for nb in (None, 3, 40):
+            res = simulate_one(w, B, nb, engine=engine)
+            assert res.hit_tokens.tolist() == [0, 0, 0, 8] and res.n_tokens.tolist() == [9, 0, 0, 9], (engine, nb)
+            assert res.totals() == {"requests": 4, "queries": 18, "hit_tokens": 8, "hit_rate": 8 / 18, "refused": 0}
+    assert simulate_one(w, B, 2).totals()["refused"] == 4  # 3 blocks each: refused, skipping or not
+
+
+def test_which_requests_skip_the_cache_read_follows_vllms_openai_server() -> None:
+    """Prompt logprobs asked; or echo: a chat request always asks then (top_logprobs is never
+    null), a completion only with logprobs."""
+    kinds = ["chat", "chat", "chat", "completion", "completion", "tokens", "completion", "chat"]
+    table = pa.table({"kind": kinds,
+                      "prompt_logprobs": pa.array([None, 0, None, None, None, None, -1, None], pa.int64()),
+                      "echo": [False, False, True, True, True, True, False, None],
+                      "logprobs": pa.array([None, None, None, None, 0, 3, None, 5], pa.int64())})
+    assert skips_prefix_cache(table).tolist() == [False, True, True, False, True, True, True, False]
+    assert skips_prefix_cache(table.select(["kind"])).tolist() == [False] * 8  # a run from before the columns
+
+
+@FAST
+@given(structured(), st.integers(0, 8), st.data())
+def test_fanned_out_workloads_equal_their_children_simulated_one_by_one(reqs: list[list[int]], extra: int,
+                                                                       data: st.DataObject) -> None:
+    """A workload with n and skip flags equals the workload of its children written out (n = 1),
+    summed back per logged request; compiled equals reference, in every policy."""
+    n = data.draw(st.lists(st.integers(1, 3), min_size=len(reqs), max_size=len(reqs)))
+    skip = data.draw(st.lists(st.booleans(), min_size=len(reqs), max_size=len(reqs)))
+    speculative = data.draw(st.sampled_from([None, "eagle", "ngram"]))
+    opts = SimulateOptions(speculative=speculative, vllm_version="0.32", workers=1)
+    w = Workload.from_token_lists(reqs, n=n, skip_prefix_cache=skip)
+    children = Workload.from_token_lists([r for r, k in zip(reqs, n) for _ in range(k)],
+                                         skip_prefix_cache=[s for s, k in zip(skip, n) for _ in range(k)])
+    line = np.repeat(np.arange(len(reqs)), n)
+    for nb, policy in ((None, "lru"), (blocks_needed(reqs) + extra, "lru"), (blocks_needed(reqs) + extra, "fifo"),
+                       (blocks_needed(reqs) + extra, "belady")):
+        fast = simulate_one(w, B, nb, policy=policy, options=opts)
+        ref = simulate_one(w, B, nb, policy=policy, options=opts, engine="reference")
+        one_by_one = simulate_one(children, B, nb, policy=policy, options=opts)
+        assert fast.hit_tokens.tolist() == ref.hit_tokens.tolist()
+        assert (fast.evictions, fast.peak_blocks_in_use) == (ref.evictions, ref.peak_blocks_in_use)
+        assert fast.hit_tokens.tolist() == np.bincount(line, one_by_one.hit_tokens, len(reqs)).astype(int).tolist()
+        assert fast.n_tokens.tolist() == np.bincount(line, one_by_one.n_tokens, len(reqs)).astype(int).tolist()
+        assert fast.totals() == {**one_by_one.totals(), "requests": len(reqs)}
+
+
+@FAST
+@given(structured(), st.integers(0, 8), st.data())
+def test_concurrent_fan_out_skips_and_eagle_compiled_equal_the_reference(reqs: list[list[int]], extra: int,
+                                                                         data: st.DataObject) -> None:
+    """Concurrent mode with n > 1, prompt-logprob requests and 0.32's EAGLE rule: the compiled
+    loop, given the flags by `simulate_one`, equals the reference loop over PrefixCache."""
+    if not {"skip_prefix_cache", "speculative"} <= set(inspect.signature(run_concurrent_compiled).parameters):
+        pytest.skip("advisor/sim/fast/events.py does not take the request flags yet")
+    k = len(reqs)
+    w = Workload.from_token_lists(
+        reqs, timestamps=np.cumsum(data.draw(st.lists(st.floats(0, 0.05), min_size=k, max_size=k))),
+        output_tokens=data.draw(st.lists(st.integers(0, 12), min_size=k, max_size=k)),
+        n=data.draw(st.lists(st.integers(1, 3), min_size=k, max_size=k)),
+        skip_prefix_cache=data.draw(st.lists(st.booleans(), min_size=k, max_size=k)))
+    opts = SimulateOptions(decode_tps=100.0, speculative=data.draw(st.sampled_from([None, "eagle"])),
+                           vllm_version="0.32", workers=1)
+    nb = blocks_needed(reqs) + 3 + extra
+    fast = simulate_one(w, B, nb, mode="concurrent", options=opts)
+    ref = simulate_one(w, B, nb, mode="concurrent", options=opts, engine="reference")
+    assert fast.hit_tokens.tolist() == ref.hit_tokens.tolist() and fast.n_tokens.tolist() == ref.n_tokens.tolist()
+    assert (fast.evictions, fast.peak_blocks_in_use, fast.preemptions) == (ref.evictions, ref.peak_blocks_in_use,
+                                                                           ref.preemptions)
+
+
+def test_the_grid_notes_skipped_and_fanned_out_requests_and_speculative_decoding() -> None:
+    w = Workload.from_token_lists([P9, P9, P9], n=[1, 4, 1], skip_prefix_cache=[False, False, True])
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(B,), policies=("lru",), speculative="eagle",
+                                            vllm_version="0.32", workers=1))
+    text = "\n".join(grid.notes)
+    assert "1 requests ask for prompt logprobs" in text
+    assert "1 requests ask for n > 1 completions: vLLM runs them as 4 requests" in text
+    assert "eagle, whose drafter makes vLLM 0.32 drop the last matched block of every cache hit" in text
+    per = grid.sim_requests.filter(pa.compute.is_null(grid.sim_requests["num_blocks"]))
+    seq = per.filter(pa.compute.equal(per["mode"], "sequential")).to_pydict()
+    assert (seq["n_tokens"], seq["hit_tokens"]) == ([9, 36, 0], [0, 16, 0])  # 4 children x 1 block (eagle)
+    cold = grid.sim.filter(pa.compute.and_(pa.compute.is_null(grid.sim["num_blocks"]),
+                                           pa.compute.equal(grid.sim["window"], "cold"))).to_pylist()
+    seq_cold = [(r["requests"], r["queries"], r["hit_tokens"]) for r in cold if r["mode"] == "sequential"]
+    assert seq_cold == [(3, 45, 16)]
+    if not {"skip_prefix_cache", "speculative"} <= set(inspect.signature(run_concurrent_compiled).parameters):
+        assert "concurrent mode does not model" in text  # until advisor/sim/fast/events.py takes them
+    plain = simulate_grid(Workload.from_token_lists([P9]), SimulateOptions(block_sizes=(B,), workers=1))
+    assert any("speculative decoding: not modelled" in n for n in plain.notes)
+    newer = simulate_grid(w, SimulateOptions(block_sizes=(B,), speculative="mtp", vllm_version="0.34", workers=1))
+    assert any("mtp; vLLM 0.34 hashes each block together with the token after it" in n for n in newer.notes)
+    ngram = simulate_grid(w, SimulateOptions(block_sizes=(B,), speculative="ngram", vllm_version="0.32", workers=1))
+    assert any("ngram, which leaves vLLM 0.32's cache hits as they are" in n for n in ngram.notes)
+    with pytest.raises(AdvisorError, match="unknown speculative method 'eagle9'"):
+        SimulateOptions(speculative="eagle9")
+
+
+def test_a_run_folder_carries_n_and_the_skip_flags_to_the_workload(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", [P9, P9, P9])
+    req = pq.read_table(run / "requests.parquet")
+    for name, values in (("n", [1, 3, None]), ("prompt_logprobs", [None, None, 2])):
+        req = req.set_column(req.schema.get_field_index(name), name, pa.array(values, pa.int64()))
+    pq.write_table(req, run / "requests.parquet")
+    w = load_workload(run / "requests.parquet", run / "tokens.parquet")
+    assert w.n.tolist() == [1, 3, 1] and w.skip_prefix_cache.tolist() == [False, False, True]
+    res = CliRunner().invoke(main, ["simulate", str(run), "--block-sizes", "4", "--speculative", "mtp",
+                                    "--vllm-version", "0.32", "--json"])
+    assert res.exit_code == 0, res.output
+    notes = json.loads(res.stdout)["stages"]["simulate"]["notes"]
+    assert any("mtp, whose drafter" in n for n in notes) and any("n > 1" in n for n in notes)
+    bad = CliRunner().invoke(main, ["simulate", str(run), "--speculative", "eagle9"])
+    assert bad.exit_code == 2 and "eagle9" in bad.output
+
+
+def test_replay_predicts_requests_treated_apart_as_it_replays_them() -> None:
+    """The replay sends each logged request once, without n or prompt logprobs: its prediction
+    is then the simulator on what it sends, not sim_requests.parquet's per-request sums."""
+    w = Workload.from_token_lists([P9, P9, P9], n=[1, 2, 1], skip_prefix_cache=[False, False, True])
+    view = plan.from_workload(w)
+    assert view.treated_apart == 2
+    grid = simulate_grid(w, SimulateOptions(block_sizes=(B,), num_blocks=(40,), modes=("sequential",),
+                                            policies=("lru",), workers=1))
+    hits, source = plan.predicted_hits(view, plan.ReplayConfig(B, 40), plan.EngineOptions(), grid.sim_requests)
+    assert (hits, source) == ([0, 8, 8], "simulate_one (sequential)")
+    plain = plan.from_workload(Workload.from_token_lists([P9, P9]))
+    assert plain.treated_apart == 0
 
 
 def test_cache_namespaces_keep_the_salt_and_add_the_model_only_when_needed() -> None:
@@ -467,6 +611,27 @@ def test_cli_concurrent_mode_schedules_like_vllm_serve_on_the_given_gpu(tmp_path
         "h100 otherwise)")
 
 
+def test_cli_concurrent_mode_schedules_async_on_a_gpu_and_sync_otherwise(tmp_path: Path) -> None:
+    """vLLM runs AsyncScheduler by default on GPUs and the synchronous one on CPU; the note
+    says which the run used and why, and --scheduling overrides; the results follow it."""
+    reqs = [[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4
+    run = write_run(tmp_path / "run", reqs, output_tokens=[3] * 4)
+    base = ["simulate", str(run), "--block-sizes", "4", "--num-blocks", "8", "--json", "--force"]
+
+    def note(*extra: str) -> str:
+        res = CliRunner().invoke(main, [*base, *extra])
+        assert res.exit_code == 0, res.output
+        return next(n for n in json.loads(res.stdout)["stages"]["simulate"]["notes"] if "scheduling," in n)
+
+    assert note().startswith("concurrent mode: sync scheduling, vLLM's synchronous Scheduler")
+    assert note().endswith("(no --gpu given; --scheduling sync|async sets it)")
+    assert note("--model", "llama-3.1-8b", "--gpu", "h100").startswith("concurrent mode: async scheduling, vLLM's "
+                                                                         "AsyncScheduler")
+    assert "(as given;" in note("--model", "llama-3.1-8b", "--gpu", "h100", "--scheduling", "sync")
+    bad = CliRunner().invoke(main, [*base, "--max-num-seqs", "300", "--max-num-batched-tokens", "256"])
+    assert bad.exit_code != 0 and "must be at least --max-num-seqs (300)" in bad.output
+
+
 def test_cli_simulate_writes_both_artifacts_and_skips_when_unchanged(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     sys_prompt = list(rng.integers(1, 500, 70))
@@ -480,8 +645,18 @@ def test_cli_simulate_writes_both_artifacts_and_skips_when_unchanged(tmp_path: P
     sim = pq.read_table(run / "sim.parquet")
     assert set(schema.SIM.names) <= set(sim.column_names)
     assert set(sim["block_size"].to_pylist()) == {16, 32}
-    assert set(sim["policy"].to_pylist()) == {"lru", "fifo", "belady"}
+    assert set(sim["policy"].to_pylist()) == {"lru", "fifo", "belady", "off"}
     assert set(sim["mode"].to_pylist()) == {"sequential", "concurrent"}
+    # concurrent rows carry times on the clock; caching off is their baseline and never hits
+    rows = sim.to_pylist()
+    conc = [r for r in rows if r["mode"] == "concurrent" and r["num_blocks"] is not None]
+    assert all(r["ttft_p50_s"] is not None and r["throughput_rps"] > 0 for r in conc)
+    assert all(r["ttft_p50_s"] is None for r in rows if r["mode"] == "sequential")
+    off = [r for r in conc if r["policy"] == "off"]
+    assert off and all(r["hit_tokens"] == 0 and r["evictions"] == 0 for r in off)
+    on = {(r["block_size"], r["num_blocks"], r["window"]): r for r in conc if r["policy"] == "lru"}
+    for r in off:  # the shared system prompt makes prefill cheaper with caching on
+        assert on[(r["block_size"], r["num_blocks"], r["window"])]["prefill_s"] < r["prefill_s"]
     ceiling = sim.filter(pa.compute.is_null(sim["num_blocks"]))
     assert ceiling.num_rows == 2 * 2 * 2  # block sizes x modes x windows
     per_req = pq.read_table(run / "sim_requests.parquet")

@@ -243,6 +243,18 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
 @click.option("--speedup", type=float, default=None,
               help="Concurrent replay: divide logged inter-arrival times by this "
               "(default: the simulate stage's, else 1).")
+@click.option("--measure-time", is_flag=True, default=False,
+              help="Also time the replay on this machine's wall clock: the log as it is with prefix caching "
+              "on and off, with sharing removed (a cache salt per request), and with analyze's cache breakers "
+              "fixed; TTFT, end-to-end latency, throughput and vLLM's counters go to replay.json's time "
+              "section. On a CPU with the tiny model it measures the mechanism, on a GPU the real thing "
+              "(--replay-model random:<catalog model> builds the real architecture with random weights).")
+@click.option("--time-arrivals", type=click.Choice(["burst", "paced"]), default=None,
+              help="Concurrent mode of --measure-time: burst (every request due at the start, so the engine is "
+              "loaded and the wall time is its capacity) or paced (logged offsets / --time-speedup on the wall "
+              "clock) [default: burst].")
+@click.option("--time-speedup", type=float, default=None,
+              help="--time-arrivals paced: divide logged arrival offsets by this [default: --speedup's].")
 @replay_options
 @common_options
 def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
@@ -255,6 +267,8 @@ def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
       pc-advise replay out/ --block-size 32 --num-blocks 400 --configs 64:200
       pc-advise replay out/ --replay-mode concurrent --speedup 10
       pc-advise replay out/ --replay-url http://127.0.0.1:8000 --api-key-env VLLM_API_KEY
+      pc-advise replay out/ --measure-time --replay-mode both
+      pc-advise replay out/ --measure-time --replay-model random:llama-3.2-1b
     """
     def body(con: Console) -> None:
         rundir = RunDir(run_dir)

@@ -20,7 +20,9 @@ from advisor.kvmemory import DEFAULT_HEADROOM_GIB
 from advisor.recommend.options import RecommendOptions
 from advisor.replay.stage import ReplayOptions
 from advisor.schema import FORMATS
+from advisor.sim.cache import EAGLE_METHODS, SPECULATIVE_METHODS
 from advisor.sim.configuration import SimulateOptions
+from advisor.vllm_versions import DEFAULT_VLLM_VERSION, KNOWN_VERSIONS
 
 
 def _d(cls: type, name: str) -> Any:
@@ -137,6 +139,10 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
       help="Catalog name (e.g. llama-3.1-8b) or local HF folder/config.json: KV bytes per block.")
     o(f, "--gpu", "--gpu-memory-gib", "gpu", default=None,
       help="GPU memory (GiB or a name: h100, a100-40gb, ...); with --model adds its KV budget.")
+    o(f, "--vllm-version", default=None, metavar="VERSION",
+      help=f"The vLLM version you run ({', '.join(KNOWN_VERSIONS)}; 0.34.1 or v0.34 work too): sets the "
+      "batch defaults simulated on --gpu and the serve flags recommended (its default --block-size) "
+      f"[default: {DEFAULT_VLLM_VERSION}, the newest known].")
     o(f, "--gpu-memory-utilization", type=float, default=None,
       help=f"vLLM's --gpu-memory-utilization [default: {_d(SimulateOptions, 'gpu_memory_utilization')}, vLLM 0.32's].")
     o(f, "--tensor-parallel-size", type=int, default=None,
@@ -164,6 +170,23 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     o(f, "--max-num-batched-tokens", type=int, default=None,
       help="Concurrent mode: tokens scheduled per engine step (vLLM's flag) [default: vllm serve's "
       "default on --gpu: 2048, 8192 or 16384; without --gpu, 2048].")
+    o(f, "--clock", type=click.Choice(["roofline", "flat"]), default=None,
+      help="Concurrent mode's step clock: roofline (each step priced from the model's FLOPs and bytes on "
+      "the GPU's datasheet peaks) or flat (--prefill-tps/--decode-tps) [default: roofline with --model "
+      "and a named --gpu, else flat].")
+    o(f, "--mfu", type=float, default=None,
+      help=f"Roofline clock: share of the GPU's peak FLOP/s a step reaches [default: {_d(SimulateOptions, 'mfu')}; "
+      "fitted from logged TTFTs when the log has them].")
+    o(f, "--mbu", type=float, default=None,
+      help=f"Roofline clock: share of the GPU's memory bandwidth a step reaches [default: {_d(SimulateOptions, 'mbu')}; "
+      "fitted from logged latencies when the log has them].")
+    o(f, "--scheduling", type=click.Choice(["sync", "async"]), default=None,
+      help="Concurrent mode's scheduler: async (vLLM's AsyncScheduler, its default on GPUs) or sync "
+      "(its Scheduler, as a CPU engine runs) [default: async with --gpu, else sync].")
+    o(f, "--speculative", type=click.Choice(SPECULATIVE_METHODS), default=None, metavar="METHOD",
+      help="The speculative-decoding method vLLM runs (--speculative-config's method: "
+      f"{', '.join(SPECULATIVE_METHODS)}); {', '.join(EAGLE_METHODS)} make vLLM 0.32 drop the last "
+      "block of every cache hit (0.33+ hash the next token instead: not modelled) [default: none].")
     o(f, "--sweep-points", type=int, default=None,
       help=f"Budgets in the default sweep per block size [default: {_d(SimulateOptions, 'sweep_points')}].")
     o(f, "--reference-budgets", type=int, default=None,

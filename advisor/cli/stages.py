@@ -164,6 +164,11 @@ def _replay(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
                          f"measured {meas:.2%} -> {status}")
         else:
             notes.append(f"block size {b}, {n} blocks, {mode}: {status}")
+    for mode, arrivals, p50, ttft_ratio, rps_ratio in c.get("time", []):
+        shown = ", ".join(f"{name} {v * 1000:.1f} ms" for name, v in zip(("on", "off", "unshared", "fixed"), p50)
+                          if v is not None)
+        ratio = f"; on/off TTFT x{ttft_ratio:.2f}, requests/s x{rps_ratio:.2f}" if ttft_ratio and rps_ratio else ""
+        notes.append(f"time, {mode} ({arrivals}): TTFT p50 {shown or 'not measured'}{ratio}")
     return f"{c['status']} ({c['engine']})", notes
 
 

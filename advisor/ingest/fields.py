@@ -146,6 +146,29 @@ def as_count(v: Any, path: str, minimum: int = 0) -> int | None:
     return v
 
 
+def as_logprob_count(v: Any, path: str) -> int | None:
+    """A logprobs count as vLLM's OpenAI server takes it: an integer >= 0, or -1 for the
+    whole vocabulary; null when not asked."""
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not is_int(v) or not -1 <= v <= INT64_MAX:
+        shown = type_name(v) if not is_int(v) else str(v)
+        raise LineError(f"{path} is {shown}; expected an integer >= 0 (or -1 for every token), as vLLM "
+                        "accepts it; fix or drop the field")
+    return v
+
+
+def as_flag(v: Any, path: str) -> bool:
+    """A JSON boolean (null or absent: false)."""
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise LineError(f"{path} is {type_name(v)}; expected true or false")
+    return v
+
+
 def as_finite(v: int | float, path: str) -> float:
     try:
         f = float(v)

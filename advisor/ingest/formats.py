@@ -30,6 +30,9 @@ Fields read besides the request itself (first one present wins, wrapper before b
   output       response usage.completion_tokens, else wrapper "output_tokens",
                "completion_tokens", "output_length"; max_tokens is kept apart (an upper
                bound, never an output length)
+  sampling     the body's "prompt_logprobs", "echo", "logprobs" (chat: "logprobs" true
+               with "top_logprobs"), "n": what makes vLLM skip the prefix-cache lookup or
+               fan one line out into n requests (docs/simulate.md)
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from advisor.ingest.fields import (
     UNKNOWN_SHAPE,
     LineError,
     as_count,
+    as_flag,
     as_id,
+    as_logprob_count,
     as_str,
     check_ids,
     dump_json,
@@ -70,6 +75,8 @@ _LATENCY_KEYS = (("latency_s", 1.0), ("latency", 1.0), ("e2e_latency", 1.0), ("d
 _TTFT_KEYS = (("ttft_s", 1.0), ("ttft", 1.0), ("time_to_first_token", 1.0),
               ("ttft_ms", 1e-3), ("time_to_first_token_ms", 1e-3))
 _OUTPUT_KEYS = ("output_tokens", "completion_tokens", "output_length")
+# vLLM's VLLM_MAX_N_SEQUENCES default: it refuses a larger n (sampling_params._verify_num_sequences).
+MAX_N = 16_384
 
 _TRIED = (
     'tried openai-chat ("messages", or "request" holding a body), openai-batch '
@@ -176,6 +183,38 @@ def _body_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
         if not isinstance(kwargs, dict):
             raise LineError(f"chat_template_kwargs is {type_name(kwargs)}; expected an object")
         row["chat_template_kwargs"] = dump_json(kwargs)
+    _sampling_fields(body, row)
+
+
+def _sampling_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
+    """The body fields that change how vLLM schedules and caches the request.
+
+    Kept as logged; advisor.workload decides from them which requests skip the cache
+    lookup. Chat asks for logprobs with `logprobs: true` and counts them in
+    `top_logprobs`; completions give the count in `logprobs`.
+    """
+    row["prompt_logprobs"] = as_logprob_count(body.get("prompt_logprobs"), "prompt_logprobs")
+    row["echo"] = as_flag(body.get("echo"), "echo")
+    if row["kind"] == schema.KIND_CHAT:
+        asked = body.get("logprobs")
+        if asked is not None and not isinstance(asked, bool):
+            raise LineError(f"logprobs is {type_name(asked)}; a chat request takes true or false "
+                            "(and the count in top_logprobs)")
+        top = as_logprob_count(body.get("top_logprobs"), "top_logprobs")
+        row["logprobs"] = (top or 0) if asked else None
+    else:
+        row["logprobs"] = as_logprob_count(body.get("logprobs"), "logprobs")
+    n = body.get("n")
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if n is None:
+        n = 1
+    elif type(n) is not int:
+        raise LineError(f"n is {type_name(n)}; expected an integer >= 1 (the completions asked for)")
+    elif not 1 <= n <= MAX_N:
+        raise LineError(f"n is {n}; vLLM serves 1 to {MAX_N:,} completions per request "
+                        "(VLLM_MAX_N_SEQUENCES); fix the count or drop the line")
+    row["n"] = n
 
 
 def _lora(sources: list[dict[str, Any]]) -> str | None:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from advisor.sim.configuration import SimulateOptions
+from advisor.vllm_versions import resolve_vllm_version
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class RecommendOptions:
     tensor_parallel_size: int | None = None
     prefill_tokens_per_s: float | None = None  # the TTFT gain's rate; the simulate stage's prefill_tps
     backend: str = "cuda"  # attention backend: its block sizes are allowed
+    vllm_version: str | None = None  # the flags are for this version ("major.minor"); simulate's
     min_gain_per_gib: float = 0.001  # hit-rate share one more GiB must buy (memory's price)
 
     def as_dict(self) -> dict[str, Any]:
@@ -27,7 +29,7 @@ class RecommendOptions:
 # Options the simulate stage also has: recommend sizes memory as it was simulated.
 _FROM_SIMULATE = {"model": "model", "gpu": "gpu", "gpu_memory_utilization": "gpu_memory_utilization",
                   "headroom_gib": "headroom_gib", "tensor_parallel_size": "tensor_parallel_size",
-                  "prefill_tokens_per_s": "prefill_tps"}
+                  "prefill_tokens_per_s": "prefill_tps", "vllm_version": "vllm_version"}
 
 
 def resolve_options(options: RecommendOptions, recorded: dict[str, Any]) -> RecommendOptions:
@@ -37,4 +39,7 @@ def resolve_options(options: RecommendOptions, recorded: dict[str, Any]) -> Reco
               for mine, theirs in _FROM_SIMULATE.items() if getattr(options, mine) is None}
     if filled.get("gpu") is not None:
         filled["gpu"] = str(filled["gpu"])
+    # "0.34.1" given here, or a run folder simulated before the option existed (no record):
+    # the table's key, and the default for the latter.
+    filled["vllm_version"] = resolve_vllm_version(filled.get("vllm_version", options.vllm_version))
     return replace(options, **filled)

@@ -5,6 +5,9 @@ points (advisor.recommend.rank).
 Outputs: `gpu_kv_budget` -> the GPU's KV bytes per GPU; `offload_past_gpu` ->
 recommendation.json's `offload` when the curve still pays past the GPU; `serve_flags` ->
 the flags, the `vllm serve` command line, and notes on how the memory flag was chosen.
+
+The flags are for `options.vllm_version` (advisor.vllm_versions): `--block-size` is always
+given, because its default moved between versions (16 on GPUs through 0.33, 64 in 0.34).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 from typing import Any
 
 from advisor import kvmemory as kv
+from advisor import vllm_versions as vv
 from advisor.recommend.options import RecommendOptions
 from advisor.recommend.rank import Point, rank_key
 
@@ -55,7 +59,7 @@ def offload_past_gpu(
     return out, [
         f"The curve still pays past the GPU: {far.num_blocks:,} blocks would reach {far.hit_rate:.1%} "
         f"(+{(far.hit_rate - best.hit_rate) * 100:.1f} points, {far.marginal:,.0f} tokens/GiB at the margin); "
-        f"vLLM 0.32's CPU KV offloading (--kv-offloading-size {out['gib']} GiB, total over TP ranks, "
+        f"vLLM's CPU KV offloading (--kv-offloading-size {out['gib']} GiB, total over TP ranks, "
         "--kv-offloading-backend native) holds the rest. The simulator counts offloaded blocks like GPU "
         "blocks; a CPU hit still costs a transfer, so the real gain is somewhat lower."
     ]
@@ -72,13 +76,14 @@ def serve_flags(
     tokens fits the pool (null block aside), so the length is set from the log and checked
     against the pool the memory flag gives (`max_model_len`)."""
     tp = options.tensor_parallel_size
-    flags = ["--enable-prefix-caching"]  # the default in vLLM 0.32; stated so a config diff shows it
-    block_size = best.block_size if not hash_trace else VLLM_DEFAULT_BLOCK_SIZE
-    if not hash_trace:
-        flags.append(f"--block-size {best.block_size}")
-    memory_flag, pool_blocks, notes = _memory_flag(best, options, geom, gpu_gib, hash_trace, concurrent,
-                                                   gpu_kv_bytes)
+    facts = vv.facts(options.vllm_version)
+    flags = ["--enable-prefix-caching"]  # vLLM's default; stated so a config diff shows it
+    block_size = best.block_size if not hash_trace else trace_serve_block_size(best.block_size, options)
+    flags.append(f"--block-size {block_size}")
+    memory_flag, pool_blocks, notes = _memory_flag(best, options, geom, gpu_gib, concurrent, gpu_kv_bytes,
+                                                   block_size)
     flags.append(memory_flag)
+    notes.insert(0, version_note(facts, options.backend, memory_flag))
     length, length_notes = max_model_len(longest_request, block_size, pool_blocks, geom)
     if length is not None:
         flags.append(f"--max-model-len {length}")
@@ -95,7 +100,6 @@ def serve_flags(
     return flags, " ".join(["vllm serve", model, *flags]), notes
 
 
-VLLM_DEFAULT_BLOCK_SIZE = 16  # vLLM 0.32's --block-size on GPU attention backends
 MAX_MODEL_LEN_STEP = 256  # --max-model-len is rounded up to this, to read well
 
 
@@ -135,40 +139,62 @@ def max_model_len(
     return length, notes
 
 
+def version_note(facts: vv.VllmFacts, backend: str, memory_flag: str) -> str:
+    """The note that names the vLLM version the flags are for, and what of it they rely on."""
+    default = facts.block_size.gpu if backend == "cuda" else facts.block_size.cpu
+    note = (f"Flags for vLLM {facts.version} (--vllm-version): --block-size is always given, since its "
+            f"default moved between versions ({default} on the {backend} backend in {facts.version}).")
+    if facts.memory.after_warmup and memory_flag.startswith("--gpu-memory-utilization"):
+        note += (f" vLLM {facts.version} sizes the KV cache after warm-up and, left unset, takes "
+                 f"--gpu-memory-utilization {facts.memory.gpu_memory_utilization:g}; the flag keeps the "
+                 "value simulated.")
+    elif facts.memory.after_warmup and memory_flag.split()[0] in facts.memory.pinned_by:
+        note += (f" {memory_flag.split()[0]} also turns off vLLM {facts.version}'s after-warm-up sizing, "
+                 "so the pool is exactly what it says.")
+    return note
+
+
+def trace_serve_block_size(trace_block_size: int, options: RecommendOptions) -> int:
+    """`--block-size` for a hash trace: the version's default when it divides the trace's
+    block (the trace's blocks are then whole blocks of it), else the trace's own."""
+    default = vv.default_block_size(options.vllm_version, options.backend)
+    return default if trace_block_size % default == 0 else trace_block_size
+
+
 def _memory_flag(
     best: Point, options: RecommendOptions, geom: kv.ModelGeometry | None, gpu_gib: float | None,
-    hash_trace: bool, concurrent: bool, gpu_kv_bytes: int | None,
+    concurrent: bool, gpu_kv_bytes: int | None, block_size: int,
 ) -> tuple[str, int | None, list[str]]:
     """The flag that sizes the KV cache, the usable blocks it gives (None: unknown), notes.
 
     With a model the exact `--kv-cache-memory-bytes` (the chosen blocks plus the null block);
     `--gpu-memory-utilization` only as an estimated alternative (it rests on a guess of the
-    activation memory). Without a model, the block count itself."""
+    activation memory). Without a model, the block count itself, at `block_size` (the serve
+    line's; a hash trace's blocks are converted to it)."""
     tp = options.tensor_parallel_size
-    need = kv.kv_bytes_for_blocks(geom, best.block_size, best.num_blocks, tp) if geom is not None else None
+    # The pool at the serve line's block size (a hash trace's blocks converted to it).
+    blocks = -(-best.num_blocks * best.block_size // block_size)
+    notes = [] if blocks == best.num_blocks else [
+        f"The trace's {best.num_blocks:,} blocks of {best.block_size} tokens are {blocks:,} blocks at "
+        f"--block-size {block_size}, vLLM {vv.facts(options.vllm_version).version}'s default."]
+    need = kv.kv_bytes_for_blocks(geom, block_size, blocks, tp) if geom is not None else None
     if need is not None and not concurrent and gpu_kv_bytes is not None:
         # Running requests were not simulated: do not pin the pool to the prefix cache's share.
-        pool = kv.blocks_for_kv_bytes(geom, best.block_size, gpu_kv_bytes, tp)
-        return f"--gpu-memory-utilization {options.gpu_memory_utilization:.2f}", pool, [
+        pool = kv.blocks_for_kv_bytes(geom, block_size, gpu_kv_bytes, tp)
+        return f"--gpu-memory-utilization {options.gpu_memory_utilization:.2f}", pool, notes + [
             f"The prefix cache needs {need / kv.GIB:.2f} GiB per GPU (--kv-cache-memory-bytes {need} "
             "pins exactly that); the flag keeps --gpu-memory-utilization "
             f"{options.gpu_memory_utilization:.2f} because the sequential simulation does not size the "
             "memory running requests need."
         ]
     if need is not None:
-        notes = [f"--kv-cache-memory-bytes {need} gives the KV cache exactly {best.num_blocks:,} usable "
-                 f"blocks ({need / kv.GIB:.2f} GiB per GPU, vLLM's null block included)."]
+        notes.append(f"--kv-cache-memory-bytes {need} gives the KV cache exactly {blocks:,} usable "
+                     f"blocks ({need / kv.GIB:.2f} GiB per GPU, vLLM's null block included).")
         if gpu_gib is not None:
             util = kv.utilization_for_kv_bytes(geom, gpu_gib, need, options.headroom_gib, tp)
             util = min(options.gpu_memory_utilization, math.ceil(util * 100) / 100)
             notes.append(f"Alternative, estimated: --gpu-memory-utilization {util:.2f} (it assumes "
                          f"{headroom(options):.1f} GiB of activations and runtime besides the weights; a "
                          "0.5 GiB error there moves the pool by as much).")
-        return f"--kv-cache-memory-bytes {need}", best.num_blocks, notes
-    if not hash_trace:
-        return f"--num-gpu-blocks-override {best.num_blocks + 1}", best.num_blocks, []  # + the null block
-    blocks16 = -(-best.num_blocks * best.block_size // VLLM_DEFAULT_BLOCK_SIZE)
-    return f"--num-gpu-blocks-override {blocks16 + 1}", blocks16, [
-        f"The trace's {best.num_blocks:,} blocks of {best.block_size} tokens are "
-        f"{blocks16:,} blocks at vLLM's default --block-size {VLLM_DEFAULT_BLOCK_SIZE} (plus the null block)."
-    ]
+        return f"--kv-cache-memory-bytes {need}", blocks, notes
+    return f"--num-gpu-blocks-override {blocks + 1}", blocks, notes  # + the null block

@@ -27,7 +27,8 @@ the same choice the report shows); the reasoning says which.
 
 The steps live beside this module: view (rows), constraints (block sizes, running
 requests), rank (pricing, candidates, best and runner-up), serve (GPU budget,
-offloading, flags), fixes (prompt fixes).
+offloading, flags), fixes (prompt fixes), timing (what caching buys in time at the
+recommended configuration: TTFT and throughput with caching on and off).
 """
 
 from __future__ import annotations
@@ -58,17 +59,20 @@ from advisor.recommend.serve import (
     offload_past_gpu,
     serve_flags,
 )
+from advisor.recommend.timing import caching_time, simulate_options_from_record
 from advisor.recommend.view import describe, select_view
 from advisor.runfolder import (
     RECOMMENDATION,
     REQUESTS,
     SIM,
     STATS,
+    TOKENS,
     RunDir,
     StageOutcome,
     write_json,
 )
 from advisor.schema import MODE_CONCURRENT
+from advisor.workload import load_workload
 
 
 def recommend(
@@ -118,6 +122,7 @@ def recommend(
         "recommended": {**best.as_row(tps, pr.has_gib), **where},
         "runner_up": ({**runner.as_row(tps, pr.has_gib), **where, "why_lost": why_lost(runner, best, pr)}
                       if runner is not None else None),
+        "vllm_version": options.vllm_version,  # the flags are for this version (advisor.vllm_versions)
         "flags": flags,
         "vllm_serve": serve,
         "reasoning": reasoning,
@@ -129,13 +134,26 @@ def recommend(
     }
 
 
+def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any]) -> dict[str, Any] | None:
+    """advisor.recommend.timing at the recommended configuration, when simulate ran concurrent
+    mode (the clock and the arrivals are its) and the run folder has the workload."""
+    best = result["recommended"]
+    if MODE_CONCURRENT not in set(sim["mode"].to_list()) or best["num_blocks"] is None:
+        return None
+    if not (run.path(REQUESTS).exists() and run.path(TOKENS).exists()):
+        return None
+    options = simulate_options_from_record(run.stage_options("simulate"))
+    workload = load_workload(run.path(REQUESTS), run.path(TOKENS))
+    return caching_time(workload, int(best["block_size"]), int(best["num_blocks"]), options)
+
+
 def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, *,
                   force: bool = False) -> StageOutcome:
     """The recommend stage on `run_dir`: sim.parquet (+ stats.json) -> recommendation.json."""
     run = RunDir(Path(run_dir))
     sim_path = run.require(SIM)
     options = resolve_options(options or RecommendOptions(), run.stage_options("simulate"))
-    inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS)) if p.exists()]
+    inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS), run.path(TOKENS)) if p.exists()]
 
     def body(r: RunDir) -> dict[str, Any]:
         geom = kv.resolve_model(options.model) if options.model else None
@@ -143,8 +161,10 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
         simulated = r.stage_counts("simulate")
         kind = simulated.get("input_kind", "tokens")
         stats = r.read_json(STATS) if r.path(STATS).exists() else None
-        result = recommend(pl.read_parquet(sim_path), stats, options, geom=geom, gpu_gib=gpu_gib,
+        sim = pl.read_parquet(sim_path)
+        result = recommend(sim, stats, options, geom=geom, gpu_gib=gpu_gib,
                            input_kind=kind, longest_request=simulated.get("longest_request_tokens"))
+        result["time"] = _time_section(r, sim, result)
         write_json(r.path(RECOMMENDATION), result)
         best = result["recommended"]
         return {

@@ -20,8 +20,8 @@ cost-model clock), each generating its logged output length (`ignore_eos=True`),
 stepping `LLMEngine` directly so requests really overlap; it must match within
 one percentage point.
 
-This is the only module that imports vllm, and only inside the functions
-that run the engine. The engine's multiprocessing mode is the caller's
+This module and advisor/replay/measure.py (the timed replay, `--measure-time`) are the
+only ones that import vllm, and only inside the functions that run the engine. The engine's multiprocessing mode is the caller's
 choice (the replay stage sets `VLLM_ENABLE_V1_MULTIPROCESSING=0` for a 4 s start).
 """
 
@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from advisor.errors import AdvisorError
+from advisor.replay import randommodel, tinymodel
 from advisor.replay.plan import (
     CPU_BLOCK_MULTIPLE,
     ENGINE_INPROCESS,
@@ -140,19 +141,25 @@ def engine_log_captured() -> Iterator[None]:
             os.close(saved)
 
 
-def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: EngineOptions) -> Any:
+def _open_llm(model: str, cfg: ReplayConfig, max_len: int, opts: EngineOptions, *,
+              enable_prefix_caching: bool = True, enforce_eager: bool = True) -> Any:
     with engine_log_captured():
         from vllm import LLM
 
         with _kernel_scan_guard():
-            return _new_llm(LLM, model, cfg, max_len, opts)
+            return _new_llm(LLM, model, cfg, max_len, opts, enable_prefix_caching=enable_prefix_caching,
+                            enforce_eager=enforce_eager)
 
 
-def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: EngineOptions) -> Any:
+def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: EngineOptions, *,
+             enable_prefix_caching: bool = True, enforce_eager: bool = True) -> Any:
+    """The replay's engine. `enable_prefix_caching=False` is the timed replay's baseline;
+    `enforce_eager=False` (CUDA graphs, as `vllm serve` runs) only for timing on a GPU:
+    hits do not depend on it, and eager starts faster."""
     return LLM(
         model=model,
         skip_tokenizer_init=True,  # prompts are token ids; outputs are not detokenized
-        enable_prefix_caching=True,
+        enable_prefix_caching=enable_prefix_caching,
         block_size=cfg.block_size,
         num_gpu_blocks_override=cfg.num_blocks + 1,  # + the null block vLLM reserves
         # Pinning the size also keeps the CPU backend from reserving most of the node's memory;
@@ -164,7 +171,7 @@ def _new_llm(LLM: Any, model: str, cfg: ReplayConfig, max_len: int, opts: Engine
         # prediction runs on the same budget (plan.engine_batched_tokens).
         max_num_batched_tokens=engine_batched_tokens(max_len, opts.max_num_seqs),
         disable_log_stats=False,
-        enforce_eager=True,
+        enforce_eager=enforce_eager,
         seed=0,
     )
 
@@ -328,13 +335,35 @@ def replay_inprocess(
 
 
 def resolve_replay_model(w: ReplayView, replay_model: str | None, cache_dir: Path) -> tuple[str, str]:
-    """(model folder, label for the report): the user's model, or the tiny random Llama."""
+    """(model folder, label for the report): the user's model, a catalog architecture with
+    random weights (`random:<model>`), or the tiny random Llama."""
+    folder, label, _notes = resolve_model(w, replay_model, cache_dir)
+    return folder, label
+
+
+def resolve_model(w: ReplayView, replay_model: str | Path | None, cache_dir: Path, *,
+                  timing: bool = False) -> tuple[str, str, list[str]]:
+    """`resolve_replay_model` plus the notes replay.json should carry about the model
+    (random weights; a widened vocabulary). `timing`: without a model given, the small
+    compute-bound random Llama (tinymodel.TIMING) instead of the tiny one."""
+    if replay_model and randommodel.is_random(str(replay_model)):
+        with engine_log_captured():  # transformers' save progress bar
+            built = randommodel.ensure_random_model(str(replay_model), cache_dir, w.max_token_id,
+                                                    randommodel.memory_limits())
+        return str(built.folder), built.label, list(built.notes)
+    geometry = tinymodel.TIMING if timing else tinymodel.TINY
+    return (*_resolve_plain(w, str(replay_model) if replay_model else None, cache_dir, geometry), [])
+
+
+def _resolve_plain(w: ReplayView, replay_model: str | None, cache_dir: Path,
+                   geometry: tinymodel.Geometry = tinymodel.TINY) -> tuple[str, str]:
     if replay_model:
         p = Path(replay_model)
         if not (p / "config.json").exists():
             raise AdvisorError(
                 f"--replay-model {replay_model}: no config.json there; give a local model "
-                "folder (the replay never downloads), or omit it to replay with a tiny random model."
+                "folder (the replay never downloads), random:<catalog model> for its architecture "
+                "with random weights, or omit it to replay with a tiny random model."
             )
         import json
 
@@ -347,9 +376,7 @@ def resolve_replay_model(w: ReplayView, replay_model: str | None, cache_dir: Pat
                 "them, or omit --replay-model (a tiny random model covering the ids is built)."
             )
         return str(p), f"user model {p.name}"
-    from advisor.replay import tinymodel
-
     vocab = tinymodel.vocab_for(w.max_token_id)
     with engine_log_captured():  # transformers' save progress bar
-        folder = tinymodel.ensure_tiny_model(cache_dir, vocab)
-    return str(folder), tinymodel.describe(vocab)
+        folder = tinymodel.ensure_tiny_model(cache_dir, vocab, geometry=geometry)
+    return str(folder), tinymodel.describe(vocab, geometry)

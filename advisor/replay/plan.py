@@ -24,7 +24,7 @@ import pyarrow as pa
 from advisor import workload
 from advisor.errors import AdvisorError
 from advisor.schema import MODE_CONCURRENT, MODE_SEQUENTIAL
-from advisor.sim.configuration import SimulateOptions, simulate_one
+from advisor.sim.configuration import SCHEDULING_SYNC, SimulateOptions, simulate_one
 from advisor.workload import Workload as SimWorkload
 
 STATUS_CONFIRMED = "confirmed"
@@ -76,7 +76,7 @@ class EngineOptions:
     # replay only the first N requests: both modes are causal, so their predictions are the
     # first N of the whole log's
     limit: int | None = None
-    # Concurrent mode's clock: the simulator's cost model (advisor.sim.events.CostModel), so the
+    # Concurrent mode's clock: the simulator's flat clock (advisor.sim.steptime.StepTimeModel.from_rates), so the
     # replay is independent of how fast this machine runs the model.
     prefill_tps: float = _SIMULATED.prefill_tps
     decode_tps: float = _SIMULATED.decode_tps
@@ -104,6 +104,10 @@ class ReplayView:
     hash_ids: list[list[int]] | None = None
     trace_block_size: int | None = None
     total_requests: int | None = None  # in the log; more than replayed under a limit
+    # Requests vLLM treats apart (n > 1 completions, prompt logprobs) are replayed as plain
+    # single requests: then sim_requests.parquet, which models them, is not this replay's
+    # prediction (`predicted_hits` simulates the replay as sent instead).
+    treated_apart: int = 0
 
     @property
     def max_token_id(self) -> int:
@@ -171,6 +175,7 @@ def from_workload(sw: workload.Workload, limit: int | None = None) -> ReplayView
         hash_ids=[sw.hash_ids(i).tolist() for i in range(n)] if sw.is_hash_trace else None,
         trace_block_size=sw.trace_block_size,
         total_requests=total,
+        treated_apart=int(((sw.n[:n] > 1) | sw.skip_prefix_cache[:n]).sum()),
     )
 
 
@@ -205,7 +210,7 @@ def predicted_hits(
     engine dispatch, `advisor.sim.configuration.simulate_one`.
     """
     mode = opts.mode
-    if mode == MODE_SEQUENTIAL and sim_requests is not None and sim_requests.num_rows:
+    if mode == MODE_SEQUENTIAL and sim_requests is not None and sim_requests.num_rows and not w.treated_apart:
         got = _from_sim_requests(w, cfg, mode, sim_requests)
         if got is not None:
             return got, "sim_requests.parquet"
@@ -214,6 +219,7 @@ def predicted_hits(
         sim_opts = SimulateOptions(
             speedup=opts.speedup, max_num_seqs=opts.max_num_seqs, prefill_tps=opts.prefill_tps,
             decode_tps=opts.decode_tps, use_logged_latency=False, workers=1,
+            scheduling=SCHEDULING_SYNC,  # vLLM's CPU engine turns async scheduling off
             max_num_batched_tokens=engine_batched_tokens(
                 max_model_len(w, MODE_CONCURRENT, opts.max_output_tokens), opts.max_num_seqs),
         )

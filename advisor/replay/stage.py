@@ -11,6 +11,35 @@ server (advisor.replay.server). `ReplayOptions.replay` is the switch: True requi
 replay (an error when none can run), False skips it, None (the pipeline's default) replays
 when vLLM is importable and turns a failure into a `not_run` record so the report is still
 written.
+
+Measured time (`ReplayOptions.measure_time`, `pc-advise replay RUN --measure-time`;
+advisor/replay/timing.py builds the variants and summaries, advisor/replay/measure.py runs
+the engine, docs/replay.md explains the method): replay.json gains a `time` object:
+
+- `status` ("measured" | "not_run"), `reason`, `clock` and `ttft` (how times were taken),
+  `device` (the engine's device), `model` and `model_notes` (e.g. random weights: hits and
+  time depend on shapes, not weights), `variants` (the names below, in order), `runs`;
+- `runs`: one per replay mode, each with `mode`, `arrivals` ("one at a time" in sequential
+  mode; "burst" or "paced" in concurrent mode), `speedup` (paced only), `block_size`,
+  `num_blocks` (the configuration timed: the first confirmable one, CPU stand-ins
+  included, then `stand_in_for`), `max_num_seqs`, `max_output_tokens`, `request_ids`,
+  `status`, `reason`, `variants` and `ratios`;
+- `variants`: `as_logged` (a, caching on), `caching_off` (a-off), `sharing_removed` (b, a
+  cache salt per request), `breakers_fixed` (c, analyze's breakers applied as token
+  rewrites, or `not_run` with the `reason`). Each measured one has `status`,
+  `description`, `prefix_caching`, `cache_salt`, `requests`, `prompt_tokens`,
+  `output_tokens`, `wall_s`, `ttft_s` {`p50`, `p95`, `p99`, `mean`}, `ttft_sum_s`,
+  `e2e_s` {`p50`, `p95`, `mean`}, `engine_ttft_s` {`p50`, `p95`} (vLLM's own
+  first_token_latency), `throughput` {`requests_per_s`, `output_tokens_per_s`,
+  `prompt_tokens_per_s`}, `counters` {`prefix_cache_queries`, `prefix_cache_hits`,
+  `hit_rate`, `cached_tokens_sum`}, `per_request` {`ttft_s`, `e2e_s`, `cached_tokens`,
+  `output_tokens`, `prompt_tokens`: lists in `request_ids` order, null when not sent},
+  `notes`, and for (c) `rewrite` (what was rewritten);
+- `ratios`: `on_vs_off` (as_logged / caching_off), `on_vs_sharing_removed`,
+  `fixed_vs_on`, `fixed_vs_off`, each {`ttft_p50`, `ttft_p95`, `ttft_p99`, `ttft_sum`,
+  `e2e_p50`, `e2e_p95`, `wall`, `requests_per_s`, `output_tokens_per_s`} as numerator ÷
+  denominator (times below 1 are faster, throughput above 1 is more), or null when either
+  side was not measured.
 """
 
 from __future__ import annotations
@@ -23,21 +52,24 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from advisor import vllm_versions as vv
 from advisor.errors import AdvisorError
-from advisor.replay import plan
+from advisor.replay import measure, plan, timing
 from advisor.replay.engine import (
     replay_inprocess,
-    resolve_replay_model,
+    resolve_model,
     runs_planned,
     vllm_available,
 )
 from advisor.runfolder import (
     DEFAULT_CACHE_DIR,
     NO_PROGRESS,
+    PREFIXES,
     RECOMMENDATION,
     REPLAY,
     REQUESTS,
     SIM_REQUESTS,
+    STATS,
     TOKENS,
     Progress,
     RunDir,
@@ -72,10 +104,19 @@ class ReplayOptions:
     max_num_seqs: int | None = None
     prefill_tps: float | None = None
     decode_tps: float | None = None
+    # Measured time (module docstring): four variants timed on the engine's wall clock.
+    measure_time: bool = False
+    time_arrivals: str = "burst"  # concurrent mode: burst (all at once) | paced (logged offsets / speedup)
+    time_speedup: float | None = None  # paced: divide logged offsets by this; None: the replay's speedup
 
     def __post_init__(self) -> None:
         if self.replay_mode not in MODES:
             raise AdvisorError(f"--replay-mode {self.replay_mode!r}: use one of {', '.join(MODES)}.")
+        if self.time_arrivals not in timing.ARRIVALS:
+            raise AdvisorError(f"--time-arrivals {self.time_arrivals!r}: use one of {', '.join(timing.ARRIVALS)}.")
+        if self.time_speedup is not None and not self.time_speedup > 0:
+            raise AdvisorError(f"--time-speedup {self.time_speedup}: give a positive factor (or --time-arrivals "
+                               "burst for all requests at once).")
         if (self.replay_block_size is None) != (self.replay_num_blocks is None) and not self.replay_configs:
             raise AdvisorError("give --block-size and --num-blocks together (or --configs B:N).")
 
@@ -116,17 +157,23 @@ def run_replay(
     extra = plan.ReplayConfig.parse_list(options.replay_configs)
     inputs = [run.require(REQUESTS), run.require(TOKENS)] + [
         run.path(n) for n in ([] if options.explicit else [RECOMMENDATION]) + [SIM_REQUESTS]
+        + ([STATS, PREFIXES] if options.measure_time else [])  # breakers to fix, variant (c)
         if run.path(n).exists()]
-    fingerprint = {**asdict(options), "engine": [e.as_dict() for e in engine_opts]}
+    # The simulated vLLM version only labels replay.json (its note), but a stale label misleads.
+    fingerprint = {**asdict(options), "engine": [e.as_dict() for e in engine_opts],
+                   "simulated_vllm_version": recorded.get("vllm_version")}
     for not_measured in ("replay", "check"):  # neither changes what is measured
         fingerprint.pop(not_measured)
 
     def body(r: RunDir) -> dict[str, Any]:
         out = _replay(r, options, engine_opts, extra, progress, cache_dir, api_key, warn)
         write_json(r.path(REPLAY), out)
-        return {"status": out["status"], "engine": out["engine"],
-                "configs": [[c["block_size"], c["num_blocks"], c["mode"], c["status"],
-                             c["predicted_hit_rate"], c["measured_hit_rate"]] for c in out["configs"]]}
+        counts = {"status": out["status"], "engine": out["engine"], "vllm_version": out["vllm_version"],
+                  "configs": [[c["block_size"], c["num_blocks"], c["mode"], c["status"],
+                               c["predicted_hit_rate"], c["measured_hit_rate"]] for c in out["configs"]]}
+        if "time" in out:
+            counts["time"] = _time_counts(out["time"])
+        return counts
 
     try:
         outcome = run.run_stage("replay", inputs, fingerprint, [REPLAY], body, force=force)
@@ -187,6 +234,7 @@ def _replay(
     w = plan.from_workload(load_workload(r.require(REQUESTS), r.require(TOKENS)), engine_opts[0].limit)
     sim_req = pq.read_table(r.path(SIM_REQUESTS)) if r.path(SIM_REQUESTS).exists() else None
     results = []
+    model_notes: list[str] = []
     for mode_opts in engine_opts:
         if options.replay_url is not None:
             from advisor.replay import (
@@ -202,7 +250,7 @@ def _replay(
         # start, and no __main__ guard needed; its warnings are noise here.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        model_dir, label = resolve_replay_model(w, mode_opts.replay_model, cache_dir)
+        model_dir, label, model_notes = resolve_model(w, mode_opts.replay_model, cache_dir)
         try:
             with progress.task(f"replay ({mode_opts.mode})", runs_planned(w, configs, mode_opts)) as advance:
                 results.append(replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req, advance))
@@ -215,9 +263,78 @@ def _replay(
                 "unconfirmed. Try --replay-limit N, another --replay-model, or "
                 f"--replay-url against a running server.{notes}") from e
     out = plan.merge_results(results).as_json()
+    if options.measure_time:
+        out["time"] = _measure_time(r, options, engine_opts, configs, w, progress, cache_dir)
+    out["notes"].extend(n for n in model_notes if n not in out["notes"])
+    # out["vllm_version"] is the engine's own (vllm.__version__, or the server's /version).
+    out["simulated_vllm_version"] = simulated = r.stage_options("simulate").get("vllm_version")
+    note = version_note(out["vllm_version"], simulated)
+    if note is not None:
+        out["notes"].append(note)
     out["requests_replayed"] = len(w.request_ids)
     out["requests_total"] = w.total_requests
+    if w.treated_apart:
+        out["notes"].append(f"{w.treated_apart:,} requests ask for n > 1 completions or prompt logprobs: they are "
+                            "replayed as single requests without prompt logprobs, and predicted as replayed")
     if w.total_requests and len(w.request_ids) < w.total_requests:
         out["notes"].append(f"replayed the first {len(w.request_ids):,} of {w.total_requests:,} "
                             "requests (--replay-limit; 0 replays all)")
+    return out
+
+
+def version_note(engine: str | None, simulated: str | None) -> str | None:
+    """A replay.json note when the engine's vLLM (e.g. "0.32.0") is not the version the
+    simulation assumed ("0.34", the simulate stage's `vllm_version`); None when they agree
+    or either is unknown."""
+    if not engine or not simulated or vv.minor_version(engine) == vv.minor_version(simulated):
+        return None
+    head = f"the replay engine runs vLLM {engine} but the simulation assumed vLLM {simulated} (--vllm-version): "
+    if vv.minor_version(engine) in vv.TABLE:
+        return head + ("both share the prefix cache's rules and the replay pins the block size and pool, so "
+                       f"the hits compare; the recommended flags are for {simulated}.")
+    return head + (f"pc-advise has not checked {engine}'s cache rules, so a difference may come from the "
+                   "version.")
+
+
+def _measure_time(
+    r: RunDir, options: ReplayOptions, engine_opts: list[plan.EngineOptions], configs: list[plan.ReplayConfig],
+    w: plan.ReplayView, progress: Progress, cache_dir: Path,
+) -> dict[str, Any]:
+    """replay.json's `time` object: every variant timed in every replay mode."""
+    if options.replay_url is not None:
+        return timing.not_run(
+            "--measure-time times an in-process engine: it switches prefix caching off and on, which a "
+            "running server cannot; run it without --replay-url (on a GPU machine: bench/gpu_throughput.sh)")
+    stats = r.read_json(STATS) if r.path(STATS).exists() else None
+    prefixes = pq.read_table(r.path(PREFIXES)) if r.path(PREFIXES).exists() else None
+    variants = timing.variants(w, prefixes, stats)
+    model_dir, label, model_notes = resolve_model(w, options.replay_model, cache_dir, timing=True)
+    sent = sum(1 for t in w.token_ids if len(t))
+    runs = []
+    for mode_opts in engine_opts:
+        speedup = options.time_speedup or mode_opts.speedup
+        total = sent * sum(v.view is not None for v in variants)
+        try:
+            with progress.task(f"time ({mode_opts.mode})", total) as advance:
+                runs.append(measure.measure_run(variants, configs, mode_opts, model_dir, options.time_arrivals,
+                                                speedup, advance))
+        except AdvisorError:
+            raise
+        except Exception as e:  # the engine's own failure: say so, never a traceback
+            notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", []))
+            raise AdvisorError(
+                f"vLLM could not run the timed replay here ({type(e).__name__}: {e}). Try --replay-limit N "
+                f"or another --replay-model.{notes}") from e
+    return timing.time_section(runs, model=label, model_notes=model_notes, device=measure.device_description())
+
+
+def _time_counts(t: dict[str, Any]) -> list[list[Any]]:
+    """Per timed run: [mode, arrivals, TTFT p50 per variant (None: not run), on/off TTFT p50
+    ratio, on/off requests/s ratio] for the stage's printed line."""
+    out = []
+    for run in t.get("runs", []):
+        v = run.get("variants") or {}
+        p50 = [(v.get(n) or {}).get("ttft_s", {}).get("p50") for n in timing.VARIANTS]
+        on_off = (run.get("ratios") or {}).get("on_vs_off") or {}
+        out.append([run["mode"], run["arrivals"], p50, on_off.get("ttft_p50"), on_off.get("requests_per_s")])
     return out

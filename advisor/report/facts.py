@@ -311,6 +311,13 @@ def candidate_rows(data: ReportData) -> list[tuple[str, ...]]:
     ]
 
 
+def serve_heading(rec: Mapping[str, Any]) -> str:
+    """The heading over the `vllm serve` line: it names the vLLM version the flags are for
+    (recommendation.json's `vllm_version`; absent in files written before it was recorded)."""
+    version = rec.get("vllm_version")
+    return f"Run vLLM {version} with" if version else "Run vLLM with"
+
+
 def cost_model_text(rec: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {'none' if v is None else v}" for k, v in (rec.get("cost_model") or {}).items())
 
@@ -364,3 +371,56 @@ def replay_rows(replay: Mapping[str, Any]) -> list[tuple[str, ...]]:
             "" if c.get("confirmable", True) else f"not confirmable: {c.get('reason') or 'no reason given'}",
         ))
     return rows
+
+
+# --- what caching buys in time ----------------------------------------------------------
+TIME_HEADER = ("at the recommended configuration", "caching off", "caching on", "on vs off")
+
+
+def _rate(x: Any) -> str:
+    return "—" if x is None else f"{float(x):,.2f} req/s"
+
+
+def _times(off: Any, on: Any) -> str:
+    if not off or not on:
+        return "—"
+    r = float(off) / float(on)
+    return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+
+
+def clock_text(clock: Mapping[str, Any]) -> str:
+    if clock.get("kind") == "roofline":
+        return (f"roofline of {clock.get('model')} on {clock.get('gpu')} (tp {clock.get('tp')}; mfu "
+                f"{clock.get('mfu'):g}, mbu {clock.get('mbu'):g}: {clock.get('basis')})")
+    return f"flat rates ({clock.get('basis')})"
+
+
+def time_facts(data: ReportData) -> tuple[str, list[tuple[str, ...]], str] | None:
+    """(caption, rows, verdict) of recommendation.json's `time` section, or None."""
+    t = (data.recommendation or {}).get("time")
+    if not t:
+        return None
+    lr, sat = t["logged_rate"], t["saturated"]
+    on, off = lr["on"], lr["off"]
+    rows = [(f"TTFT {p} at the logged rate", secs(off[f"ttft_{p}_s"]), secs(on[f"ttft_{p}_s"]),
+             _times(off[f"ttft_{p}_s"], on[f"ttft_{p}_s"])) for p in ("p50", "p95", "p99")]
+    rows += [(f"end-to-end {p} at the logged rate", secs(off[f"e2e_{p}_s"]), secs(on[f"e2e_{p}_s"]),
+              _times(off[f"e2e_{p}_s"], on[f"e2e_{p}_s"])) for p in ("p50", "p95")]
+    rows += [("prefill GPU time, whole log", secs(off["prefill_s"]), secs(on["prefill_s"]),
+              _times(off["prefill_s"], on["prefill_s"])),
+             ("hit rate, whole log", pct(off["hit_rate"]), pct(on["hit_rate"]), ""),
+             ("highest sustained request rate (all waiting)", _rate(sat["off"]["throughput_rps"]),
+              _rate(sat["on"]["throughput_rps"]),
+              f"{t['saturated_throughput_gain']:.2f}x" if t.get("saturated_throughput_gain") else "—"),
+             ("TTFT p95 at that load", secs(sat["off"]["ttft_p95_s"]), secs(sat["on"]["ttft_p95_s"]),
+              _times(sat["off"]["ttft_p95_s"], sat["on"]["ttft_p95_s"]))]
+    caption = (f"Predicted by concurrent mode at block size {t['block_size']}, {num(t['num_blocks'])} blocks, "
+               f"{t.get('scheduling')} scheduling; each step priced by the {clock_text(t['clock'])}. "
+               "Caching off is the same engine with no cache read.")
+    verdict = (f"At the logged rate caching cuts median TTFT from {secs(off['ttft_p50_s'])} to "
+               f"{secs(on['ttft_p50_s'])}.")
+    if t.get("saturated_throughput_gain"):
+        verdict += (f" At full load the engine completes {_rate(sat['on']['throughput_rps'])} with caching and "
+                    f"{_rate(sat['off']['throughput_rps'])} without ({t['saturated_throughput_gain']:.2f}x): at the "
+                    f"same peak load, caching saves {t['replicas_saved_share']:.0%} of the replicas.")
+    return caption, rows, verdict

@@ -151,7 +151,7 @@ def _summary(data: ReportData) -> str:
         out.append(_missing(data, "recommendation.json") or '<div class="missing">No recommendation.</div>')
     else:
         if rec.get("vllm_serve"):
-            out.append(f"<h3>Run vLLM with</h3><pre>{esc(rec['vllm_serve'])}</pre>")
+            out.append(f"<h3>{esc(fx.serve_heading(rec))}</h3><pre>{esc(rec['vllm_serve'])}</pre>")
     out.append(f'<p class="note">{esc(fx.tokenizer_note(data))}</p>')
     if data.redacted:
         out.append('<p class="note">Redacted: prompt text is replaced by its length and a short '
@@ -198,6 +198,18 @@ def _recommendation(data: ReportData) -> str:
         cm = fx.cost_model_text(rec)
         out.append(f'<p class="note">Cost model: {esc(cm)}</p>')
     return "".join(out) + "</section>"
+
+
+def _time(data: ReportData) -> str:
+    facts = fx.time_facts(data)
+    if facts is None:
+        return ""
+    caption, rows, verdict = facts
+    return ('<section id="time"><h2>What caching buys in time</h2>' + f"<p><strong>{esc(verdict)}</strong></p>"
+            + _figure(plots.ttft_curve(data), "Predicted TTFT (p50 and p95, concurrent mode at the logged rate) at "
+                      "the recommended block size as the KV cache grows; the dotted lines are caching off.",
+                      "No concurrent rows with times to plot.")
+            + f"<p>{esc(caption)}</p>" + _table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)) + "</section>")
 
 
 def _sweep(data: ReportData) -> str:
@@ -380,7 +392,7 @@ def render(data: ReportData) -> str:
         f"<title>Prefix-cache report: {esc(name)}</title><style>{CSS}</style></head><body><main>",
         f'<header><h1>Prefix-cache report: {esc(name)}</h1><p class="sub">Run folder {esc(data.run_dir)}'
         + (f" · input: {esc(data.input_kind)}" if data.input_kind else "") + "</p></header>",
-        _summary(data), _recommendation(data), _sweep(data), _prompts(data), _timeline(data),
+        _summary(data), _recommendation(data), _time(data), _sweep(data), _prompts(data), _timeline(data),
         _clusters(data), _replay(data), _inputs(data),
         f"<footer>Written by pc-advise {esc(data.tool_version)}. Hit rate = prefix-cache hit tokens / prompt "
         "tokens (vLLM's prefix_cache_hits / prefix_cache_queries). Block ceiling: the hit rate with an infinite "

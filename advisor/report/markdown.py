@@ -98,7 +98,7 @@ def _summary(data: ReportData) -> list[str]:
         out += [_missing(data, "recommendation.json") or "> No recommendation.", ""]
     else:
         if rec.get("vllm_serve"):
-            out += ["Run vLLM with:", "", _shell([rec["vllm_serve"]]), ""]
+            out += [f"{md_text(fx.serve_heading(rec))}:", "", _shell([rec["vllm_serve"]]), ""]
     out += [md_text(fx.tokenizer_note(data)), ""]
     if data.redacted:
         out += ["Redacted: prompt text is replaced by its length and a short SHA-256 prefix; numbers are "
@@ -140,6 +140,15 @@ def _recommendation(data: ReportData) -> list[str]:
         out += ["Cost model: " + ", ".join(md_code(f"{k} = {'none' if v is None else v}")
                                            for k, v in (rec.get("cost_model") or {}).items()), ""]
     return out
+
+
+def _time(data: ReportData) -> list[str]:
+    facts = fx.time_facts(data)
+    if facts is None:
+        return []
+    caption, rows, verdict = facts
+    return ["## What caching buys in time", "", md_text(verdict), "", md_text(caption), "",
+            table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)), ""]
 
 
 def _sweep(data: ReportData) -> list[str]:
@@ -298,7 +307,7 @@ def render(data: ReportData, include_timings: bool = True) -> str:
     lines = [f"# Prefix-cache report: {md_text(name)}", "",
              f"Run folder {md_code(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
              + ".", ""]
-    for section in (_summary, _recommendation, _sweep, _prompts, _timeline, _clusters, _replay, _inputs):
+    for section in (_summary, _recommendation, _time, _sweep, _prompts, _timeline, _clusters, _replay, _inputs):
         lines += section(data)
     lines += ["---", "",
               "Hit rate = prefix-cache hit tokens / prompt tokens (vLLM's prefix_cache_hits / "

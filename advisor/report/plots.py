@@ -242,3 +242,46 @@ def clusters_chart(data: ReportData) -> str | None:
     n = min(12, len(data.clusters))
     return _render(_draw_clusters, "clus", "clusters of requests with their reuse", data.clusters,
                    height=1.2 + 0.42 * n)
+
+
+# --- TTFT versus KV memory --------------------------------------------------------------
+def _draw_ttft(fig: Figure, on: Sequence[tuple[float, float, float]], off: tuple[float, float] | None,
+               use_gib: bool) -> None:
+    ax = fig.add_subplot()
+    xs = [p[0] for p in on]
+    ax.plot(xs, [p[1] * 1000 for p in on], "-o", color=PALETTE[0], ms=3.5, lw=1.6, label="caching on, p50")
+    ax.plot(xs, [p[2] * 1000 for p in on], "-s", color=PALETTE[1], ms=3.5, lw=1.6, label="caching on, p95")
+    if off is not None:
+        ax.axhline(off[0] * 1000, color=PALETTE[0], ls=":", lw=1.2, label="caching off, p50")
+        ax.axhline(off[1] * 1000, color=PALETTE[1], ls=":", lw=1.2, label="caching off, p95")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.set_xlabel("KV cache memory (GiB, log scale)" if use_gib
+                  else "KV cache capacity (tokens = blocks x block size, log scale)")
+    ax.set_ylabel("time to first token (ms, log scale)")
+    ax.legend(loc="upper right", fontsize=8.5)
+
+
+def ttft_curve(data: ReportData) -> str | None:
+    """TTFT p50/p95 against KV memory at the recommended block size (concurrent mode, the
+    recommendation's window), with caching off's as reference lines."""
+    rec = data.recommendation or {}
+    best = rec.get("recommended") or {}
+    if not data.sim or best.get("block_size") is None:
+        return None
+    rows = [r for r in data.sim if r.get("mode") == "concurrent" and r.get("block_size") == best["block_size"]
+            and r.get("window") == best.get("window", "cold") and r.get("num_blocks") is not None
+            and r.get("ttft_p50_s") is not None]
+    on_rows = [r for r in rows if r.get("policy") == "lru"]
+    use_gib = all(r.get("kv_gib") is not None for r in on_rows)
+    on = sorted((x, float(r["ttft_p50_s"]), float(r["ttft_p95_s"])) for r in on_rows
+                if (x := _x(r, use_gib)) is not None and r["ttft_p50_s"] > 0)
+    if len(on) < 2:
+        return None
+    off_rows = sorted((r for r in rows if r.get("policy") == "off"), key=lambda r: r["num_blocks"])
+    off = (float(off_rows[-1]["ttft_p50_s"]), float(off_rows[-1]["ttft_p95_s"])) if off_rows else None
+    return _render(_draw_ttft, "ttft", "time to first token versus KV cache memory", on, off, use_gib)

@@ -27,7 +27,11 @@ The rules reproduced (docs/design.md §5):
 - freeing walks a request's blocks tail-first: hashed blocks go to the free queue's
   tail, unhashed ones to its head; allocation pops the head and evicts the popped
   block's hash then (lazy eviction); a hit on a free block pulls it out of the queue;
-  blocks held by running requests are never evicted.
+  blocks held by running requests are never evicted;
+- a request that skips the cache read (prompt logprobs; `admit(skip_prefix_cache=True)`)
+  hits nothing and adds nothing to the counters, but its blocks are cached for others;
+- with an EAGLE-style drafter (`speculative`, `drops_last_hit_block`) the hit drops its
+  last matched block (0.32's `FullAttentionManager.find_longest_cache_hit`).
 
 Policies: "lru" is vLLM. "fifo" evicts free blocks in the order they were cached (hits
 do not refresh them). "belady" evicts the free block whose hash is wanted again
@@ -46,8 +50,35 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from advisor.blockhash import request_block_hashes
+from advisor.vllm_versions import facts
 
 POLICIES = ("lru", "fifo", "belady")
+
+# vLLM's speculative methods (config/speculative.py `SpeculativeMethod`, MTP model names
+# folded into "mtp" as vLLM does). In 0.32 those whose drafter reads the target's hidden
+# states (`SpeculativeConfig.use_eagle`: EAGLE_METHODS) make the scheduler build its
+# KVCacheManager with `use_eagle` (`use_eagle_block_drop`, unless `disable_eagle_block_drop`),
+# and then every cache hit drops its last matched block (single_type_kv_cache_manager.py
+# `FullAttentionManager.find_longest_cache_hit`: after the `max_length` cap, one block off
+# a non-empty hit). Later versions differ (advisor.vllm_versions `EagleHits`). The other
+# methods draft without touching the prefix cache.
+EAGLE_METHODS = ("eagle", "eagle3", "mtp", "dflash", "dspark")
+SPECULATIVE_METHODS = (*EAGLE_METHODS, "ngram", "ngram_gpu", "medusa", "mlp_speculator", "draft_model", "suffix",
+                       "extract_hidden_states")
+
+
+def drops_last_hit_block(speculative: str | None, vllm_version: str | None = "0.32") -> bool:
+    """Whether vLLM `vllm_version` (advisor.vllm_versions; by default 0.32, the version this
+    module is read from and tested against; None: the newest known) drops the last matched
+    block of every hit under `speculative` (a method of SPECULATIVE_METHODS, or
+    None: no speculative decoding). 0.32 drops under EAGLE_METHODS; 0.33 and 0.34 hash each
+    block with the next token instead (`EagleHits.lookahead_hash_tokens`) and drop nothing."""
+    if speculative is None:
+        return False
+    if speculative not in SPECULATIVE_METHODS:
+        raise ValueError(f"unknown speculative method {speculative!r}; use one of {SPECULATIVE_METHODS}")
+    rule = facts(vllm_version).eagle
+    return rule.drops_last_hit_block and speculative in rule.drop_methods
 
 
 @dataclass(eq=False, slots=True)
@@ -118,12 +149,16 @@ class FreeBlockQueue:
 class FutureUses:
     """For Belady: at which request positions each block hash is wanted.
 
-    A request at position p wants the hashes it could hit: its first `(L-1)//B`.
+    A request at position p wants the hashes it could hit: its first `(L-1)//B`, none
+    when it skips the cache read (`skip[p]`).
     """
 
-    def __init__(self, block_hash_lists: Sequence[Sequence[Hashable]], num_tokens_list: Sequence[int], block_size: int) -> None:
+    def __init__(self, block_hash_lists: Sequence[Sequence[Hashable]], num_tokens_list: Sequence[int], block_size: int,
+                 skip: Sequence[bool] | None = None) -> None:
         self._uses: dict[Hashable, list[int]] = {}
         for pos, (hashes, n) in enumerate(zip(block_hash_lists, num_tokens_list, strict=True)):
+            if skip is not None and skip[pos]:
+                continue
             for h in hashes[: max(n - 1, 0) // block_size]:
                 self._uses.setdefault(h, []).append(pos)
 
@@ -294,7 +329,10 @@ class PrefixCache:
     infinite cache (nothing is ever evicted). `policy`: "lru" (vLLM), "fifo" or
     "belady"; belady needs `future` (a `FutureUses` over the request sequence) and
     takes each admitted request's position in that sequence from `admit(...,
-    position=)`, by default the number of requests admitted so far.
+    position=)`, by default the number of requests admitted so far. `speculative`: the
+    speculative-decoding method vLLM `vllm_version` runs (SPECULATIVE_METHODS; None: none);
+    under 0.32 an EAGLE-style one drops the last matched block of every hit
+    (`drops_last_hit_block`).
 
     Counters: `queries` and `hits` (vLLM's prefix_cache_queries / _hits, counted at
     each successful admission; a resumed preempted request goes to `preempted_queries`
@@ -302,7 +340,8 @@ class PrefixCache:
     `blocks_in_use` and `peak_blocks_in_use`.
     """
 
-    def __init__(self, num_blocks: int | None, block_size: int, policy: str = "lru", future: FutureUses | None = None) -> None:
+    def __init__(self, num_blocks: int | None, block_size: int, policy: str = "lru", future: FutureUses | None = None,
+                 speculative: str | None = None, vllm_version: str | None = "0.32") -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
         if policy == "belady" and future is None:
@@ -312,6 +351,7 @@ class PrefixCache:
         self.num_blocks = num_blocks
         self.policy = policy
         self.future = future
+        self.drop_last_hit_block = drops_last_hit_block(speculative, vllm_version)
         self.clock = 0  # position of the next request to admit (belady)
         priority: Callable[[Block], float] | None = None
         if policy == "fifo":
@@ -346,6 +386,8 @@ class PrefixCache:
             if block is None:
                 break
             hit.append(block)
+        if self.drop_last_hit_block and hit:  # the draft KV at the hit's end depends on the token after it
+            hit.pop()
         return hit
 
     def lookup(self, block_hashes: Sequence[Hashable], num_tokens: int) -> int:
@@ -357,16 +399,26 @@ class PrefixCache:
         return self.num_blocks is None or -(-num_tokens // self.block_size) <= self.num_blocks
 
     def admit(
-        self, request_id: str, block_hashes: Sequence[Hashable], num_tokens: int, *, position: int | None = None, preempted: bool = False
+        self, request_id: str, block_hashes: Sequence[Hashable], num_tokens: int, *, position: int | None = None,
+        preempted: bool = False, token_budget: int | None = None, skip_prefix_cache: bool = False,
     ) -> int | None:
-        """Schedule a new request's whole prompt: hit, allocate, cache its full blocks.
+        """Schedule a new request: hit, allocate, cache its full blocks.
 
         Returns the hit tokens, or None (nothing changed) when the free blocks cannot
-        hold the prompt's uncached part. A prompt longer than the whole pool (`fits`
+        hold the prompt's uncached part (vLLM's admission gate checks the whole sequence
+        fits, `scheduler_reserve_full_isl`). A prompt longer than the whole pool (`fits`
         is False; vLLM refuses it) returns None too and counts as passed for belady.
+        `token_budget`: the tokens this step can compute past the hit (a chunked
+        prefill's first chunk is `min(num_tokens - hit, token_budget)`): only their blocks
+        are taken and cached now, the rest by `grow` as later chunks run; None takes the
+        whole prompt.
         `preempted`: the request resumes after a preemption (its tokens then include the
         output so far); vLLM counts it in separate counters, `preempted_queries` and
         `preempted_hits`, not in `queries` / `hits`.
+        `skip_prefix_cache`: the request does not read the cache (vLLM's
+        `Request.skip_reading_prefix_cache`, set by prompt logprobs): no lookup, hit 0, and
+        neither counter moves (`KVCacheManager.record_prefix_cache_stats` skips it); its
+        blocks are still cached for the requests after it.
         """
         assert request_id not in self.running, f"request {request_id} is already running"
         assert len(block_hashes) >= num_tokens // self.block_size
@@ -377,19 +429,23 @@ class PrefixCache:
             if self.policy == "belady":
                 self._rekey_passed(block_hashes, num_tokens)
             return None
-        hit = self._find_hit_blocks(block_hashes, num_tokens)
+        hit = [] if skip_prefix_cache else self._find_hit_blocks(block_hashes, num_tokens)
         num_new = -(-num_tokens // self.block_size) - len(hit)
         num_evictable = sum(1 for b in hit if b.ref_cnt == 0)
         if num_new + num_evictable > self.pool.num_free_blocks():
             return None
+        upto = num_tokens if token_budget is None else min(len(hit) * self.block_size + token_budget, num_tokens)
+        num_new = -(-upto // self.block_size) - len(hit)
         self.pool.touch(hit)
         new_blocks = self.pool.get_new_blocks(num_new)
         req = _Running(hit + new_blocks, len(hit), list(block_hashes))
         self.running[request_id] = req
-        self._cache(req, num_tokens)
+        self._cache(req, upto)
         self.blocks_in_use += num_new + num_evictable
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
-        if preempted:
+        if skip_prefix_cache:
+            pass
+        elif preempted:
             self.preempted_queries += num_tokens
             self.preempted_hits += len(hit) * self.block_size
         else:
@@ -416,26 +472,35 @@ class PrefixCache:
             self.pool.cache_full_blocks(req.blocks[req.num_cached : num_full], req.hashes[req.num_cached : num_full])
             req.num_cached = num_full
 
-    def grow(self, request_id: str, num_tokens_total: int, block_hashes: Sequence[Hashable] = ()) -> bool:
-        """Give a running request slots for `num_tokens_total` tokens (decode).
+    def grow(self, request_id: str, num_tokens_total: int, block_hashes: Sequence[Hashable] = (),
+             num_cached_tokens: int | None = None) -> bool:
+        """Give a running request slots for `num_tokens_total` tokens (a prompt chunk, decode).
 
-        Newly full blocks are hashed and cached: `block_hashes` are the hashes of the
-        request's full blocks (prompt then output); where it runs short, the output
-        blocks get hashes nobody else has (they still count as cached blocks, so they
-        go to the free queue's tail when freed, like vLLM's). Returns False (nothing
-        changed) when the free blocks cannot hold the new slots.
+        Newly full blocks up to `num_cached_tokens` (default: all of them) are hashed and
+        cached: `block_hashes` are the hashes of the request's full blocks (prompt then
+        output); where it runs short, the output blocks get hashes nobody else has (they
+        still count as cached blocks, so they go to the free queue's tail when freed, like
+        vLLM's). Returns False (nothing changed) when the free blocks cannot hold the new
+        slots.
         """
         req = self.running[request_id]
         num_new = max(-(-num_tokens_total // self.block_size) - len(req.blocks), 0)
         if num_new > self.pool.num_free_blocks():
             return False
         req.blocks.extend(self.pool.get_new_blocks(num_new))
-        for i in range(len(req.hashes), min(len(block_hashes), num_tokens_total // self.block_size)):
-            req.hashes.append(block_hashes[i])
-        self._cache(req, num_tokens_total)
         self.blocks_in_use += num_new
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
+        self.cache_blocks(request_id, num_tokens_total if num_cached_tokens is None else num_cached_tokens, block_hashes)
         return True
+
+    def cache_blocks(self, request_id: str, num_tokens: int, block_hashes: Sequence[Hashable] = ()) -> None:
+        """Hash and cache a running request's blocks that its first `num_tokens` tokens fill
+        (vLLM's `cache_blocks`: the async scheduler calls it once a step's output is known)."""
+        req = self.running[request_id]
+        assert num_tokens <= len(req.blocks) * self.block_size
+        for i in range(len(req.hashes), min(len(block_hashes), num_tokens // self.block_size)):
+            req.hashes.append(block_hashes[i])
+        self._cache(req, num_tokens)
 
     def free(self, request_id: str) -> None:
         """Finish (or preempt) a request: its blocks go back tail-first."""
@@ -455,6 +520,9 @@ def sequential_hits_from_hashes(
     block_size: int,
     num_blocks: int | None,
     policy: str = "lru",
+    *,
+    skip: Sequence[bool] | None = None,
+    speculative: str | None = None,
 ) -> list[int]:
     """Per-request hit tokens, one request at a time, prefill only, each freed before the next.
 
@@ -464,14 +532,15 @@ def sequential_hits_from_hashes(
     each id already stands for its whole prefix (Mooncake's do); otherwise chain them
     first with `chain_trace_hash_ids`. A request too
     long for an empty pool of `num_blocks` (vLLM would refuse it) gets 0 hit tokens
-    and leaves the cache as it was.
+    and leaves the cache as it was. `skip[i]`: request i does not read the cache
+    (`PrefixCache.admit(skip_prefix_cache=)`); `speculative`: as `PrefixCache`'s.
     """
-    future = FutureUses(block_hash_lists, num_tokens_list, block_size) if policy == "belady" else None
-    cache = PrefixCache(num_blocks, block_size, policy, future)
+    future = FutureUses(block_hash_lists, num_tokens_list, block_size, skip) if policy == "belady" else None
+    cache = PrefixCache(num_blocks, block_size, policy, future, speculative)
     out: list[int] = []
     for i, (hashes, n) in enumerate(zip(block_hash_lists, num_tokens_list, strict=True)):
         full = list(hashes[: n // block_size])
-        hit = cache.admit(str(i), full, n, position=i)
+        hit = cache.admit(str(i), full, n, position=i, skip_prefix_cache=bool(skip is not None and skip[i]))
         if hit is None:
             assert not cache.fits(n)
             out.append(0)
@@ -482,9 +551,11 @@ def sequential_hits_from_hashes(
 
 
 def sequential_hits(
-    token_lists: Sequence[Sequence[int]], block_size: int, num_blocks: int | None, policy: str = "lru"
+    token_lists: Sequence[Sequence[int]], block_size: int, num_blocks: int | None, policy: str = "lru", *,
+    skip: Sequence[bool] | None = None, speculative: str | None = None,
 ) -> list[int]:
     """`sequential_hits_from_hashes` over token ids (no LoRA, no cache_salt)."""
     return sequential_hits_from_hashes(
-        [request_block_hashes(t, block_size) for t in token_lists], [len(t) for t in token_lists], block_size, num_blocks, policy
+        [request_block_hashes(t, block_size) for t in token_lists], [len(t) for t in token_lists], block_size, num_blocks, policy,
+        skip=skip, speculative=speculative,
     )

@@ -21,6 +21,14 @@ events.run_concurrent over it, under eviction pressure and preemption;
 - policies: "lru" (vLLM) in both modes; "fifo" and "belady" (reference lines) in
   sequential mode only.
 
+The requests simulated are the ones vLLM's scheduler sees (`Workload.fan_out`): a logged
+request asking for n completions is n requests with its prompt, adjacent and arriving
+together; results are reported per logged request, summed over its children. A request
+that asks for prompt logprobs skips the cache read (`Workload.skip_prefix_cache`): it
+hits nothing and adds no queries, but caches its blocks. `SimulateOptions.speculative`
+applies `vllm_version`'s rule for that drafter to every hit (`cache.drops_last_hit_block`:
+0.32 drops the last matched block under EAGLE-style methods).
+
 Counting is vLLM's: queries += prompt tokens and hits += hit tokens per request
 when it is (first) scheduled; hit_rate = hits / queries. A request too long for a
 budget's whole pool is never scheduled (vLLM refuses it): it adds no queries and is
@@ -33,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,13 +49,25 @@ import numpy as np
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
-from advisor.sim.cache import FutureUses, PrefixCache
-from advisor.sim.events import CostModel, run_concurrent
+from advisor.sim.cache import (
+    SPECULATIVE_METHODS,
+    FutureUses,
+    PrefixCache,
+    drops_last_hit_block,
+)
+from advisor.sim.events import run_concurrent
 from advisor.sim.fast import policies as fastpolicy
 from advisor.sim.fast import sequential as fastsim
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import run_concurrent_compiled
+from advisor.sim.steptime import DEFAULT_MBU, DEFAULT_MFU, StepTimeModel, gpu_spec
+from advisor.vllm_versions import resolve_vllm_version
 from advisor.workload import Workload
+
+SCHEDULING_SYNC, SCHEDULING_ASYNC = "sync", "async"
+SCHEDULINGS = (SCHEDULING_SYNC, SCHEDULING_ASYNC)
+CLOCK_ROOFLINE, CLOCK_FLAT = "roofline", "flat"
+CLOCKS = (CLOCK_ROOFLINE, CLOCK_FLAT)
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,10 @@ class SimulateOptions:
     kv_cache_gib: tuple[float, ...] = ()
     model: str | None = None
     gpu: str | None = None  # catalog name or GiB
+    # The vLLM version the deployment runs ("0.34", "0.32.1", ...; None: the newest known,
+    # advisor.vllm_versions.DEFAULT_VLLM_VERSION): its defaults below (batch limits) and the
+    # flags recommend prints. Stored as "major.minor".
+    vllm_version: str | None = None
     gpu_memory_utilization: float = kv.VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
     headroom_gib: float | None = None
     tensor_parallel_size: int = 1
@@ -75,6 +99,19 @@ class SimulateOptions:
     # it cannot tell the device (its non-H100/H200 defaults: 256 sequences, 2,048 tokens).
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # Concurrent mode's clock (advisor.sim.steptime): "roofline" prices each step from the
+    # model's FLOPs and bytes on the GPU (mfu, mbu: the fractions of its peaks reached);
+    # "flat" from prefill_tps/decode_tps. None: roofline with --model and a catalog --gpu.
+    clock: str | None = None
+    mfu: float = DEFAULT_MFU
+    mbu: float = DEFAULT_MBU
+    # Concurrent mode's scheduler: "async" (vLLM's AsyncScheduler, its default on GPUs) or
+    # "sync" (its Scheduler, what a CPU engine runs). None: async with a GPU target, else sync.
+    scheduling: str | None = None
+    # The speculative-decoding method the deployment runs (vLLM's `--speculative-config`
+    # method: "eagle", "eagle3", "mtp", "ngram", ...; None: none). Under vLLM 0.32 EAGLE-style
+    # methods drop the last block of every cache hit (advisor.sim.cache.drops_last_hit_block).
+    speculative: str | None = None
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
     workers: int = 0  # threads for the grid's configurations, 0 = every core
@@ -83,14 +120,41 @@ class SimulateOptions:
     def __post_init__(self) -> None:
         # Resolved here, once, so the defaults live in this class and the manifest records
         # the values actually simulated (replay reuses them).
-        seqs, batched = (kv.vllm_batch_defaults(self.gpu) if self.gpu is not None
-                         else kv.VLLM_UNKNOWN_GPU_BATCH_DEFAULTS)
+        object.__setattr__(self, "vllm_version", resolve_vllm_version(self.vllm_version))
+        seqs, batched = kv.vllm_batch_defaults(self.gpu, self.vllm_version)
         if self.max_num_seqs is None:
             object.__setattr__(self, "max_num_seqs", seqs)
         if self.max_num_batched_tokens is None:
             object.__setattr__(self, "max_num_batched_tokens", batched)
+        if self.max_num_batched_tokens < self.max_num_seqs:  # vLLM refuses to start so
+            raise AdvisorError(
+                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at least --max-num-seqs "
+                f"({self.max_num_seqs}), as vLLM requires: raise the first or lower the second.")
+        if self.clock is None:
+            object.__setattr__(self, "clock", CLOCK_ROOFLINE if self._gpu_has_figures() else CLOCK_FLAT)
+        if self.clock not in CLOCKS:
+            raise AdvisorError(f"unknown clock {self.clock!r}: use one of {', '.join(CLOCKS)}.")
+        if self.clock == CLOCK_ROOFLINE and not self._gpu_has_figures():
+            raise AdvisorError("the roofline clock needs --model and a GPU named from the catalog (--gpu h100, ...): "
+                               "give both, or use --clock flat with --prefill-tps/--decode-tps.")
+        if self.scheduling is None:
+            object.__setattr__(self, "scheduling", SCHEDULING_ASYNC if self.gpu is not None else SCHEDULING_SYNC)
+        if self.scheduling not in SCHEDULINGS:
+            raise AdvisorError(f"unknown scheduling {self.scheduling!r}: use one of {', '.join(SCHEDULINGS)}.")
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise AdvisorError(f"unknown speculative method {self.speculative!r}: use one of "
+                               f"{', '.join(SPECULATIVE_METHODS)} (vLLM's --speculative-config methods), or none.")
         if not self.workers:
             object.__setattr__(self, "workers", os.cpu_count() or 1)
+
+    def _gpu_has_figures(self) -> bool:
+        if self.model is None or self.gpu is None:
+            return False
+        try:
+            gpu_spec(self.gpu)
+        except AdvisorError:
+            return False  # a size in GiB: memory only
+        return True
 
     def as_dict(self) -> dict[str, Any]:
         """The options that shape the results (the fingerprint): all but `workers`."""
@@ -98,19 +162,65 @@ class SimulateOptions:
         del d["workers"]
         return d
 
-    def cost_model(self) -> CostModel:
-        return CostModel(self.prefill_tps, self.decode_tps, self.use_logged_latency)
+    def step_time_model(self, n_tokens: np.ndarray, output_tokens: np.ndarray, latency_s: np.ndarray | None,
+                        ttft_s: np.ndarray | None) -> StepTimeModel:
+        """Concurrent mode's clock (advisor.sim.steptime), calibrated from the log's latencies
+        when `use_logged_latency` and it has them (arrays per request)."""
+        if self.clock == CLOCK_ROOFLINE:
+            assert self.model is not None and self.gpu is not None
+            model = StepTimeModel.for_model(self.model, self.gpu, self.tensor_parallel_size, mfu=self.mfu, mbu=self.mbu)
+        else:
+            model = StepTimeModel.from_rates(self.prefill_tps, self.decode_tps)
+        return model.calibrated(n_tokens, output_tokens, latency_s, ttft_s) if self.use_logged_latency else model
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Concurrent mode's times on its clock (advisor.sim.steptime): per logged request, the
+    seconds from its arrival to the end of the step that sampled its first token (TTFT;
+    a fanned-out request's first child) and its last (end-to-end; its last child), NaN when
+    it never ran; and the run's makespan (first arrival to last finish), busy time (the
+    steps' summed time), the prefill chunks' part of it, and the output tokens generated."""
+
+    ttft_s: np.ndarray
+    e2e_s: np.ndarray
+    makespan_s: float
+    busy_s: float
+    prefill_s: float
+    output_tokens: int
+
+    def stats(self, mask: np.ndarray | None = None) -> dict[str, float | None]:
+        """Percentiles over the masked requests that ran, and the run's rates (whole run)."""
+        ttft = self.ttft_s if mask is None else self.ttft_s[mask]
+        e2e = self.e2e_s if mask is None else self.e2e_s[mask]
+        ttft, e2e = ttft[np.isfinite(ttft)], e2e[np.isfinite(e2e)]
+        q = (lambda a, p: float(np.percentile(a, p)) if len(a) else None)  # noqa: E731
+        finished = int(np.isfinite(self.e2e_s).sum())
+        span = self.makespan_s if self.makespan_s > 0 else None
+        return {
+            "ttft_p50_s": q(ttft, 50), "ttft_p95_s": q(ttft, 95), "ttft_p99_s": q(ttft, 99),
+            "e2e_p50_s": q(e2e, 50), "e2e_p95_s": q(e2e, 95),
+            "makespan_s": self.makespan_s, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
+            "throughput_rps": finished / span if span else None,
+            "output_tps": self.output_tokens / span if span else None,
+        }
 
 
 @dataclass(frozen=True)
 class ConfigResult:
-    """One configuration's outcome: per-request hits (log order) and pool counters."""
+    """One configuration's outcome: per-request hits (log order) and pool counters.
+
+    Per logged request: a request fanned out into n children (`Workload.fan_out`) sums
+    their queries and hits.
+    """
 
     block_size: int
     num_blocks: int | None  # None = infinite cache
     policy: str
     mode: str
-    n_tokens: np.ndarray  # int64, prompt tokens per request
+    # int64, the prompt tokens the request counts as queries: its prompt once per child, 0
+    # when it skips the cache read (vLLM's prefix_cache_queries)
+    n_tokens: np.ndarray
     hit_tokens: np.ndarray  # int64, 0 for requests never scheduled
     scheduled: np.ndarray  # bool: the request ran, its queries count
     evictions: int
@@ -119,11 +229,16 @@ class ConfigResult:
     # Infinite-cache runs only: every pool of at least this many usable blocks gives
     # this very result (`ceiling_blocks`); None where not measured.
     exact_from: int | None = None
+    # bool, the request has a prompt to schedule (refused: runnable but never scheduled);
+    # None: those with queries
+    runnable: np.ndarray | None = None
+    timing: Timing | None = None  # concurrent mode: times on its clock
 
     def totals(self, mask: np.ndarray | None = None) -> dict[str, Any]:
         """requests, queries, hit_tokens, hit_rate, refused over the masked requests."""
         m = self.scheduled if mask is None else self.scheduled & mask
-        considered = (self.n_tokens > 0) if mask is None else (self.n_tokens > 0) & mask
+        runnable = self.n_tokens > 0 if self.runnable is None else self.runnable
+        considered = runnable if mask is None else runnable & mask
         queries = int(self.n_tokens[m].sum())
         hits = int(self.hit_tokens[m].sum())
         return {
@@ -136,20 +251,24 @@ class ConfigResult:
 
 
 def block_trace(workload: Workload, block_size: int) -> fasttrace.BlockTrace:
-    """Every request's full blocks at `block_size` as dense ids (advisor.sim.fast.trace).
+    """Every scheduler request's full blocks at `block_size` as dense ids (advisor.sim.fast.trace).
 
     Equal ids exactly when vLLM's chained block hashes are equal (64-bit keys; see
     advisor.sim.fast.trace for the collision odds). LoRA name and cache_salt become a per-request
     salt, so requests that differ in them never share a block, as in vLLM. Hash
     traces chain their ids at their own block size, the only one they simulate at.
+    The requests are the scheduler's (`Workload.fan_out`): a logged request's n children
+    are n copies of its blocks.
     """
     if workload.is_hash_trace:
         check_trace_block_size(workload, block_size)
         assert workload.hash_values is not None and workload.hash_offsets is not None
-        return fasttrace.trace_from_hash_ids(workload.hash_values, workload.hash_offsets, workload.n_tokens,
-                                             block_size)
+        trace = fasttrace.trace_from_hash_ids(workload.hash_values, workload.hash_offsets, workload.n_tokens,
+                                              block_size)
+        return fasttrace.repeat_requests(trace, workload.n)
     assert workload.token_values is not None and workload.token_offsets is not None
-    return fasttrace.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
+    trace = fasttrace.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
+    return fasttrace.repeat_requests(trace, workload.n)
 
 
 def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fasttrace.BlockTrace]:
@@ -157,8 +276,47 @@ def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fa
     if workload.is_hash_trace:
         return {bs: block_trace(workload, bs) for bs in block_sizes}
     assert workload.token_values is not None and workload.token_offsets is not None
-    return fasttrace.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
-                                      _salts(workload))
+    traces = fasttrace.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
+                                          _salts(workload))
+    return {bs: fasttrace.repeat_requests(t, workload.n) for bs, t in traces.items()}
+
+
+@dataclass(frozen=True)
+class SchedulerRequests:
+    """The requests vLLM's scheduler sees (`Workload.fan_out`), per request, in order:
+    what every engine of `simulate_one` runs, and `per_line` folds back to the log."""
+
+    line: np.ndarray | None  # int64, the logged request each is a child of (None: one each)
+    n_tokens: np.ndarray  # int64 prompt tokens
+    output_tokens: np.ndarray  # int64
+    skip_prefix_cache: np.ndarray  # bool: it does not read the cache
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """A per-logged-request array, per scheduler request."""
+        return values if self.line is None else values[self.line]
+
+    def per_line(self, workload: Workload, res: ConfigResult) -> ConfigResult:
+        """`res` per logged request: children's queries and hits summed; scheduled when they
+        ran (children of one request share a prompt, so they fit or are refused alike)."""
+        if self.line is None:
+            return res
+        starts = np.cumsum(workload.n) - workload.n
+        timing = res.timing
+        if timing is not None:
+            timing = replace(timing, ttft_s=np.fmin.reduceat(timing.ttft_s, starts),
+                             e2e_s=np.fmax.reduceat(timing.e2e_s, starts))
+        return replace(res, n_tokens=np.add.reduceat(res.n_tokens, starts),
+                       hit_tokens=np.add.reduceat(res.hit_tokens, starts),
+                       scheduled=np.logical_or.reduceat(res.scheduled, starts), runnable=workload.n_tokens > 0,
+                       timing=timing)
+
+
+def scheduler_requests(workload: Workload) -> SchedulerRequests:
+    """`workload`'s requests as vLLM's scheduler sees them (`SchedulerRequests`)."""
+    line = workload.fan_out if workload.fans_out else None
+    take = (lambda v: v) if line is None else (lambda v: v[line])  # noqa: E731
+    return SchedulerRequests(line, take(workload.n_tokens), take(workload.output_tokens),
+                             take(workload.skip_prefix_cache))
 
 
 def _salts(workload: Workload) -> np.ndarray | None:
@@ -226,74 +384,100 @@ def simulate_one(
     minus the null block), None = infinite; `mode`: "sequential" (log order, one at
     a time, prefill only) or "concurrent" (`options` gives the cost model,
     `max_num_seqs` and `speedup`); `policy`: "lru" (vLLM), "fifo", "belady"
-    (sequential only). `trace` (`block_trace(workload, block_size)`) and `future`
-    (and `prepared`: `advisor.sim.fast.events.request_hashes(trace, ...)` for concurrent mode,
-    `uses`: `advisor.sim.fast.policies.future_uses(trace)` for belady) may be passed to reuse them across budgets of one block size. `engine`: "auto"
+    (sequential only), "off" (concurrent only: prefix caching disabled, the time baseline).
+    `trace` (`block_trace(workload, block_size)`) and `future`
+    (and `prepared`: `advisor.sim.fast.events.request_hashes(trace, ...)` over
+    `scheduler_requests(workload)` for concurrent mode, `uses`:
+    `advisor.sim.fast.policies.future_uses(trace, skip)` for belady) may be passed to reuse
+    them across budgets of one block size; all are per scheduler request. `engine`: "auto"
     runs sequential mode on advisor.sim.fast.sequential's compiled replays (lru, fifo, belady)
     and concurrent mode on advisor.sim.fast.events' compiled loop, both tested equal to
-    cache.py / events.run_concurrent over it; "reference" runs those instead. Returns a `ConfigResult`: `hit_tokens[i]` is request i's (log
-    order) vLLM `num_cached_tokens`; `.totals()` the sums.
+    cache.py / events.run_concurrent over it; "reference" runs those instead.
+    `options.speculative` applies its cache rule; requests skip the cache read and fan out
+    as `workload` says (module docstring). Returns a `ConfigResult` per logged request:
+    `hit_tokens[i]` is request i's (log order) vLLM `num_cached_tokens`, summed over its
+    children; `.totals()` the sums.
     """
     opts = options or SimulateOptions()
+    reqs = scheduler_requests(workload)
     if trace is None:
         trace = block_trace(workload, block_size)
-    n_tokens = workload.n_tokens
+    assert trace.num_requests == len(reqs.n_tokens), "trace: block_trace(workload, ...), one per scheduler request"
+    n_tokens = reqs.n_tokens
+    skip = reqs.skip_prefix_cache if reqs.skip_prefix_cache.any() else None
+    drop_last = drops_last_hit_block(opts.speculative, opts.vllm_version)
+    queries = n_tokens if skip is None else np.where(skip, 0, n_tokens)  # vLLM counts no lookup it skips
     if mode == schema.MODE_SEQUENTIAL and engine == "auto":
-        fast = (fastsim.simulate_sequential(trace, num_blocks) if num_blocks is None
-                else fastpolicy.simulate_sequential_policy(trace, num_blocks, policy, uses))
+        fast = (fastsim.simulate_sequential(trace, num_blocks, skip, drop_last) if num_blocks is None
+                else fastpolicy.simulate_sequential_policy(trace, num_blocks, policy, uses, skip, drop_last))
         scheduled = (n_tokens > 0) & fast.fits
         hit_tokens = np.where(scheduled, fast.hit_tokens, 0)
-        return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hit_tokens, scheduled,
-                            fast.evictions, fast.peak_blocks_in_use,
-                            exact_from=None if num_blocks is not None else
-                            _sequential_blocks_used(trace, n_tokens, hit_tokens))
+        return reqs.per_line(workload, ConfigResult(
+            block_size, num_blocks, policy, mode, queries, hit_tokens, scheduled, fast.evictions,
+            fast.peak_blocks_in_use, exact_from=None if num_blocks is not None else
+            _sequential_blocks_used(trace, n_tokens, hit_tokens), runnable=n_tokens > 0))
     hashes = TraceHashes(trace)
     if mode == schema.MODE_SEQUENTIAL:
         if policy == schema.POLICY_BELADY and future is None:
-            future = FutureUses(hashes, n_tokens.tolist(), block_size)
-        cache = PrefixCache(num_blocks, block_size, policy, future)
+            future = FutureUses(hashes, n_tokens.tolist(), block_size, skip)
+        cache = PrefixCache(num_blocks, block_size, policy, future, opts.speculative, opts.vllm_version)
         hits = np.zeros(len(n_tokens), dtype=np.int64)
         scheduled = np.zeros(len(n_tokens), dtype=bool)
         for i, n in enumerate(n_tokens.tolist()):
             if n <= 0:
                 continue
-            hit = cache.admit(str(i), hashes[i], n, position=i)
+            hit = cache.admit(str(i), hashes[i], n, position=i, skip_prefix_cache=skip is not None and bool(skip[i]))
             if hit is None:  # longer than the whole pool: vLLM refuses it
                 continue
             cache.free(str(i))
             hits[i] = hit
             scheduled[i] = True
-        return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, hits, scheduled,
-                            cache.evictions, cache.peak_blocks_in_use,
-                            exact_from=max(len(cache.pool.blocks), 1) if num_blocks is None else None)
+        return reqs.per_line(workload, ConfigResult(
+            block_size, num_blocks, policy, mode, queries, hits, scheduled, cache.evictions,
+            cache.peak_blocks_in_use, exact_from=max(len(cache.pool.blocks), 1) if num_blocks is None else None,
+            runnable=n_tokens > 0))
     if mode != schema.MODE_CONCURRENT:
         raise ValueError(f"unknown mode {mode!r}")
-    if policy != schema.POLICY_LRU:
+    if policy not in (schema.POLICY_LRU, schema.POLICY_OFF):
         raise AdvisorError(f"policy {policy!r} is simulated in sequential mode only; use lru for concurrent mode.")
-    arrivals = workload.arrivals(opts.speedup)
+    caching_off = policy == schema.POLICY_OFF
+    if caching_off:  # nobody reads the cache (what is written is never read, so it need not be told apart)
+        skip = np.ones(len(n_tokens), dtype=bool)
+    arrivals = reqs.take(workload.arrivals(opts.speedup))
+    outputs = reqs.output_tokens
+    clock = opts.step_time_model(n_tokens, outputs, reqs.take(workload.latency_s), reqs.take(workload.ttft_s))
     if engine == "auto":
         # Infinite cache: a pool with a block for every block the log ever allocates
         # never has to evict (a hashed block is popped only when no unhashed one is free).
         pool = num_blocks if num_blocks is not None else 1 + int(
-            (-(-(n_tokens + np.maximum(workload.output_tokens - 1, 0)) // block_size)).sum())
+            (-(-(n_tokens + np.maximum(outputs - 1, 0)) // block_size)).sum())
         res = run_concurrent_compiled(
-            trace, pool, n_tokens, workload.output_tokens, arrivals, opts.cost_model(), opts.max_num_seqs,
-            workload.latency_s, workload.ttft_s, max_num_batched_tokens=opts.max_num_batched_tokens,
-            prepared=prepared)
+            trace, pool, n_tokens, outputs, arrivals, clock, opts.max_num_seqs,
+            max_num_batched_tokens=opts.max_num_batched_tokens,
+            async_scheduling=opts.scheduling == SCHEDULING_ASYNC, skip_prefix_cache=skip,
+            speculative=opts.speculative if drop_last else None, prepared=prepared)
         used = res.blocks_used  # the highest block id ever popped + 1 (`ceiling_blocks`)
     else:
-        cache = PrefixCache(num_blocks, block_size, policy)
-        res = run_concurrent(
-            cache, hashes, n_tokens, workload.output_tokens, arrivals, opts.cost_model(), opts.max_num_seqs,
-            workload.latency_s, workload.ttft_s, max_num_batched_tokens=opts.max_num_batched_tokens)
+        cache = PrefixCache(num_blocks, block_size, schema.POLICY_LRU, speculative=opts.speculative,
+                            vllm_version=opts.vllm_version)
+        res = run_concurrent(  # its PrefixCache applies the drafter's rule
+            cache, hashes, n_tokens, outputs, arrivals, clock, opts.max_num_seqs,
+            max_num_batched_tokens=opts.max_num_batched_tokens,
+            async_scheduling=opts.scheduling == SCHEDULING_ASYNC, skip_prefix_cache=skip)
         used = len(cache.pool.blocks)  # the infinite pool's every allocation
+    hit_tokens = res.hit_tokens
+    assert res.ttft_s is not None and res.e2e_s is not None
+    timing = Timing(res.ttft_s, res.e2e_s, res.makespan_s, res.busy_s, res.prefill_s,
+                    int(np.maximum(outputs, 1)[res.scheduled].sum()))
     exact_from = None
     if num_blocks is None:
         # at least the largest request's end, which the pool must hold whole
-        ends = n_tokens + np.maximum(workload.output_tokens - 1, 0)
+        ends = n_tokens + np.maximum(outputs - 1, 0)
         exact_from = max(used, int((-(-ends[n_tokens > 0] // block_size)).max(initial=1)))
-    return ConfigResult(block_size, num_blocks, policy, mode, n_tokens, res.hit_tokens, res.scheduled,
-                        res.evictions, res.peak_blocks_in_use, res.preemptions, exact_from)
+    return reqs.per_line(workload, ConfigResult(
+        block_size, num_blocks, policy, mode, queries, hit_tokens, res.scheduled,
+        0 if caching_off else res.evictions,  # with caching off vLLM hashes no block: nothing is evicted
+        res.peak_blocks_in_use, res.preemptions, exact_from, runnable=n_tokens > 0, timing=timing))
 
 
 def _sequential_blocks_used(trace: fasttrace.BlockTrace, n_tokens: np.ndarray, hit_tokens: np.ndarray) -> int:

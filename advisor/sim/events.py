@@ -2,38 +2,51 @@
 
 Inputs: one `PrefixCache` (advisor.sim.cache, exact vLLM block rules), each request's prompt block hashes,
 prompt length, output length, arrival time and (optional) logged latencies, a
-`CostModel`, `max_num_seqs` and (optional) `max_num_batched_tokens`. Output:
+`CostModel`, `max_num_seqs`, (optional) `max_num_batched_tokens` and sync or async
+scheduling. Output:
 `ConcurrentResult`, the hit tokens each request got when it was first scheduled
 (vLLM's `num_cached_tokens`), plus evictions, peak blocks in use, preemptions.
 
-The loop is the engine's: one iteration is one `schedule()` + model step of vLLM
-0.32's FCFS scheduler (vllm/v1/core/sched/scheduler.py), in the same order:
+The loop is the engine's, and its state is vLLM's `Request` counters (`Engine`):
+one iteration is one `schedule()` of vLLM 0.32's FCFS scheduler
+(vllm/v1/core/sched/scheduler.py) and the processing of a step's output, in its order:
 1. arrivals whose time has come join the tail of the waiting queue;
-2. running requests, in running-queue order (admission order), each get their
-   next tokens: the rest of the prompt for one still prefilling, else one decode
-   token, whose KV slot may need a new block. When the pool has none, the request
-   at the END of the running queue is preempted (recompute: its blocks are freed,
-   it goes to the FRONT of the waiting queue), again until the block is found or
-   the request itself was the one preempted, which ends this phase of the step;
-3. only if nobody was preempted in this step, waiting requests are admitted in
-   queue order while fewer than `max_num_seqs` run and token budget is left: the
-   prefix-cache lookup, then blocks for everything not hit (vLLM's admission gate
-   checks the whole sequence fits); the first that does not fit stops admission;
-4. after the step, each request whose known tokens are all computed samples one
-   token; a request with all its output tokens finishes and frees its blocks
-   (tail first) before the next step.
+2. running requests, in running-queue order (admission order) while the token budget
+   lasts, each get their next tokens: the next chunk of a prompt still prefilling, else
+   one decode token, and the KV slots for them (a prompt's blocks are taken and cached
+   chunk by chunk, as computed). When the pool is short, the request at the END of the
+   running queue is preempted (recompute: its blocks are freed, it goes to the FRONT of
+   the waiting queue), again until the slots are found or the request itself was the
+   one preempted, which ends this phase of the step;
+3. only if nobody was preempted in this step, waiting requests are admitted in queue
+   order while fewer than `max_num_seqs` run and budget is left: the prefix-cache
+   lookup, then, if the whole sequence fits the free blocks (vLLM's admission gate),
+   blocks for the chunk computed now; the first that does not fit stops admission;
+4. the step's output is processed in scheduling order: each request whose known tokens
+   are all computed samples one token; a request with all its output finishes and
+   frees its blocks (tail first) there and then.
+Synchronous scheduling (vLLM's `Scheduler`, what its CPU engine runs) processes step
+N's output before scheduling step N+1. Async scheduling (`AsyncScheduler`, vLLM's
+default on GPUs) schedules step N+1 first, as EngineCore's batch queue of two does: a
+request decodes on a placeholder for the token still in flight, one whose last token is
+in flight is not scheduled again, a finished request's blocks and seat free a step
+later, decode blocks are cached once the output that fills them is seen, and a request
+preempted with a token in flight gets it as stale output (it waits for it before it can
+be admitted again, and finishes from it if it was its last).
 A request resumed after a preemption recomputes its prompt plus the output it had
-generated: it looks up all of it (its own freed blocks, decode blocks included,
-may still be cached) and vLLM counts that lookup in separate `preempted`
-counters; `hit_tokens` keeps the first scheduling's hit, as `num_cached_tokens`.
+generated: it looks up all of it (its own freed blocks, decode blocks included, may
+still be cached) and vLLM counts that lookup in separate `preempted` counters;
+`hit_tokens` keeps the first scheduling's hit, as `num_cached_tokens`. Both modes are
+tested request for request against vLLM's own schedulers driven standalone
+(tests/test_scheduler_oracle.py).
 
 Clock (the same one advisor.replay's concurrent mode steps the real engine on, so
 both see the same arrivals before the same step): it starts at the first arrival;
-each step lasts `1 / decode_tps` plus the longest uncached prefill that produced
-its first token in that step (`(prompt - hit) / prefill_tps`); when nothing is
-running or waiting it jumps to the next arrival. Arrivals are compared with the
-clock at the start of each step. With `use_logged_latency` and latencies in the
-log, the two rates are calibrated from it (`CostModel.calibrated`).
+each scheduled step lasts `1 / decode_tps` plus the longest uncached prefill that
+samples its first token in that step (`(prompt - hit) / prefill_tps`); when nothing is
+running or waiting it jumps to the next arrival. Arrivals are compared with the clock
+at the start of each iteration. With `use_logged_latency` and latencies in the log, the
+two rates are calibrated from it (`CostModel.calibrated`).
 
 KV occupancy: a request with O output tokens ends holding `L + O - 1` tokens (the
 last sampled token never gets a slot; O = 0 or unknown counts as 1, prefill only).
@@ -41,70 +54,26 @@ Its blocks past the prompt's full ones hold output tokens whose text is unknown:
 they get hashes nobody else has (stable per request, so a resumed request can hit
 its own), and are cached and evicted like any block.
 
-Speed: steps in which nothing can change (every running request decodes inside
-its current block, nobody finishes, no arrival is due, and admission stopped in
-the last step for a reason such a step cannot change) are taken in one jump; a heap of
-`(step, seq, request)` holds each decoding request's next eventful step (it needs
-a new block or finishes). Deterministic: ties break by push order, and eventful
-requests of one step are served in running-queue order.
+This loop takes every step one by one; advisor.sim.fast.events, its compiled twin,
+takes steps in which nothing can change in one jump.
 
-Simplifications (stated in docs/simulate.md too):
-- a prompt is allocated whole at admission; with a token budget it is computed in
-  chunks over several steps (chunked prefill), but its blocks are all taken and
-  cached up front, and decode tokens are taken from the budget before prefill
-  chunks whatever their queue order;
-- no async scheduling, speculative decoding, KV connectors, LoRA slot limits or
-  priority policy; the watermark is 0 (vLLM's default);
-- a request whose prompt plus output cannot fit the whole pool is refused (never
-  scheduled, counted in `refused`), as vLLM refuses one beyond its KV capacity.
+Not modelled (stated in docs/simulate.md too): speculative decoding's scheduling (its
+cache rule is the cache's), KV connectors, LoRA slot limits, priority scheduling,
+`long_prefill_token_threshold`; the watermark is 0 (vLLM's default). A request whose
+prompt plus output cannot fit the whole pool is refused (never scheduled, counted in
+`refused`), as vLLM refuses one beyond its KV capacity.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from advisor.sim.cache import PrefixCache
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Step time of the batched engine (module docstring)."""
-
-    prefill_tps: float  # uncached prompt tokens per second
-    decode_tps: float  # decode steps per second (one token per running request)
-    use_logged_latency: bool = True  # calibrate both rates from latency_s / ttft_s when logged
-
-    def __post_init__(self) -> None:
-        assert self.prefill_tps > 0 and self.decode_tps > 0
-
-    def calibrated(self, n_tokens: np.ndarray, output_tokens: np.ndarray,
-                   latency_s: np.ndarray | None, ttft_s: np.ndarray | None) -> CostModel:
-        """The rates the log implies, where it carries latencies (else unchanged).
-
-        decode: median over requests with a latency and more than one output token of
-        `(O - 1) / (latency - ttft)`; prefill: median of `prompt / ttft`. Logged times
-        include queueing, so both rates are lower bounds of the engine's.
-        """
-        if not self.use_logged_latency or latency_s is None:
-            return self
-        lat = np.asarray(latency_s, np.float64)
-        ttft = np.asarray(ttft_s, np.float64) if ttft_s is not None else np.full(len(lat), np.nan)
-        out = np.asarray(output_tokens, np.int64)
-        prompt = np.asarray(n_tokens, np.int64)
-        cost = self
-        has_ttft = np.isfinite(ttft) & (ttft > 0) & (prompt > 0)
-        if has_ttft.any():
-            cost = replace(cost, prefill_tps=float(np.median(prompt[has_ttft] / ttft[has_ttft])))
-        first = np.where(np.isfinite(ttft), ttft, (prompt / cost.prefill_tps))
-        decoding = np.isfinite(lat) & (out > 1) & (lat - first > 0)
-        if decoding.any():
-            cost = replace(cost, decode_tps=float(np.median((out[decoding] - 1) / (lat - first)[decoding])))
-        return cost
+from advisor.sim.steptime import StepTimeModel, seconds_from_totals
 
 
 @dataclass(frozen=True)
@@ -118,6 +87,12 @@ class ConcurrentResult:
     makespan_s: float  # clock at the last finish, seconds after the first arrival
     steps: int = 0  # engine steps taken
     blocks_used: int = 0  # highest block id ever taken + 1 (advisor.sim.fast.events; 0 where not tracked)
+    # per request, seconds from its arrival to the end of the step that sampled its first
+    # token (TTFT) and its last (end-to-end latency); NaN for requests never run
+    ttft_s: np.ndarray | None = None
+    e2e_s: np.ndarray | None = None
+    busy_s: float = 0.0  # the steps' time, summed (the engine's busy time)
+    prefill_s: float = 0.0  # the prefill chunks' share of it (the clock's compute term for them)
 
 
 def _kv_tokens(n_tokens: int, output_tokens: int) -> int:
@@ -131,99 +106,150 @@ def run_concurrent(
     n_tokens: np.ndarray,
     output_tokens: np.ndarray,
     arrivals_s: np.ndarray,
-    cost: CostModel,
+    clock: StepTimeModel,
     max_num_seqs: int,
-    latency_s: np.ndarray | None = None,
-    ttft_s: np.ndarray | None = None,
     *,
     max_num_batched_tokens: int | None = None,
-    skip_quiet_steps: bool = True,
+    async_scheduling: bool = False,
+    skip_prefix_cache: np.ndarray | None = None,
 ) -> ConcurrentResult:
     """Simulate one configuration with requests overlapping in time (module docstring).
 
     Arrays are per request, in log order; `arrivals_s` must be finite (seconds, any
     origin). Requests with `n_tokens == 0` (refused at tokenization) never run.
-    `max_num_batched_tokens`: vLLM's per-step token budget (None: unlimited).
-    Decode blocks get tuple hashes of their own. advisor.sim.fast.events runs this loop
-    compiled (tested equal to it); the grid uses that.
-    `skip_quiet_steps=False` takes every step one by one (the plain loop that the
-    jumps are tested against).
+    `clock` prices each step (advisor.sim.steptime: the roofline of a model on a GPU, or
+    the flat rates). `max_num_batched_tokens`: vLLM's per-step token budget (None:
+    unlimited). `async_scheduling`: vLLM's AsyncScheduler (step N+1 is scheduled before
+    step N's output is seen) instead of its Scheduler. `skip_prefix_cache`: per request,
+    True when it does not read the prefix cache (prompt logprobs; `PrefixCache.admit`);
+    the cache's own `speculative` rule applies to every lookup. Decode blocks get tuple
+    hashes of their own. advisor.sim.fast.events runs this loop compiled (tested equal
+    to it); the grid uses that.
     """
-    assert max_num_seqs >= 1
-    assert max_num_batched_tokens is None or max_num_batched_tokens >= 1
-    cost = cost.calibrated(n_tokens, output_tokens, latency_s, ttft_s)
-    scheduler = _Scheduler(cache, block_hashes, n_tokens, output_tokens, arrivals_s, cost, max_num_seqs,
-                           max_num_batched_tokens)
-    return scheduler.run(skip_quiet_steps)
+    engine = Engine(cache, block_hashes, n_tokens, output_tokens, arrivals_s, clock, max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens, async_scheduling=async_scheduling,
+                    skip_prefix_cache=skip_prefix_cache)
+    for i in engine.arrival_order():
+        engine.add_request(i)
+    engine.advance()
+    return engine.result()
 
 
-class _Scheduler:
-    """vLLM's FCFS scheduler and its engine's clock, for one `run_concurrent` call.
+@dataclass
+class _StepOutput:
+    """One scheduled step (vLLM's SchedulerOutput, reduced): the requests and their token
+    counts in scheduling order, which of them sample a token, and the clock when it ends."""
 
-    `run` is the engine loop; each step of the module docstring is a method (`add_arrivals`,
-    `schedule_running`, `schedule_waiting`, `update_from_output`). Invariants at the start
-    of each step:
-    - `computed[i]` and `outs[i]` are valid at step `anchor[i]`: a decoding request
-      advances one token per step in between without being touched (`materialize`);
-    - `running` is the running queue in admission order (`rank`); `prefilling` holds the
-      running requests whose known tokens are not all computed; `waiting` is the waiting
-      queue, preempted requests at its front;
-    - every decoding request has one live heap entry `(step, seq, request, epoch)`: the
-      next step in which it needs a new block or finishes. `epoch[i]` bumps when the
-      request leaves the running queue, which makes its older entries stale.
+    scheduled: list[tuple[int, int]]
+    samples: dict[int, bool]
+    first_tokens: list[int]  # requests sampling their first token in it
+    end_clock: float = 0.0
+
+
+class Engine:
+    """One vLLM engine: its FCFS scheduler (sync or async), its KV cache and its clock.
+
+    Requests are the rows of the arrays given (one workload's), handed to the engine with
+    `add_request` in arrival order (all of them for one engine; a router's share for a
+    replica); `advance(until)` runs the engine's iterations that start before `until`.
+    The state is vLLM's `Request` counters, per request i: `num_tokens[i]` (prompt plus
+    the output tokens delivered so far), `computed[i]` (num_computed_tokens, advanced
+    when a step is scheduled), `placeholders[i]` (async: tokens sampled by scheduled
+    steps whose output is not processed yet), `in_flight[i]` and `stale[i]` (a
+    preempted request's in-flight tokens, whose output still arrives). `running` is the
+    running queue in admission order; `waiting` the waiting queue, preempted requests at
+    its front; `pending` the requests handed over that have not arrived by the clock.
     """
 
     def __init__(self, cache: PrefixCache, block_hashes: Sequence[Sequence[Hashable]], n_tokens: np.ndarray,
-                 output_tokens: np.ndarray, arrivals_s: np.ndarray, cost: CostModel, max_num_seqs: int,
-                 max_num_batched_tokens: int | None) -> None:
+                 output_tokens: np.ndarray, arrivals_s: np.ndarray, clock: StepTimeModel, max_num_seqs: int, *,
+                 max_num_batched_tokens: int | None = None, async_scheduling: bool = False,
+                 skip_prefix_cache: np.ndarray | None = None) -> None:
+        assert max_num_seqs >= 1
+        assert max_num_batched_tokens is None or max_num_batched_tokens >= max_num_seqs, "vLLM's own rule"
         n = len(n_tokens)
         self.cache = cache
         self.bs = cache.block_size
-        self.step_s = 1.0 / cost.decode_tps
-        self.prefill_tps = cost.prefill_tps
+        self.coef = clock.coefficients
+        self.flat = clock.flat
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens if max_num_batched_tokens is not None else 1 << 62
+        self.async_scheduling = async_scheduling
+        self.skip = [False] * n if skip_prefix_cache is None else [bool(x) for x in skip_prefix_cache]
         self.prompt = [int(x) for x in n_tokens]
         self.target = [max(int(o), 1) for o in output_tokens]  # tokens sampled before finishing
         self.end_tokens = [_kv_tokens(self.prompt[i], self.target[i]) for i in range(n)]
         self.hashes = _with_decode_hashes(self.bs, block_hashes, self.prompt, self.end_tokens)
+        self.arrivals = [float(a) for a in arrivals_s]
         self.hits = np.zeros(n, dtype=np.int64)
         self.scheduled = np.zeros(n, dtype=bool)
+        self.first_token_at = np.full(n, np.nan)
+        self.finished_at = np.full(n, np.nan)
+        self.num_tokens = list(self.prompt)
         self.computed = [0] * n
-        self.outs = [0] * n
-        self.anchor = [0] * n
-        self.rank = [0] * n  # position in the running queue: admission order
-        self.epoch = [0] * n
-        self.heap: list[tuple[int, int, int, int]] = []  # (eventful step, seq, request, epoch)
-        self.seq = 0
+        self.placeholders = [0] * n
+        self.in_flight = [0] * n
+        self.stale = [0] * n
+        self.finished = [False] * n
+        self.pending: deque[int] = deque()
         self.waiting: deque[int] = deque()
-        self.running: dict[int, None] = {}  # the running queue, in order (dicts keep insertion order)
-        self.prefilling: set[int] = set()
-        self.refused = self.preemptions = 0
-        self.order = [int(i) for i in np.argsort(arrivals_s, kind="stable")]
-        self.arrivals = [float(a) for a in arrivals_s]
-        self.t0 = self.arrivals[self.order[0]] if n else 0.0
-        self.clock, self.last_finish, self.step, self.j = self.t0, self.t0, 0, 0
+        self.running: list[int] = []
+        self.steps_in_flight: deque[_StepOutput] = deque()
+        self.refused = self.preemptions = self.step = 0
+        self.busy_s = self.prefill_s = 0.0
+        self.t0: float | None = None
+        self.clock = self.last_finish = 0.0
 
-    def run(self, skip_quiet: bool) -> ConcurrentResult:
-        """The engine loop: one iteration is one schedule() + model step; with `skip_quiet`,
-        steps in which nothing can change are taken in one jump."""
-        stalled = False  # last step tried admission, and nothing freed since
-        while self.j < len(self.order) or self.running or self.waiting:
-            arrived = self.add_arrivals()  # 1.
-            if not (self.running or self.waiting):
-                continue
-            quiet = skip_quiet and stalled and not arrived and not self.prefilling and bool(self.running)
-            if quiet and self.skip_quiet_steps():
-                continue
-            chunks, decoded, budget, preempted = self.schedule_running()  # 2.
-            # 3. only if nobody was preempted; what stops admission then lasts until a finish,
-            # unless it was the budget
-            stalled = not preempted and self.schedule_waiting(chunks, budget)
-            if self.update_from_output(chunks, decoded):  # 4.
-                stalled = False
-                self.last_finish = self.clock
-        assert not self.running and not self.waiting, "every admitted request finishes"
+    def arrival_order(self) -> list[int]:
+        """Every request, by arrival (ties in log order)."""
+        return [int(i) for i in np.argsort(np.asarray(self.arrivals), kind="stable")]
+
+    def add_request(self, i: int) -> None:
+        """Hand request i to the engine; it arrives at its time (requests in arrival order)."""
+        assert not self.pending or self.arrivals[self.pending[-1]] <= self.arrivals[i]
+        if self.t0 is None:
+            self.t0 = self.clock = self.last_finish = self.arrivals[i]
+        self.pending.append(i)
+
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting or self.steps_in_flight)
+
+    def advance(self, until: float = float("inf")) -> None:
+        """Run the engine's iterations that start before `until` (EngineCore.step; with async
+        scheduling, step_with_batch_queue and its queue of two: step N+1 is scheduled before
+        step N's output is processed); an idle engine's clock jumps to its next arrival."""
+        while self.pending or self.busy():
+            if not self.busy():
+                nxt = self.arrivals[self.pending[0]]
+                if nxt >= until:
+                    return
+                self.clock = max(self.clock, nxt)  # idle: the next arrival
+            elif self.clock >= until:
+                return
+            self.iteration()
+
+    def iteration(self) -> None:
+        self.add_arrivals()
+        if self.running or self.waiting:
+            out = self.schedule()
+            if out.scheduled:
+                self.step += 1
+                self.clock += self.step_seconds(out)
+            out.end_clock = self.clock
+            for i in out.first_tokens:
+                self.first_token_at[i] = self.clock
+            if not self.async_scheduling:
+                self.update_from_output(out)
+                return
+            self.steps_in_flight.appendleft(out)
+            if len(self.steps_in_flight) < 2 and out.scheduled:
+                return  # the batch queue has room: schedule the next step first
+        if self.steps_in_flight:
+            self.update_from_output(self.steps_in_flight.pop())
+
+    def result(self) -> ConcurrentResult:
+        assert not self.pending and not self.busy(), "every admitted request finishes"
+        arrivals = np.asarray(self.arrivals, dtype=np.float64)
         return ConcurrentResult(
             hit_tokens=self.hits,
             scheduled=self.scheduled,
@@ -231,188 +257,173 @@ class _Scheduler:
             peak_blocks_in_use=self.cache.peak_blocks_in_use,
             preemptions=self.preemptions,
             refused=self.refused,
-            makespan_s=self.last_finish - self.t0,
+            makespan_s=self.last_finish - (self.t0 or 0.0),
             steps=self.step,
+            ttft_s=self.first_token_at - arrivals,
+            e2e_s=self.finished_at - arrivals,
+            busy_s=self.busy_s,
+            prefill_s=self.prefill_s,
         )
 
-    def add_arrivals(self) -> bool:
-        """Step 1: arrivals whose time has come join the tail of the waiting queue (an idle
-        engine's clock first jumps to the next one); one whose end cannot fit the whole
-        pool is refused. True when one joined."""
-        if not self.running and not self.waiting:
-            self.clock = max(self.clock, self.arrivals[self.order[self.j]])
-        arrived = False
-        while self.j < len(self.order) and self.arrivals[self.order[self.j]] <= self.clock:
-            i = self.order[self.j]
-            self.j += 1
+    def add_arrivals(self) -> None:
+        """Requests whose arrival time has come join the tail of the waiting queue; one whose
+        end cannot fit the whole pool is refused."""
+        while self.pending and self.arrivals[self.pending[0]] <= self.clock:
+            i = self.pending.popleft()
             if self.prompt[i] <= 0:
                 continue  # refused at tokenization: never runs, not counted
             if not self.cache.fits(self.end_tokens[i]):
                 self.refused += 1
                 continue
             self.waiting.append(i)
-            arrived = True
-        return arrived
 
-    def skip_quiet_steps(self) -> int:
-        """Steps with nothing but one decode token per running request, in one jump: up to
-        the next live eventful step, or until an arrival is due. Returns the steps taken."""
-        heap = self.heap
-        while heap and heap[0][3] != self.epoch[heap[0][2]]:
-            heapq.heappop(heap)
-        quiet = heap[0][0] - self.step if heap else 0
-        k = 0
-        while k < quiet and (self.j >= len(self.order) or self.arrivals[self.order[self.j]] > self.clock):
-            self.clock += self.step_s
-            k += 1
-        self.step += k
-        return k
+    def schedule(self) -> _StepOutput:
+        """vLLM's `Scheduler.schedule()`: running requests first, then (only if nobody was
+        preempted) waiting ones; then `_update_after_schedule`."""
+        scheduled: list[tuple[int, int]] = []
+        budget, preempted = self.schedule_running(scheduled)
+        if not preempted:
+            self.schedule_waiting(scheduled, budget)
+        samples = {}
+        first_tokens = []
+        for i, num_new in scheduled:
+            self.computed[i] += num_new
+            self.in_flight[i] += num_new
+            samples[i] = self.computed[i] >= self.num_tokens[i] + self.placeholders[i]  # not a prompt chunk
+            # its first token: nothing sampled before, delivered or (async) in flight
+            if samples[i] and self.num_tokens[i] == self.prompt[i] and self.placeholders[i] == 0:
+                first_tokens.append(i)
+            if self.async_scheduling and samples[i]:
+                self.placeholders[i] += 1
+        return _StepOutput(scheduled, samples, first_tokens)
 
-    def due_requests(self) -> list[int]:
-        """The running requests with work in this step, in running-queue order: every
-        prefilling one, and each decoding one whose eventful step has come."""
-        due = set(self.prefilling)
-        while self.heap and self.heap[0][0] <= self.step:
-            _, _, i, ep = heapq.heappop(self.heap)
-            if ep == self.epoch[i]:
-                due.add(i)
-        return sorted(due, key=self.rank.__getitem__)
-
-    def schedule_running(self) -> tuple[list[tuple[int, int]], list[int], int, bool]:
-        """Step 2: each due running request gets its next tokens (the rest of its prompt
-        within the budget, or one decode token) and the KV slots for them. When the pool is
-        short, the request at the END of the running queue is preempted, again until the
-        slots are found or the request itself was preempted, which ends this phase.
-        Returns (prefill chunks as (request, tokens), decoding requests, budget left,
-        whether anyone was preempted)."""
-        budget = self.token_budget - (len(self.running) - len(self.prefilling))  # decode tokens first (docstring)
-        chunks: list[tuple[int, int]] = []
-        decoded: list[int] = []
+    def schedule_running(self, scheduled: list[tuple[int, int]]) -> tuple[int, bool]:
+        """Each running request in queue order, while budget is left, gets its next tokens
+        (the rest of its prompt within the budget, or one decode token) and the KV slots
+        for them. When the pool is short, the request at the END of the running queue is
+        preempted, again until the slots are found or the request itself was preempted,
+        which ends this phase. Returns (budget left, whether anyone was preempted)."""
+        budget = self.token_budget
         preempted = False
-        for i in self.due_requests():
-            if i not in self.running:
-                continue  # preempted earlier in this step
-            if i in self.prefilling:
-                num_new = min(self.known(i) - self.computed[i], budget)
-                if num_new <= 0:
-                    continue  # no budget left for its next chunk in this step
-            else:
-                self.materialize(i)
-                num_new = 1
-            while not self.cache.grow(str(i), self.computed[i] + num_new, self.hashes[i]):
-                victim = next(reversed(self.running))
+        k = 0
+        while k < len(self.running) and budget > 0:
+            i = self.running[k]
+            if self.placeholders[i] and self.computed[i] + 2 - self.placeholders[i] >= self.prompt[i] + self.target[i]:
+                k += 1
+                continue  # async: its last token is already in flight
+            num_new = min(self.num_tokens[i] + self.placeholders[i] - self.computed[i], budget)
+            if num_new <= 0:
+                k += 1
+                continue
+            total = self.computed[i] + num_new
+            while not self.cache.grow(str(i), total, self.hashes[i], min(total, self.num_tokens[i])):
+                victim = self.running.pop()
                 self.preempt(victim)
                 preempted = True
                 if victim == i:
                     break
-            if i not in self.running:
+            if preempted and i not in self.running:
                 break
-            if i in self.prefilling:
-                chunks.append((i, num_new))
-                budget -= num_new
-            else:
-                decoded.append(i)
-        return chunks, decoded, budget, preempted
+            scheduled.append((i, num_new))
+            budget -= num_new
+            k += 1
+        return budget, preempted
 
     def preempt(self, v: int) -> None:
         """Preempt running request v (recompute): its blocks are freed and it goes to the
-        FRONT of the waiting queue, to recompute its prompt and output when resumed."""
-        if v not in self.prefilling:
-            self.materialize(v)
-            self.cache.grow(str(v), self.computed[v], self.hashes[v])  # cache blocks filled while decoding
-        self.finish(v)
+        FRONT of the waiting queue; output still in flight for it arrives as stale."""
+        self.cache.free(str(v))
         self.computed[v] = 0
+        self.stale[v] = self.in_flight[v]
+        self.placeholders[v] = 0
         self.waiting.appendleft(v)
         self.preemptions += 1
 
-    def schedule_waiting(self, chunks: list[tuple[int, int]], budget: int) -> bool:
-        """Step 3: waiting requests, in queue order, while fewer than `max_num_seqs` run and
-        budget is left: the prefix-cache lookup, then blocks for everything not hit; the
-        first that does not fit stops admission. Each admitted one joins the END of the
-        running queue, prefilling, its first chunk appended to `chunks`. Returns False
-        when admission stopped for want of budget (the next step has a new one)."""
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            if budget <= 0:
-                return False
+    def schedule_waiting(self, scheduled: list[tuple[int, int]], budget: int) -> None:
+        """Waiting requests, in queue order, while fewer than `max_num_seqs` run and budget is
+        left: the prefix-cache lookup, then (if the whole sequence fits) blocks for the
+        chunk computed now; the first that does not fit stops admission. One whose stale
+        output is still in flight is passed over, keeping its place."""
+        passed: list[int] = []
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             i = self.waiting[0]
+            if self.stale[i]:
+                passed.append(self.waiting.popleft())
+                continue
             resumed = bool(self.scheduled[i])
-            total = self.known(i)
-            hit = self.cache.admit(str(i), self.hashes[i], total, preempted=resumed)
+            hit = self.cache.admit(str(i), self.hashes[i], self.num_tokens[i], preempted=resumed, token_budget=budget,
+                                   skip_prefix_cache=self.skip[i])
             if hit is None:
                 break
             self.waiting.popleft()
-            self.running[i] = None
-            self.rank[i] = self.seq
-            self.seq += 1
-            self.prefilling.add(i)
+            self.running.append(i)
             self.computed[i] = hit
             if not resumed:  # vLLM's num_cached_tokens: the first scheduling's hit
                 self.scheduled[i] = True
                 self.hits[i] = hit
-            num_new = min(total - hit, budget)
-            chunks.append((i, num_new))
+            num_new = min(self.num_tokens[i] - hit, budget)
+            scheduled.append((i, num_new))
             budget -= num_new
-        return True
+        self.waiting.extendleft(reversed(passed))
 
-    def update_from_output(self, chunks: list[tuple[int, int]], decoded: list[int]) -> bool:
-        """Step 4: the step runs (the clock advances by its cost) and each request whose
-        known tokens are all computed samples one token; finished requests free their
-        blocks before the next step. True when one finished."""
-        prefill_s = 0.0
-        self.step += 1
-        finished = False
-        for i, num_new in chunks:
-            self.computed[i] += num_new
-            if self.computed[i] < self.known(i):
-                continue  # a chunk of the prompt: nothing sampled yet
-            self.prefilling.discard(i)
-            if self.outs[i] == 0:  # its first token: the replay charges its prefill to this step
-                prefill_s = max(prefill_s, (self.prompt[i] - int(self.hits[i])) / self.prefill_tps)
-            self.outs[i] += 1
-            self.anchor[i] = self.step
-            finished |= self.after_sample(i)
-        for i in decoded:
-            self.computed[i] += 1
-            self.outs[i] += 1
-            self.anchor[i] = self.step
-            finished |= self.after_sample(i)
-        self.clock += self.step_s + prefill_s
-        return finished
+    def step_seconds(self, out: _StepOutput) -> float:
+        """The step's time on the clock (advisor.sim.steptime). Roofline: from every chunk
+        (new tokens, tokens before them) and every decode (its context) in it. Flat: one
+        decode step plus the longest uncached prefill that samples its first token in it,
+        the clock the replay steps the real engine on. Adds to `busy_s` and `prefill_s`."""
+        c = self.coef
+        if self.flat:
+            longest = max((self.prompt[i] - int(self.hits[i]) for i in out.first_tokens), default=0)
+            seconds = seconds_from_totals(c, 0.0, 0.0, 0.0, float(longest))
+            self.prefill_s += longest / c.flat_prefill_tps
+        else:
+            tokens = pairs = kv_read = prefill = 0.0
+            for i, num_new in out.scheduled:
+                before = self.computed[i] - num_new
+                tokens += num_new
+                if num_new == 1 and before >= self.prompt[i]:  # a decode: it attends to its context
+                    pairs += before
+                else:
+                    chunk_pairs = num_new * (before + num_new / 2)
+                    pairs += chunk_pairs
+                    prefill += c.compute_per_token * num_new + c.compute_per_pair * chunk_pairs
+                kv_read += before
+            seconds = seconds_from_totals(c, tokens, pairs, kv_read)
+            self.prefill_s += prefill
+        self.busy_s += seconds
+        return seconds
 
-    def after_sample(self, i: int) -> bool:
-        """True when the request has finished (then its blocks are freed, tail first); else
-        its next eventful step goes on the heap."""
-        if self.outs[i] < self.target[i]:
-            self.push_next(i)
-            return False
-        self.finish(i)
-        return True
+    def update_from_output(self, out: _StepOutput) -> None:
+        """vLLM's `update_from_output`, in scheduling order: each request whose step sampled
+        gets its token; one with all its output finishes and frees its blocks there and
+        then (so a step's finishers are freed in scheduling order). Async: the token's
+        placeholder is consumed and the blocks it fills are cached."""
+        for i, num_new in out.scheduled:
+            self.in_flight[i] -= num_new
+            stale = self.stale[i] > 0
+            if stale:
+                self.stale[i] -= num_new
+            if self.finished[i] or not out.samples[i]:
+                continue
+            was_running = not stale and i in self.running
+            self.num_tokens[i] += 1
+            if self.async_scheduling and not stale:
+                self.placeholders[i] -= 1
+            if self.async_scheduling and was_running:
+                self.cache.cache_blocks(str(i), self.computed[i] - self.placeholders[i], self.hashes[i])
+            if self.num_tokens[i] - self.prompt[i] >= self.target[i]:
+                self.finish(i, was_running)
+                self.finished_at[i] = out.end_clock
+                self.last_finish = max(self.last_finish, out.end_clock)
 
-    def finish(self, i: int) -> None:
-        """Request i leaves the running queue (finished or preempted) and frees its blocks;
-        its heap entries go stale."""
-        del self.running[i]
-        self.prefilling.discard(i)
-        self.epoch[i] += 1
-        self.cache.free(str(i))
-
-    def known(self, i: int) -> int:
-        """Tokens the request has: its prompt and every token sampled so far."""
-        return self.prompt[i] + self.outs[i]
-
-    def materialize(self, i: int) -> None:
-        """Decoding request i computed one token and sampled one in each step since its anchor."""
-        k = self.step - self.anchor[i]
-        self.computed[i] += k
-        self.outs[i] += k
-        self.anchor[i] = self.step
-
-    def push_next(self, i: int) -> None:
-        """A decoding request, valid at this step: its next eventful step (a new block, or its
-        last token)."""
-        quiet = min(-self.computed[i] % self.bs, self.target[i] - self.outs[i] - 1)
-        heapq.heappush(self.heap, (self.step + quiet, self.seq, i, self.epoch[i]))
-        self.seq += 1
+    def finish(self, i: int, was_running: bool) -> None:
+        """Request i has all its output: it leaves its queue, and frees its blocks (tail first)."""
+        self.finished[i] = True
+        if was_running:
+            self.running.remove(i)
+            self.cache.free(str(i))
+        else:
+            self.waiting.remove(i)
 
 
 def _with_decode_hashes(bs: int, block_hashes: Sequence[Sequence[Hashable]], prompt: list[int],

@@ -47,17 +47,21 @@ import pyarrow.compute as pc
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
+from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.configuration import (
+    SCHEDULING_ASYNC,
     ConfigResult,
     SimulateOptions,
     block_traces,
     ceiling_blocks,
     check_trace_block_size,
+    scheduler_requests,
     simulate_one,
 )
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import request_hashes
 from advisor.sim.fast.policies import future_uses
+from advisor.vllm_versions import facts
 from advisor.workload import Workload, load_workload, warm_mask
 
 
@@ -78,6 +82,48 @@ def batch_limits_note(options: SimulateOptions) -> str:
     budget = options.max_num_batched_tokens
     return (f"concurrent mode: --max-num-seqs {options.max_num_seqs}, --max-num-batched-tokens "
             f"{'unlimited' if budget is None else budget} ({'as given; ' + tier + ' otherwise' if given else tier})")
+
+
+def scheduling_note(options: SimulateOptions) -> str:
+    """Which of vLLM's schedulers concurrent mode ran, and why."""
+    what = ("vLLM's AsyncScheduler (step N+1 is scheduled before step N's output is seen), its default on GPUs"
+            if options.scheduling == SCHEDULING_ASYNC else
+            "vLLM's synchronous Scheduler, what its CPU engine runs")
+    default = SimulateOptions(gpu=options.gpu, workers=1).scheduling
+    why = "as given" if default != options.scheduling else ("--gpu given" if options.gpu is not None else "no --gpu given")
+    return f"concurrent mode: {options.scheduling} scheduling, {what} ({why}; --scheduling sync|async sets it)"
+
+
+def request_notes(workload: Workload, options: SimulateOptions) -> list[str]:
+    """What the stage says about requests vLLM treats apart, and about speculative decoding."""
+    notes = []
+    skipped = int(workload.skip_prefix_cache.sum())
+    if skipped:
+        notes.append(f"{skipped:,} requests ask for prompt logprobs (or echo their prompt with logprobs): vLLM does "
+                     "not read the prefix cache for them, so they hit nothing and add no queries; their blocks are "
+                     "still cached for later requests")
+    fanned = workload.n > 1
+    if fanned.any():
+        notes.append(f"{int(fanned.sum()):,} requests ask for n > 1 completions: vLLM runs them as "
+                     f"{int(workload.n[fanned].sum()):,} requests with the same prompt, arriving together (after the "
+                     "first, each hits the blocks the first cached); queries and hits of such a request, in "
+                     "sim_requests.parquet too, are the sums over its children")
+    version = options.vllm_version
+    eagle = facts(version).eagle
+    if options.speculative is None:
+        notes.append("speculative decoding: not modelled (with --speculative-config in vllm serve, pass "
+                     "--speculative METHOD)")
+    elif drops_last_hit_block(options.speculative, version):
+        notes.append(f"speculative decoding: {options.speculative}, whose drafter makes vLLM {version} drop the "
+                     "last matched block of every cache hit (modelled)")
+    elif options.speculative in eagle.drop_methods and eagle.lookahead_hash_tokens:
+        notes.append(f"speculative decoding: {options.speculative}; vLLM {version} hashes each block together "
+                     "with the token after it instead of dropping a block, which is not modelled: where a shared "
+                     "prefix ends exactly at a block boundary, vLLM hits one block less than simulated")
+    else:
+        notes.append(f"speculative decoding: {options.speculative}, which leaves vLLM {version}'s cache hits as "
+                     "they are")
+    return notes
 
 
 # --- budgets ---
@@ -144,6 +190,8 @@ def count_configs(options: SimulateOptions) -> int:
     per_bs = len(options.modes) + n_budgets * len(options.modes)
     if schema.MODE_SEQUENTIAL in options.modes:
         per_bs += n_ref * (len(options.policies) - 1)
+    if schema.MODE_CONCURRENT in options.modes:
+        per_bs += n_ref  # caching off
     return len(options.block_sizes) * per_bs
 
 
@@ -158,11 +206,14 @@ def simulate_grid(
     notes: list[str] = []
     if schema.MODE_CONCURRENT in options.modes:
         notes.append(batch_limits_note(options))
+        notes.append(scheduling_note(options))
     if len(workload.models) > 1:
         notes.append(f"{len(workload.models)} models in this log: each is simulated as its own cache (no block "
                      "shared across models) in one pool of memory; each model is its own vLLM deployment, so "
                      "for a per-deployment budget run pc-advise on each model's lines")
+    notes.extend(request_notes(workload, options))
     warm = warm_mask(workload, options.warmup)
+    reqs = scheduler_requests(workload)
     tp = options.tensor_parallel_size
     rows: list[dict[str, Any]] = []
     req_tables: list[pa.Table] = []
@@ -185,7 +236,7 @@ def simulate_grid(
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
         ceiling_runs: dict[str, ConfigResult] = {}
-        prepared = (request_hashes(trace, workload.n_tokens, workload.output_tokens, trace.num_ids)
+        prepared = (request_hashes(trace, reqs.n_tokens, reqs.output_tokens, trace.num_ids)
                     if schema.MODE_CONCURRENT in options.modes else None)
         for mode in options.modes:
             res = simulate_one(workload, bs, None, mode=mode, trace=trace, options=options, prepared=prepared)
@@ -200,7 +251,9 @@ def simulate_grid(
         configs = [(nb, mode, policy) for nb in budgets for mode in options.modes
                    for policy in options.policies
                    if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
-        uses = future_uses(trace) if schema.POLICY_BELADY in options.policies else None
+        if schema.MODE_CONCURRENT in options.modes:  # the baseline: caching off, same engine and clock
+            configs += [(nb, schema.MODE_CONCURRENT, schema.POLICY_OFF) for nb in sorted(ref_budgets)]
+        uses = future_uses(trace, reqs.skip_prefix_cache) if schema.POLICY_BELADY in options.policies else None
         for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared, uses):
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
@@ -229,7 +282,7 @@ def _run_configs(workload: Workload, bs: int, trace: fasttrace.BlockTrace, confi
     done: dict[tuple[int, str, str], ConfigResult] = {}
     for config in configs:
         nb, mode, policy = config
-        ceiling = (ceiling_runs or {}).get(mode)
+        ceiling = (ceiling_runs or {}).get(mode) if policy != schema.POLICY_OFF else None
         threshold = ceiling_blocks(ceiling) if ceiling is not None else None
         if threshold is not None and nb >= threshold:
             assert ceiling is not None
@@ -277,6 +330,7 @@ def _sim_rows(res: ConfigResult, warm: np.ndarray, ceilings: dict[tuple[str, str
             **t,
             "evictions": res.evictions, "peak_blocks_in_use": res.peak_blocks_in_use,
             "ceiling_hit_rate": ceilings[(res.mode, window)], "preemptions": res.preemptions,
+            **(res.timing.stats(mask) if res.timing is not None else {}),
         })
     return out
 

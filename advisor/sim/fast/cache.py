@@ -12,6 +12,9 @@ The state is vLLM's two structures on arrays: the free queue as
 next/prev links with head and tail sentinels, and per-hash circular lists of cached
 copies (oldest first). A decode block with no known hash gets the id -2: cached
 (freed to the tail, counted when evicted) but never hit, like vLLM's unique blocks.
+
+`_admit_flagged` is `_admit` for a request that may skip the cache read and under an
+EAGLE-style drafter (`PrefixCache.admit(skip_prefix_cache=)`, `PrefixCache(speculative=)`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from advisor.sim.fast.lists import (
     insert_after,
     insert_before,
     ring_link,
-    ring_lookup,
     ring_unlink,
     unlink,
 )
+from advisor.sim.fast.sequential import hit_lookup
 
 _UNIQUE = -2  # hashed, but nobody else has these tokens
 _NONE = -1
@@ -59,9 +62,19 @@ def _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, start, stop):
 
 @compiled
 def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks):  # type: ignore[no-untyped-def]
+    return _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks,
+                          False, False)
+
+
+@compiled
+def _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks,  # type: ignore[no-untyped-def]
+                   skip, drop_last):
+    """Admit a request: (hit blocks k, blocks it takes out of the free pool), or (-1, 0)
+    when they do not fit. `skip`: it does not read the cache (k = 0); `drop_last`: the hit
+    drops its last block (`cache.drops_last_hit_block`)."""
     nfull = num_tokens // block_size
     nreq = (num_tokens + block_size - 1) // block_size
-    k = ring_lookup(hashes, min(nfull, max(num_tokens - 1, 0) // block_size), first_copy, blocks)
+    k = hit_lookup(hashes, min(nfull, max(num_tokens - 1, 0) // block_size), first_copy, blocks, skip, drop_last)
     evictable = 0
     for i in range(k):
         if ref[blocks[i]] == 0:

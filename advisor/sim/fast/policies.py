@@ -29,10 +29,14 @@ from advisor.sim.fast.lists import (
     compiled,
     new_rings,
     ring_link,
-    ring_lookup,
     ring_unlink,
 )
-from advisor.sim.fast.sequential import SequentialResult, simulate_sequential
+from advisor.sim.fast.sequential import (
+    SequentialResult,
+    hit_lookup,
+    request_flags,
+    simulate_sequential,
+)
 from advisor.sim.fast.trace import BlockTrace
 
 _SEQ_BITS = 34  # cached order in a Belady key's low bits (17e9 cachings)
@@ -91,7 +95,7 @@ def _push_unhashed(stack, top, evict_first, m):  # type: ignore[no-untyped-def]
 
 
 @compiled
-def _sequential_fifo(ids, offsets, num_tokens, block_size, num_blocks, num_ids, hits):  # type: ignore[no-untyped-def]
+def _sequential_fifo(ids, offsets, num_tokens, block_size, num_blocks, num_ids, skip, drop_last, hits):  # type: ignore[no-untyped-def]
     n = num_blocks
     stack = np.empty(2 * n, np.int64)
     top = 0
@@ -124,7 +128,7 @@ def _sequential_fifo(ids, offsets, num_tokens, block_size, num_blocks, num_ids, 
             continue
         peak = max(peak, nreq)
         cap_hit = min(nfull, (length - 1) // block_size)
-        k = ring_lookup(ids[base:], cap_hit, first_copy, req)
+        k = hit_lookup(ids[base:], cap_hit, first_copy, req, skip[r], drop_last)
         for i in range(k):  # touch: out of the free pool
             is_free[req[i]] = False
         for i in range(k, nreq):
@@ -224,7 +228,8 @@ def _push_key(keys, vals, size, cur_key, is_free, key, b):  # type: ignore[no-un
 
 
 @compiled
-def _sequential_belady(ids, offsets, num_tokens, block_size, num_blocks, num_ids, use_pos, use_off, hits):  # type: ignore[no-untyped-def]
+def _sequential_belady(ids, offsets, num_tokens, block_size, num_blocks, num_ids, use_pos, use_off, skip, drop_last,  # type: ignore[no-untyped-def]
+                       hits):
     # Next uses: use_pos[use_ptr[h]:use_off[h+1]] are the request positions still to come
     # that want hash h (pointers only move forward).
     n = num_blocks
@@ -259,7 +264,7 @@ def _sequential_belady(ids, offsets, num_tokens, block_size, num_blocks, num_ids
         k = 0
         if admitted:
             peak = max(peak, nreq)
-            k = ring_lookup(ids[base:], cap_hit, first_copy, req)
+            k = hit_lookup(ids[base:], cap_hit, first_copy, req, skip[r], drop_last)
             for i in range(k):  # touch: out of the free pool, its heap entry stale
                 is_free[req[i]] = False
                 cur_key[req[i]] = -1
@@ -324,9 +329,11 @@ def _sequential_belady(ids, offsets, num_tokens, block_size, num_blocks, num_ids
 
 
 @compiled
-def _fill_uses(ids, offsets, num_tokens, block_size, use_off, use_pos):  # type: ignore[no-untyped-def]
+def _fill_uses(ids, offsets, num_tokens, block_size, wants, use_off, use_pos):  # type: ignore[no-untyped-def]
     fill = use_off[:-1].copy()
     for r in range(len(num_tokens)):  # in request order: each id's positions come out ascending
+        if not wants[r]:
+            continue
         base = offsets[r]
         cap = min(offsets[r + 1] - base, max(num_tokens[r] - 1, 0) // block_size)
         for i in range(cap):
@@ -335,26 +342,30 @@ def _fill_uses(ids, offsets, num_tokens, block_size, use_off, use_pos):  # type:
             fill[h] += 1
 
 
-def future_uses(trace: BlockTrace) -> tuple[np.ndarray, np.ndarray]:
-    """For Belady: the request positions wanting each id (its first (L-1)//B blocks), CSR.
+def future_uses(trace: BlockTrace, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For Belady: the request positions wanting each id (its first (L-1)//B blocks; none
+    for a request that skips the cache read, `skip`), CSR, as `cache.FutureUses`.
 
     Computed once per trace; pass it to `simulate_reference_policy` for every budget."""
     full = np.diff(trace.offsets)
-    cap = np.minimum(full, np.maximum(trace.num_tokens - 1, 0) // trace.block_size)
+    wants = ~request_flags(trace, skip)
+    cap = np.where(wants, np.minimum(full, np.maximum(trace.num_tokens - 1, 0) // trace.block_size), 0)
     req = np.repeat(np.arange(trace.num_requests, dtype=np.int64), full)
     wanted = (np.arange(len(trace.ids), dtype=np.int64) - trace.offsets[:-1][req]) < cap[req]
     use_off = np.zeros(max(trace.num_ids, 1) + 1, np.int64)
     np.cumsum(np.bincount(trace.ids[wanted], minlength=max(trace.num_ids, 1)), out=use_off[1:])
     use_pos = np.empty(int(use_off[-1]), np.int64)
-    _fill_uses(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, use_off, use_pos)
+    _fill_uses(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, wants, use_off, use_pos)
     return use_pos, use_off
 
 
 def simulate_reference_policy(trace: BlockTrace, num_blocks: int, policy: str,
-                              uses: tuple[np.ndarray, np.ndarray] | None = None) -> SequentialResult:
+                              uses: tuple[np.ndarray, np.ndarray] | None = None, skip: np.ndarray | None = None,
+                              drop_last: bool = False) -> SequentialResult:
     """Sequential mode (one request at a time, prefill only) under "fifo" or "belady".
 
-    `uses`: `future_uses(trace)`, to reuse it across budgets (Belady only)."""
+    `uses`: `future_uses(trace, skip)`, to reuse it across budgets (Belady only); `skip`
+    and `drop_last` as `sequential.simulate_sequential`'s."""
     if policy not in ("fifo", "belady"):
         raise ValueError(f"unknown policy {policy!r}")
     if num_blocks <= 0:
@@ -363,19 +374,22 @@ def simulate_reference_policy(trace: BlockTrace, num_blocks: int, policy: str,
     hits = np.zeros(trace.num_requests, np.int64)
     if policy == "belady":
         assert len(trace.ids) < 1 << _SEQ_BITS and trace.num_requests < 1 << (62 - _SEQ_BITS)
-        use_pos, use_off = uses if uses is not None else future_uses(trace)
+        use_pos, use_off = uses if uses is not None else future_uses(trace, skip)
         evictions, peak = _sequential_belady(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks),
-                                             max(trace.num_ids, 1), use_pos, use_off, hits)
+                                             max(trace.num_ids, 1), use_pos, use_off, request_flags(trace, skip),
+                                             bool(drop_last), hits)
     else:
         evictions, peak = _sequential_fifo(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks),
-                                           max(trace.num_ids, 1), hits)
+                                           max(trace.num_ids, 1), request_flags(trace, skip), bool(drop_last), hits)
     return SequentialResult(int(num_blocks), hits, int(evictions), int(peak), -(-trace.num_tokens // bs) <= num_blocks)
 
 
 def simulate_sequential_policy(trace: BlockTrace, num_blocks: int, policy: str,
-                               uses: tuple[np.ndarray, np.ndarray] | None = None) -> SequentialResult:
+                               uses: tuple[np.ndarray, np.ndarray] | None = None, skip: np.ndarray | None = None,
+                               drop_last: bool = False) -> SequentialResult:
     """Sequential mode under "lru" (vLLM), "fifo" or "belady" (advisor.sim.cache's rules;
-    the last two compiled in advisor.sim.fast.policies; `uses`: its `future_uses(trace)`)."""
+    the last two compiled in advisor.sim.fast.policies; `uses`: its `future_uses(trace, skip)`;
+    `skip`, `drop_last`: as `sequential.simulate_sequential`'s)."""
     if policy == "lru":
-        return simulate_sequential(trace, num_blocks)
-    return simulate_reference_policy(trace, num_blocks, policy, uses)
+        return simulate_sequential(trace, num_blocks, skip, drop_last)
+    return simulate_reference_policy(trace, num_blocks, policy, uses, skip, drop_last)

@@ -12,7 +12,9 @@ otherwise, slowly): a doubly linked free queue in two arrays, per-hash circular 
 copies (oldest copy first, as vLLM's dict; both in advisor.sim.fast.lists), lazy eviction,
 tail-first free. It is the reference algorithm step for step, so it stays exact where the
 LRU stack property does not hold (duplicate blocks, unhashed blocks at the queue head);
-each budget costs one pass over the blocks.
+each budget costs one pass over the blocks. Requests that skip the cache read (`skip`)
+and an EAGLE-style drafter's dropped last hit block (`drop_last`) follow
+`PrefixCache.admit(skip_prefix_cache=)` and `PrefixCache(speculative=)` (`hit_lookup`).
 
 The infinite-cache ceiling (`ceiling_hits`) needs no simulation: a block hits when its
 hash was first cached by an earlier request.
@@ -39,6 +41,28 @@ from advisor.sim.fast.lists import (
 from advisor.sim.fast.trace import BlockTrace
 
 
+@compiled
+def hit_lookup(hashes, cap, first_copy, out, skip, drop_last):  # type: ignore[no-untyped-def]
+    """The blocks a request hits, k of them in out[:k], as `cache.PrefixCache` finds them:
+    the longest cached run of `hashes[:cap]`; none when the request skips the cache read
+    (`skip`); one block fewer under an EAGLE-style drafter (`drop_last`)."""
+    if skip:
+        return 0
+    k = ring_lookup(hashes, cap, first_copy, out)
+    if drop_last and k > 0:
+        k -= 1
+    return k
+
+
+def request_flags(trace: BlockTrace, skip: np.ndarray | None) -> np.ndarray:
+    """`skip` as the kernels take it: a bool per request of `trace` (None: nobody skips)."""
+    if skip is None:
+        return np.zeros(trace.num_requests, np.bool_)
+    skip = np.ascontiguousarray(skip, np.bool_)
+    assert skip.shape == (trace.num_requests,)
+    return skip
+
+
 @dataclass(frozen=True)
 class SequentialResult:
     """One budget, sequential mode: per-request hit tokens and the counters."""
@@ -55,7 +79,7 @@ class SequentialResult:
 
 
 @compiled
-def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, hits):  # type: ignore[no-untyped-def]
+def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, skip, drop_last, hits):  # type: ignore[no-untyped-def]
     n = num_blocks
     head, tail = n, n + 1
     nxt, prv = new_free_queue(n)
@@ -74,7 +98,7 @@ def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, h
             continue
         peak = max(peak, nreq)
         cap = min(nfull, (length - 1) // block_size)
-        k = ring_lookup(ids[base:], cap, first_copy, req)
+        k = hit_lookup(ids[base:], cap, first_copy, req, skip[r], drop_last)
         for i in range(k):  # a hit pulls the block off the free queue
             unlink(nxt, prv, req[i])
         for i in range(k, nreq):  # pop the head; evict its hash now
@@ -105,18 +129,22 @@ def _sequential_lru(ids, offsets, num_tokens, block_size, num_blocks, num_ids, h
     return evictions, peak
 
 
-def simulate_sequential(trace: BlockTrace, num_blocks: int | None) -> SequentialResult:
+def simulate_sequential(trace: BlockTrace, num_blocks: int | None, skip: np.ndarray | None = None,
+                        drop_last: bool = False) -> SequentialResult:
     """vLLM's prefix cache (LRU), one request at a time, prefill only, each freed before
-    the next; `num_blocks` usable blocks, None = infinite (the ceiling)."""
+    the next; `num_blocks` usable blocks, None = infinite (the ceiling). `skip`: per
+    request, it does not read the cache; `drop_last`: hits drop their last block
+    (`cache.drops_last_hit_block`)."""
     bs = trace.block_size
     needed = -(-trace.num_tokens // bs)
     if num_blocks is None:
-        hits = ceiling_hits(trace)
+        hits = ceiling_hits(trace, skip, drop_last)
         return SequentialResult(None, hits, 0, int(needed.max(initial=0)), np.ones(len(hits), bool))
     if num_blocks <= 0:
         raise ValueError("num_blocks must be positive")
     hits = np.zeros(trace.num_requests, np.int64)
-    evictions, peak = _sequential_lru(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks), max(trace.num_ids, 1), hits)
+    evictions, peak = _sequential_lru(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks), max(trace.num_ids, 1),
+                                      request_flags(trace, skip), bool(drop_last), hits)
     return SequentialResult(int(num_blocks), hits, int(evictions), int(peak), needed <= num_blocks)
 
 
@@ -126,13 +154,16 @@ def sweep_sequential(trace: BlockTrace, budgets: Sequence[int | None]) -> list[S
 
 
 @compiled
-def _ceiling(ids, offsets, num_tokens, block_size, first_req, hits):  # type: ignore[no-untyped-def]
+def _ceiling(ids, offsets, num_tokens, block_size, first_req, skip, drop_last, hits):  # type: ignore[no-untyped-def]
     for r in range(len(num_tokens)):
         base = offsets[r]
         cap = min(offsets[r + 1] - base, max(num_tokens[r] - 1, 0) // block_size)
         k = 0
-        while k < cap and first_req[ids[base + k]] < r:
-            k += 1
+        if not skip[r]:
+            while k < cap and first_req[ids[base + k]] < r:
+                k += 1
+            if drop_last and k > 0:
+                k -= 1
         hits[r] = k * block_size
 
 
@@ -144,10 +175,13 @@ def _first_requests(ids, offsets, first_req):  # type: ignore[no-untyped-def]
                 first_req[ids[i]] = r
 
 
-def ceiling_hits(trace: BlockTrace) -> np.ndarray:
-    """Per-request hit tokens of an infinite cache (vLLM rules, nothing ever evicted)."""
+def ceiling_hits(trace: BlockTrace, skip: np.ndarray | None = None, drop_last: bool = False) -> np.ndarray:
+    """Per-request hit tokens of an infinite cache (vLLM rules, nothing ever evicted); `skip`
+    and `drop_last` as `simulate_sequential`'s. A request that skips the read still caches
+    its blocks, so it still counts as the first to have them."""
     first_req = np.full(max(trace.num_ids, 1), np.iinfo(np.int64).max, np.int64)
     _first_requests(trace.ids, trace.offsets, first_req)  # the request that first has each id
     hits = np.zeros(trace.num_requests, np.int64)
-    _ceiling(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, first_req, hits)
+    _ceiling(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, first_req, request_flags(trace, skip),
+             bool(drop_last), hits)
     return hits

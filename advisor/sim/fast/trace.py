@@ -219,3 +219,21 @@ def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: n
     values = mix64(np.asarray(hash_ids, np.int64)[offsets[:-1][req] + j].astype(np.uint64) + _GOLDEN)
     keys = _chain(values, full, np.zeros(len(full), np.uint64))
     return _dense(keys, num_tokens, trace_block_size)
+
+
+def repeat_requests(trace: BlockTrace, counts: np.ndarray) -> BlockTrace:
+    """`trace` with request r repeated `counts[r]` times in its place (the copies adjacent;
+    ids, and so hit patterns, unchanged): the requests vLLM's scheduler sees when a logged
+    request asks for n completions (`Workload.fan_out`)."""
+    counts = np.asarray(counts, np.int64)
+    assert counts.shape == (trace.num_requests,) and (counts >= 1).all()
+    if (counts == 1).all():
+        return trace
+    full = np.diff(trace.offsets)
+    child_full = np.repeat(full, counts)
+    offsets = np.zeros(len(child_full) + 1, np.int64)
+    np.cumsum(child_full, out=offsets[1:])
+    # Each child's j-th block is its parent's j-th block.
+    src_start = np.repeat(np.repeat(trace.offsets[:-1], counts) - offsets[:-1], child_full)
+    ids = trace.ids[src_start + np.arange(int(offsets[-1]), dtype=np.int64)]
+    return BlockTrace(trace.block_size, ids, offsets, np.repeat(trace.num_tokens, counts), trace.num_ids)
