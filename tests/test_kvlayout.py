@@ -190,10 +190,16 @@ def test_kv_cache_dtype_and_tensor_parallel_shrink_attention_pages() -> None:
 def test_groups_and_bytes_per_block_equal_vllms(name: str) -> None:
     pytest.importorskip("vllm.v1.core.kv_cache_utils", reason="vLLM is not importable")
     import torch
-    from vllm.v1.core.kv_cache_utils import (
-        _get_kv_cache_bytes_per_block,
-        _get_kv_cache_groups_uniform_page_size,
-    )
+    try:  # 0.32
+        from vllm.v1.core.kv_cache_utils import (
+            _get_kv_cache_bytes_per_block,
+            _get_kv_cache_groups_uniform_page_size,
+        )
+    except ImportError:  # 0.33+ moved the planning into its own module
+        from vllm.v1.core.kv_cache_planning import (
+            _get_kv_cache_bytes_per_block,
+            _get_kv_cache_groups_uniform_page_size,
+        )
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
         MambaSpec,

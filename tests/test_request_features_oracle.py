@@ -141,13 +141,21 @@ def prompt_logprobs(k: int = 1) -> Any:
     return SamplingParams(max_tokens=1 << 10, prompt_logprobs=k)
 
 
+def request_skips_cache_read(request: Any) -> bool:
+    """Whether vLLM's Request reads nothing from the prefix cache: 0.32's
+    `skip_reading_prefix_cache`, 0.34's `prefix_cache_hit_limit == 0` (its replacement)."""
+    if hasattr(request, "prefix_cache_hit_limit"):
+        return request.prefix_cache_hit_limit == 0
+    return bool(request.skip_reading_prefix_cache)
+
+
 # --- prompt logprobs -------------------------------------------------------------------------
 def test_a_prompt_logprobs_request_gets_no_cached_tokens_and_counts_no_query():
     twins = Twins(num_blocks=10)
     twins.admit("a", range(9))
     twins.free("a")
     assert twins.admit("logprobs", range(9), prompt_logprobs()) == 0  # a plain request would hit 8
-    assert twins.oracle.requests["logprobs"].skip_reading_prefix_cache
+    assert request_skips_cache_read(twins.oracle.requests["logprobs"])
     assert (twins.cache.queries, twins.cache.hits) == (9, 0)
     twins.free("logprobs")
     assert twins.admit("plain", range(9)) == 8
@@ -180,7 +188,7 @@ def test_which_logged_bodies_skip_the_cache_read_is_what_vllms_openai_server_dec
 
     cls = ChatCompletionRequest if "messages" in body else CompletionRequest
     params = cls(**body).to_sampling_params(16, {})
-    vllm_skips = Request("r", [1, 2, 3], params, None).skip_reading_prefix_cache
+    vllm_skips = request_skips_cache_read(Request("r", [1, 2, 3], params, None))
     row = parse_request(decode_line(json.dumps(body).encode()), None, 16)
     columns = {k: [row.get(k)] for k in ("kind", "prompt_logprobs", "echo", "logprobs", "n")}
     table = pa.table({**columns, **{k: pa.array(columns[k], pa.int64()) for k in ("prompt_logprobs", "logprobs", "n")}})

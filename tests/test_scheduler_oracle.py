@@ -72,12 +72,6 @@ class Outcome:
     preemptions: int  # in all (the reference counts no more than that)
     steps: int  # engine steps with something scheduled
     per_request_preemptions: list[int] = field(default_factory=list)  # vLLM side only
-    # vLLM side: steps in which a finishing decoder is scheduled (so freed) before a
-    # finishing prefill-completer; the reference frees those the other way round.
-    finish_order_inversions: int = 0
-    # vLLM side: steps that schedule a prompt chunk short of its prompt's end next to
-    # another request (the reference allocated and cached that prompt whole already).
-    chunk_company: int = 0
     evictions: int = 0  # reference side
     trace: list[str] = field(default_factory=list)  # vLLM side: one line per step
 
@@ -176,7 +170,7 @@ def run_vllm(reqs: Sequence[Req], num_blocks: int, max_num_seqs: int, budget: in
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.outputs import ModelRunnerOutput
-    from vllm.v1.request import Request, RequestStatus
+    from vllm.v1.request import Request
 
     init_none_hash(sha256)
     hasher = get_request_block_hasher(B, sha256)
@@ -187,7 +181,7 @@ def run_vllm(reqs: Sequence[Req], num_blocks: int, max_num_seqs: int, budget: in
     hits: list[int | None] = [None] * n
     trace: list[str] = []
     clock = reqs[order[0]].arrival if n else 0
-    j = steps = loops = inversions = company = 0
+    j = steps = loops = 0
     batch_queue: deque = deque()
 
     def fake_output(out, samples: dict[str, bool]):
@@ -204,18 +198,13 @@ def run_vllm(reqs: Sequence[Req], num_blocks: int, max_num_seqs: int, budget: in
                  if "req_id_to_index" in ModelRunnerOutput.__dataclass_fields__ else {})
         return ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, **index)
 
-    def process(out, samples, prefilling) -> None:
-        nonlocal inversions
+    def process(out, samples) -> None:
         for outputs in sched.update_from_output(out, fake_output(out, samples)).values():
             for o in outputs.outputs:
                 if o.prefill_stats is not None:  # the first output carries it (vLLM's num_cached_tokens)
                     i = int(o.request_id)
                     assert hits[i] is None
                     hits[i] = o.prefill_stats.num_cached_tokens
-        # Finishers in vLLM's order (it frees them in scheduling order) against the
-        # reference's: prefill-completers first, then decoders.
-        finished = [rid in prefilling for rid in out.num_scheduled_tokens if requests[int(rid)].is_finished()]
-        inversions += finished != sorted(finished, reverse=True)
 
     while j < n or sched.get_num_unfinished_requests() or batch_queue:
         loops += 1
@@ -230,24 +219,19 @@ def run_vllm(reqs: Sequence[Req], num_blocks: int, max_num_seqs: int, budget: in
             sched.add_request(requests[i])
             j += 1
         if sched.get_num_unfinished_requests():
-            # Prefilling (in the reference's sense) when this step starts: not running
-            # yet (new or preempted), or running a chunked prompt.
-            prefilling = {rid for rid, r in sched.requests.items()
-                          if r.status != RequestStatus.RUNNING or r.is_prefill_chunk}
             out = sched.schedule()
             # Whether the model samples a token for it: its chunk reaches its known tokens.
             samples = {rid: not sched.requests[rid].is_prefill_chunk for rid in out.num_scheduled_tokens}
             if out.total_num_scheduled_tokens:
-                company += not all(samples.values()) and len(samples) > 1
                 steps += 1
                 clock += 1
                 trace.append(f"step {steps}: " + ", ".join(
                     f"{rid}+{k}{'' if samples[rid] else ' (chunk)'}" for rid, k in out.num_scheduled_tokens.items())
                     + (f"; preempted {sorted(out.preempted_req_ids)}" if out.preempted_req_ids else ""))
             if not async_scheduling:
-                process(out, samples, prefilling)
+                process(out, samples)
                 continue
-            batch_queue.appendleft((out, samples, prefilling))
+            batch_queue.appendleft((out, samples))
             if len(batch_queue) < 2 and out.total_num_scheduled_tokens:
                 continue  # the batch queue is not full: schedule the next step first
         if batch_queue:
@@ -255,7 +239,7 @@ def run_vllm(reqs: Sequence[Req], num_blocks: int, max_num_seqs: int, budget: in
     assert all(r is not None and r.is_finished() for r in requests)
     assert all(h is not None for h in hits)
     per_request = [r.num_preemptions for r in requests]
-    return Outcome([int(h) for h in hits], sum(per_request), steps, per_request, inversions, company, trace=trace)
+    return Outcome([int(h) for h in hits], sum(per_request), steps, per_request, trace=trace)
 
 
 def compare(reqs: Sequence[Req], num_blocks: int, max_num_seqs: int, budget: int | None = None, *,
