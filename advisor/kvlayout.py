@@ -190,6 +190,36 @@ class KVLayout:
         blocks = sum(self.cached_blocks(num_tokens, block_size))
         return blocks * self.bytes_per_block(block_size) / max(num_tokens, 1)
 
+    def full_attention_note(self, geom: kvmemory.ModelGeometry, block_size: int, prompt_tokens: int) -> str | None:
+        """What simulating this model as one full-attention group (today's grid and
+        recommendation) gets wrong, for the stage notes: None when nothing (`needs_hybrid_cache`
+        is False). `prompt_tokens`: a typical prompt, for the memory comparison."""
+        if not self.needs_hybrid_cache:
+            return None
+        by_kind: dict[str, list[KVCacheGroup]] = {}
+        for g in self.groups:
+            by_kind.setdefault(g.kind + (f" (window {g.window})" if g.window else ""), []).append(g)
+        kinds = ", ".join(f"{k}: {sum(len(g.layers) for g in gs)} layers" for k, gs in by_kind.items())
+        B = self.block_size(block_size)
+        full = kvmemory.bytes_per_token(geom)
+        actual = self.cached_bytes_per_token(prompt_tokens, B)
+        why = []
+        if any(g.kind == "sliding_window" for g in self.groups):
+            why.append("vLLM's sliding-window groups cache only the blocks near prompt ends and shared-prefix "
+                       "junctions, so a request sharing only an early prefix can hit less")
+        if any(g.kind == "chunked_local" for g in self.groups):
+            why.append("chunked local attention hits follow its chunks")
+        if any(g.kind == "mamba" for g in self.groups):
+            why.append("Mamba layers' prefix caching is not modelled")
+        what = (f"{self.name}'s KV cache is hybrid in vLLM ({kinds}; {len(self.groups)} groups): pc-advise "
+                f"simulates it as full attention, so hits are approximate ({'; '.join(why)})")
+        if actual > 0 and full / actual > 1.05:
+            what += (f", and a {prompt_tokens:,}-token prompt keeps {actual:,.0f} bytes per token cached against "
+                     f"the {full:,} counted ({full / actual:.1f}x too much memory per cached token)")
+        if B != block_size:
+            what += f"; vLLM runs it at block size {B} for --block-size {block_size} (Mamba state pages)"
+        return what + ". The exact rules are in advisor/sim/hybrid.py (tested against vLLM), not yet in the grid."
+
     def as_dict(self, block_size: int = 16) -> dict[str, Any]:
         B = self.block_size(block_size)
         return {

@@ -227,3 +227,18 @@ def test_groups_and_bytes_per_block_equal_vllms(name: str) -> None:
     groups = _get_kv_cache_groups_uniform_page_size(ordered)
     assert [tuple(int(n.split(".")[2]) for n in g.layer_names) for g in groups] == [g.layers for g in layout.groups]
     assert _get_kv_cache_bytes_per_block(groups, KVCacheLayout.LBHNC) == layout.bytes_per_block(B)
+
+
+def test_the_stage_notes_say_what_full_attention_gets_wrong_for_a_hybrid_model() -> None:
+    """Gemma 3 27B: 52 of 62 layers slide over 1,024 tokens; an 8,000-token prompt leaves far
+    fewer bytes per token cached than the full-attention count, and the note says by how much.
+    A full-attention model gets no note."""
+    from advisor import kvmemory
+
+    geom = kvmemory.resolve_model("gemma-3-27b")
+    note = kl.kv_layout("gemma-3-27b").full_attention_note(geom, 16, 8000)
+    assert note is not None and "sliding_window (window 1024): 52 layers, full: 10 layers" in note
+    assert "simulates it as full attention" in note and "too much memory per cached token" in note
+    short = kl.kv_layout("gemma-3-27b").full_attention_note(geom, 16, 500)  # within one window: no overstatement
+    assert short is not None and "too much memory" not in short
+    assert kl.kv_layout("llama-3.1-8b").full_attention_note(kvmemory.resolve_model("llama-3.1-8b"), 16, 8000) is None

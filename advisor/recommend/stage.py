@@ -39,6 +39,7 @@ from typing import Any
 import polars as pl
 
 from advisor import kvmemory as kv
+from advisor.kvlayout import kv_layout
 from advisor.recommend.constraints import allowed_block_sizes, running_reserve
 from advisor.recommend.fixes import prompt_fixes
 from advisor.recommend.options import RecommendOptions, resolve_options
@@ -106,6 +107,10 @@ def recommend(
     fixes, fixes_line = prompt_fixes(stats)
 
     reasoning = [headline(best, pr, hash_trace), describe(where), *offload_lines, *memory_notes]
+    if geom is not None and options.model is not None:
+        hybrid = kv_layout(options.model, tp=tp).full_attention_note(geom, best.block_size, longest_request or 1)
+        if hybrid:
+            reasoning.append(hybrid)
     if runner is not None:
         reasoning.append(f"Runner-up B={runner.block_size}, {runner.num_blocks:,} blocks: "
                          f"{why_lost(runner, best, pr)}.")

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
+from advisor.kvlayout import kv_layout
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.configuration import (
     SCHEDULING_ASYNC,
@@ -212,6 +213,12 @@ def simulate_grid(
                      "shared across models) in one pool of memory; each model is its own vLLM deployment, so "
                      "for a per-deployment budget run pc-advise on each model's lines")
     notes.extend(request_notes(workload, options))
+    if geom is not None and options.model is not None:
+        layout = kv_layout(options.model, tp=options.tensor_parallel_size)
+        typical = int(np.median(workload.n_tokens)) if workload.num_requests else 1
+        note = layout.full_attention_note(geom, options.block_sizes[0], max(typical, 1))
+        if note:
+            notes.append(note)
     warm = warm_mask(workload, options.warmup)
     reqs = scheduler_requests(workload)
     tp = options.tensor_parallel_size
