@@ -135,6 +135,31 @@ SIM_REQUESTS = pa.schema(
     ]
 )
 
+# --- replicas.parquet: N engines behind a router (advisor.sim.routing), concurrent mode, cold window ---
+REPLICAS = pa.schema(
+    [
+        pa.field("block_size", pa.int32(), nullable=False),
+        pa.field("num_blocks", pa.int64(), nullable=False),  # usable blocks PER REPLICA (each engine's pool)
+        pa.field("kv_gib", pa.float64()),  # KV memory of num_blocks, per replica; null when no model known
+        pa.field("replicas", pa.int32(), nullable=False),
+        pa.field("router", pa.string(), nullable=False),
+        pa.field("requests", pa.int64(), nullable=False),  # requests that ran, all replicas
+        pa.field("queries", pa.int64(), nullable=False),
+        pa.field("hit_tokens", pa.int64(), nullable=False),
+        pa.field("hit_rate", pa.float64(), nullable=False),  # hit_tokens / queries, all replicas
+        pa.field("refused", pa.int64()),
+        pa.field("evictions", pa.int64()),  # summed over replicas
+        pa.field("preemptions", pa.int64()),  # summed over replicas
+        pa.field("ttft_p50_s", pa.float64()),  # each request's on the replica it went to
+        pa.field("ttft_p95_s", pa.float64()),
+        pa.field("e2e_p50_s", pa.float64()),
+        pa.field("e2e_p95_s", pa.float64()),
+        pa.field("makespan_s", pa.float64()),  # first arrival to the last finish on any replica
+        pa.field("load_spread", pa.float64()),  # requests on the busiest replica / mean per replica
+        pa.field("fallbacks", pa.int64()),  # requests the router could not key (sent round-robin)
+    ]
+)
+
 # --- prefixes.parquet: per request prefix statistics (analysis) ---
 PREFIXES = pa.schema(
     [

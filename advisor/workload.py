@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,20 @@ class Workload:
         """
         return [None if lo is None and s is None else f"lora={lo or ''}|salt={s or ''}"
                 for lo, s in zip(self.lora, self.cache_salt, strict=True)]
+
+    def with_token_lists(self, token_lists: Sequence[Sequence[int]]) -> Workload:
+        """The same requests (times, lengths of output, salts) with other prompts: what the
+        log would be after a rewrite (advisor.analyze.rewrite)."""
+        assert not self.is_hash_trace and len(token_lists) == self.num_requests
+        offsets = np.zeros(len(token_lists) + 1, np.int64)
+        np.cumsum([len(t) for t in token_lists], out=offsets[1:])
+        values = np.fromiter((x for t in token_lists for x in t), np.int32, count=int(offsets[-1]))
+        return replace(self, n_tokens=np.diff(offsets), token_values=values, token_offsets=offsets)
+
+    def with_own_salts(self) -> Workload:
+        """Every request with a cache salt of its own: the same log with no reuse across
+        requests (lengths and arrivals unchanged)."""
+        return replace(self, cache_salt=[f"{s or ''}#pc-advise-unshared-{i}" for i, s in enumerate(self.cache_salt)])
 
     def hash_ids(self, i: int) -> np.ndarray:
         assert self.hash_values is not None and self.hash_offsets is not None

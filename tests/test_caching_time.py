@@ -59,14 +59,38 @@ def test_the_report_says_what_caching_buys_in_time(tmp_path) -> None:
 
     import advisor
 
-    log = Path(__file__).parent.parent / "sample_logs" / "multiturn_chat.jsonl"
+    log = Path(__file__).parent.parent / "sample_logs" / "timestamp_system_prompt.jsonl"
     out = tmp_path / "run"
     advisor.run(log, out, model="llama-3.1-8b", gpu="h100", replay=False, block_sizes=(16, 32), sweep_points=4)
     t = json.loads((out / "recommendation.json").read_text())["time"]
-    assert t["logged_rate"]["on"]["ttft_p50_s"] < t["logged_rate"]["off"]["ttft_p50_s"]
+    lr, sat = t["logged_rate"], t["saturated"]
+    assert lr["on"]["ttft_p95_s"] < lr["off"]["ttft_p95_s"]
+    # a per-request timestamp in the system prompt: fixing it (analyze's rewrite) turns most
+    # prompt tokens into hits, and the engine sustains a higher rate; removing all sharing
+    # leaves no hits at all
+    assert t["breakers_fixed"]["rewritten_requests"] > 0
+    assert lr["breakers_fixed"]["hit_rate"] > lr["on"]["hit_rate"] + 0.3
+    assert sat["breakers_fixed"]["throughput_rps"] > sat["on"]["throughput_rps"]
+    assert lr["sharing_removed"]["hit_rate"] == 0
     md = (out / "report.md").read_text()
     section = md.split("## What caching buys in time", 1)[1].split("\n## ", 1)[0]
     assert "caching off" in section and "TTFT p50 at the logged rate" in section and "x faster" in section
+    assert "### High vs low overlap, on this log" in section and "cache breakers fixed" in section
     page = (out / "report.html").read_text()
     time_html = page.split('<section id="time">', 1)[1].split("</section>", 1)[0]
     assert "<svg" in time_html and "highest sustained request rate" in time_html
+
+
+def test_the_report_quotes_a_timed_replay_as_measured_not_predicted() -> None:
+    from types import SimpleNamespace
+
+    from advisor.report.facts import measured_time_text
+
+    replay = {"time": {"device": "cpu", "model": "tiny", "runs": [
+        {"mode": "sequential", "arrivals": None, "ratios": {"on_vs_off": {"ttft_p50": 0.14, "requests_per_s": 6.1}}},
+        {"mode": "concurrent", "arrivals": "burst", "ratios": {"on_vs_off": None}}]}}
+    text = measured_time_text(SimpleNamespace(replay=replay))
+    assert text is not None and "sequential (one at a time): TTFT p50 x0.14, requests/s x6.10" in text
+    assert "burst" not in text and "not the predicted GPU's times" in text
+    assert measured_time_text(SimpleNamespace(replay={"time": {"status": "not_run", "runs": []}})) is None
+    assert measured_time_text(SimpleNamespace(replay=None)) is None

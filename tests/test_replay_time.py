@@ -7,8 +7,8 @@ the memory guard, and bench/gpu_throughput.sh refusing on a machine without a GP
 
 With vLLM's CPU engine (marked `replay`): a log of very long shared prefixes timed with
 caching on and off — the one timed assertion, with a generous margin (on a 2-core shared
-machine timings are noisy; a 2,048-token shared prefix makes the uncached prefill ~20x the
-cached one with the timing model, so TTFT p50 on < 0.9 x off holds with room); a sample log
+machine timings are noisy; with the timing model a 2,048-token shared prefix makes the
+uncached prefill many times the cached one, so TTFT p50 on < 0.9 x off holds with room); a sample log
 through the CLI with every field recorded; and random:llama-3.2-1b built config-correct
 (fields checked, never timed).
 """

@@ -22,6 +22,12 @@ from advisor.replay.stage import ReplayOptions
 from advisor.schema import FORMATS
 from advisor.sim.cache import EAGLE_METHODS, SPECULATIVE_METHODS
 from advisor.sim.configuration import SimulateOptions
+from advisor.sim.routing import (
+    DEFAULT_LOAD_WEIGHT,
+    DEFAULT_PREFIX_HASH_BLOCKS,
+    ROUND_ROBIN,
+    ROUTERS,
+)
 from advisor.vllm_versions import DEFAULT_VLLM_VERSION, KNOWN_VERSIONS
 
 
@@ -193,6 +199,16 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
       help=f"Budgets per block size the fifo/belady reference lines run at; 0 = all [default: {_d(SimulateOptions, 'reference_budgets')}].")
     o(f, "--workers", type=int, default=None,
       help="Threads for the grid's configurations (default: all cores).")
+    o(f, "--replicas", type=_CommaList(int), default=None,
+      help="Concurrent mode: vLLM engines behind a router, each with the budget's blocks, at the "
+      "reference budgets; counts above 1 write replicas.parquet [default: 1].")
+    o(f, "--router", "routers", type=_CommaList(str, ROUTERS), default=None,
+      help=f"Routers in front of --replicas engines: {', '.join(ROUTERS)} [default: {ROUND_ROBIN}].")
+    o(f, "--prefix-hash-blocks", type=int, default=None,
+      help=f"prefix-hash router: full blocks hashed to pick a replica [default: {DEFAULT_PREFIX_HASH_BLOCKS}].")
+    o(f, "--router-load-weight", type=float, default=None,
+      help="cache-aware router: score = cached prefix tokens - WEIGHT x uncomputed prompt tokens queued "
+      f"on the replica [default: {DEFAULT_LOAD_WEIGHT:g}].")
     for decls, kw in reversed(specs):  # click lists options in reverse order of application
         f = _option_once(f, *decls, **kw)
     return f

@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from advisor import kvmemory as kv
+from advisor.analyze.rewrite import fix_breakers
 from advisor.kvlayout import kv_layout
 from advisor.recommend.constraints import allowed_block_sizes, running_reserve
 from advisor.recommend.fixes import prompt_fixes
@@ -63,6 +65,7 @@ from advisor.recommend.serve import (
 from advisor.recommend.timing import caching_time, simulate_options_from_record
 from advisor.recommend.view import describe, select_view
 from advisor.runfolder import (
+    PREFIXES,
     RECOMMENDATION,
     REQUESTS,
     SIM,
@@ -149,7 +152,16 @@ def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any]) -> dic
         return None
     options = simulate_options_from_record(run.stage_options("simulate"))
     workload = load_workload(run.path(REQUESTS), run.path(TOKENS))
-    return caching_time(workload, int(best["block_size"]), int(best["num_blocks"]), options)
+    fixed, record = None, None
+    if not workload.is_hash_trace:
+        prefixes = pq.read_table(run.path(PREFIXES)) if run.path(PREFIXES).exists() else None
+        stats = run.read_json(STATS) if run.path(STATS).exists() else None
+        ids = workload.request_ids.to_pylist()
+        lists, record = fix_breakers(ids, [workload.tokens(i).tolist() for i in range(workload.num_requests)],
+                                     prefixes, stats)
+        fixed = workload.with_token_lists(lists) if lists is not None else None
+    return caching_time(workload, int(best["block_size"]), int(best["num_blocks"]), options,
+                        fixed=fixed, fixed_record=record)
 
 
 def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, *,
@@ -158,7 +170,8 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
     run = RunDir(Path(run_dir))
     sim_path = run.require(SIM)
     options = resolve_options(options or RecommendOptions(), run.stage_options("simulate"))
-    inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS), run.path(TOKENS)) if p.exists()]
+    inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS), run.path(TOKENS), run.path(PREFIXES))
+                           if p.exists()]
 
     def body(r: RunDir) -> dict[str, Any]:
         geom = kv.resolve_model(options.model) if options.model else None

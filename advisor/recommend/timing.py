@@ -1,11 +1,14 @@
 """What prefix caching buys in time at the recommended configuration.
 
-Inputs: the workload, the recommended block size and budget, and the `SimulateOptions` the
-simulate stage ran with (its clock: advisor.sim.steptime). Output: recommendation.json's
-`time` section: concurrent mode run twice at the logged arrival rate, with prefix caching
-on and off (`schema.POLICY_OFF`: the same engine and clock, no cache read), and twice with
-every request waiting at once (saturated), which gives the request rate the engine
-completes at full load.
+Inputs: the workload (and, when analyze found fixable cache breakers, the log after the
+fixes: advisor.analyze.rewrite), the recommended block size and budget, and the
+`SimulateOptions` the simulate stage ran with (its clock: advisor.sim.steptime). Output:
+recommendation.json's `time` section: concurrent mode at the logged arrival rate and with
+every request waiting at once (saturated, which gives the request rate the engine
+completes at full load), each for the log with prefix caching on and off
+(`schema.POLICY_OFF`: the same engine and clock, no cache read), with sharing removed
+(every request its own cache salt: the same lengths and arrivals, low overlap), and with
+the breakers fixed.
 
 The saturated rate is the highest arrival rate this engine sustains for this log's mix of
 lengths and reuse: above it the waiting queue grows without bound. It is measured on the
@@ -46,13 +49,22 @@ def _figures(res: ConfigResult) -> dict[str, Any]:
     }
 
 
-def caching_time(workload: Workload, block_size: int, num_blocks: int, options: SimulateOptions) -> dict[str, Any]:
-    """The `time` section (module docstring) for one configuration."""
+def caching_time(workload: Workload, block_size: int, num_blocks: int, options: SimulateOptions, *,
+                 fixed: Workload | None = None, fixed_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `time` section (module docstring) for one configuration. Besides caching on and
+    off: `sharing_removed`, every request with a salt of its own (the same log with no
+    overlap), and `breakers_fixed`, the log after analyze's fixes (`fixed`, from
+    advisor.analyze.rewrite; `fixed_record` says what was rewritten, or why nothing was)."""
     opts = replace(options, workers=1)
     runs: dict[str, dict[str, Any]] = {}
+    variants = [("on", workload, schema.POLICY_LRU), ("off", workload, schema.POLICY_OFF)]
+    if not workload.is_hash_trace:
+        variants.append(("sharing_removed", workload.with_own_salts(), schema.POLICY_LRU))
+    if fixed is not None:
+        variants.append(("breakers_fixed", fixed, schema.POLICY_LRU))
     for load, speedup in (("logged_rate", opts.speedup), ("saturated", SATURATED_SPEEDUP)):
-        for name, policy in (("on", schema.POLICY_LRU), ("off", schema.POLICY_OFF)):
-            res = simulate_one(workload, block_size, num_blocks, mode=schema.MODE_CONCURRENT, policy=policy,
+        for name, w, policy in variants:
+            res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_CONCURRENT, policy=policy,
                                options=replace(opts, speedup=speedup))
             runs.setdefault(load, {})[name] = _figures(res)
     clock = opts.step_time_model(workload.n_tokens, workload.output_tokens, workload.latency_s, workload.ttft_s)
@@ -70,6 +82,7 @@ def caching_time(workload: Workload, block_size: int, num_blocks: int, options: 
         "saturated_throughput_gain": round(gain, 4) if gain else None,
         "replicas_saved_share": round(1 - 1 / gain, 4) if gain else None,
         "sustained_rate_multiple": _ratio(on_rps, logged["on"]["throughput_rps"]),
+        "breakers_fixed": fixed_record,
         "how": ("concurrent mode at the recommended configuration, prefix caching on and off (same engine and "
                 "clock); 'saturated' runs every request waiting at once: the request rate the engine completes "
                 "at full load, the highest arrival rate it sustains for this log's mix"),

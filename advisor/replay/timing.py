@@ -27,7 +27,6 @@ The four variants send the same requests with the same arrivals and output lengt
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,8 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 # find_breakers' alignment window (a multiple of lead_tokens), so (c) aligns as analyze did
-from advisor.analyze.breakers import _ALIGN_WINDOW_FACTOR as ALIGN_WINDOW_FACTOR
-from advisor.analyze.breakers import align_pair
+from advisor.analyze import rewrite
 from advisor.replay.plan import ReplayView
 
 AS_LOGGED = "as_logged"
@@ -49,10 +47,6 @@ ARRIVALS = ("burst", "paced")
 ARRIVALS_ONE_AT_A_TIME = "one at a time"
 STATUS_MEASURED = "measured"
 STATUS_NOT_RUN = "not_run"
-
-VALUE_LABELS = ("timestamp", "uuid/id", "whitespace")
-ORDER_LABELS = ("tool order", "reordered content")
-MAX_VALUE_SPAN = 64  # tokens: a date, an id or a run of whitespace is far shorter
 
 DESCRIPTIONS = {
     AS_LOGGED: "(a) the log as it is, prefix caching on",
@@ -129,92 +123,9 @@ def fix_breakers(
     w: ReplayView, prefixes: pa.Table | None, stats: dict[str, Any] | None,
 ) -> tuple[ReplayView | None, dict[str, Any]]:
     """(`w` with analyze's cache breakers fixed, what was rewritten), or (None, {"reason": why
-    not}). Requests are rewritten in arrival order against their (already rewritten) partner,
-    so a family of near-identical prompts converges on its first member's text."""
-    if stats is None or prefixes is None:
-        return None, {"reason": "analyze has not run (no stats.json / prefixes.parquet), so there are no "
-                                "breaker findings to apply; run `pc-advise analyze RUN` first"}
-    if w.synthetic:
-        return None, {"reason": "a hash trace has no token content: breakers cannot be found or fixed"}
-    breakers = stats.get("breakers") or []
-    if not breakers:
-        return None, {"reason": "analyze found no cache breaker in this log: there is nothing to fix, so (c) "
-                                "would be (a)"}
-    opts = stats.get("options") or {}
-    block = int(stats.get("analysis_block_size") or opts.get("analysis_block_size") or 16)
-    window = ALIGN_WINDOW_FACTOR * int(opts.get("lead_tokens") or 1024)
-    labels_at: dict[int, set[str]] = {}
-    for b in breakers:
-        labels_at.setdefault(int(b["position_block"]), set()).add(str(b["label"]))
-    rows = prefixes.select(["request_id", "resembles_id", "diverge_token"]).to_pylist()
-    partner = {r["request_id"]: (r["resembles_id"], r["diverge_token"]) for r in rows if r["resembles_id"]}
-    index = {rid: i for i, rid in enumerate(w.request_ids)}
-    tokens = list(w.token_ids)
-    applied: Counter[str] = Counter()
-    skipped: Counter[str] = Counter()
-    # A rewritten prompt's old head -> its new head, by head length: later requests that
-    # carried the same head (the next turns of a conversation, the rest of a task) get the
-    # same fix, as they would from a client that fixed its prompt.
-    heads: dict[int, dict[tuple[int, ...], list[int]]] = {}
-    inherited = 0
-    for i, rid in enumerate(w.request_ids):
-        own = tokens[i]
-        for length in sorted(heads, reverse=True):
-            new_head = heads[length].get(tuple(own[:length])) if len(own) > length else None
-            if new_head is not None:
-                tokens[i] = new_head + list(own[length:])
-                inherited += 1
-                break
-        if rid not in partner or tokens[i] is not own:
-            continue
-        a_id, diverge = partner[rid]
-        a = index.get(a_id)
-        labels = labels_at.get(int(diverge) // block, set()) if diverge is not None else set()
-        if a is None or a >= i:
-            skipped["its partner is not among the replayed requests"] += 1
-        elif len(labels) != 1:
-            skipped["no single breaker label at its divergence"] += 1
-        else:
-            label = next(iter(labels))
-            new, cut_old, cut_new, why = _rewrite(np.asarray(tokens[a], dtype=np.int64),
-                                                  np.asarray(own, dtype=np.int64), label, window)
-            if new is None:
-                skipped[why] += 1
-            else:
-                tokens[i] = new
-                heads.setdefault(cut_old, {})[tuple(own[:cut_old])] = new[:cut_new]
-                applied[label] += 1
-    if not applied:
-        found = ", ".join(sorted({str(b["label"]) for b in breakers}))
-        why = "; ".join(f"{n} requests: {r}" for r, n in skipped.most_common()) or "no request pairs"
-        return None, {"reason": f"analyze's breakers ({found}) give no rewrite this replay can apply safely ({why})"}
-    before = sum(len(t) for t in w.token_ids)
-    after = sum(len(t) for t in tokens)
-    return replace(w, token_ids=tokens), {
-        "method": "each paired request's differing span takes its earlier partner's tokens (value breakers), "
-                  "or its reordered region takes the partner's order (order breakers); later requests that "
-                  "began with the same rewritten head get the same rewrite (same_head_requests)",
-        "rewritten_requests": sum(applied.values()) + inherited, "by_label": dict(applied),
-        "same_head_requests": inherited,
-        "skipped": dict(skipped), "prompt_tokens_before": before, "prompt_tokens_after": after,
-    }
-
-
-def _rewrite(a: np.ndarray, b: np.ndarray, label: str, window: int) -> tuple[list[int] | None, int, int, str]:
-    """(b rewritten against its partner a, the length of b's head replaced, the length of
-    the head that replaced it, ""), or (None, 0, 0, why not)."""
-    p, qa, rb, end = align_pair(a, b, window)
-    if label in VALUE_LABELS:
-        if qa == p and rb == p:
-            return None, 0, 0, f"{label}: common content does not resume after the divergence"
-        if max(qa - p, rb - p) > MAX_VALUE_SPAN:
-            return None, 0, 0, f"{label}: differing span longer than {MAX_VALUE_SPAN} tokens"
-        return np.concatenate([a[:qa], b[rb:]]).tolist(), rb, qa, ""
-    if label in ORDER_LABELS:
-        if end <= p or end > len(a) or not np.array_equal(np.sort(a[p:end]), np.sort(b[p:end])):
-            return None, 0, 0, f"{label}: the aligned region is not a pure reordering of the partner's"
-        return np.concatenate([a[:end], b[end:]]).tolist(), end, end, ""
-    return None, 0, 0, f"{label}: its fix moves text within the prompt, which a token rewrite cannot do faithfully"
+    not}): advisor.analyze.rewrite on the replayed requests."""
+    tokens, record = rewrite.fix_breakers(w.request_ids, w.token_ids, prefixes, stats, synthetic=w.synthetic)
+    return (replace(w, token_ids=tokens) if tokens is not None else None), record
 
 
 # --- summaries ---

@@ -423,4 +423,43 @@ def time_facts(data: ReportData) -> tuple[str, list[tuple[str, ...]], str] | Non
         verdict += (f" At full load the engine completes {_rate(sat['on']['throughput_rps'])} with caching and "
                     f"{_rate(sat['off']['throughput_rps'])} without ({t['saturated_throughput_gain']:.2f}x): at the "
                     f"same peak load, caching saves {t['replicas_saved_share']:.0%} of the replicas.")
+    measured = measured_time_text(data)
+    if measured:
+        verdict += " " + measured
     return caption, rows, verdict
+
+
+OVERLAP_HEADER = ("the same requests", "hit rate", "TTFT p50", "TTFT p95", "highest sustained rate")
+_OVERLAP = (("on", "as logged, caching on"), ("off", "as logged, caching off"),
+            ("sharing_removed", "sharing removed (each request its own cache salt)"),
+            ("breakers_fixed", "cache breakers fixed (analyze's findings applied)"))
+
+
+def overlap_rows(data: ReportData) -> tuple[list[tuple[str, ...]], str | None] | None:
+    """High vs low overlap on the user's own log (recommendation.json's `time`): one row per
+    variant predicted, and why the breakers-fixed one is missing when it is."""
+    t = (data.recommendation or {}).get("time")
+    if not t:
+        return None
+    lr, sat = t["logged_rate"], t["saturated"]
+    rows = [(label, pct(lr[k]["hit_rate"]), secs(lr[k]["ttft_p50_s"]), secs(lr[k]["ttft_p95_s"]),
+             _rate(sat[k]["throughput_rps"])) for k, label in _OVERLAP if k in lr and k in sat]
+    fixed = t.get("breakers_fixed") or {}
+    why = None if "breakers_fixed" in lr else (fixed.get("reason") or "analyze's findings were not available")
+    return rows, why
+
+
+def measured_time_text(data: ReportData) -> str | None:
+    """One sentence per timed replay run (replay.json's `time`, `pc-advise replay --measure-time`):
+    caching on vs off as measured through vLLM on the machine that ran it."""
+    t = (data.replay or {}).get("time") or {}
+    parts = []
+    for run in t.get("runs") or []:
+        r = (run.get("ratios") or {}).get("on_vs_off") or {}
+        if r.get("ttft_p50") and r.get("requests_per_s"):
+            parts.append(f"{run.get('mode')} ({run.get('arrivals') or 'one at a time'}): TTFT p50 x{r['ttft_p50']:.2f}, "
+                         f"requests/s x{r['requests_per_s']:.2f}")
+    if not parts:
+        return None
+    return (f"Measured through vLLM with caching on vs off on {t.get('device') or 'this machine'} ({t.get('model')}): "
+            + "; ".join(parts) + " — the mechanism on that hardware, not the predicted GPU's times.")

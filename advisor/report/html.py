@@ -15,6 +15,7 @@ from typing import Any
 from advisor.report import facts as fx
 from advisor.report import plots
 from advisor.report.model import ReportData
+from advisor.report.replicas import replica_facts
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 PROMPT_CLIP = 2000  # characters of prompt text shown per cell; the artifacts hold all of it
@@ -209,7 +210,26 @@ def _time(data: ReportData) -> str:
             + _figure(plots.ttft_curve(data), "Predicted TTFT (p50 and p95, concurrent mode at the logged rate) at "
                       "the recommended block size as the KV cache grows; the dotted lines are caching off.",
                       "No concurrent rows with times to plot.")
-            + f"<p>{esc(caption)}</p>" + _table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)) + "</section>")
+            + f"<p>{esc(caption)}</p>" + _table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)) + _overlap(data)
+            + "</section>")
+
+
+def _overlap(data: ReportData) -> str:
+    overlap = fx.overlap_rows(data)
+    if not overlap:
+        return ""
+    rows, why = overlap
+    return ("<h3>High vs low overlap, on this log</h3>" + _table(fx.OVERLAP_HEADER, rows, numeric=(1, 2, 3, 4))
+            + (f"<p>Breakers fixed: not predicted ({esc(why)}).</p>" if why else ""))
+
+
+def _replicas(data: ReportData) -> str:
+    facts = replica_facts(data)
+    if facts is None:
+        return ""
+    return ('<section id="replicas"><h2>Replicas and routers</h2>' + f"<p><strong>{esc(facts.verdict)}</strong></p>"
+            + f"<p>{esc(facts.caption)}</p>"
+            + _table(facts.header, facts.rows, numeric=range(1, len(facts.header))) + "</section>")
 
 
 def _sweep(data: ReportData) -> str:
@@ -392,7 +412,7 @@ def render(data: ReportData) -> str:
         f"<title>Prefix-cache report: {esc(name)}</title><style>{CSS}</style></head><body><main>",
         f'<header><h1>Prefix-cache report: {esc(name)}</h1><p class="sub">Run folder {esc(data.run_dir)}'
         + (f" · input: {esc(data.input_kind)}" if data.input_kind else "") + "</p></header>",
-        _summary(data), _recommendation(data), _time(data), _sweep(data), _prompts(data), _timeline(data),
+        _summary(data), _recommendation(data), _time(data), _sweep(data), _replicas(data), _prompts(data), _timeline(data),
         _clusters(data), _replay(data), _inputs(data),
         f"<footer>Written by pc-advise {esc(data.tool_version)}. Hit rate = prefix-cache hit tokens / prompt "
         "tokens (vLLM's prefix_cache_hits / prefix_cache_queries). Block ceiling: the hit rate with an infinite "

@@ -16,6 +16,7 @@ from typing import Any
 
 from advisor.report import facts as fx
 from advisor.report.model import ReportData
+from advisor.report.replicas import replica_facts
 
 PROMPT_CLIP = 2000
 
@@ -147,8 +148,23 @@ def _time(data: ReportData) -> list[str]:
     if facts is None:
         return []
     caption, rows, verdict = facts
-    return ["## What caching buys in time", "", md_text(verdict), "", md_text(caption), "",
-            table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)), ""]
+    out = ["## What caching buys in time", "", md_text(verdict), "", md_text(caption), "",
+           table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)), ""]
+    overlap = fx.overlap_rows(data)
+    if overlap:
+        rows, why = overlap
+        out += ["### High vs low overlap, on this log", "", table(fx.OVERLAP_HEADER, rows, numeric=(1, 2, 3, 4)), ""]
+        if why:
+            out += [f"Breakers fixed: not predicted ({md_text(why)}).", ""]
+    return out
+
+
+def _replicas(data: ReportData) -> list[str]:
+    facts = replica_facts(data)
+    if facts is None:
+        return []
+    return ["## Replicas and routers", "", md_text(facts.verdict), "", md_text(facts.caption), "",
+            table(facts.header, facts.rows, numeric=range(1, len(facts.header))), ""]
 
 
 def _sweep(data: ReportData) -> list[str]:
@@ -307,7 +323,7 @@ def render(data: ReportData, include_timings: bool = True) -> str:
     lines = [f"# Prefix-cache report: {md_text(name)}", "",
              f"Run folder {md_code(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
              + ".", ""]
-    for section in (_summary, _recommendation, _time, _sweep, _prompts, _timeline, _clusters, _replay, _inputs):
+    for section in (_summary, _recommendation, _time, _sweep, _replicas, _prompts, _timeline, _clusters, _replay, _inputs):
         lines += section(data)
     lines += ["---", "",
               "Hit rate = prefix-cache hit tokens / prompt tokens (vLLM's prefix_cache_hits / "

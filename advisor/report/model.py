@@ -34,8 +34,10 @@ MAX_TIMELINE_POINTS = 200_000  # a plot of binned tokens needs no more than this
 # Artifacts the report reads, in the order its sections use them.
 INPUTS = (
     rf.MANIFEST, rf.REJECTS, rf.STATS, rf.PREFIXES, rf.CLUSTERS, rf.REQUESTS,
-    rf.SIM, rf.SIM_REQUESTS, rf.RECOMMENDATION, rf.REPLAY,
+    rf.SIM, rf.SIM_REQUESTS, rf.RECOMMENDATION, rf.REPLAY, rf.REPLICAS,
 )
+# Artifacts whose absence the report does not mention (written only when asked for).
+OPTIONAL = (rf.REPLICAS,)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class ReportData:
     timeline_has_time: bool = False  # False: x is the request's position in the log
     recommendation: Mapping[str, Any] | None = None
     replay: Mapping[str, Any] | None = None
+    replicas: Sequence[Mapping[str, Any]] = ()  # rows of replicas.parquet (N engines behind routers)
 
     def to_json(self) -> str:
         """The whole object as JSON, so a report can be saved and re-rendered (`from_json`)."""
@@ -167,6 +170,7 @@ def build(
     replay: Mapping[str, Any] | None = None,
     missing: Mapping[str, str] | None = None,
     redact: bool = False,
+    replicas: Sequence[Mapping[str, Any]] = (),
 ) -> ReportData:
     """Assemble (and, with `redact`, scrub) the report's data from already-read artifacts."""
     manifest = manifest or {}
@@ -204,6 +208,7 @@ def build(
         timeline_has_time=timeline_has_time,
         recommendation=recommendation,
         replay=replay,
+        replicas=[dict(r) for r in replicas],
     )
 
 
@@ -273,7 +278,8 @@ def _timeline_from_run(run: rf.RunDir, rec: Mapping[str, Any] | None, sim_view: 
 def load(root: Path, redact: bool = False) -> ReportData:
     """Read whatever artifacts the run folder has and build the report's data from them."""
     run = rf.RunDir(Path(root))
-    missing = {name: rf.PRODUCER[name] for name in INPUTS if name in rf.PRODUCER and not run.path(name).exists()}
+    missing = {name: rf.PRODUCER[name] for name in INPUTS
+               if name in rf.PRODUCER and name not in OPTIONAL and not run.path(name).exists()}
 
     def opt_json(name: str) -> Any:
         return run.read_json(name) if run.path(name).exists() else None
@@ -298,4 +304,5 @@ def load(root: Path, redact: bool = False) -> ReportData:
         replay=opt_json(rf.REPLAY),
         missing=missing,
         redact=redact,
+        replicas=pq.read_table(run.path(rf.REPLICAS)).to_pylist() if run.path(rf.REPLICAS).exists() else [],
     )

@@ -60,6 +60,12 @@ from advisor.sim.fast import policies as fastpolicy
 from advisor.sim.fast import sequential as fastsim
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import run_concurrent_compiled
+from advisor.sim.routing import (
+    DEFAULT_LOAD_WEIGHT,
+    DEFAULT_PREFIX_HASH_BLOCKS,
+    ROUND_ROBIN,
+    check_router,
+)
 from advisor.sim.steptime import DEFAULT_MBU, DEFAULT_MFU, StepTimeModel, gpu_spec
 from advisor.vllm_versions import resolve_vllm_version
 from advisor.workload import Workload
@@ -114,6 +120,13 @@ class SimulateOptions:
     speculative: str | None = None
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
+    # N engines behind a router (advisor.sim.routing), concurrent mode, at the reference
+    # budgets, each replica with the budget's blocks: replica counts and router names swept;
+    # the prefix-hash router's blocks (K) and the cache-aware router's load weight.
+    replicas: tuple[int, ...] = (1,)
+    routers: tuple[str, ...] = (ROUND_ROBIN,)
+    prefix_hash_blocks: int = DEFAULT_PREFIX_HASH_BLOCKS
+    router_load_weight: float = DEFAULT_LOAD_WEIGHT
     workers: int = 0  # threads for the grid's configurations, 0 = every core
     max_request_rows: int = 5_000_000
 
@@ -146,6 +159,12 @@ class SimulateOptions:
                                f"{', '.join(SPECULATIVE_METHODS)} (vLLM's --speculative-config methods), or none.")
         if not self.workers:
             object.__setattr__(self, "workers", os.cpu_count() or 1)
+        if any(r < 1 for r in self.replicas) or not self.replicas:
+            raise AdvisorError(f"--replicas must list counts of at least 1 (e.g. 1,2,4,8), got {list(self.replicas)}.")
+        for r in self.routers:
+            check_router(r)
+        if self.prefix_hash_blocks < 1 or self.router_load_weight < 0:
+            raise AdvisorError("--prefix-hash-blocks must be at least 1 and --router-load-weight at least 0.")
 
     def _gpu_has_figures(self) -> bool:
         if self.model is None or self.gpu is None:

@@ -214,6 +214,16 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.running or self.waiting or self.steps_in_flight)
 
+    def load_requests(self) -> int:
+        """Requests on the engine now: running, waiting, and handed over but not arrived
+        (read-only; advisor.sim.routing's load signals)."""
+        return len(self.running) + len(self.waiting) + len(self.pending)
+
+    def load_tokens(self) -> int:
+        """Prompt tokens handed to the engine and not computed yet, over the same requests."""
+        todo = sum(max(self.prompt[i] - self.computed[i], 0) for q in (self.running, self.waiting) for i in q)
+        return todo + sum(self.prompt[i] for i in self.pending)
+
     def advance(self, until: float = float("inf")) -> None:
         """Run the engine's iterations that start before `until` (EngineCore.step; with async
         scheduling, step_with_batch_queue and its queue of two: step N+1 is scheduled before

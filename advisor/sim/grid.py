@@ -4,7 +4,9 @@ Inputs: requests.parquet + tokens.parquet (a `Workload`), `SimulateOptions`, and
 optionally a model geometry (advisor.kvmemory) for budgets in GiB. Outputs:
 sim.parquet rows (schema.SIM: one per block size x budget x policy x mode x
 window, plus the infinite-cache ceiling rows with `num_blocks` null) and
-sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens).
+sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens), and
+replicas.parquet rows (schema.REPLICAS: N engines behind each router, advisor.sim.replicas)
+where `replicas` lists a count above 1.
 
 Each configuration is advisor.sim.configuration's `simulate_one` (its docstring has the
 modes, policies and counting); this module chooses the configurations and turns
@@ -62,6 +64,7 @@ from advisor.sim.configuration import (
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import request_hashes
 from advisor.sim.fast.policies import future_uses
+from advisor.sim.replicas import count_replica_configs, replica_rows, wants_replicas
 from advisor.vllm_versions import facts
 from advisor.workload import Workload, load_workload, warm_mask
 
@@ -71,6 +74,7 @@ class GridResult:
     sim: pa.Table  # schema.SIM
     sim_requests: pa.Table  # schema.SIM_REQUESTS
     notes: list[str] = field(default_factory=list)
+    replicas: pa.Table = field(default_factory=schema.REPLICAS.empty_table)  # schema.REPLICAS
 
 
 def batch_limits_note(options: SimulateOptions) -> str:
@@ -193,7 +197,7 @@ def count_configs(options: SimulateOptions) -> int:
         per_bs += n_ref * (len(options.policies) - 1)
     if schema.MODE_CONCURRENT in options.modes:
         per_bs += n_ref  # caching off
-    return len(options.block_sizes) * per_bs
+    return len(options.block_sizes) * per_bs + count_replica_configs(options, n_ref)
 
 
 def simulate_grid(
@@ -223,6 +227,9 @@ def simulate_grid(
     reqs = scheduler_requests(workload)
     tp = options.tensor_parallel_size
     rows: list[dict[str, Any]] = []
+    replica_table: list[dict[str, Any]] = []
+    if any(r > 1 for r in options.replicas) and not wants_replicas(options):
+        notes.append("--replicas: N engines are simulated in concurrent mode only; add concurrent to --modes")
     req_tables: list[pa.Table] = []
     req_rows = 0
     left_out = 0
@@ -265,12 +272,22 @@ def simulate_grid(
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
                 keep_requests(res)
+        if wants_replicas(options):  # N engines, each with the budget's blocks, at the reference budgets
+            replica_table.extend(replica_rows(workload, bs, trace, sorted(ref_budgets), options,
+                                              lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), tick))
     if left_out:
         notes.append(f"sim_requests.parquet: {left_out} configurations left out (max_request_rows "
                      f"{options.max_request_rows:,}); simulate_one recomputes them")
     sim = pa.Table.from_pylist(rows, schema=SIM_OUT)
     sim_requests = pa.concat_tables(req_tables) if req_tables else schema.SIM_REQUESTS.empty_table()
-    return GridResult(sim, sim_requests, notes)
+    if replica_table:
+        notes.append(f"replicas.parquet: {len(replica_table)} rows (replicas {_csv(sorted(set(options.replicas)))} x "
+                     f"routers {_csv(options.routers)}; memory per replica = the budget's blocks; reference engine)")
+    return GridResult(sim, sim_requests, notes, pa.Table.from_pylist(replica_table, schema=schema.REPLICAS))
+
+
+def _csv(values: Any) -> str:
+    return ",".join(map(str, values))
 
 
 def _as_budget(ceiling: ConfigResult, num_blocks: int, policy: str) -> ConfigResult:
@@ -382,6 +399,7 @@ def simulate_run(
     sim_requests_path: Path,
     options: SimulateOptions,
     progress: Callable[[int], None] | None = None,
+    replicas_path: Path | None = None,
 ) -> dict[str, Any]:
     """Read the run folder's inputs, simulate the grid, write both outputs; return counts."""
     from advisor.runfolder import write_table
@@ -393,6 +411,8 @@ def simulate_run(
     grid = simulate_grid(workload, options, geom, progress)
     write_table(sim_path, grid.sim, SIM_OUT)
     write_table(sim_requests_path, grid.sim_requests, schema.SIM_REQUESTS)
+    if replicas_path is not None:
+        write_table(replicas_path, grid.replicas, schema.REPLICAS)
     return summary_counts(grid, workload)
 
 

@@ -1,7 +1,8 @@
-"""The simulate stage: requests + tokens -> sim.parquet + sim_requests.parquet.
+"""The simulate stage: requests + tokens -> sim.parquet + sim_requests.parquet + replicas.parquet.
 
 `run_simulate` reads the workload, runs the grid of `SimulateOptions` (advisor.sim.grid) and
-writes both tables; skipped when the inputs and options are unchanged.
+writes the tables (replicas.parquet empty unless `replicas` lists a count above 1); skipped
+when the inputs and options are unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from advisor.runfolder import (
     NO_PROGRESS,
+    REPLICAS,
     REQUESTS,
     SIM,
     SIM_REQUESTS,
@@ -33,7 +35,7 @@ def run_simulate(
     def body(r: RunDir) -> dict:
         with progress.task("simulate", count_configs(options)) as advance:
             return simulate_run(r.require(REQUESTS), r.require(TOKENS), r.path(SIM), r.path(SIM_REQUESTS),
-                                options, advance)
+                                options, advance, r.path(REPLICAS))
 
     return run.run_stage("simulate", [run.require(REQUESTS), run.require(TOKENS)], options.as_dict(),
-                         [SIM, SIM_REQUESTS], body, force=force)
+                         [SIM, SIM_REQUESTS, REPLICAS], body, force=force)
