@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from advisor.recommend.timing import caching_time, simulate_options_from_record
 from advisor.sim.configuration import SimulateOptions
@@ -94,3 +95,33 @@ def test_the_report_quotes_a_timed_replay_as_measured_not_predicted() -> None:
     assert "burst" not in text and "not the predicted GPU's times" in text
     assert measured_time_text(SimpleNamespace(replay={"time": {"status": "not_run", "runs": []}})) is None
     assert measured_time_text(SimpleNamespace(replay=None)) is None
+
+
+def test_the_recommendation_prices_memory_in_prefill_time_when_the_clock_gives_it() -> None:
+    """With concurrent rows and their caching-off baseline, each candidate's value is the
+    prefill GPU time it saves (caching off's prefill_s minus its own), and memory is priced in
+    seconds; without the baseline, in tokens as before."""
+    import polars as pl
+
+    from advisor import kvmemory as kv
+    from advisor.recommend.options import RecommendOptions
+    from advisor.recommend.stage import recommend
+    from advisor.sim.grid import simulate_grid
+
+    w = shared_prefix_log(n=40)
+    opts = SimulateOptions(model="llama-3.1-8b", gpu="h100", block_sizes=(16,), num_blocks=(300, 600, 1200, 4000),
+                           workers=1, use_logged_latency=False, reference_budgets=0)
+    sim = pl.from_arrow(simulate_grid(w, opts, kv.resolve_model("llama-3.1-8b")).sim)
+    rec = recommend(sim, None, RecommendOptions(model="llama-3.1-8b", gpu="h100"), geom=kv.resolve_model("llama-3.1-8b"),
+                    gpu_gib=kv.resolve_gpu("h100"))
+    assert rec["cost_model"]["value_unit"] == "prefill GPU-seconds"
+    assert "s of prefill GPU time over the whole log" in rec["reasoning"][0]
+    off = sim.filter((pl.col("policy") == "off") & (pl.col("window") == "warm")).sort("num_blocks")["prefill_s"][-1]
+    for c in rec["candidates"]:
+        row = sim.filter((pl.col("policy") == "lru") & (pl.col("mode") == "concurrent") & (pl.col("window") == "warm")
+                         & (pl.col("num_blocks") == c["num_blocks"]))
+        assert c["prefill_s_saved"] == pytest.approx(off - row["prefill_s"][0], abs=1e-6)
+    tokens_only = recommend(sim.filter(pl.col("policy") != "off"), None, RecommendOptions(model="llama-3.1-8b", gpu="h100"),
+                            geom=kv.resolve_model("llama-3.1-8b"), gpu_gib=kv.resolve_gpu("h100"))
+    assert tokens_only["cost_model"]["value_unit"] == "prefill tokens"
+    assert tokens_only["recommended"]["prefill_s_saved"] is None

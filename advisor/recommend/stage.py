@@ -6,9 +6,12 @@ known (resolved at the CLI edge, advisor.kvmemory), and `RecommendOptions`.
 Output: the recommendation.json dict (keys per the cross-stage contract).
 
 Cost model (stated in the output's `cost_model`):
-- What the user gets: prefill tokens served from the cache (`hit_tokens`), each
-  one prefill token the GPU does not compute; at `prefill_tokens_per_s` that is
-  the TTFT / GPU time saved.
+- What the user gets: prefill GPU time saved, when simulate ran concurrent mode with
+  its caching-off baseline (the clock's `prefill_s`: caching off's minus the
+  configuration's, whole log; advisor.recommend.rank `Pricing.value`); else prefill
+  tokens served from the cache (`hit_tokens`), each one prefill token the GPU does not
+  compute. The price of a GiB is then in seconds (`min_gain_per_gib` of the log's
+  no-cache prefill time) or tokens (of its queries).
 - What the user pays: KV memory in GiB. A GiB is "worth it" when it buys at
   least `min_gain_per_gib` of hit rate (default 0.001 = 0.1 points per GiB),
   i.e. a price of `lambda = min_gain_per_gib x queries` prefill tokens per GiB.
@@ -75,7 +78,7 @@ from advisor.runfolder import (
     StageOutcome,
     write_json,
 )
-from advisor.schema import MODE_CONCURRENT
+from advisor.schema import MODE_CONCURRENT, POLICY_OFF
 from advisor.workload import load_workload
 
 
@@ -95,7 +98,9 @@ def recommend(
     tp, tps = options.tensor_parallel_size, options.prefill_tokens_per_s
     hash_trace = input_kind == "hash_trace"
     where, view, lru = select_view(sim)
-    pr, notes = pricing(view, geom, tp, options.min_gain_per_gib)
+    off = sim.filter((pl.col("policy") == POLICY_OFF) & (pl.col("mode") == where["mode"])
+                     & (pl.col("window") == where["window"]) & pl.col("num_blocks").is_not_null())
+    pr, notes = pricing(view, geom, tp, options.min_gain_per_gib, off)
     allowed, constraints = allowed_block_sizes(view, options.backend, geom, hash_trace)
     reserve, reserve_line = running_reserve(lru, allowed)
     gpu_kv_bytes, gpu_lines, gpu_notes = gpu_kv_budget(options, geom, gpu_gib)
