@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from advisor import schema
 from advisor.cli import main
 from advisor.errors import AdvisorError, InputRefused
+from advisor.ingest import reader as ing_reader
 from advisor.ingest import stage as ing
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_logs"
@@ -484,6 +485,9 @@ def test_every_line_lands_in_exactly_one_output(
     """With a good first line the file is JSONL and never refused; without one it may be
     refused, and then nothing at all is written."""
     data = b"\n".join([GOOD_LINES[0], *lines] if lead else lines) + (b"\n" if tail_newline else b"")
+    # bytes that open with a compression magic are a compressed stream, whose lines are not
+    # these (the compressed-input tests cover them)
+    assume(not data.startswith((ing_reader.GZIP_MAGIC, ing_reader.ZSTD_MAGIC)))
     expected = data.split(b"\n") if data else []
     if data.endswith(b"\n"):
         expected.pop()

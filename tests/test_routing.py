@@ -213,3 +213,17 @@ def test_report_shows_replicas_only_when_there_are_rows() -> None:
     assert 'id="replicas"' in html.render(data)
     empty = build("run")
     assert "Replicas and routers" not in markdown.render(empty) and 'id="replicas"' not in html.render(empty)
+
+
+def test_a_replica_waits_for_requests_still_being_routed_at_its_next_step() -> None:
+    """a (1 token) runs alone in step 1, which ends at 0.0101 s; b arrives at 0.005 and c at
+    0.01, both before step 2 starts. The single engine admits b and c together in step 2. A
+    router hands c over only when it arrives at 0.01, so the replica must not start step 2
+    (at 0.0101, past 0.01) before then, or c would wait a step: c's TTFT is step 2's end."""
+    reqs, outs, arrivals = [[1], [1], [1]], [1, 1, 1], [0.0, 0.005, 0.01]
+    args = ([chained(r) for r in reqs], np.asarray([1, 1, 1]), np.asarray(outs), np.asarray(arrivals), FLAT, 2)
+    ref = events.run_concurrent(PrefixCache(2, B), *args, max_num_batched_tokens=8)
+    got = run_replicas(lambda: PrefixCache(2, B), *args, replicas=1, router="round-robin",
+                       sessions=[None] * 3, max_num_batched_tokens=8)
+    assert ref.ttft_s.tolist() == pytest.approx([0.0101, 0.0152, 0.0102])
+    assert got.ttft_s.tolist() == pytest.approx(ref.ttft_s.tolist())

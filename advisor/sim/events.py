@@ -229,13 +229,12 @@ class Engine:
         scheduling, step_with_batch_queue and its queue of two: step N+1 is scheduled before
         step N's output is processed); an idle engine's clock jumps to its next arrival."""
         while self.pending or self.busy():
-            if not self.busy():
-                nxt = self.arrivals[self.pending[0]]
-                if nxt >= until:
-                    return
-                self.clock = max(self.clock, nxt)  # idle: the next arrival
-            elif self.clock >= until:
+            # the next iteration starts now, or (idle) at the next arrival; a request handed over
+            # later may still arrive by then, so an iteration at or past `until` waits
+            start = self.clock if self.busy() else max(self.clock, self.arrivals[self.pending[0]])
+            if start >= until:
                 return
+            self.clock = start
             self.iteration()
 
     def iteration(self) -> None:
