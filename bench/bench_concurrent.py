@@ -42,7 +42,8 @@ def main() -> None:
     lengths, outs = np.diff(offsets), rng.integers(20, 400, n)
     arrivals = np.cumsum(rng.exponential(1 / args.rate, n))
     clocks = {"flat": StepTimeModel.from_rates(10_000.0, 50.0), "roofline": StepTimeModel.for_model("llama-3.1-8b", "h100")}
-    run_concurrent_compiled(trace, 2000, lengths[:50], outs[:50], arrivals[:50], clocks["flat"], 256)  # compile / load
+    small = fasttrace.trace_from_tokens(np.concatenate(reqs[:50]).astype(np.int32), offsets[:51], 16)
+    run_concurrent_compiled(small, 2000, lengths[:50], outs[:50], arrivals[:50], clocks["flat"], 256)  # compile / load
     print(f"{n:,} requests, {int(lengths.sum()):,} prompt tokens, {args.rate:g} requests/s")
     for clock_name, clock in clocks.items():
         for scheduling in ("sync", "async"):
