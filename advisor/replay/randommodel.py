@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from advisor import kvmemory
 from advisor.errors import AdvisorError
+from advisor.replay.tinymodel import save_atomically
 
 PREFIX = "random:"
 DEFAULT_SEED = 0
@@ -241,20 +240,7 @@ def _build(fields: dict[str, Any], target: Path, seed: int, label: str) -> None:
     config = _config(fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, _dtype_name(fields)))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        del model
-        (tmp / MARKER).write_text(json.dumps({"what": label, "seed": seed, "fields": fields}) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / MARKER).exists():  # lost a race only if the winner finished
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    save_atomically(model, target, MARKER, {"what": label, "seed": seed, "fields": fields})
 
 
 def memory_limits() -> MemoryLimits:

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -97,19 +98,24 @@ def ensure_tiny_model(cache_dir: Path, vocab_size: int, seed: int = DEFAULT_SEED
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
+    save_atomically(model, target, MARKER, {"vocab_size": vocab_size, "seed": seed, "what": describe(vocab_size, g)})
+    return target
+
+
+def save_atomically(model: Any, target: Path, marker: str, record: dict[str, Any]) -> None:
+    """`model.save_pretrained` into `target` all at once: written beside it, the `marker`
+    file (holding `record`) last, then renamed, so an interrupted build leaves no folder that
+    looks finished; a concurrent build that got there first wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / MARKER).write_text(
-            json.dumps({"vocab_size": vocab_size, "seed": seed, "what": describe(vocab_size, g)}) + "\n"
-        )
+        (tmp / marker).write_text(json.dumps(record) + "\n")
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / MARKER).exists():  # lost a race only if the winner finished
+            if not (target / marker).exists():  # lost a race only if the winner finished
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
