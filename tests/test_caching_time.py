@@ -77,6 +77,12 @@ def test_the_report_says_what_caching_buys_in_time(tmp_path) -> None:
     section = md.split("## What caching buys in time", 1)[1].split("\n## ", 1)[0]
     assert "caching off" in section and "TTFT p50 at the logged rate" in section and "x faster" in section
     assert "### High vs low overlap, on this log" in section and "cache breakers fixed" in section
+    from advisor.cli.summary import summary_rows
+    from advisor.runfolder import RunDir
+
+    rows = dict(summary_rows(RunDir(out)))
+    assert rows["caching on"].endswith("(predicted: roofline of llama-3.1-8b on h100)")
+    assert "hit rate" in rows["breakers fixed"]
     page = (out / "report.html").read_text()
     time_html = page.split('<section id="time">', 1)[1].split("</section>", 1)[0]
     assert "<svg" in time_html and "highest sustained request rate" in time_html

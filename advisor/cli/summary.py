@@ -81,10 +81,13 @@ def _time_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
         return (f"TTFT p50 {_ms(lr[k]['ttft_p50_s'])}, p95 {_ms(lr[k]['ttft_p95_s'])}; sustains "
                 f"{sat[k]['throughput_rps']:.2f} req/s")
 
-    rows = [("caching off", line("off") + " (predicted)"), ("caching on", line("on") + " (predicted)")]
+    clock = t.get("clock") or {}
+    how = (f" (predicted: roofline of {clock.get('model')} on {clock.get('gpu')})" if clock.get("kind") == "roofline"
+           else " (predicted on flat rates; --model and --gpu give a roofline)")
+    rows = [("caching off", line("off") + how), ("caching on", line("on") + how)]
     if "breakers_fixed" in lr:
         rows.append(("breakers fixed", line("breakers_fixed") + f", hit rate {lr['breakers_fixed']['hit_rate']:.1%}"
-                                                                 " (predicted)"))
+                     + how))
     return rows
 
 
