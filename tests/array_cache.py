@@ -15,6 +15,7 @@ from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.fast.cache import (
     _NONE,
     _UNIQUE,
+    ALL_TOKENS,
     _admit_flagged,
     _allocate,
     _cache_blocks,
@@ -84,7 +85,7 @@ class ArrayPrefixCache:
         blocks = np.zeros(max(nreq, 4), np.int64)
         k, in_use = _admit_flagged(self._nxt, self._prv, self._ref, self._bhash, self._first_copy, self._cnext,
                                    self._cprev, self._cnt, hashes, num_tokens, self.block_size, blocks,
-                                   skip_prefix_cache, self.drop_last_hit_block)
+                                   skip_prefix_cache, self.drop_last_hit_block, ALL_TOKENS)
         if k < 0:
             return None
         self.running[request_id] = _Running(blocks, nreq, num_tokens // self.block_size, hashes.copy())

@@ -2,7 +2,9 @@
 "lru") on arrays, one request operation each (`_allocate`, `_cache_blocks`, `_admit`, `_free`).
 
 Inputs: requests' full-block hashes as dense integer ids (a `BlockTrace`'s ids, all below
-`num_ids`), prompt and decode token counts. advisor.sim.fast.events drives them. They are
+`num_ids`), prompt and decode token counts. advisor.sim.fast.events drives them (admission,
+allocation and frees; it caches a running request's newly full blocks itself, without
+array views, on its per-step path). They are
 kept equal to `PrefixCache` through tests/array_cache.py's `ArrayPrefixCache`, which gives
 them PrefixCache's request API: tests/test_fastcache.py checks every step of generated
 programs of admissions, decode steps and frees under eviction pressure, and
@@ -63,15 +65,20 @@ def _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, start, stop):
 @compiled
 def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks):  # type: ignore[no-untyped-def]
     return _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks,
-                          False, False)
+                          False, False, ALL_TOKENS)
+
+
+ALL_TOKENS = 1 << 62  # a token budget that takes the whole prompt
 
 
 @compiled
 def _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks,  # type: ignore[no-untyped-def]
-                   skip, drop_last):
-    """Admit a request: (hit blocks k, blocks it takes out of the free pool), or (-1, 0)
-    when they do not fit. `skip`: it does not read the cache (k = 0); `drop_last`: the hit
-    drops its last block (`cache.drops_last_hit_block`)."""
+                   skip, drop_last, token_budget):
+    """Admit a request (`PrefixCache.admit`): (hit blocks k, blocks it takes out of the free
+    pool), or (-1, 0) when its whole sequence does not fit the free blocks. `skip`: it does
+    not read the cache (k = 0); `drop_last`: the hit drops its last block
+    (`cache.drops_last_hit_block`); `token_budget`: the tokens computed now past the hit (a
+    chunked prefill's first chunk): only their blocks are taken and cached now."""
     nfull = num_tokens // block_size
     nreq = (num_tokens + block_size - 1) // block_size
     k = hit_lookup(hashes, min(nfull, max(num_tokens - 1, 0) // block_size), first_copy, blocks, skip, drop_last)
@@ -87,9 +94,11 @@ def _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, 
             unlink(nxt, prv, b)
             cnt[1] -= 1
         ref[b] += 1
-    _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, k, nreq)
-    _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, k, nfull)
-    return k, nreq - k + evictable
+    upto = min(k * block_size + token_budget, num_tokens)
+    nalloc = (upto + block_size - 1) // block_size
+    _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, k, nalloc)
+    _cache_blocks(bhash, first_copy, cnext, cprev, blocks, hashes, k, upto // block_size)
+    return k, nalloc - k + evictable
 
 
 @compiled

@@ -38,15 +38,13 @@ import numpy as np
 
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.events import ConcurrentResult
-from advisor.sim.fast.cache import _allocate, _free
+from advisor.sim.fast.cache import _admit_flagged, _allocate, _free
 from advisor.sim.fast.lists import (
     compiled,
     new_free_queue,
     new_rings,
     ring_link,
-    unlink,
 )
-from advisor.sim.fast.sequential import hit_lookup
 from advisor.sim.fast.trace import BlockTrace
 from advisor.sim.steptime import StepTimeModel
 
@@ -102,34 +100,23 @@ def _take_blocks(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, bo
 @compiled
 def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, st, i, budget,  # type: ignore[no-untyped-def]
            limits):
-    """`PrefixCache.admit(..., token_budget=budget)` for waiting request i: its hit tokens, or
-    -1 (nothing taken) when its whole sequence does not fit the free blocks. The lookup is
-    advisor.sim.fast.sequential's `hit_lookup` (skipped reads, a drafter's dropped block)."""
+    """`PrefixCache.admit(..., token_budget=budget)` for waiting request i (advisor.sim.fast.cache's
+    `_admit_flagged`): its hit tokens, or -1 (nothing taken) when its whole sequence does not
+    fit the free blocks."""
     bs = limits[2]
     total = st[i, _NTOK]
     blk = blocks[boff[i]:boff[i + 1]]
-    k = hit_lookup(hashes[hoff[i]:hoff[i + 1]], max(total - 1, 0) // bs, first_copy, blk, st[i, _SKIP] == 1,
-                   limits[3] == 1)
-    evictable = 0
-    for x in range(k):
-        if ref[blk[x]] == 0:
-            evictable += 1
-    if (total + bs - 1) // bs - k + evictable > cnt[_FREE]:
+    k, in_use = _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes[hoff[i]:hoff[i + 1]],
+                               total, bs, blk, st[i, _SKIP] == 1, limits[3] == 1, budget)
+    if k < 0:
         return -1
-    for x in range(k):  # touch: a hit pulls a free block off the queue
-        b = blk[x]
-        if ref[b] == 0:
-            unlink(nxt, prv, b)
-            cnt[_FREE] -= 1
-        ref[b] += 1
-        cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], b)
-    cnt[_IN_USE] += evictable
-    cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
-    st[i, _SLOTS] = k * bs
-    st[i, _NCACHED] = k
     upto = min(k * bs + budget, total)
-    _take_blocks(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, st, i, upto, bs)
-    _cache_upto(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, i, upto, bs)
+    for x in range((upto + bs - 1) // bs):
+        cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blk[x])
+    cnt[_IN_USE] += in_use
+    cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
+    st[i, _SLOTS] = upto
+    st[i, _NCACHED] = upto // bs
     return k * bs
 
 
