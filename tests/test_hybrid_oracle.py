@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from advisor.blockhash import request_block_hashes
 from advisor.errors import AdvisorError
 from advisor.sim.hybrid import HybridPrefixCache, sequential_hits_hybrid
+from tests.test_oracle import VllmOracle
 
 vllm = pytest.importorskip(
     "vllm.v1.core.kv_cache_manager",
@@ -36,8 +37,10 @@ LLAMA4 = (("chunked_local", 8), ("full", None))
 SWA_ONLY = (("sliding_window", 9),)
 
 
-class VllmHybridOracle:
-    """vLLM's KVCacheManager with the given KV cache groups, driven as its scheduler would."""
+class VllmHybridOracle(VllmOracle):
+    """vLLM's KVCacheManager with the given KV cache groups, driven as its scheduler would. Its
+    own manager and admission (chunks, the junction); decode, free and the free queue are
+    tests/test_oracle.py's."""
 
     def __init__(self, groups: Groups, num_blocks: int, retention_interval: int | None = 0,
                  max_in_flight_tokens: int | None = None) -> None:
@@ -111,21 +114,6 @@ class VllmHybridOracle:
         req.num_computed_tokens += chunk  # type: ignore[attr-defined]
         return True
 
-    def grow(self, rid: str, token: int) -> bool:
-        """One decode step: the sampled token is appended and gets its KV slot."""
-        req = self.requests[rid]
-        req.append_output_token_ids(token)  # type: ignore[attr-defined]
-        if self.manager.allocate_slots(req, 1) is None:
-            return False
-        req.num_computed_tokens += 1  # type: ignore[attr-defined]
-        return True
-
-    def free(self, rid: str) -> None:
-        self.manager.free(self.requests.pop(rid))
-
-    def free_block_ids(self) -> list[int]:
-        # Our block ids are vLLM's minus one (vLLM's block 0 is the null block).
-        return [b.block_id - 1 for b in self.manager.block_pool.free_block_queue.get_all_free_blocks()]
 
 
 class Twins:

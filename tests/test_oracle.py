@@ -32,9 +32,10 @@ B = 4
 
 
 class VllmOracle:
-    """vLLM's KVCacheManager with one full-attention group, driven as its scheduler would."""
+    """vLLM's KVCacheManager with one full-attention group, driven as its scheduler would
+    (`use_eagle` as its scheduler sets it for an EAGLE-style drafter)."""
 
-    def __init__(self, num_blocks: int, block_size: int = B) -> None:
+    def __init__(self, num_blocks: int, block_size: int = B, use_eagle: bool = False) -> None:
         import torch
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -51,19 +52,21 @@ class VllmOracle:
         config = KVCacheConfig(num_blocks=num_blocks + 1, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
         self.manager = KVCacheManager(
             config, max_model_len=1 << 16, scheduler_block_size=block_size, hash_block_size=block_size,
-            enable_caching=True, log_stats=True,
+            enable_caching=True, use_eagle=use_eagle, log_stats=True,
         )
         self.hasher = get_request_block_hasher(block_size, sha256)
         self.requests: dict[str, object] = {}
         self.preempted: dict[str, object] = {}
 
-    def admit(self, rid: str, tokens: Sequence[int], lora: str | None = None, cache_salt: str | None = None) -> int | None:
+    def admit(self, rid: str, tokens: Sequence[int], lora: str | None = None, cache_salt: str | None = None,
+              params: object = None) -> int | None:
+        """`params`: the request's SamplingParams (default: plain generation)."""
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request, RequestStatus
 
         lora_request = LoRARequest(lora, 1 + sum(map(ord, lora)), f"/adapters/{lora}") if lora else None
-        req = Request(rid, list(tokens), SamplingParams(max_tokens=1 << 10), None,
+        req = Request(rid, list(tokens), params or SamplingParams(max_tokens=1 << 10), None,
                       lora_request=lora_request, cache_salt=cache_salt, block_hasher=self.hasher)
         blocks, num_hit, _ = self.manager.get_computed_blocks(req)
         new = self.manager.allocate_slots(req, req.num_tokens - num_hit, num_hit, blocks, full_sequence_must_fit=True)
@@ -135,7 +138,9 @@ class Twins:
             return hashes
         return [self.ids.setdefault(h, len(self.ids)) for h in hashes]
 
-    def admit(self, rid: str, tokens: Sequence[int], lora: str | None = None, cache_salt: str | None = None) -> int | None:
+    def admit(self, rid: str, tokens: Sequence[int], lora: str | None = None, cache_salt: str | None = None,
+              params: object = None) -> int | None:
+        """`params`: the request's SamplingParams (default: plain generation)."""
         expected = self.oracle.admit(rid, tokens, lora, cache_salt)
         got = self.cache.admit(rid, self.hashes(tokens, lora, cache_salt), len(tokens))
         assert got == expected, f"admit {rid}: cache {got}, vLLM {expected}"

@@ -32,6 +32,7 @@ from advisor.sim.cache import PrefixCache, drops_last_hit_block
 from advisor.sim.configuration import SimulateOptions, simulate_one
 from advisor.vllm_versions import TABLE, minor_version
 from advisor.workload import Workload, skips_prefix_cache
+from tests.test_oracle import VllmOracle
 
 pytest.importorskip(
     "vllm.v1.core.kv_cache_manager",
@@ -59,65 +60,19 @@ def eagle_drops() -> bool:
     return drops_last_hit_block("eagle", installed_version())
 
 
-class Oracle:
-    """vLLM's KVCacheManager for one full-attention group (`use_eagle` as its scheduler sets
-    it for an EAGLE-style drafter), requests built from SamplingParams as the engine does."""
-
-    def __init__(self, num_blocks: int, use_eagle: bool = False) -> None:
-        import torch
-        from vllm.utils.hashing import sha256
-        from vllm.v1.core.kv_cache_manager import KVCacheManager
-        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-        from vllm.v1.kv_cache_interface import (
-            FullAttentionSpec,
-            KVCacheConfig,
-            KVCacheGroupSpec,
-        )
-
-        init_none_hash(sha256)
-        spec = FullAttentionSpec(block_size=B, num_kv_heads=1, head_size=1, dtype=torch.float32)
-        config = KVCacheConfig(num_blocks=num_blocks + 1, kv_cache_tensors=[],  # + vLLM's null block
-                               kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-        self.manager = KVCacheManager(config, max_model_len=1 << 16, scheduler_block_size=B, hash_block_size=B,
-                                      enable_caching=True, use_eagle=use_eagle, log_stats=True)
-        self.hasher = get_request_block_hasher(B, sha256)
-        self.requests: dict[str, Any] = {}
-
-    def admit(self, rid: str, tokens: Sequence[int], params: Any = None) -> int | None:
-        from vllm.sampling_params import SamplingParams
-        from vllm.v1.request import Request, RequestStatus
-
-        req = Request(rid, list(tokens), params or SamplingParams(max_tokens=1 << 10), None, block_hasher=self.hasher)
-        blocks, num_hit, _ = self.manager.get_computed_blocks(req)
-        if self.manager.allocate_slots(req, req.num_tokens - num_hit, num_hit, blocks,
-                                       full_sequence_must_fit=True) is None:
-            return None
-        self.manager.record_prefix_cache_stats(req, num_hit)
-        req.status = RequestStatus.RUNNING
-        req.num_computed_tokens = req.num_tokens
-        self.requests[rid] = req
-        return num_hit
-
-    def free(self, rid: str) -> None:
-        self.manager.free(self.requests.pop(rid))
-
-    def free_block_ids(self) -> list[int]:
-        return [b.block_id - 1 for b in self.manager.block_pool.free_block_queue.get_all_free_blocks()]
-
-
 class Twins:
     """`PrefixCache` and the oracle side by side; every step asserts they agree."""
 
     def __init__(self, num_blocks: int, speculative: str | None = None) -> None:
         version = installed_version()
-        self.oracle = Oracle(num_blocks, use_eagle=drops_last_hit_block(speculative, version))
+        self.oracle = VllmOracle(num_blocks, use_eagle=drops_last_hit_block(speculative, version))
         self.cache = PrefixCache(num_blocks, B, speculative=speculative, vllm_version=version)
 
     def admit(self, rid: str, tokens: Sequence[int], params: Any = None) -> int | None:
         from vllm.sampling_params import SamplingParams
 
         params = params or SamplingParams(max_tokens=1 << 10)
-        expected = self.oracle.admit(rid, tokens, params)
+        expected = self.oracle.admit(rid, tokens, params=params)
         skip = bool(params.skip_reading_prefix_cache)  # what vLLM's Request reads it from
         got = self.cache.admit(rid, request_block_hashes(list(tokens), B), len(tokens), skip_prefix_cache=skip)
         assert got == expected, f"admit {rid}: cache {got}, vLLM {expected}"
