@@ -28,15 +28,17 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from advisor import kvmemory, schema
+from advisor import kvmemory
 from advisor.analyze.stage import run_analyze
 from advisor.cli import main
 from advisor.errors import AdvisorError
 from advisor.ingest.stage import run_ingest
 from advisor.replay import plan, randommodel, timing
 from advisor.replay.stage import ReplayOptions, run_replay
-from advisor.runfolder import RunDir, write_table
 from advisor.tokens.stage import run_tokenize
+from tests.test_replay import (
+    write_run,  # a run folder of pre-tokenized requests, one a second
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_logs"
@@ -63,29 +65,6 @@ def view(token_lists: list[list[int]], salts: list[str | None] | None = None) ->
 
 def toks(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(2, 1000, size=n).tolist()
-
-
-def write_run(root: Path, token_lists: list[list[int]]) -> RunDir:
-    """A run folder of pre-tokenized requests, one a second, 4 output tokens each."""
-    n = len(token_lists)
-    ids = [f"req-{i}" for i in range(n)]
-    requests = _conform(pa.table({
-        "request_id": ids, "line": list(range(1, n + 1)), "timestamp": [float(i) for i in range(n)],
-        "kind": [schema.KIND_TOKENS] * n, "format": [schema.FORMAT_COMPLETION] * n,
-        "prompt_token_ids": token_lists, "output_tokens": [4] * n,
-    }), schema.REQUESTS)
-    tokens = _conform(pa.table({"request_id": ids, "token_ids": token_lists,
-                                "n_tokens": [len(t) for t in token_lists]}), schema.TOKENS)
-    run = RunDir(root)
-    write_table(run.path("requests.parquet"), requests, schema.REQUESTS)
-    write_table(run.path("tokens.parquet"), tokens, schema.TOKENS)
-    return run
-
-
-def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
-    cols = [table[f.name].cast(f.type) if f.name in table.column_names
-            else pa.nulls(table.num_rows, f.type) for f in target]
-    return pa.Table.from_arrays(cols, schema=target)
 
 
 # --- variants ---

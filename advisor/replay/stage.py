@@ -256,12 +256,9 @@ def _replay(
                 results.append(replay_inprocess(w, configs, mode_opts, model_dir, label, sim_req, advance))
         except AdvisorError:
             raise
-        except Exception as e:  # the engine's own failure: say so, never a traceback
-            notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", []))
-            raise AdvisorError(
-                f"vLLM could not replay here ({type(e).__name__}: {e}); the prediction is "
-                "unconfirmed. Try --replay-limit N, another --replay-model, or "
-                f"--replay-url against a running server.{notes}") from e
+        except Exception as e:
+            raise _engine_failure(e, "replay here", "the prediction is unconfirmed. Try --replay-limit N, another "
+                                  "--replay-model, or --replay-url against a running server") from e
     out = plan.merge_results(results).as_json()
     if options.measure_time:
         out["time"] = _measure_time(r, options, engine_opts, configs, w, progress, cache_dir)
@@ -320,11 +317,8 @@ def _measure_time(
                                                 speedup, advance))
         except AdvisorError:
             raise
-        except Exception as e:  # the engine's own failure: say so, never a traceback
-            notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", []))
-            raise AdvisorError(
-                f"vLLM could not run the timed replay here ({type(e).__name__}: {e}). Try --replay-limit N "
-                f"or another --replay-model.{notes}") from e
+        except Exception as e:
+            raise _engine_failure(e, "run the timed replay here", "try --replay-limit N or another --replay-model") from e
     return timing.time_section(runs, model=label, model_notes=model_notes, device=measure.device_description())
 
 
@@ -338,3 +332,10 @@ def _time_counts(t: dict[str, Any]) -> list[list[Any]]:
         on_off = (run.get("ratios") or {}).get("on_vs_off") or {}
         out.append([run["mode"], run["arrivals"], p50, on_off.get("ttft_p50"), on_off.get("requests_per_s")])
     return out
+
+
+def _engine_failure(e: Exception, what: str, advice: str) -> AdvisorError:
+    """The engine's own failure as the user sees it: what failed, why, and what to try; never
+    a traceback (the exception's notes are kept)."""
+    notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", []))
+    return AdvisorError(f"vLLM could not {what} ({type(e).__name__}: {e}); {advice}.{notes}")
