@@ -5,9 +5,11 @@ caching on and off, sharing removed, breakers fixed), the configurations to conf
 first one this machine can run is timed), `EngineOptions` (the mode), how requests arrive,
 and a model folder. Output: one run of replay.json's `time` object (its keys: stage.py).
 
-Each variant gets a fresh engine with the block size and pool pinned as the confirmation
-replay's, warmed with one request (its own cache salt, then the cache is reset), and the
-same requests:
+The variants run on one engine per prefix-caching setting (two engines: caching on, shared
+by the variants that cache, and caching off), with the block size and pool pinned as the
+confirmation replay's. Before each variant the engine is warmed with one request (its own
+cache salt) and its prefix cache is reset, so every variant starts from an empty cache on a
+warm engine; each then gets the same requests:
 
 - `sequential` mode: one request at a time, prefill only (`max_tokens=1`): TTFT is the
   request's pure prefill time, with no queueing;
@@ -85,19 +87,18 @@ def measure_run(
     if cfg not in configs:
         run["stand_in_for"] = [[c.block_size, c.num_blocks] for c in configs if c.block_size % CPU_BLOCK_MULTIPLE]
     max_len = max(max_model_len(v, opts.mode, opts.max_output_tokens) for v in views)
-    by_variant: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        if v.view is None:
-            by_variant[v.name] = timing.not_run_variant(v)
-            continue
-        llm = _open_llm(model_dir, cfg, max_len, opts, enable_prefix_caching=v.prefix_caching,
-                        enforce_eager=cpu)
+    by_variant = {v.name: timing.not_run_variant(v) for v in variants if v.view is None}
+    for caching in dict.fromkeys(v.prefix_caching for v in variants if v.view is not None):
+        llm = _open_llm(model_dir, cfg, max_len, opts, enable_prefix_caching=caching, enforce_eager=cpu)
         try:
-            measured = _measure_variant(llm, v.view, opts, arrivals, speedup, tick)
+            for v in variants:
+                if v.view is not None and v.prefix_caching == caching:
+                    by_variant[v.name] = timing.summarise(
+                        v, _measure_variant(llm, v.view, opts, arrivals, speedup, tick))
         finally:
             del llm
             _release(cpu)
-        by_variant[v.name] = timing.summarise(v, measured)
+    by_variant = {v.name: by_variant[v.name] for v in variants}  # in the variants' order
     return {**run, "status": timing.STATUS_MEASURED, "reason": None, "variants": by_variant,
             "ratios": timing.ratios(by_variant)}
 
