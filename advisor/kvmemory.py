@@ -23,13 +23,15 @@ The arithmetic mirrors vLLM v1 (`vllm/v1/kv_cache_interface.py`,
   handed out. `blocks_for_kv_bytes` returns the usable count (pool minus null
   block), which is what the simulator's `num_blocks` means.
 
-Simplification for sliding-window models (Gemma 2/3): every layer is counted
-as full attention. That is exactly what vLLM allocates when the hybrid KV-cache
-manager is off (`--disable-hybrid-kv-cache-manager`, or a KV connector that
-needs it), and an upper bound on bytes per cached token otherwise: with the
-hybrid manager, sliding-window layers keep only the last window's blocks, so
-the real pool holds more prefix tokens than this estimate says. The number of
-sliding layers is kept on the geometry so a report can state it.
+Hybrid models (sliding window, chunked local, Mamba): vLLM's hybrid KV cache manager groups
+the layers (advisor.kvlayout) and one block id then spans the pages of one group's layers,
+not of every layer; each group takes its own blocks for a token. `bytes_per_token` still
+counts every layer as full attention (what vLLM allocates with the hybrid manager off, and the
+KV bytes a step reads); the pool arithmetic (`bytes_per_block`, `blocks_for_kv_bytes`,
+`kv_bytes_for_blocks`) is the hybrid pool's once the geometry carries the group size
+(`ModelGeometry.pool_layers`, set by `KVLayout.pool_geometry`). A geometry straight from
+`resolve_model` has none: every layer in one group. The number of sliding layers is kept on
+the geometry so a report can state it.
 
 KV memory for a GPU (`kv_bytes_for_gpu`): vLLM gives the KV cache what is left
 of `total * --gpu-memory-utilization` after the weights and the peak of a
@@ -93,6 +95,9 @@ class ModelGeometry:
     max_position_embeddings: int | None = None  # the model's context (vLLM's derived max_model_len)
     q_heads: int | None = None  # attention (query) heads, for advisor.sim.steptime's attention FLOPs
     active_params: float | None = None  # parameters one token passes through (MoE: < params); None: params
+    # Layers' pages one block id spans in vLLM's pool: a hybrid model's KV cache group size
+    # (advisor.kvlayout `KVLayout.pool_geometry`); None: every layer (one full-attention group).
+    pool_layers: int | None = None
 
     @property
     def weight_bytes(self) -> float:
@@ -113,6 +118,7 @@ class ModelGeometry:
             "sliding_window": self.sliding_window,
             "sliding_window_layers": self.sliding_window_layers,
             "forced_block_size": self.forced_block_size,
+            "pool_layers": self.pool_layers,
             "serve_name": self.serve_name,
             "max_position_embeddings": self.max_position_embeddings,
             "sources": list(self.sources),
@@ -132,10 +138,14 @@ def bytes_per_token(geom: ModelGeometry, tp: int = 1) -> int:
 
 
 def bytes_per_block(geom: ModelGeometry, block_size: int, tp: int = 1) -> int:
-    """Bytes of one KV block (all layers) on one rank; no alignment padding (module docstring)."""
+    """Bytes one block id costs in vLLM's pool on one rank: its page in every layer, or, for a
+    hybrid model's geometry (`pool_layers`), in the layers of one KV cache group (module
+    docstring); no alignment padding."""
     if block_size < 1:
         raise AdvisorError(f"block size must be >= 1, got {block_size}.")
-    return block_size * bytes_per_token(geom, tp)
+    if geom.pool_layers is None:
+        return block_size * bytes_per_token(geom, tp)
+    return block_size * (bytes_per_token(geom, tp) // geom.layers) * geom.pool_layers
 
 
 def blocks_for_kv_bytes(geom: ModelGeometry, block_size: int, kv_bytes: int, tp: int = 1) -> int:
@@ -435,7 +445,7 @@ def _params_from_weights(folder: Path, geom: ModelGeometry) -> tuple[float, str]
 
 def describe_budget(geom: ModelGeometry, block_size: int, num_blocks: int, tp: int = 1) -> str:
     gib = kv_gib_for_blocks(geom, block_size, num_blocks, tp)
-    return (f"{num_blocks:,} blocks x {block_size} tokens x {bytes_per_token(geom, tp):,} B/token "
+    return (f"{num_blocks:,} blocks x {block_size} tokens x {bytes_per_block(geom, block_size, tp) // block_size:,} B/token "
             f"= {gib:.2f} GiB per GPU ({geom.name})")
 
 

@@ -70,6 +70,8 @@ def default_out_dir(log: str | Path) -> Path:
     if str(log) == "-":
         return Path("pc-advise-out") / "stdin"
     name = Path(log).name
+    if any(c in name for c in "*?["):  # a glob: name the run after its folder
+        name = Path(log).parent.name or "glob"
     for suffix in (".zst", ".gz", ".jsonl", ".json"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]

@@ -43,6 +43,7 @@ STATS = "stats.json"
 SIM = "sim.parquet"
 SIM_REQUESTS = "sim_requests.parquet"
 REPLICAS = "replicas.parquet"
+OFFLOAD = "offload.parquet"
 RECOMMENDATION = "recommendation.json"
 REPLAY = "replay.json"
 REPORT_HTML = "report.html"
@@ -66,11 +67,11 @@ STAGES = (
     StageSpec("ingest", (LOG,), (REQUESTS, REJECTS)),
     StageSpec("tokenize", (REQUESTS,), (TOKENS,)),
     StageSpec("analyze", (REQUESTS, TOKENS), (PREFIXES, CLUSTERS, STATS)),
-    StageSpec("simulate", (REQUESTS, TOKENS), (SIM, SIM_REQUESTS, REPLICAS)),
-    StageSpec("recommend", (SIM, STATS, REQUESTS), (RECOMMENDATION,)),
+    StageSpec("simulate", (REQUESTS, TOKENS), (SIM, SIM_REQUESTS, REPLICAS, OFFLOAD)),
+    StageSpec("recommend", (SIM, STATS, REQUESTS, REPLICAS, OFFLOAD), (RECOMMENDATION,)),
     StageSpec("replay", (REQUESTS, TOKENS, RECOMMENDATION, SIM_REQUESTS), (REPLAY,)),
     StageSpec("report", (MANIFEST, REJECTS, STATS, PREFIXES, CLUSTERS, REQUESTS, SIM, SIM_REQUESTS,
-                         RECOMMENDATION, REPLAY, REPLICAS), (REPORT_HTML, REPORT_MD)),
+                         RECOMMENDATION, REPLAY, REPLICAS, OFFLOAD), (REPORT_HTML, REPORT_MD)),
 )
 # Which stage writes which artifact, so a missing input can name the command to run.
 PRODUCER = {artifact: s.name for s in STAGES for artifact in s.writes}

@@ -20,7 +20,19 @@ FORMAT_CHAT = "openai-chat"  # bare chat body, or wrapped {"request": {...}, "re
 FORMAT_BATCH = "openai-batch"  # {"custom_id", "method", "url", "body"}
 FORMAT_COMPLETION = "completion"  # {"prompt": "..."} or {"prompt_token_ids": [...]}
 FORMAT_HASH_TRACE = "hash-trace"  # {"timestamp", "input_length", "output_length", "hash_ids"}
-FORMATS = (FORMAT_CHAT, FORMAT_BATCH, FORMAT_COMPLETION, FORMAT_HASH_TRACE)
+FORMAT_VLLM_LOG = "vllm-log"  # vllm serve --enable-log-requests: its prompt_token_ids, joined by request id
+FORMAT_ANTHROPIC = "anthropic"  # /v1/messages body {"model", "system"?, "messages", "max_tokens"}
+FORMAT_LITELLM = "litellm"  # LiteLLM StandardLoggingPayload / spend-log row
+FORMAT_LANGFUSE = "langfuse"  # Langfuse observation of type GENERATION
+FORMAT_OTEL = "otel-genai"  # OTLP JSON spans with OpenTelemetry GenAI attributes / events
+FORMATS = (FORMAT_CHAT, FORMAT_BATCH, FORMAT_COMPLETION, FORMAT_HASH_TRACE, FORMAT_VLLM_LOG,
+           FORMAT_ANTHROPIC, FORMAT_LITELLM, FORMAT_LANGFUSE, FORMAT_OTEL)
+
+# Chat content parts that carry media, not text (vLLM's chat_utils part types, and the media
+# parts other formats map to): kept, their text counted, their own tokens not (docs/formats.md).
+MEDIA_PARTS = frozenset({"image_url", "image", "input_image", "image_pil", "image_embeds", "input_audio", "audio_url",
+                         "audio", "audio_embeds", "video_url", "video", "video_embeds", "file", "input_file",
+                         "input_media", "input_video"})
 
 REQUESTS = pa.schema(
     [
@@ -58,6 +70,12 @@ REQUESTS = pa.schema(
         # null) when its `logprobs` is true; null: not asked
         pa.field("logprobs", pa.int64()),
         pa.field("n", pa.int64()),  # completions asked for (vLLM fans them out); 1 when absent
+        # The input file the request came from (a folder or glob: its path below the folder or
+        # glob root; one file: its name; standard input: null). `line` is a line of that file.
+        pa.field("source", pa.string()),
+        # Anthropic requests: where the body had cache_control markers (JSON array of paths, e.g.
+        # "system[0]", "messages[3].content[1]", "tools[11]"); vLLM caches without them
+        pa.field("cache_control", pa.string()),
     ]
 )
 
@@ -74,6 +92,9 @@ TOKENS = pa.schema(
         # output_tokens): the text's tokens + 1 for the stop token the model emitted. Null
         # otherwise; requests.output_tokens, when logged, is used instead.
         pa.field("output_tokens_from_text", pa.int64()),
+        # Media content parts (schema.MEDIA_PARTS) left out of the rendered prompt: the text
+        # around them is counted, their own tokens (a multimodal processor's) are not. Null: none.
+        pa.field("media_parts", pa.int64()),
     ]
 )
 
@@ -135,7 +156,7 @@ SIM_REQUESTS = pa.schema(
     ]
 )
 
-# --- replicas.parquet: N engines behind a router (advisor.sim.routing), concurrent mode, cold window ---
+# --- replicas.parquet: N engines behind a router (advisor.sim.routing), both modes, cold window ---
 REPLICAS = pa.schema(
     [
         pa.field("block_size", pa.int32(), nullable=False),
@@ -143,6 +164,7 @@ REPLICAS = pa.schema(
         pa.field("kv_gib", pa.float64()),  # KV memory of num_blocks, per replica; null when no model known
         pa.field("replicas", pa.int32(), nullable=False),
         pa.field("router", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # sequential | concurrent (times: concurrent only)
         pa.field("requests", pa.int64(), nullable=False),  # requests that ran, all replicas
         pa.field("queries", pa.int64(), nullable=False),
         pa.field("hit_tokens", pa.int64(), nullable=False),
@@ -155,8 +177,48 @@ REPLICAS = pa.schema(
         pa.field("e2e_p50_s", pa.float64()),
         pa.field("e2e_p95_s", pa.float64()),
         pa.field("makespan_s", pa.float64()),  # first arrival to the last finish on any replica
+        pa.field("busy_s", pa.float64()),  # the replicas' steps' time, summed
+        pa.field("prefill_s", pa.float64()),  # the prefill chunks' share of it (the clock's compute term)
         pa.field("load_spread", pa.float64()),  # requests on the busiest replica / mean per replica
         pa.field("fallbacks", pa.int64()),  # requests the router could not key (sent round-robin)
+        # prompt tokens computed (not hit, first scheduling) on the busiest replica / mean per replica
+        pa.field("prefill_spread", pa.float64()),
+        pa.field("replica_hit_rates", pa.list_(pa.float64())),  # per replica (index order): its hits / queries
+    ]
+)
+
+# --- offload.parquet: the CPU offload tier (advisor.sim.offload), sequential mode, per window ---
+OFFLOAD = pa.schema(
+    [
+        pa.field("block_size", pa.int32(), nullable=False),
+        pa.field("num_blocks", pa.int64(), nullable=False),  # the GPU budget, usable blocks
+        pa.field("kv_gib", pa.float64()),  # the GPU budget's KV memory per GPU
+        pa.field("offload_gib", pa.float64(), nullable=False),  # --kv-offloading-size (all TP ranks); 0 = none
+        pa.field("cpu_chunks", pa.int64(), nullable=False),  # the CPU tier's chunks (vLLM's num_chunks)
+        pa.field("blocks_per_chunk", pa.int32(), nullable=False),
+        pa.field("window", pa.string(), nullable=False),
+        pa.field("requests", pa.int64(), nullable=False),
+        pa.field("queries", pa.int64(), nullable=False),  # prefix_cache_queries
+        pa.field("gpu_hit_tokens", pa.int64(), nullable=False),  # prefix_cache_hits
+        pa.field("cpu_hit_tokens", pa.int64(), nullable=False),  # external_prefix_cache_hits
+        pa.field("miss_tokens", pa.int64(), nullable=False),  # queries - both hits: computed
+        pa.field("gpu_hit_rate", pa.float64(), nullable=False),  # of queries
+        pa.field("cpu_hit_rate", pa.float64(), nullable=False),  # of queries
+        pa.field("hit_rate", pa.float64(), nullable=False),  # both tiers, of queries
+        pa.field("external_queries", pa.int64(), nullable=False),  # external_prefix_cache_queries
+        # the CPU tier over the whole log (both windows): chunks loaded, stored, evicted; offers
+        # refused whole and their new chunks
+        pa.field("loads", pa.int64(), nullable=False),
+        pa.field("stores", pa.int64(), nullable=False),
+        pa.field("evictions", pa.int64(), nullable=False),
+        pa.field("refused_offers", pa.int64(), nullable=False),
+        pa.field("refused_chunks", pa.int64(), nullable=False),
+        pa.field("load_gib", pa.float64()),  # bytes loaded, all ranks, whole log; null: no model
+        pa.field("store_gib", pa.float64()),
+        # seconds the loads / stores take at the GPU's host link peak, one way, per rank, whole
+        # log; null where the GPU's datasheet link figure is unknown
+        pa.field("load_s", pa.float64()),
+        pa.field("store_s", pa.float64()),
     ]
 )
 

@@ -7,7 +7,8 @@ Each workload is written as a run folder (requests.parquet + tokens.parquet, as 
 tokenize would) and analysed in a fresh child process, so the peak RSS is the analysis alone
 (reading the Parquet files included). The synthetic workload is seeded: 40 apps with system
 prompts of 500-3,000 tokens, a fifth of them starting with a 6-token varying "timestamp" (a cache
-breaker); conversations of 1-8 turns that repeat their history, interleaved in time.
+breaker); conversations of 1-8 turns that repeat their history, interleaved in time. The breaker
+search reads whole prompts (advisor/analyze/breakers.py); `breaker_search` says how much.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def measure(run: Path) -> None:
     from advisor.analyze import stage as st
 
     t0 = time.perf_counter()
-    w = st.load_workload(run / "requests.parquet", run / "tokens.parquet")
+    w = st.from_workload(st.load_workload(run / "requests.parquet", run / "tokens.parquet"))
     t1 = time.perf_counter()
     result = st.analyze(w, st.AnalyzeOptions(), decode=None)
     t2 = time.perf_counter()
@@ -121,6 +122,7 @@ def measure(run: Path) -> None:
         "requests": result.stats["requests"], "prompt_tokens": result.stats["prompt_tokens"],
         "ceiling_rate": round(result.stats["ceiling_rate"], 4),
         "breakers": len(result.stats["breakers"]), "clusters": result.stats["clusters"]["count"],
+        "breaker_search": {k: v for k, v in result.stats["breaker_search"].items() if k != "searched"},
         "load_s": round(t1 - t0, 2), "analyze_s": round(t2 - t1, 2),
         "peak_rss_mib": round(rss_mib, 1),
     }))

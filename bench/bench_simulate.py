@@ -47,9 +47,9 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_workload(target_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chat sessions: system prompt + growing history + new user turn, interleaved in time."""
-    rng = np.random.default_rng(seed)
+def chat_prompts(target_tokens: int, rng: np.random.Generator) -> list[tuple[float, int, np.ndarray]]:
+    """Chat sessions: system prompt + growing history + new user turn, interleaved in time;
+    (arrival second, session, prompt tokens) per request in time order."""
     vocab = 150_000
     systems = [rng.integers(0, vocab, rng.integers(500, 3000), dtype=np.int32) for _ in range(24)]
     prompts: list[tuple[float, int, np.ndarray]] = []
@@ -72,6 +72,12 @@ def make_workload(target_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray
             t += 5.0 + 60.0 * rng.random()
         session += 1
     prompts.sort(key=lambda p: (p[0], p[1]))
+    return prompts
+
+
+def make_workload(target_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`chat_prompts` as one token array and its offsets."""
+    prompts = chat_prompts(target_tokens, np.random.default_rng(seed))
     offsets = np.zeros(len(prompts) + 1, np.int64)
     offsets[1:] = np.cumsum([len(p[2]) for p in prompts])
     return np.concatenate([p[2] for p in prompts]), offsets

@@ -6,19 +6,24 @@ equal. Layouts: full + sliding window (gpt-oss's two groups, Gemma 3's several s
 next to one full group), full + chunked local (Llama 4 with the hybrid manager on), a
 sliding-window-only model (one group), and sliding window under the dense and periodic
 retention policies. Workloads: hand-written stories with hand-counted hits and hypothesis
-workloads under eviction pressure (the generated cases must evict, or they are discarded).
+workloads under eviction pressure (the generated cases must evict, or they are discarded). The
+sequential workloads also run through the grid's compiled twin (advisor.sim.fast.hybrid) at
+vLLM's default retention.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from advisor.blockhash import request_block_hashes
 from advisor.errors import AdvisorError
+from advisor.sim.fast import trace as fasttrace
+from advisor.sim.fast.hybrid import simulate_sequential_hybrid
 from advisor.sim.hybrid import HybridPrefixCache, sequential_hits_hybrid
 from tests.test_oracle import VllmOracle
 
@@ -325,6 +330,14 @@ def test_sequential_workloads_match_vllm(layout, retention, data, num_blocks):
     assert got == expected
     assert sequential_hits_hybrid([request_block_hashes(t, B) for t in reqs], [len(t) for t in reqs], groups, B,
                                   num_blocks, retention_interval=retention) == expected
+    if retention == 0:  # the grid's compiled twin (vLLM's default retention only) against vLLM too
+        offsets = np.zeros(len(reqs) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(t) for t in reqs])
+        trace = fasttrace.traces_from_tokens(np.concatenate([np.asarray(t, np.int32) for t in reqs]), offsets, (B,),
+                                             None)[B]
+        fast = simulate_sequential_hybrid(trace, groups, num_blocks)
+        assert np.where(fast.admitted, fast.hit_tokens, 0).tolist() == expected
+        assert fast.evictions == oracle.evictions
     assert cache.free_block_ids() == oracle.free_block_ids()
     stats = oracle.manager.prefix_cache_stats
     assert (cache.queries, cache.hits, cache.evictions) == (stats.queries, stats.hits, oracle.evictions)

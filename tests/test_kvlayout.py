@@ -229,16 +229,121 @@ def test_groups_and_bytes_per_block_equal_vllms(name: str) -> None:
     assert _get_kv_cache_bytes_per_block(groups, KVCacheLayout.LBHNC) == layout.bytes_per_block(B)
 
 
-def test_the_stage_notes_say_what_full_attention_gets_wrong_for_a_hybrid_model() -> None:
-    """Gemma 3 27B: 52 of 62 layers slide over 1,024 tokens; an 8,000-token prompt leaves far
-    fewer bytes per token cached than the full-attention count, and the note says by how much.
-    A full-attention model gets no note."""
-    from advisor import kvmemory
-
-    geom = kvmemory.resolve_model("gemma-3-27b")
-    note = kl.kv_layout("gemma-3-27b").full_attention_note(geom, 16, 8000)
+def test_the_stage_notes_say_how_a_hybrid_model_is_simulated() -> None:
+    """Gemma 3 27B: 52 of 62 layers slide over 1,024 tokens; the note says the grid runs vLLM's
+    rules per group and, for an 8,000-token prompt, how much less memory a cached token takes
+    than the full-attention count. Qwen3-Next's Mamba layers are not modelled, and the note says
+    so. A full-attention model gets no note."""
+    geom = kv.resolve_model("gemma-3-27b")
+    note = kl.kv_layout("gemma-3-27b").hybrid_note(geom, 16, 8000)
     assert note is not None and "sliding_window (window 1024): 52 layers, full: 10 layers" in note
-    assert "simulates it as full attention" in note and "too much memory per cached token" in note
-    short = kl.kv_layout("gemma-3-27b").full_attention_note(geom, 16, 500)  # within one window: no overstatement
-    assert short is not None and "too much memory" not in short
-    assert kl.kv_layout("llama-3.1-8b").full_attention_note(kvmemory.resolve_model("llama-3.1-8b"), 16, 8000) is None
+    assert "simulated with vLLM's rules per group" in note and "blocks of 1,310,720 B at block size 16" in note
+    assert "8,000-token prompt keeps" in note
+    short = kl.kv_layout("gemma-3-27b").hybrid_note(geom, 16, 500)  # within one window: no overstatement
+    assert short is not None and "prompt keeps" not in short
+    mamba = kl.kv_layout("qwen3-next-80b-a3b").hybrid_note(kv.resolve_model("qwen3-next-80b-a3b"), 16, 8000)
+    assert mamba is not None and "approximate" in mamba and "not modelled" in mamba and "block size 544" in mamba
+    assert kl.kv_layout("llama-3.1-8b").hybrid_note(kv.resolve_model("llama-3.1-8b"), 16, 8000) is None
+
+
+def test_which_layouts_the_hybrid_simulator_runs() -> None:
+    assert kl.kv_layout("gpt-oss-20b").hybrid_sim_groups() == (("sliding_window", 128), ("full", None))
+    assert kl.kv_layout("gemma-3-27b").hybrid_sim_groups() == (("sliding_window", 1024),) * 6 + (("full", None),)
+    assert kl.kv_layout("llama-3.1-8b").hybrid_sim_groups() is None  # one full-attention group: PrefixCache
+    assert kl.kv_layout("llama-4-scout").hybrid_sim_groups() is None  # vLLM 0.32's default: no hybrid manager
+    assert kl.kv_layout("llama-4-scout", hybrid_manager=True).hybrid_sim_groups() is not None
+    assert kl.kv_layout("qwen3-next-80b-a3b").hybrid_sim_groups() is None  # Mamba: full-attention approximation
+
+
+@pytest.mark.parametrize("name", kv.catalog_names())
+def test_the_pool_geometry_gives_kvmemory_the_layouts_bytes_per_block(name: str) -> None:
+    """kvmemory's pool arithmetic on `pool_geometry` is the layout's, at every block size vLLM
+    runs; a geometry without a pool (a full-attention model) is unchanged."""
+    layout = kl.kv_layout(name)
+    geom = kv.resolve_model(name)
+    pooled = layout.pool_geometry(geom)
+    for requested in (16, 32, 64, 128):
+        B = layout.block_size(requested)
+        assert kv.bytes_per_block(pooled, B) == layout.bytes_per_block(B)
+        assert kv.blocks_for_kv_bytes(pooled, B, 40 * kv.GIB) == layout.blocks_for_kv_bytes(40 * kv.GIB, B)
+    if not layout.needs_hybrid_cache and layout.groups[0].kind != "mamba":
+        assert kv.bytes_per_block(pooled, 16) == kv.bytes_per_block(geom, 16)
+
+
+def test_admission_and_start_up_needs_by_hand() -> None:
+    """gpt-oss-20b at B=16, window 128: a 4,096-token sequence takes 256 blocks in each group when
+    computed in one step; with 2 x 2,048 tokens in flight the sliding group's admission is capped at
+    cdiv(127 + 4,096, 16) + 1 = 265 blocks, which a longer one hits. vLLM's start-up check for
+    --max-model-len 8,192: 12 full layers x 512 pages + 12 sliding layers x 265 pages."""
+    layout = kl.kv_layout("gpt-oss-20b")
+    assert layout.admission_blocks(4096, 16) == 512
+    assert layout.admission_blocks(4096, 16, max_in_flight_tokens=4096) == 256 + 256
+    assert layout.admission_blocks(8192, 16, max_in_flight_tokens=4096) == 512 + 265
+    page = 16 * 2 * 8 * 64 * 2  # one layer, one block
+    assert layout.startup_bytes(8192, 16, 4096) == 12 * 512 * page + 12 * 265 * page
+    usable = 777  # (12 x 512 + 12 x 265) layer pages / 12 layers per block id
+    assert layout.longest_startable(usable, 16, 4096, 1 << 20) == 8192
+    assert layout.longest_startable(usable - 1, 16, 4096, 1 << 20) == 8176  # one block less in the full group
+
+
+def test_the_report_gets_the_layout_in_words_and_numbers() -> None:
+    d = kl.kv_layout("gpt-oss-20b").as_dict(16)
+    assert d["hybrid"] and d["simulated_exactly"] and d["bytes_per_block"] == 393_216
+    assert [(g["kind"], g["bytes_per_token"], g["pool_bytes_per_token"]) for g in d["groups"]] == [
+        ("sliding_window", 24_576, 24_576), ("full", 24_576, 24_576)]
+    assert "2 groups of up to 12 layers" in d["description"]
+    q = kl.kv_layout("qwen3-next-80b-a3b").as_dict(16)
+    assert q["block_size"] == 544 and q["requested_block_size"] == 16 and not q["simulated_exactly"]
+
+
+# --- against vLLM's own start-up arithmetic ----------------------------------------------------
+
+
+def vllm_layer_specs(layout: kl.KVLayout, B: int) -> dict[str, object]:
+    """vLLM's per-layer KV cache specs for `layout` at block size B, in layer order."""
+    import torch
+    from vllm.v1.kv_cache_interface import (
+        ChunkedLocalAttentionSpec,
+        FullAttentionSpec,
+        MambaSpec,
+        SlidingWindowSpec,
+    )
+
+    page = layout.page_bytes(B)
+    specs = {}
+    for g in layout.groups:
+        s = g.spec
+        common = dict(block_size=B, num_kv_heads=s.kv_heads, head_size=s.head_dim,
+                      dtype=torch.bfloat16 if s.dtype_bytes == 2 else torch.float8_e4m3fn)
+        for i in g.layers:
+            if s.kind == "mamba":
+                specs[i] = MambaSpec(shapes=((s.state_bytes // 2,),), dtypes=(torch.bfloat16,), block_size=B,
+                                     page_size_padded=page, mamba_cache_mode="align")
+            elif s.kind == "sliding_window":
+                specs[i] = SlidingWindowSpec(**common, sliding_window=s.window)
+            elif s.kind == "chunked_local":
+                specs[i] = ChunkedLocalAttentionSpec(**common, attention_chunk_size=s.window)
+            else:
+                specs[i] = FullAttentionSpec(**common)
+    return {f"model.layers.{i}.attn": specs[i] for i in sorted(specs)}
+
+
+def vllm_startup_bytes(layout: kl.KVLayout, B: int, max_model_len: int, max_in_flight_tokens: int) -> int:
+    """vLLM's own `max_memory_usage_bytes` summed over the layers (check_enough_kv_cache_memory)."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=max_model_len),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+        cache_config=SimpleNamespace(mamba_cache_mode="align"), max_in_flight_tokens=max_in_flight_tokens)
+    return sum(spec.max_memory_usage_bytes(config) for spec in vllm_layer_specs(layout, B).values())
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "gemma-3-27b", "gemma-2-9b", "qwen3-next-80b-a3b"])
+def test_start_up_bytes_equal_vllms(name: str) -> None:
+    pytest.importorskip("vllm.v1.kv_cache_interface", reason="vLLM is not importable")
+    layout = kl.kv_layout(name)
+    for requested, M, in_flight in ((16, 2048, 16384), (16, 40_000, 4096), (64, 131_072, 8192)):
+        B = layout.block_size(requested)
+        assert layout.startup_bytes(M, B, in_flight) == vllm_startup_bytes(layout, B, M, in_flight), (requested, M)

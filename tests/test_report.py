@@ -379,3 +379,51 @@ def test_a_replay_of_another_configuration_does_not_claim_the_recommendation(tmp
     (run / rf.REPLAY).write_text(json.dumps(replay))
     status = facts.replay_status(load(run))
     assert status.headline == "Simulator confirmed by replay" and "not replayed" in status.detail
+
+
+# --- replicas and routers -------------------------------------------------------------------
+def _replica_run(root: Path) -> Path:
+    """The fixture run plus replicas.parquet (counts 1, 2, 4 x three routers at the recommended
+    256 blocks of 16) and the recommendation's `replicas` section made from it by recommend."""
+    import polars as pl
+    import pyarrow as pa
+
+    from advisor import schema
+    from advisor.recommend.options import RecommendOptions
+    from advisor.recommend.replicas import recommend_replicas
+
+    run = write_fixture_run(root)
+    hits = {(1, "round-robin"): (0.60, 1.0), (2, "round-robin"): (0.40, 1.0), (2, "session"): (0.55, 1.3),
+            (2, "cache-aware"): (0.58, 1.5), (4, "round-robin"): (0.30, 1.0), (4, "session"): (0.50, 1.6),
+            (4, "cache-aware"): (0.57, 3.2)}
+    rows = [{"block_size": 16, "num_blocks": 256, "kv_gib": 0.512, "replicas": c, "router": r, "mode": "concurrent",
+             "requests": 10, "queries": 1000, "hit_tokens": round(h * 1000), "hit_rate": h, "refused": 0,
+             "evictions": 0, "preemptions": 0, "ttft_p50_s": 0.05, "ttft_p95_s": 0.1, "e2e_p50_s": 1.0,
+             "e2e_p95_s": 2.0, "makespan_s": 9.0, "load_spread": s, "fallbacks": 0, "prefill_spread": s}
+            for (c, r), (h, s) in hits.items()]
+    rf.write_table(run / rf.REPLICAS, pa.Table.from_pylist(rows, schema=schema.REPLICAS), schema.REPLICAS)
+    rec = json.loads((run / rf.RECOMMENDATION).read_text())
+    rec["replicas"] = recommend_replicas(pl.from_arrow(pa.Table.from_pylist(rows, schema=schema.REPLICAS)),
+                                         rec["recommended"], RecommendOptions())
+    rf.write_json(run / rf.RECOMMENDATION, rec)
+    return run
+
+
+def test_replicas_section_shows_the_deployment_the_plot_and_the_price_in_both_formats(tmp_path: Path) -> None:
+    data = load(_replica_run(tmp_path / "run"))
+    page, md = html_report.render(data), md_report.render(data)
+    sec = page[page.index('<section id="replicas">'):]
+    sec = sec[:sec.index("</section>")]
+    # session at 4 replicas: 50%, within the limit; cache-aware 57% but its busiest replica takes 3.2x the mean
+    head = "Recommended session routing over 4 replicas, 256 blocks of 16 per replica: hit rate 50.0%"
+    assert head in sec and head in md
+    assert "Runner-up: cache-aware over 4 replicas: it would save 70 prefill tokens more" in md
+    assert '<svg role="img" aria-label="hit rate versus replicas, per router"' in sec
+    assert "no: busiest 3.20x (limit 2x)" in sec and "no: busiest 3.20x (limit 2x)" in md
+    assert "| 4 | session | 50.0% | +20.0 pp | 1.60x | 1.60x |" in md  # gain over round-robin's 30%
+    assert '<tr class=pick><td class=n>4</td><td>session</td>' in sec  # the recommended row
+    assert "vllm serve MODEL --enable-prefix-caching --block-size 16 --num-gpu-blocks-override 257" in md
+    assert md.index("## Replicas and routers") < md.index("## Replay through vLLM")
+    # without replica rows there is no section and no plot
+    plain = load(write_fixture_run(tmp_path / "plain"))
+    assert 'id="replicas"' not in html_report.render(plain) and "Replicas and routers" not in md_report.render(plain)

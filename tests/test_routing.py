@@ -18,8 +18,16 @@ from advisor.report import html, markdown
 from advisor.report.model import build
 from advisor.sim import events
 from advisor.sim.cache import PrefixCache
-from advisor.sim.routing import ROUTERS, run_replicas, stable_hash
+from advisor.sim.fast.routing import run_replicas_sequential_compiled
+from advisor.sim.routing import (
+    ROUTERS,
+    follows,
+    run_replicas,
+    run_replicas_sequential,
+    stable_hash,
+)
 from advisor.sim.steptime import StepTimeModel
+from tests.test_fastevents import trace_of
 from tests.test_simulate import write_run
 
 B = 4
@@ -40,6 +48,18 @@ def run(reqs: list[list[int]], *, replicas: int = 2, router: str = "round-robin"
                         replicas=replicas, router=router, sessions=sessions, **kw)  # type: ignore[arg-type]
 
 
+def run_seq(reqs: list[list[int]], engine: str, *, replicas: int = 2, router: str = "round-robin",
+            num_blocks: int = 1000, **kw: object):
+    """Sequential mode on the reference (tuple hashes, PrefixCache) or the compiled twin (a trace)."""
+    if engine == "reference":
+        return run_replicas_sequential(lambda: PrefixCache(num_blocks, B), [chained(r) for r in reqs],
+                                       np.asarray([len(r) for r in reqs]), replicas=replicas, router=router,
+                                       **kw)  # type: ignore[arg-type]
+    return run_replicas_sequential_compiled(trace_of(reqs), num_blocks, replicas=replicas, router=router,
+                                            **kw)  # type: ignore[arg-type]
+
+
+ENGINES = pytest.mark.parametrize("engine", ["reference", "compiled"])
 A1 = list(range(1, 10))  # 9 tokens: 2 full blocks cached after it runs
 A2 = A1 + [10, 11, 12, 13]  # 13 tokens: looks up (13 - 1) // 4 = 3 blocks, 2 of them cached
 B1 = list(range(101, 110))
@@ -110,11 +130,85 @@ def test_least_loaded_counts_requests_and_ties_to_the_lowest_index() -> None:
     assert res.requests_per_replica.tolist() == [2, 1] and res.load_spread == pytest.approx(2 / 1.5)
 
 
+A3 = A2 + [14, 15, 16, 17]  # 17 tokens: looks up 4 blocks; A2 cached 3 (12 tokens), A1 only 2
+B3 = B2 + [114, 115, 116, 117]
+
+
+@ENGINES
+def test_sequential_round_robin_splits_two_sessions_and_session_routing_keeps_them(engine: str) -> None:
+    """Log order A1 B1 B2 A2 A3 B3, sequential mode, 2 replicas, nothing evicted. Round-robin:
+    A1 -> 0, B1 -> 1, B2 -> 0 (holds A1: miss), A2 -> 1 (holds B1: miss), A3 -> 0 (A1's 2 blocks:
+    8), B3 -> 1 (B1's 2 blocks: 8): 16 hit tokens of 78. Session routing keeps each on its
+    replica: A2 and B2 hit their first turn's 2 blocks (8), A3 and B3 their second's 3 (12): 40,
+    what one replica gets."""
+    reqs, (sa, sb) = [A1, B1, B2, A2, A3, B3], two_sessions()
+    rr = run_seq(reqs, engine)
+    assert rr.replica.tolist() == [0, 1, 0, 1, 0, 1]
+    assert rr.hit_tokens.tolist() == [0, 0, 0, 0, 8, 8]
+    ss = run_seq(reqs, engine, router="session", sessions=[sa, sb, sb, sa, sa, sb])
+    assert ss.hit_tokens.tolist() == [0, 0, 8, 8, 12, 12] and ss.fallbacks == 0
+    assert len(set(ss.replica[[0, 3, 4]].tolist())) == 1 and len(set(ss.replica[[1, 2, 5]].tolist())) == 1
+    one = run_seq(reqs, engine, replicas=1)
+    assert one.hit_tokens.tolist() == ss.hit_tokens.tolist() and one.replica.tolist() == [0] * 6
+
+
+@ENGINES
+def test_sequential_prefix_hash_sends_a_hot_prefix_to_one_replica(engine: str) -> None:
+    """8 requests share their first two blocks (10 tokens each, 2 blocks looked up). Prefix-hash
+    on 4 replicas sends all 8 to one replica: 7 of them hit 8 tokens (56), and that replica gets
+    every request (load spread 8 / 2 = 4). Round-robin spreads them evenly (spread 1) and each
+    replica's first one misses: (8 - 4) x 8 = 32."""
+    reqs = [list(range(1, 9)) + [100 + k, 200 + k] for k in range(8)]
+    ph = run_seq(reqs, engine, replicas=4, router="prefix-hash")
+    assert len(set(ph.replica.tolist())) == 1
+    assert int(ph.hit_tokens.sum()) == 56 and ph.load_spread == 4.0
+    rr = run_seq(reqs, engine, replicas=4)
+    assert int(rr.hit_tokens.sum()) == 32 and rr.load_spread == 1.0 and rr.requests_per_replica.tolist() == [2] * 4
+
+
+@ENGINES
+def test_sequential_cache_aware_trades_the_hit_against_the_work_done(engine: str) -> None:
+    """X (9 tokens) goes to replica 0 (both empty: tie to the lowest index) and computes 9 tokens.
+    X' (13 tokens): replica 0 would hit 8 and has done 9 tokens of work, replica 1 nothing:
+    scores 8 - 9w and 0. w = 1: -1 < 0, replica 1, a miss; w = 0.5: 3.5 > 0, replica 0, 8 hit."""
+    heavy = run_seq([A1, A2], engine, router="cache-aware", load_weight=1.0)
+    assert heavy.replica.tolist() == [0, 1] and heavy.hit_tokens.tolist() == [0, 0]
+    light = run_seq([A1, A2], engine, router="cache-aware", load_weight=0.5)
+    assert light.replica.tolist() == [0, 0] and light.hit_tokens.tolist() == [0, 8]
+
+
+@ENGINES
+def test_sequential_least_loaded_counts_requests_routed_and_children_follow_their_request(engine: str) -> None:
+    """Logged request 0 asks for 3 completions (scheduler requests 0, 1, 2, lines 0 0 0), then
+    four single ones. Every child goes where the first went. Round-robin counts logged requests:
+    0 0 0 | 1 0 1 0. Least-loaded counts requests routed: after line 0 the loads are (3, 0), so
+    lines 1, 2, 3 go to replica 1 (loads 3/1, 3/2, 3/3), line 4 to replica 0 (tie)."""
+    reqs = [A1, A1, A1, B1, A2, B2, A3]
+    lines = np.array([0, 0, 0, 1, 2, 3, 4])
+    rr = run_seq(reqs, engine, lines=lines)
+    assert rr.replica.tolist() == [0, 0, 0, 1, 0, 1, 0]
+    ll = run_seq(reqs, engine, router="least-loaded", lines=lines)
+    assert ll.replica.tolist() == [0, 0, 0, 1, 1, 1, 0]
+    assert follows(lines, 7).tolist() == [-1, 0, 1, -1, -1, -1, -1]
+
+
+@ENGINES
+def test_sequential_replicas_refuse_what_their_pool_cannot_hold(engine: str) -> None:
+    """A 3-block pool per replica: A3 (17 tokens, 5 blocks) is refused where it lands (counted
+    there, no hit, not run); the others run."""
+    res = run_seq([A1, A3, B1], engine, num_blocks=3)
+    assert res.scheduled.tolist() == [True, False, True]
+    assert res.refused_per_replica.tolist() == [0, 1] and res.requests_per_replica.tolist() == [2, 1]
+
+
 def test_unknown_router_and_bad_counts_name_the_fix() -> None:
     with pytest.raises(AdvisorError, match="round-robin"):
         run([A1], router="random")
     with pytest.raises(AdvisorError, match="--replicas"):
         run([A1], replicas=0)
+    for engine in ("reference", "compiled"):
+        with pytest.raises(AdvisorError, match="--router-load-weight"):
+            run_seq([A1], engine, router="cache-aware", load_weight=-1.0)
 
 
 @st.composite
@@ -179,18 +273,28 @@ def test_routes_are_deterministic_and_every_request_runs_once(w, replicas: int, 
 
 
 def test_cli_simulate_writes_replicas_parquet(tmp_path: Path) -> None:
-    """--replicas 1,2 --router round-robin,cache-aware at one budget: 2 x 2 rows, one replica's
-    rows equal whatever the router; per-replica memory is the budget given."""
+    """--replicas 1,2 --router round-robin,cache-aware at one budget: per mode (sequential first)
+    2 x 2 rows; one replica's rows are sim.parquet's LRU row at that budget whatever the router;
+    per-replica memory is the budget given."""
     reqs = [A1, A2, B1, B2, A1 + [20, 21, 22, 23, 24]]
     run_dir = write_run(tmp_path / "run", reqs, output_tokens=[2] * len(reqs))
     res = CliRunner().invoke(main, ["simulate", str(run_dir), "--block-sizes", "4", "--num-blocks", "10",
                                     "--replicas", "1,2", "--router", "round-robin,cache-aware", "--json"])
     assert res.exit_code == 0, res.output
     rows = pq.read_table(run_dir / "replicas.parquet").to_pylist()
-    assert [(r["replicas"], r["router"]) for r in rows] == [
-        (1, "round-robin"), (1, "cache-aware"), (2, "round-robin"), (2, "cache-aware")]
+    assert [(r["mode"], r["replicas"], r["router"]) for r in rows] == [
+        (m, n, router) for m in ("sequential", "concurrent") for n in (1, 2) for router in ("round-robin", "cache-aware")]
     assert all(r["block_size"] == 4 and r["num_blocks"] == 10 and r["queries"] == 58 for r in rows)
-    assert rows[0]["hit_tokens"] == rows[1]["hit_tokens"]
+    sim = [r for r in pq.read_table(run_dir / "sim.parquet").to_pylist()
+           if r["num_blocks"] == 10 and r["policy"] == "lru" and r["window"] == "cold"]
+    for r in rows:
+        assert len(r["replica_hit_rates"]) == r["replicas"]
+        if r["replicas"] == 1:
+            (single,) = [s for s in sim if s["mode"] == r["mode"]]
+            assert (r["hit_tokens"], r["evictions"], r["ttft_p50_s"]) == (
+                single["hit_tokens"], single["evictions"], single.get("ttft_p50_s"))
+            assert r["replica_hit_rates"] == [r["hit_rate"]] and r["prefill_spread"] == 1.0
+        assert (r["ttft_p50_s"] is None) == (r["mode"] == "sequential")
     # without --replicas the artifact is there and empty
     res = CliRunner().invoke(main, ["simulate", str(run_dir), "--block-sizes", "4", "--num-blocks", "10", "--json"])
     assert res.exit_code == 0, res.output

@@ -227,10 +227,13 @@ def test_tool_call_arguments_become_objects_bad_ones_empty():
     assert [c["function"]["arguments"] for c in conv[0]["tool_calls"]] == [{"x": [1]}, {}, {}]
 
 
-def test_image_parts_are_refused_for_a_text_model():
-    with pytest.raises(chatprompt.RenderError, match="image_url"):
-        chatprompt.vllm_conversation([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+def test_media_parts_are_left_out_and_parts_of_no_known_type_refused():
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    assert chatprompt.vllm_conversation(msgs) == [{"role": "user", "content": "what is this?"}]
+    assert chatprompt.media_parts(msgs) == 1
+    with pytest.raises(chatprompt.RenderError, match="hologram"):
+        chatprompt.vllm_conversation([{"role": "user", "content": [{"type": "hologram"}]}])
 
 
 @pytest.mark.oracle
@@ -259,7 +262,7 @@ def test_tokenize_file_kinds_order_passthrough_and_refusals(tmp_path, qwen):
         {"kind": schema.KIND_TOKENS, "prompt_token_ids": [5, 6, 7], "format": "completion"},
         {"kind": schema.KIND_HASH_TRACE, "hash_ids": [1, 2], "input_length": 700,
          "trace_block_size": 512, "format": "hash-trace"},
-        chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
+        chat([{"role": "user", "content": [{"type": "hologram", "image_url": {"url": "u"}}]}]),
         {"kind": schema.KIND_COMPLETION, "prompt": "", "format": "completion"},
     ])
     out = tmp_path / "tokens.parquet"
@@ -392,7 +395,7 @@ def test_cli_tokenize_then_skip_when_unchanged(tmp_path, cli_env):
     run_dir.mkdir()
     write_requests(run_dir / "requests.parquet", [
         chat([{"role": "user", "content": "hello"}]),
-        chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
+        chat([{"role": "user", "content": [{"type": "hologram", "image_url": {"url": "u"}}]}]),
     ])
     runner = CliRunner()
     first = runner.invoke(main, ["tokenize", str(run_dir), "--json"], env=cli_env)
@@ -402,7 +405,7 @@ def test_cli_tokenize_then_skip_when_unchanged(tmp_path, cli_env):
     assert summary["tokenizer"] == EMBEDDED_SPEC
     second = runner.invoke(main, ["tokenize", str(run_dir)], env=cli_env)
     assert second.exit_code == 0 and "skipped" in second.stderr
-    assert "1 requests vLLM would refuse" in second.stderr and "image_url" in second.stderr
+    assert "1 requests vLLM would refuse" in second.stderr and "hologram" in second.stderr
 
 
 def test_hash_traces_need_no_tokenizer(tmp_path):

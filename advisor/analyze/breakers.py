@@ -1,30 +1,34 @@
-"""Cache breakers: near-identical prompts whose token streams diverge early.
+"""Cache breakers: near-identical prompts whose token streams part and later agree again.
 
-Input: a token `AnalysisView` and its `PrefixPass` (advisor.analyze.stage); a `decode` callable for text.
-Output: a list of breaker dicts (stats.json "breakers", keys per the cross-helper contract).
+Input: a token `AnalysisView` and its `PrefixPass` (advisor.analyze.stage); a `decode` callable
+for text, or None. Output: a `BreakerResult`: the breaker records (stats.json "breakers"), one
+`PairFinding` per place a request differs from its partner, and what was searched.
 
-Finding is generic and never looks at the text:
-1. Candidate pairs. Each request's leading window is cut into content-defined chunks
-   (`stats.content_chunks`: boundaries depend on local content, so a shifted body still yields
-   the same chunks). A dict maps chunk hash -> latest request that had it. A request whose
-   longest shared prefix leaves room, but whose chunks *after* that prefix mostly appear in one
-   earlier request, is near-identical to that request while losing the prefix early: a pair.
-2. Alignment. For a pair (earlier a, later b): p = their common prefix; from p, the first k-gram
-   of b that re-appears in a (and then matches for at least `min_run` tokens) marks where the
-   common content resumes (b at ra, a at qa). The differing text is a[p:qa] versus b[p:ra].
-   Re-aligning repeatedly (a few rounds) follows reordered blocks; the end of the last aligned
-   run is how far b would share if the differing spans were equal, so
-   tokens_lost = min(end, L-1) - (b's actual ceiling tokens).
-3. Grouping. Pairs are joined into families (union-find over the pairs) and split by the block
-   where they diverge; each group is one breaker.
-Labels come last, from the decoded differing text of the group's example pairs (timestamp, uuid/id,
-tool order, whitespace, per-user text, otherwise "unknown"); they name a finding, never make one.
+Finding is generic and never looks at the text; it reads whole prompts, with no window:
+1. Candidate pairs. The part of each prompt past its shared prefix is cut into content-defined
+   chunks (`hashing.content_chunks`: boundaries depend on local content, so shifted text
+   yields the same chunks). A dict maps chunk hash -> the latest request that had it past its
+   own shared prefix. A request whose remaining chunks come, for at least VOTE_SHARE of their
+   tokens (and two blocks), from one earlier request is near-identical to it while losing its
+   prefix: a pair. The earlier request holding its deepest such chunk and the previous request
+   of its session are candidates too; the alignment keeps the one it loses most to.
+   Cost: one pass over the tokens past each shared prefix.
+2. Alignment (advisor/analyze/align.py). Each pair is aligned over the whole of b: the chain of
+   runs b shares with a, cut into regions, each a changed value or a reordering followed by
+   content shared again. A region's price is what b would share if that region agreed, given
+   the regions before it agree: min(shared_end, L - 1) - max(b's ceiling, region start).
+   Summed over a request's regions that is what the request loses to all of them.
+3. Grouping. Pairs are joined into families (union-find); within a family, regions whose spans
+   overlap (or lie within a block of each other) are one breaker. Requests affected are every
+   request with a region in it; tokens lost the sum of their prices.
+4. Naming (advisor/analyze/labels.py), from a few decoded examples, after the fact; one
+   family's reorderings of one kind (e.g. schema keys in several tools) are one breaker, and
+   one breaker seen in several families (one timestamp atop several apps) is merged.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from advisor.analyze.hashing import common_prefix_len, content_chunks, mix64
+from advisor.analyze import labels as lb
+from advisor.analyze.align import a_window, align, regions
+from advisor.analyze.hashing import content_chunks
 from advisor.analyze.prefixes import (
     AnalysisView,
     Decode,
@@ -40,184 +46,116 @@ from advisor.analyze.prefixes import (
     ceiling_per_request,
 )
 
-_KGRAM = 8
-_MIN_RUN = 16
-_ROUNDS = 32
-_ALIGN_WINDOW_FACTOR = 4
+VOTE_SHARE = 0.15  # of the tokens past the shared prefix that must come from one earlier request
+_CHUNK_MARGIN = 8  # units before the shared end re-chunked, so chunk boundaries past it are exact
 _EXAMPLES = 3
+_NAMED = 12  # example pairs decoded per breaker for its label
+_NAMED_SITES = 200  # sites named from text, the costliest first; the rest keep their structural label
+_SURE = 2 / 3  # share of the decoded examples that must agree on a specific label
 _TEXT_MAX = 240
-_CONTEXT = 24  # tokens of context each side of a differing span, for labels
+_CONTEXT = 24  # tokens of context each side of a differing span, shown with the example
+_NAME_CONTEXT = 96  # tokens before a span read to name it (the enclosing JSON object)
 
 
 @dataclass(frozen=True)
 class PairFinding:
+    """One region where request b differs from its earlier partner a (align.Region)."""
+
     a: int  # earlier request
-    b: int  # later request, the one that lost its prefix
-    diverge: int  # common prefix of a and b, tokens
+    b: int  # later request, the one that loses reuse
+    diverge: int  # where the differing span starts in b
+    a_start: int  # ... and in a
     a_resume: int  # where the common content resumes in a
     b_resume: int  # ... and in b
+    shared_end: int  # b's tokens shared with a once this region agrees
+    order: bool  # the spans hold the same tokens in another order
     tokens_lost: int
 
 
-def candidate_pairs(w: AnalysisView, p: PrefixPass, lead_tokens: int, min_tokens: int) -> list[tuple[int, int]]:
-    """(earlier, later) pairs of near-identical prompts whose shared prefix stops early."""
+@dataclass(frozen=True)
+class BreakerResult:
+    breakers: list[dict[str, Any]]  # stats.json "breakers", largest loss first
+    pairs: list[PairFinding]  # every priced region, in request order
+    search: dict[str, Any]  # stats.json "breaker_search": what was searched
+
+
+def candidate_pairs(w: AnalysisView, p: PrefixPass, min_tokens: int) -> tuple[list[tuple[tuple[int, ...], int]], int]:
+    """(earlier candidates, later request) for near-identical prompts, and the tokens chunked.
+
+    The candidates are the earlier request that holds most of the later one's remaining
+    tokens, the one that holds its deepest such chunk, and the previous request of its
+    session (a conversation's previous turn shares the history too, not only the template).
+    """
     last: dict[int, int] = {}
-    pairs: list[tuple[int, int]] = []
+    prev_in_session: dict[str, int] = {}
+    pairs: list[tuple[tuple[int, ...], int]] = []
     ns_of: dict[str | None, int] = {}
     ns = np.array([ns_of.setdefault(x, len(ns_of)) for x in w.namespaces], dtype=np.int64)
+    chunked = 0
     for r in range(len(w)):
-        units = w.units(r)[:lead_tokens]
-        hashes, starts = content_chunks(units)
+        units = w.units(r)
         s = int(p.shared_tokens[r])
         room = len(units) - s
-        if last and room >= min_tokens:
-            sel = starts >= s
-            hl = hashes[sel].tolist()
-            if hl:
-                lens = np.diff(np.append(starts, len(units)))[sel]
-                owners = np.fromiter((last.get(h, -1) for h in hl), dtype=np.int64, count=len(hl))
-                ok = owners >= 0
-                ok[ok] = ns[owners[ok]] == ns[r]
-                if ok.any():
-                    votes = Counter()
-                    for o, n in zip(owners[ok].tolist(), lens[ok].tolist(), strict=True):
-                        votes[o] += n
-                    q, v = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
-                    if v >= max(min_tokens, 0.3 * room):
-                        pairs.append((q, r))
-        if len(hashes):
-            last.update(zip(hashes.tolist(), itertools.repeat(r)))
-    return pairs
-
-
-def _kgrams(x: np.ndarray, k: int) -> np.ndarray:
-    win = np.lib.stride_tricks.sliding_window_view(x.astype(np.uint64), k)
-    pos = np.arange(k, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    return mix64(win ^ pos).sum(axis=1, dtype=np.uint64)
-
-
-def align_pair(a: np.ndarray, b: np.ndarray, window: int) -> tuple[int, int, int, int]:
-    """(diverge, a_resume, b_resume, aligned_end_in_b) for two token arrays; see module doc.
-
-    k-grams of a[p : p+window] are hashed once; b is scanned from p on, each round from the end
-    of the previous aligned run, and every round searches all of a's window (not only forward),
-    so blocks that moved earlier (reordered tools) are followed too. A resume point needs a
-    match of at least _MIN_RUN tokens, so short boilerplate does not count as re-alignment.
-    """
-    p = common_prefix_len(a, b)
-    wa, wb = a[p : p + window], b[p : p + _ALIGN_WINDOW_FACTOR * window]
-    if len(wa) < _KGRAM or len(wb) < _KGRAM:
-        return p, p, p, p
-    ha, hb = _kgrams(wa, _KGRAM), _kgrams(wb, _KGRAM)
-    hits = np.flatnonzero(np.isin(hb, ha))  # offsets in b (from p) whose k-gram occurs in a
-    first: tuple[int, int] | None = None
-    pb = p
-    for _ in range(_ROUNDS):
-        found = None
-        tried = 0
-        for i in hits[np.searchsorted(hits, pb - p) :].tolist():
-            if tried == 32:
-                break
-            tried += 1
-            for j in np.flatnonzero(ha == hb[i])[:4].tolist():
-                run = common_prefix_len(a[p + j :], b[p + i :])
-                if run >= _MIN_RUN:
-                    found = (p + j, p + i, run)
-                    break
-            if found:
-                break
-        if found is None:
-            break
-        if first is None:
-            first = (found[0], found[1])
-        pb = found[1] + found[2]
-    if first is None:
-        return p, p, p, p
-    return p, first[0], first[1], pb
+        before = prev_in_session.get(w.sessions[r]) if w.sessions[r] is not None else None
+        if w.sessions[r] is not None:
+            prev_in_session[w.sessions[r]] = r
+        if room < min_tokens:
+            continue
+        lo = max(0, s - _CHUNK_MARGIN)
+        hashes, starts = content_chunks(units[lo:])
+        chunked += len(units) - lo
+        keep = starts + lo >= s
+        hashes, lens = hashes[keep], np.diff(np.append(starts, len(units) - lo))[keep]
+        if last and len(hashes):
+            owners = np.array(list(map(last.get, hashes.tolist(), itertools.repeat(-1))), dtype=np.int64)
+            ok = owners >= 0
+            ok[ok] = ns[owners[ok]] == ns[r]
+            if ok.any():
+                who, inv = np.unique(owners[ok], return_inverse=True)
+                votes = np.bincount(inv, weights=lens[ok])
+                best = int(np.flatnonzero(votes == votes.max())[-1])  # ties: the latest request
+                if votes[best] >= max(min_tokens, VOTE_SHARE * room):
+                    cands = [int(who[best])]
+                    deepest = int(owners[ok][-1])
+                    if votes[int(np.searchsorted(who, deepest))] >= min_tokens:
+                        cands.append(deepest)
+                    if before is not None and ns[before] == ns[r]:
+                        cands.append(before)
+                    pairs.append((tuple(dict.fromkeys(cands)), r))
+        last.update(dict.fromkeys(hashes.tolist(), r))
+    return pairs, chunked
 
 
 def analyse_pairs(
-    w: AnalysisView, p: PrefixPass, pairs: Sequence[tuple[int, int]], window: int, min_tokens: int
-) -> list[PairFinding]:
+    w: AnalysisView, p: PrefixPass, pairs: Sequence[tuple[Sequence[int], int]], min_tokens: int
+) -> tuple[list[PairFinding], int]:
+    """Every region between each later request and the candidate it loses most to that is
+    followed by at least `min_tokens` of shared content and costs at least that many, and the
+    tokens aligned."""
     ceil = ceiling_per_request(w, p)
-    found = []
-    for a, b in pairs:
-        div, qa, ra, end = align_pair(w.units(a), w.units(b), window)
-        if ra == div and qa == div:
-            continue
-        lost = min(end, int(w.n_tokens[b]) - 1) - int(ceil[b])
-        if lost >= min_tokens:
-            found.append(PairFinding(a, b, div, qa, ra, lost))
-    return found
+    found: list[PairFinding] = []
+    aligned = 0
+    for cands, b in pairs:
+        ub = w.units(b)
+        last = int(w.n_tokens[b]) - 1
+        best: list[PairFinding] = []
+        for a in cands:
+            ua = w.units(a)
+            start, runs = align(ua, ub)
+            aligned += len(ub) - start + min(len(ua) - start, a_window(len(ub) - start))
+            mine = []
+            for g in regions(ua, ub, start, runs):
+                lost = min(g.shared_end, last) - max(int(ceil[b]), g.b0)
+                resumed = g.shared_end - (g.b0 if g.order else g.b1)  # content shared again after it
+                if lost >= min_tokens and resumed >= min_tokens:
+                    mine.append(PairFinding(a, b, g.b0, g.a0, g.a1, g.b1, g.shared_end, g.order, lost))
+            if sum(f.tokens_lost for f in mine) > sum(f.tokens_lost for f in best):
+                best = mine
+        found.extend(best)
+    return found, aligned
 
 
-# --- labels: from the text, after the fact ---
-_TIMESTAMP = re.compile(
-    r"\d{4}-\d{2}-\d{2}|(?<!\d)\d{1,2}:\d{2}(?::\d{2})?(?!\d)|\b\d{1,2}[/.]\d{1,2}[/.]\d{2,4}\b"
-    r"|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? \d{1,2}\b"
-    r"|\b(?:mon|tues?|wed(?:nes)?|thu(?:rs)?|fri|sat(?:ur)?|sun)day\b|\b1[5-9]\d{8}(?:\d{3})?\b",
-    re.IGNORECASE,
-)
-_IDENT = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-    r"|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b|\b\d{6,}\b|\b[a-z]+[-_]\d{3,}\b",
-    re.IGNORECASE,
-)
-_JSONISH = re.compile(r'"(?:name|function|tools?|parameters|type)"\s*:')
-
-DESCRIPTIONS = {
-    "timestamp": "A date or time changes between otherwise identical prompts, before the shared "
-    "content. Move it after the shared part (e.g. into the last user message) or round it.",
-    "uuid/id": "A request or user id changes between otherwise identical prompts, before the "
-    "shared content. Put ids after the shared part, or in request metadata instead of the prompt.",
-    "tool order": "The same tools (or JSON objects) are serialized in a different order, so the "
-    "prompts diverge at the first reordered one. Sort tools and JSON keys deterministically.",
-    "reordered content": "The same pieces of text appear in a different order. Emit them in a "
-    "fixed order.",
-    "whitespace": "Prompts differ only in whitespace. Normalize whitespace before sending.",
-    "per-user text": "Per-user or per-request text sits before content that is otherwise shared. "
-    "Put the shared instructions first and the per-user text after them.",
-    "unknown": "Near-identical prompts diverge early here; look at the example texts to see what "
-    "varies and move it after the shared content.",
-}
-
-
-def label_pair(a_diff: str, b_diff: str, a_ctx: str, b_ctx: str, a_rest: str, b_rest: str) -> str:
-    """Name what differs between two near-identical prompts (texts from their divergence)."""
-    if a_diff.split() == b_diff.split():
-        return "whitespace"
-    da, db = a_diff.strip(), b_diff.strip()
-    moved = [d for d in (da, db) if len(d) >= 3]
-    if moved and _mostly_in(da, b_rest) and _mostly_in(db, a_rest) and not (da + db).isdigit():
-        return "tool order" if _JSONISH.search(a_ctx + b_ctx + a_rest[:4000]) else "reordered content"
-    if _TIMESTAMP.search(a_ctx) or _TIMESTAMP.search(b_ctx):
-        return "timestamp"
-    if _IDENT.search(a_ctx) or _IDENT.search(b_ctx):
-        return "uuid/id"
-    if re.search(r"[^\W\d_]", da + db):
-        return "per-user text"
-    return "unknown"
-
-
-def _mostly_in(diff: str, other: str, k: int = 8) -> bool:
-    """True when most of `diff` also occurs in `other` (so it moved rather than changed)."""
-    if len(diff) <= k:
-        return diff in other
-    shingles = {diff[i : i + k] for i in range(0, len(diff) - k + 1)}
-    return sum(s in other for s in shingles) >= 0.8 * len(shingles)
-
-
-def _word(before: str, diff: str, after: str, most: int = 40) -> str:
-    """The differing text widened to whole words (a changed digit shows its whole date)."""
-    left = re.search(r"\S{0,%d}$" % most, before)
-    right = re.match(r"\S{0,%d}" % most, after)
-    return (left.group(0) if left else "") + diff + (right.group(0) if right else "")
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 1] + "…"
-
-
+# --- grouping ---
 def _find(parent: np.ndarray, x: int) -> int:
     while parent[x] != x:
         parent[x] = parent[parent[x]]
@@ -225,100 +163,186 @@ def _find(parent: np.ndarray, x: int) -> int:
     return x
 
 
-def group_findings(
-    w: AnalysisView, findings: Sequence[PairFinding], decode: Decode | None, block_size: int,
-    total_tokens: int, window: int,
-) -> list[dict[str, Any]]:
-    """One breaker per (family of near-identical prompts, divergence block)."""
+def _spans(w: AnalysisView, findings: Sequence[PairFinding], block_size: int) -> list[tuple[int, list[PairFinding]]]:
+    """(family, findings) per breaker site: families by union-find over the pairs, sites by
+    overlapping differing spans (within a block) inside a family."""
     parent = np.arange(len(w), dtype=np.int64)
     for f in findings:
         ra, rb = _find(parent, f.a), _find(parent, f.b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[tuple[int, int], list[PairFinding]] = {}
-    for f in findings:
-        groups.setdefault((_find(parent, f.b), f.diverge // block_size), []).append(f)
-    out = []
-    for fs in groups.values():
-        pos = int(np.median([f.diverge for f in fs]))
-        labels: Counter[str] = Counter()
-        examples: list[dict[str, Any]] = []
-        seen_texts: set[tuple[str, str]] = set()
-        for f in fs[:12]:
-            a, b = w.units(f.a), w.units(f.b)
-            if decode is None:
-                labels["unknown"] += 1
-                continue
-            a_diff, b_diff = decode(a[f.diverge : f.a_resume]), decode(b[f.diverge : f.b_resume])
-            lo = max(0, f.diverge - _CONTEXT)
-            before = decode(a[lo : f.diverge])
-            a_after, b_after = decode(a[f.a_resume : f.a_resume + _CONTEXT]), decode(b[f.b_resume : f.b_resume + _CONTEXT])
-            a_ctx, b_ctx = before + a_diff + a_after, before + b_diff + b_after
-            a_rest = decode(a[f.diverge : f.diverge + window])
-            b_rest = decode(b[f.diverge : f.diverge + window])
-            labels[label_pair(a_diff, b_diff, a_ctx, b_ctx, a_rest, b_rest)] += 1
-            if len(examples) < _EXAMPLES and (a_diff, b_diff) not in seen_texts:
-                seen_texts.add((a_diff, b_diff))
-                examples.append({
-                    "a_request_id": w.request_ids[f.a], "b_request_id": w.request_ids[f.b],
-                    "a_text": _clip(_word(before, a_diff, a_after)),
-                    "b_text": _clip(_word(before, b_diff, b_after)),
-                    "a_diff": _clip(a_diff), "b_diff": _clip(b_diff),
-                    "a_context": _clip(a_ctx), "b_context": _clip(b_ctx),
-                })
-        label = labels.most_common(1)[0][0] if labels else "unknown"
-        lost = sum(f.tokens_lost for f in fs)
-        out.append({
-            "label": label,
-            "position_token": pos,
-            "position_block": pos // block_size,
-            "requests_affected": len({f.b for f in fs}),
-            "tokens_lost": lost,
-            "rate_lost": lost / total_tokens if total_tokens else 0.0,
-            "examples": examples,
-            "description": DESCRIPTIONS[label],
-        })
-    return _merge_alike(out, total_tokens)
+    keyed = sorted(((_find(parent, f.b), f.diverge, i) for i, f in enumerate(findings)))
+    out: list[tuple[int, list[PairFinding]]] = []
+    fam, end = -1, -1
+    for root, start, i in keyed:
+        f = findings[i]
+        if root != fam or start > end + block_size:
+            out.append((root, []))
+            fam, end = root, -1
+        out[-1][1].append(f)
+        end = max(end, f.b_resume)
+    return out
 
 
-def _merge_alike(groups: list[dict[str, Any]], total_tokens: int) -> list[dict[str, Any]]:
-    """Join family groups with the same label at the same block: one breaker seen in many
-    families of prompts (e.g. one timestamp line atop several apps' system prompts)."""
-    merged: dict[tuple[str, int], dict[str, Any]] = {}
-    for g in sorted(groups, key=lambda d: -d["tokens_lost"]):
-        key = (g["label"], g["position_block"])
-        m = merged.get(key)
+def _clip(text: str) -> str:
+    return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 1] + "…"
+
+
+def _example_text(w: AnalysisView, f: PairFinding, decode: Decode, context: int) -> lb.ExampleText:
+    a, b = w.units(f.a), w.units(f.b)
+    return lb.ExampleText(
+        before=decode(b[max(0, f.diverge - context) : f.diverge]),
+        a_diff=decode(a[f.a_start : f.a_resume]), b_diff=decode(b[f.diverge : f.b_resume]),
+        a_after=decode(a[f.a_resume : f.a_resume + _CONTEXT]), b_after=decode(b[f.b_resume : f.b_resume + _CONTEXT]),
+    )
+
+
+def _spread(fs: Sequence[PairFinding], k: int) -> list[PairFinding]:
+    """Up to k findings spread over the list (the first is always one of them)."""
+    if len(fs) <= k:
+        return list(fs)
+    return [fs[int(i)] for i in np.linspace(0, len(fs) - 1, k).round().astype(int)]
+
+
+def _name_site(w: AnalysisView, fs: Sequence[PairFinding], decode: Decode | None) -> dict[str, Any]:
+    """Label, moved names and examples of one breaker site (its findings)."""
+    kinds = Counter(f.order for f in fs)
+    fallback = "reordered content" if kinds[True] > kinds[False] else "varying text"
+    if decode is None:
+        return {"label": fallback, "examples": [], "orders": None}
+    names: Counter[str] = Counter()
+    orders: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    examples: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for f in _spread(fs, _NAMED):
+        named = lb.name_example(_example_text(w, f, decode, _NAME_CONTEXT), f.order)
+        names[named.label] += 1
+        if orders is None and named.a_order:
+            orders = (named.a_order, named.b_order)
+        ex = _example_text(w, f, decode, _CONTEXT)
+        if len(examples) < _EXAMPLES and (ex.a_diff, ex.b_diff) not in seen:
+            seen.add((ex.a_diff, ex.b_diff))
+            examples.append({
+                "a_request_id": w.request_ids[f.a], "b_request_id": w.request_ids[f.b],
+                "a_text": _clip(ex.widened("a")), "b_text": _clip(ex.widened("b")),
+                "a_diff": _clip(ex.a_diff), "b_diff": _clip(ex.b_diff),
+                "a_context": _clip(ex.before + ex.a_diff + ex.a_after),
+                "b_context": _clip(ex.before + ex.b_diff + ex.b_after),
+            })
+    label, n = names.most_common(1)[0]
+    if n < _SURE * sum(names.values()):
+        label = fallback
+    return {"label": label, "examples": examples, "orders": orders if label in lb.ORDER_LABELS else None}
+
+
+def _site_record(w: AnalysisView, fam: int, fs: Sequence[PairFinding], decode: Decode | None) -> dict[str, Any]:
+    named = _name_site(w, fs, decode)
+    same_session = [w.sessions[f.a] is not None and w.sessions[f.a] == w.sessions[f.b] for f in fs]
+    known = all(w.sessions[f.a] is not None and w.sessions[f.b] is not None for f in fs)
+    return {
+        **named, "family": fam,
+        "start": min(f.diverge for f in fs), "end": max(f.b_resume for f in fs),
+        "requests": {f.b for f in fs}, "tokens_lost": sum(f.tokens_lost for f in fs),
+        "varies": "per request" if any(same_session) else ("per session" if known else None),
+    }
+
+
+def _merge(sites: list[dict[str, Any]], block_size: int) -> list[dict[str, Any]]:
+    """One breaker per label: a family's reorderings of one kind (one serializer to fix), and
+    sites of one label at overlapping spans across families (one template line). A sweep by
+    start: linear in the sites."""
+    merged: list[dict[str, Any]] = []
+    by_family: dict[tuple[str, int], dict[str, Any]] = {}  # (order label, family) -> its breaker
+    latest: dict[str, dict[str, Any]] = {}  # label -> the breaker whose span the sweep is in
+    for s in sorted(sites, key=lambda d: (d["start"], -d["tokens_lost"])):
+        label = s["label"]
+        m = by_family.get((label, s["family"])) if label in lb.ORDER_LABELS else None
+        cur = latest.get(label)
+        if m is None and cur is not None and s["start"] <= cur["end"] + block_size:
+            m = cur
         if m is None:
-            merged[key] = {**g, "examples": list(g["examples"]), "_pos": [g["position_token"]] * g["requests_affected"]}
-            continue
-        m["requests_affected"] += g["requests_affected"]
-        m["tokens_lost"] += g["tokens_lost"]
-        m["_pos"] += [g["position_token"]] * g["requests_affected"]
-        m["examples"] = (m["examples"] + g["examples"])[:_EXAMPLES]
-    out = []
-    for m in merged.values():
-        m["position_token"] = int(np.median(m.pop("_pos")))
-        m["rate_lost"] = m["tokens_lost"] / total_tokens if total_tokens else 0.0
-        out.append(m)
+            m = {**s, "families": {s["family"]}, "requests": set(s["requests"])}
+            merged.append(m)
+        else:
+            m["families"].add(s["family"])
+            m["start"], m["end"] = min(m["start"], s["start"]), max(m["end"], s["end"])
+            m["requests"] |= s["requests"]
+            m["tokens_lost"] += s["tokens_lost"]
+            m["examples"] = (m["examples"] + s["examples"])[:_EXAMPLES]
+            m["orders"] = m["orders"] or s["orders"]
+            m["varies"] = "per request" if "per request" in (m["varies"], s["varies"]) else m["varies"]
+        if label in lb.ORDER_LABELS:
+            by_family[(label, s["family"])] = m
+        if cur is None or m["end"] >= cur["end"]:
+            latest[label] = m
+    return merged
+
+
+def _moved(orders: tuple[tuple[str, ...], tuple[str, ...]] | None) -> list[str]:
+    if not orders:
+        return []
+    a, b = orders
+    return [x for i, x in enumerate(b) if i >= len(a) or a[i] != x]
+
+
+def _describe(label: str, orders: tuple[tuple[str, ...], tuple[str, ...]] | None, varies: str | None) -> tuple[str, str]:
+    """(what it is, the fix), concretely: the tools or keys named."""
+    what, fix = lb.DESCRIPTIONS[label], lb.FIXES[label]
+    if orders:
+        a, b = orders
+        what += f" One request sends {', '.join(a)}; another {', '.join(b)}."
+        if label == "tool order":
+            fix = f"Send the tools sorted by name: {', '.join(sorted(set(a)))}."
+    if varies and label in lb.VALUE_LABELS:
+        what += f" It varies {varies}."
+    return what, fix
+
+
+def _record(m: dict[str, Any], block_size: int, total_tokens: int) -> dict[str, Any]:
+    what, fix = _describe(m["label"], m["orders"], m["varies"])
+    return {
+        "label": m["label"],
+        "kind": "order" if m["label"] in lb.ORDER_LABELS else "value",
+        "position_token": m["start"],
+        "position_block": m["start"] // block_size,
+        "end_token": m["end"],
+        "requests_affected": len(m["requests"]),
+        "tokens_lost": m["tokens_lost"],
+        "rate_lost": m["tokens_lost"] / total_tokens if total_tokens else 0.0,
+        "varies": m["varies"],
+        "moved": _moved(m["orders"]),
+        "orders": [list(m["orders"][0]), list(m["orders"][1])] if m["orders"] else None,
+        "examples": m["examples"],
+        "description": f"{what} {fix}",
+        "fix": fix,
+    }
+
+
+def group_findings(
+    w: AnalysisView, findings: Sequence[PairFinding], decode: Decode | None, block_size: int, total_tokens: int,
+) -> list[dict[str, Any]]:
+    """The breaker records of these findings, largest loss first."""
+    spans = sorted(_spans(w, findings, block_size), key=lambda x: -sum(f.tokens_lost for f in x[1]))
+    sites = [_site_record(w, fam, fs, decode if k < _NAMED_SITES else None) for k, (fam, fs) in enumerate(spans)]
+    out = [_record(m, block_size, total_tokens) for m in _merge(sites, block_size)]
     out.sort(key=lambda d: (-d["tokens_lost"], d["position_token"]))
     return out
 
 
-@dataclass(frozen=True)
-class BreakerResult:
-    breakers: list[dict[str, Any]]  # stats.json "breakers", largest loss first
-    pairs: list[PairFinding]  # one per affected request
-
-
-def find_breakers(
-    w: AnalysisView, p: PrefixPass, decode: Decode | None, block_size: int, lead_tokens: int
-) -> BreakerResult:
+def find_breakers(w: AnalysisView, p: PrefixPass, decode: Decode | None, block_size: int) -> BreakerResult:
     """Every cache breaker of a token workload (none for hash traces: no content to compare)."""
     if w.hash_trace or len(w) < 2:
-        return BreakerResult([], [])
+        return BreakerResult([], [], {"searched": "nothing: a hash trace has no token content"
+                                      if w.hash_trace else "nothing: fewer than two requests"})
     min_tokens = 2 * block_size
-    window = _ALIGN_WINDOW_FACTOR * lead_tokens  # a moved block (a tool list) can be long
-    pairs = candidate_pairs(w, p, lead_tokens, min_tokens)
-    findings = analyse_pairs(w, p, pairs, window, min_tokens)
+    pairs, chunked = candidate_pairs(w, p, min_tokens)
+    findings, aligned = analyse_pairs(w, p, pairs, min_tokens)
     total = int(w.n_tokens.sum())
-    return BreakerResult(group_findings(w, findings, decode, block_size, total, window), findings)
+    search = {
+        "searched": "whole prompts: every token past each request's shared prefix is chunked, and each "
+                    "candidate pair is aligned over the whole later prompt (and the earlier one up to "
+                    f"twice that length plus {a_window(0):,} tokens past their common prefix)",
+        "tokens_chunked": chunked, "candidate_pairs": len(pairs), "tokens_aligned": aligned,
+        "requests_with_breaker": len({f.b for f in findings}),
+    }
+    return BreakerResult(group_findings(w, findings, decode, block_size, total), findings, search)

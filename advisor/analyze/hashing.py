@@ -69,12 +69,44 @@ def chained_hashes(units: np.ndarray, block: int, namespace: int = 0) -> np.ndar
 
 
 def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
-    """Number of leading equal elements of two 1-d arrays."""
+    """Number of leading equal elements of two 1-d arrays, in time proportional to the answer
+    (compared in growing slices), not to the arrays' length."""
     k = min(len(a), len(b))
-    if k == 0:
-        return 0
-    neq = np.flatnonzero(a[:k] != b[:k])
-    return int(neq[0]) if len(neq) else k
+    i, step = 0, 32
+    while i < k:
+        j = min(k, i + step)
+        neq = np.flatnonzero(a[i:j] != b[i:j])
+        if len(neq):
+            return i + int(neq[0])
+        i, step = j, step * 4
+    return k
+
+
+_KGRAM_K = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                                        0x27D4EB2F165667C5, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
+                                        0x2545F4914F6CDD1D, 0x9FB21C651E98DF25))
+
+
+def kgram_hashes(units: np.ndarray, k: int = 8) -> np.ndarray:
+    """uint64 hash of every window units[i : i+k] (len(units) - k + 1 of them; none if shorter).
+    Equal windows hash equal wherever they sit; callers confirm a match token by token."""
+    n = len(units) - k + 1
+    if n <= 0:
+        return np.empty(0, dtype=np.uint64)
+    assert k <= len(_KGRAM_K)
+    x = mix64(units.astype(np.uint64))
+    g = x[:n] * _KGRAM_K[0]
+    for lag in range(1, k):
+        g += x[lag : lag + n] * _KGRAM_K[lag]
+    return mix64(g)
+
+
+def multiset_sums(units: np.ndarray) -> np.ndarray:
+    """Prefix sums of a per-unit hash (len + 1 entries): two spans hold the same units in any
+    order exactly when their lengths and sums agree (up to a 2**-64 collision)."""
+    out = np.zeros(len(units) + 1, dtype=np.uint64)
+    np.cumsum(mix64(units.astype(np.uint64) ^ _KGRAM_K[1]), dtype=np.uint64, out=out[1:])
+    return out
 
 
 _ANCHOR_K = (np.uint64(0x2545F4914F6CDD1D), np.uint64(0x9FB21C651E98DF25),
@@ -84,10 +116,12 @@ _ANCHOR_K = (np.uint64(0x2545F4914F6CDD1D), np.uint64(0x9FB21C651E98DF25),
 def content_chunks(units: np.ndarray, avg: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Content-defined chunks of a unit sequence: (chunk hashes uint64, chunk start offsets).
 
-    A chunk ends after a token whose 4-token window hashes to 0 mod `avg`, so boundaries depend
-    on the text around them, not on absolute positions: two prompts that differ only in an
-    inserted or changed span share every chunk away from it, whatever the shift. Unchained, so
-    equal content anywhere in two prompts gives equal chunk hashes.
+    Each position t gets the hash g_t of its 4-token window units[t-3 : t+1]; a chunk ends
+    after a position whose g_t is 0 mod `avg`, so boundaries depend on the text around them,
+    not on absolute positions; a chunk's hash is the mixed sum of the g_t inside it (order
+    enters through the windows). Two prompts that differ only in an inserted or changed span
+    share every chunk that starts 3+ tokens past it, whatever the shift. Unchained, so equal
+    content anywhere in two prompts gives equal chunk hashes.
     """
     n = len(units)
     if n == 0:
@@ -96,9 +130,7 @@ def content_chunks(units: np.ndarray, avg: int = 16) -> tuple[np.ndarray, np.nda
     g = x * _ANCHOR_K[0]
     for lag in (1, 2, 3):
         g[lag:] += x[:-lag] * _ANCHOR_K[lag]
-    cut = np.flatnonzero((mix64(g) % np.uint64(avg)) == 0) + 1
+    h = mix64(g)
+    cut = np.flatnonzero((h % np.uint64(avg)) == 0) + 1
     starts = np.concatenate(([0], cut[cut < n])).astype(np.int64)
-    idx = np.arange(n, dtype=np.int64)
-    within = idx - np.repeat(starts, np.diff(np.append(starts, n)))
-    v = mix64(x ^ (within.astype(np.uint64) * _K_POS))
-    return mix64(np.add.reduceat(v, starts, dtype=np.uint64)), starts
+    return mix64(np.add.reduceat(h, starts, dtype=np.uint64)), starts

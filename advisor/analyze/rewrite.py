@@ -1,19 +1,27 @@
 """Cache breakers fixed: analyze's findings applied to the prompts as token rewrites.
 
-Inputs: request ids and token ids in log (arrival) order, prefixes.parquet (`resembles_id`,
-`diverge_token` per request) and stats.json (`breakers` with `label` and `position_block`,
-`analysis_block_size`, `options.lead_tokens`). Output: the token lists with each paired
-request rewritten so that its breaker's differing span equals its earlier partner's, and a
-record of what was rewritten (or why nothing could be). The simulator predicts and the
-replay measures the log "after the fixes" from these lists.
+Inputs: request ids and token ids in log (arrival) order, prefixes.parquet (`resembles_id`
+per request) and stats.json (`breakers`: `label`, `position_token`/`end_token` or
+`position_block`; `analysis_block_size`). Output: the token lists with each paired request's
+differing regions fixed as the breaker's label says, and a record of what was rewritten (or
+why nothing could be). The simulator predicts and the replay measures the log "after the
+fixes" from these lists; `only` picks some breakers, to price each fix on its own.
 
-Only where the rewrite is the fix the breaker's label names and is safe at the token
-level: a short varying value (`timestamp`, `uuid/id`, `whitespace`: the span, at most
-`MAX_VALUE_SPAN` tokens, takes the earlier request's value, as "round it" or "move it out"
-would make them equal), or a pure reordering (`tool order`, `reordered content`: the
-aligned region is the same tokens in another order, and takes the earlier request's order,
-as sorting would). Per-user text and unknown breakers are not rewritten (their fix moves
-text within the prompt's structure, which a token splice cannot do faithfully).
+Each paired request is re-aligned with its (already rewritten) partner over the whole prompt
+(advisor/analyze/align.py); each region is matched to the breaker whose span holds it and
+fixed the way that breaker's fix would change the prompt:
+
+- a value (`timestamp`, `uuid/id`, `varying text`): when both spans are short (at most
+  `MAX_VALUE_SPAN` tokens) the span takes the partner's value, as moving it out of the shared
+  part or rounding it makes the shared part equal; a longer span (a document, a profile) is
+  moved to the end of the prompt (the latest user turn), which is the fix itself: its own
+  tokens stay unshared, and a later turn that repeats the rewritten prompt inherits it;
+- `whitespace`, `formatting`: the span takes the partner's form (one serializer);
+- an order (`tool order`, `schema key order`, `JSON key order`, `reordered content`): only when
+  the region is the same tokens in another order, it takes the partner's order, as sorting would.
+
+A family of near-identical prompts so converges on its first member, and a later request that
+began with the same rewritten head (the next turn of a conversation) gets the same rewrite.
 """
 
 from __future__ import annotations
@@ -25,21 +33,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from advisor.analyze.breakers import _ALIGN_WINDOW_FACTOR as ALIGN_WINDOW_FACTOR
-from advisor.analyze.breakers import align_pair
+from advisor.analyze.align import Region, align, regions
+from advisor.analyze.labels import NORMALIZE_LABELS, ORDER_LABELS, VALUE_LABELS
 
-VALUE_LABELS = ("timestamp", "uuid/id", "whitespace")
-ORDER_LABELS = ("tool order", "reordered content")
-MAX_VALUE_SPAN = 64  # tokens: a date, an id or a run of whitespace is far shorter
+MAX_VALUE_SPAN = 64  # tokens: a date, an id or a name is far shorter; longer values are moved
 
 
 def fix_breakers(
     request_ids: Sequence[str], token_ids: Sequence[Sequence[int]], prefixes: pa.Table | None,
-    stats: dict[str, Any] | None, *, synthetic: bool = False,
+    stats: dict[str, Any] | None, *, synthetic: bool = False, only: set[int] | None = None,
 ) -> tuple[list[list[int]] | None, dict[str, Any]]:
     """(the token lists with analyze's cache breakers fixed, what was rewritten), or (None,
     {"reason": why not}). Requests are rewritten in order against their (already rewritten)
-    partner, so a family of near-identical prompts converges on its first member's text.
+    partner. `only`: indices into stats["breakers"] to apply (None: all of them).
     `synthetic`: the token ids are stand-ins (a hash trace): nothing can be fixed."""
     if stats is None or prefixes is None:
         return None, {"reason": "analyze has not run (no stats.json / prefixes.parquet), so there are no "
@@ -50,14 +56,10 @@ def fix_breakers(
     if not breakers:
         return None, {"reason": "analyze found no cache breaker in this log: there is nothing to fix, so (c) "
                                 "would be (a)"}
-    opts = stats.get("options") or {}
-    block = int(stats.get("analysis_block_size") or opts.get("analysis_block_size") or 16)
-    window = ALIGN_WINDOW_FACTOR * int(opts.get("lead_tokens") or 1024)
-    labels_at: dict[int, set[str]] = {}
-    for b in breakers:
-        labels_at.setdefault(int(b["position_block"]), set()).add(str(b["label"]))
-    rows = prefixes.select(["request_id", "resembles_id", "diverge_token"]).to_pylist()
-    partner = {r["request_id"]: (r["resembles_id"], r["diverge_token"]) for r in rows if r["resembles_id"]}
+    block = int(stats.get("analysis_block_size") or (stats.get("options") or {}).get("analysis_block_size") or 16)
+    spans = _spans(breakers, block, only)
+    rows = prefixes.select(["request_id", "resembles_id"]).to_pylist()
+    partner = {r["request_id"]: r["resembles_id"] for r in rows if r["resembles_id"]}
     index = {rid: i for i, rid in enumerate(request_ids)}
     tokens = [list(t) for t in token_ids]
     applied: Counter[str] = Counter()
@@ -66,7 +68,7 @@ def fix_breakers(
     # carried the same head (the next turns of a conversation, the rest of a task) get the
     # same fix, as they would from a client that fixed its prompt.
     heads: dict[int, dict[tuple[int, ...], list[int]]] = {}
-    inherited = 0
+    inherited = changed = 0
     for i, rid in enumerate(request_ids):
         own = tokens[i]
         for length in sorted(heads, reverse=True):
@@ -77,51 +79,100 @@ def fix_breakers(
                 break
         if rid not in partner or tokens[i] is not own:
             continue
-        a_id, diverge = partner[rid]
-        a = index.get(a_id)
-        labels = labels_at.get(int(diverge) // block, set()) if diverge is not None else set()
+        a = index.get(partner[rid])
         if a is None or a >= i:
             skipped["its partner is not among the replayed requests"] += 1
-        elif len(labels) != 1:
-            skipped["no single breaker label at its divergence"] += 1
-        else:
-            label = next(iter(labels))
-            new, cut_old, cut_new, why = _rewrite(np.asarray(tokens[a], dtype=np.int64),
-                                                  np.asarray(own, dtype=np.int64), label, window)
-            if new is None:
-                skipped[why] += 1
-            else:
-                tokens[i] = new
-                heads.setdefault(cut_old, {})[tuple(own[:cut_old])] = new[:cut_new]
-                applied[label] += 1
+            continue
+        new, cut_old, cut_new, new_a = _fix_request(np.asarray(tokens[a], dtype=np.int64),
+                                                    np.asarray(own, dtype=np.int64), spans, applied, skipped)
+        if new is not None:
+            tokens[i] = new
+            heads.setdefault(cut_old, {})[tuple(own[:cut_old])] = new[:cut_new]
+            changed += 1
+        if new_a is not None:
+            heads.setdefault(len(new_a), {})[tuple(tokens[a])] = new_a
+            tokens[a] = new_a
+            changed += 1
     if not applied:
-        found = ", ".join(sorted({str(b["label"]) for b in breakers}))
-        why = "; ".join(f"{n} requests: {r}" for r, n in skipped.most_common()) or "no request pairs"
+        found = ", ".join(sorted({str(breakers[k]["label"]) for k in range(len(breakers)) if only is None or k in only}))
+        why = "; ".join(f"{n} regions: {r}" for r, n in skipped.most_common()) or "no request pairs"
         return None, {"reason": f"analyze's breakers ({found}) give no rewrite this replay can apply safely ({why})"}
     before = sum(len(t) for t in token_ids)
     after = sum(len(t) for t in tokens)
     return tokens, {
-        "method": "each paired request's differing span takes its earlier partner's tokens (value breakers), "
-                  "or its reordered region takes the partner's order (order breakers); later requests that "
-                  "began with the same rewritten head get the same rewrite (same_head_requests)",
-        "rewritten_requests": sum(applied.values()) + inherited, "by_label": dict(applied),
+        "method": "each paired request is re-aligned with its earlier partner; a short differing value takes the "
+                  "partner's value, a long one is moved to the end of the prompt, whitespace and formatting take "
+                  "the partner's form, a reordered region takes the partner's order; later requests that began "
+                  "with the same rewritten head get the same rewrite (same_head_requests)",
+        "rewritten_requests": changed + inherited, "by_label": dict(applied),
         "same_head_requests": inherited,
         "skipped": dict(skipped), "prompt_tokens_before": before, "prompt_tokens_after": after,
     }
 
 
-def _rewrite(a: np.ndarray, b: np.ndarray, label: str, window: int) -> tuple[list[int] | None, int, int, str]:
-    """(b rewritten against its partner a, the length of b's head replaced, the length of
-    the head that replaced it, ""), or (None, 0, 0, why not)."""
-    p, qa, rb, end = align_pair(a, b, window)
-    if label in VALUE_LABELS:
-        if qa == p and rb == p:
-            return None, 0, 0, f"{label}: common content does not resume after the divergence"
-        if max(qa - p, rb - p) > MAX_VALUE_SPAN:
-            return None, 0, 0, f"{label}: differing span longer than {MAX_VALUE_SPAN} tokens"
-        return np.concatenate([a[:qa], b[rb:]]).tolist(), rb, qa, ""
+def _spans(breakers: Sequence[dict[str, Any]], block: int, only: set[int] | None) -> list[tuple[int, int, str | None]]:
+    """(first, last token, label) per breaker; label None for a breaker not to apply."""
+    out = []
+    for k, br in enumerate(breakers):
+        start = br.get("position_token")
+        start = int(start) if start is not None else int(br.get("position_block") or 0) * block
+        end = br.get("end_token")
+        end = int(end) if end is not None else start + block
+        out.append((start - block, end + block, str(br.get("label")) if only is None or k in only else None))
+    return out
+
+
+def _breaker_at(spans: Sequence[tuple[int, int, str | None]], at: int) -> tuple[bool, str | None]:
+    """(a breaker holds position `at`, its label if it is to be applied): the nearest start wins."""
+    holding = [(abs(at - lo), label) for lo, hi, label in spans if lo <= at <= hi]
+    if not holding:
+        return False, None
+    return True, min(holding, key=lambda x: x[0])[1]
+
+
+def _fix_request(a: np.ndarray, b: np.ndarray, spans: Sequence[tuple[int, int, str | None]],
+                 applied: Counter[str], skipped: Counter[str]) -> tuple[list[int] | None, int, int, list[int] | None]:
+    """(b with its regions fixed, the length of b's head replaced, the length of the new
+    head, the partner rewritten too or None), or (None, 0, 0, None) when nothing applies;
+    counts what was applied and skipped. A moved value is moved in the partner as well when
+    the partner still carries its own (the first request of a family has no partner)."""
+    start, runs = align(a, b)
+    todo: list[tuple[Region, str]] = []
+    for g in regions(a, b, start, runs):
+        held, label = _breaker_at(spans, g.b0)
+        if not held:
+            skipped["no breaker found at this region"] += 1
+        elif label is not None:
+            todo.append((g, label))
+    out, partner = b, a
+    cut_old = cut_new = 0
+    for g, label in reversed(todo):  # from the end: a fix moves nothing before its region
+        new, touched, why = _fix_region(a, out, g, label)
+        if new is None:
+            skipped[why] += 1
+            continue
+        applied[label] += 1
+        if cut_old == 0:
+            cut_old, cut_new = touched, touched + len(new) - len(out)
+        else:
+            cut_new += len(new) - len(out)
+        out = new
+        if touched == len(b) and g.a1 > g.a0:  # moved: the partner's own value moves too
+            partner = np.concatenate([partner[: g.a0], partner[g.a1 :], partner[g.a0 : g.a1]])
+    if out is b:
+        return None, 0, 0, None
+    return out.tolist(), cut_old, cut_new, (partner.tolist() if partner is not a else None)
+
+
+def _fix_region(a: np.ndarray, b: np.ndarray, g: Region, label: str) -> tuple[np.ndarray | None, int, str]:
+    """(b with region g fixed as `label` says, the end of what changed in b, ""), or
+    (None, 0, why not)."""
     if label in ORDER_LABELS:
-        if end <= p or end > len(a) or not np.array_equal(np.sort(a[p:end]), np.sort(b[p:end])):
-            return None, 0, 0, f"{label}: the aligned region is not a pure reordering of the partner's"
-        return np.concatenate([a[:end], b[end:]]).tolist(), end, end, ""
-    return None, 0, 0, f"{label}: its fix moves text within the prompt, which a token rewrite cannot do faithfully"
+        if not g.order:
+            return None, 0, f"{label}: the aligned region is not a pure reordering of the partner's"
+        return np.concatenate([b[: g.b0], a[g.a0 : g.a1], b[g.b1 :]]), g.b1, ""
+    if label in NORMALIZE_LABELS or (label in VALUE_LABELS and max(g.a1 - g.a0, g.b1 - g.b0) <= MAX_VALUE_SPAN):
+        return np.concatenate([b[: g.b0], a[g.a0 : g.a1], b[g.b1 :]]), g.b1, ""
+    if label in VALUE_LABELS:
+        return np.concatenate([b[: g.b0], b[g.b1 :], b[g.b0 : g.b1]]), len(b), ""
+    return None, 0, f"{label}: no rewrite is defined for this label"

@@ -71,7 +71,7 @@ class AnalyzeOptions:
     cluster_seed: int = 0  # same seed, same clusters
     max_clusters: int = 12  # the largest k tried
     top_prefixes: int = 10
-    lead_tokens: int = 1024  # leading window used for clustering features and breaker search
+    lead_tokens: int = 1024  # leading window of the clustering features (breakers read whole prompts)
 
     def __post_init__(self) -> None:
         if self.analysis_block_size < 1 or self.max_clusters < 1:
@@ -155,8 +155,7 @@ def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = No
     block = w.unit_tokens if w.hash_trace else options.analysis_block_size
     p = prefix_pass(w, options.analysis_block_size)
     ceil = ceiling_per_request(w, p)
-    found = find_breakers(w, p, decode if not w.hash_trace else None, options.analysis_block_size,
-                          options.lead_tokens)
+    found = find_breakers(w, p, decode if not w.hash_trace else None, options.analysis_block_size)
     x = features(w, options.lead_tokens)
     labels, method = cluster_labels(x, options.cluster_seed, options.max_clusters)
     clusters = summarize(w, p, labels, x, decode)
@@ -170,8 +169,9 @@ def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = No
     ]
     resembles: list[str | None] = [None] * n
     diverge: list[int | None] = [None] * n
-    for f in found.pairs:
-        resembles[f.b], diverge[f.b] = w.request_ids[f.a], f.diverge
+    for f in found.pairs:  # in request order, each request's regions by position: keep its first
+        if resembles[f.b] is None:
+            resembles[f.b], diverge[f.b] = w.request_ids[f.a], f.diverge
     prefixes = pa.table({
         "request_id": w.request_ids,
         "n_tokens": w.n_tokens,
@@ -220,6 +220,7 @@ def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = No
         "shared_prefix_hist": {"edges": edges, "counts": hist.tolist()},
         "top_prefixes": top_prefixes(w, p, labels, decode, options.top_prefixes),
         "breakers": found.breakers,
+        "breaker_search": found.search,
         "breakers_note": None if not w.hash_trace else
             "hash traces carry no token content, so cache breakers cannot be detected",
         "reuse_sources": {

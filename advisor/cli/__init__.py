@@ -48,6 +48,7 @@ from advisor.recommend.stage import run_recommend
 from advisor.replay.stage import run_replay
 from advisor.report.stage import run_report
 from advisor.runfolder import RunDir
+from advisor.sim.routing import ROUTERS
 from advisor.sim.stage import run_simulate
 from advisor.tokens.stage import run_tokenize
 from advisor.version import __version__
@@ -110,7 +111,8 @@ def log_arguments(f: Callable[..., Any]) -> Callable[..., Any]:
               help="Confirm the recommendation through vLLM (default: when vLLM is importable).")
 @common_options
 def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
-    """Run the whole pipeline on LOG (a .jsonl, .jsonl.gz, .jsonl.zst file, or - for stdin).
+    """Run the whole pipeline on LOG: a JSONL log, a vLLM server log, a Parquet or CSV table
+    (plain, .gz or .zst), a folder or quoted glob of them, or - for stdin (docs/formats.md).
 
     \b
     Example:
@@ -142,10 +144,15 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
 def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Read LOG into requests.parquet; bad lines go to rejects.jsonl with a reason.
 
+    LOG is a JSONL log (OpenAI, Anthropic, LiteLLM, Langfuse, OTLP JSON, block-hash trace), a
+    vLLM server log, a Parquet or CSV table, a folder or quoted glob of them, or - for stdin.
+
     \b
     Example:
       pc-advise ingest logs.jsonl.gz -o out/
       cat logs.jsonl | pc-advise ingest - -o out/
+      pc-advise ingest vllm-server.log --log-year 2026 -o out/
+      pc-advise ingest 'exports/*.parquet' --columns body=request_json,timestamp=ts -o out/
     """
     rundir = RunDir(out or pipeline.default_out_dir(log))
     stdin = sys.stdin.buffer if log == "-" else None
@@ -255,6 +262,11 @@ def recommend(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: An
               "clock) [default: burst].")
 @click.option("--time-speedup", type=float, default=None,
               help="--time-arrivals paced: divide logged arrival offsets by this [default: --speedup's].")
+@click.option("--replicas", "replay_replicas", type=click.IntRange(min=1), default=None,
+              help="Replay through this many engines, each request on the replica --router sent it to in the "
+              "simulator (sequential mode, per replica to the token) [default: 1, or one per --replay-url URL].")
+@click.option("--router", "replay_router", type=click.Choice(ROUTERS), default=None,
+              help="The router of a --replicas replay [default: recommendation.json's at that replica count].")
 @replay_options
 @common_options
 def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
@@ -267,6 +279,8 @@ def replay(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) 
       pc-advise replay out/ --block-size 32 --num-blocks 400 --configs 64:200
       pc-advise replay out/ --replay-mode concurrent --speedup 10
       pc-advise replay out/ --replay-url http://127.0.0.1:8000 --api-key-env VLLM_API_KEY
+      pc-advise replay out/ --replicas 2 --router session --check 0
+      pc-advise replay out/ --replay-url http://10.0.0.1:8000,http://10.0.0.2:8000 --router prefix-hash
       pc-advise replay out/ --measure-time --replay-mode both
       pc-advise replay out/ --measure-time --replay-model random:llama-3.2-1b
     """

@@ -16,6 +16,7 @@ import click
 
 from advisor.analyze.stage import AnalyzeOptions
 from advisor.ingest.stage import IngestOptions
+from advisor.ingest.tables import parse_columns
 from advisor.kvmemory import DEFAULT_HEADROOM_GIB
 from advisor.recommend.options import RecommendOptions
 from advisor.replay.stage import ReplayOptions
@@ -65,7 +66,36 @@ def ingest_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "--max-line-mb", type=float, default=_d(IngestOptions, "max_line_bytes") / (1 << 20), show_default=True,
         help="Lines longer than this are rejected (not read into memory).",
     )(f)
+    f = click.option(
+        "--columns", type=_ColumnMap(), default=None,
+        help="Parquet/CSV tables: which column holds what, as target=column pairs, e.g. "
+        "body=request_json,timestamp=ts (body: a column of JSON request bodies) or messages=msgs,model=m "
+        "[default: columns named like request fields].",
+    )(f)
+    f = click.option(
+        "--max-log-len", type=click.IntRange(min=1), default=None,
+        help="vLLM server logs: the --max-log-len the server ran with; requests whose logged ids may be "
+        "cut by it are rejected [default: inferred from cut JSON bodies].",
+    )(f)
+    f = click.option(
+        "--log-year", type=click.IntRange(1970, 9999), default=None,
+        help="vLLM server logs: the year of the first line (vLLM's line prefix has none) [default: 2000].",
+    )(f)
     return f
+
+
+class _ColumnMap(click.ParamType):
+    """`target=column,...` (advisor.ingest.tables.parse_columns)."""
+
+    name = "target=column[,...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_columns(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 def tokenize_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,8 +230,8 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     o(f, "--workers", type=int, default=None,
       help="Threads for the grid's configurations (default: all cores).")
     o(f, "--replicas", type=_CommaList(int), default=None,
-      help="Concurrent mode: vLLM engines behind a router, each with the budget's blocks, at the "
-      "reference budgets; counts above 1 write replicas.parquet [default: 1].")
+      help="vLLM engines behind a router, each with the budget's blocks, at the reference budgets, in "
+      "each mode of --modes; counts above 1 write replicas.parquet [default: 1].")
     o(f, "--router", "routers", type=_CommaList(str, ROUTERS), default=None,
       help=f"Routers in front of --replicas engines: {', '.join(ROUTERS)} [default: {ROUND_ROBIN}].")
     o(f, "--prefix-hash-blocks", type=int, default=None,
@@ -209,6 +239,9 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     o(f, "--router-load-weight", type=float, default=None,
       help="cache-aware router: score = cached prefix tokens - WEIGHT x uncomputed prompt tokens queued "
       f"on the replica [default: {DEFAULT_LOAD_WEIGHT:g}].")
+    o(f, "--offload-gib", type=_CommaList(float), default=None,
+      help="vLLM's CPU KV offload tier (--kv-offloading-size, GiB over all TP ranks; 0 = none) simulated at "
+      "every budget, sequential mode; a list sweeps (0,16,64,256) and writes offload.parquet; needs --model.")
     for decls, kw in reversed(specs):  # click lists options in reverse order of application
         f = _option_once(f, *decls, **kw)
     return f
@@ -216,6 +249,12 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def recommend_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options only `recommend` reads (applied to `run` too)."""
+    f = click.option(
+        "--gpus", type=click.IntRange(min=1), default=None,
+        help="GPUs to split into replicas: with --replicas simulated (and --model, --gpu) the replica count, "
+        "tensor-parallel size and router that save the most prefill are recommended [default: the router only, "
+        "at each simulated replica count].",
+    )(f)
     f = click.option(
         "--backend", type=click.Choice(["cuda", "cpu"]), default=_d(RecommendOptions, "backend"), show_default=True,
         help="Attention backend: its block sizes are allowed (cuda: multiples of 16, cpu: of 32).",
@@ -274,7 +313,8 @@ def replay_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      "the prediction for them is the whole log's first N).")(f)
     f = click.option("--replay-url", default=None,
                      help="Replay against a running vLLM OpenAI server (http://HOST:PORT) "
-                     "instead of an in-process engine.")(f)
+                     "instead of an in-process engine; several, comma separated, are one replica each "
+                     "(each request to the replica the simulated router chose).")(f)
     f = click.option("--api-key-env", default=None,
                      help="Name of the environment variable holding the server's API key "
                      "(the key is never printed or stored).")(f)

@@ -108,7 +108,22 @@ def print_outcome(con: Console, run: RunDir, outcome: StageOutcome) -> None:
 
 
 def _ingest(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
-    notes = [f"rejected line {line}: {reason}" for line, reason in c.get("first_rejects", [])[:5]]
+    notes = []
+    if c.get("by_format"):
+        notes.append("accepted by format: " + ", ".join(f"{k} {v}" for k, v in c["by_format"].items()))
+    if c.get("rejects_by_cause"):
+        notes.append("rejected by cause: " + ", ".join(f"{k} {v}" for k, v in c["rejects_by_cause"].items()))
+    files = c.get("files") or []
+    if files:
+        kinds = ", ".join(f"{k} {v}" for k, v in (c.get("by_file_kind") or {}).items())
+        notes.append(f"{len(files)} files read ({kinds}), merged in time order")
+    notes += [f"left out: {why}" for why in c.get("refused_files") or []]
+    skipped = sum((c.get("skipped_lines") or {}).values())
+    if skipped:
+        notes.append(f"{skipped} lines skipped (no request: " + ", ".join(
+            f"{k} {v}" for k, v in c["skipped_lines"].items()) + ")")
+    notes += c.get("notes") or []
+    notes += [f"rejected line {line}: {reason}" for line, reason in c.get("first_rejects", [])[:5]]
     if c["rejected"]:
         notes.append(f"all rejects with their raw lines: {run.path(REJECTS)}")
     if c.get("duplicate_ids"):
@@ -126,6 +141,9 @@ def _tokenize(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
     if c.get("outputs_from_text"):
         notes.append(f"{c['outputs_from_text']} reply lengths counted from logged reply text "
                      "(no usage count logged)")
+    if c.get("media_requests"):
+        notes.append(f"{c['media_requests']} requests with image/audio/video parts: their text is counted, "
+                     "the media's own tokens are not (tokens.parquet column media_parts)")
     if c.get("errors"):
         notes.append(f"{c['errors']} requests vLLM would refuse (kept with 0 tokens, reason in "
                      "tokens.parquet column tokenize_error):")
@@ -153,17 +171,18 @@ def _recommend(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
     mem = f"{c['kv_gib']:.2f} GiB" if c.get("kv_gib") is not None else f"{c['num_blocks']:,} blocks"
     view = ", ".join(v for v in (c.get("mode"), f"{c['window']} window" if c.get("window") else None) if v)
     return (f"--block-size {c['block_size']}, {mem}: hit rate {c['hit_rate']:.1%} "
-            f"(block ceiling {c['ceiling_hit_rate']:.1%}" + (f"; {view})" if view else ")")), [c["vllm_serve"]]
+            f"(block ceiling {c['ceiling_hit_rate']:.1%}" + (f"; {view})" if view else ")")), (
+                [c["vllm_serve"]] + ([c["replicas"]] if c.get("replicas") else []))
 
 
 def _replay(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
     notes = []
-    for b, n, mode, status, pred, meas in c.get("configs", []):
+    for b, n, mode, status, pred, meas, *replica in c.get("configs", []):
+        where = f"block size {b}, {n} blocks, {mode}" + (f", {replica[0]}" if replica and replica[0] else "")
         if pred is not None and meas is not None:
-            notes.append(f"block size {b}, {n} blocks, {mode}: predicted {pred:.2%}, "
-                         f"measured {meas:.2%} -> {status}")
+            notes.append(f"{where}: predicted {pred:.2%}, measured {meas:.2%} -> {status}")
         else:
-            notes.append(f"block size {b}, {n} blocks, {mode}: {status}")
+            notes.append(f"{where}: {status}")
     for mode, arrivals, p50, ttft_ratio, rps_ratio in c.get("time", []):
         shown = ", ".join(f"{name} {v * 1000:.1f} ms" for name, v in zip(("on", "off", "unshared", "fixed"), p50)
                           if v is not None)

@@ -32,7 +32,7 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
                                   f"rejected {ing['rejected']:,}"))
     tok = stages.get("tokenize", {}).get("counts")
     if tok:
-        rows.append(("prompt tokens", f"{tok['tokens']:,} ({tok['tokenizer']})"))
+        rows.append(("prompt tokens", f"{tok['tokens']:,} ({tok['tokenizer'] or 'as logged: no tokenizer'})"))
     stats = _json(run, rf.STATS)
     if stats:
         rows.append(("token ceiling", f"{stats['ceiling_rate']:.1%} of prompt tokens share a "

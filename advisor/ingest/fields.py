@@ -37,6 +37,14 @@ class LineError(Exception):
         self.cause = cause
 
 
+class NotARequest(LineError):
+    """A well-formed record of a known format that is no model request at all (a tracing
+    span around a tool call, an embedding call): counted as skipped, by `reason`, not rejected."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, "skipped")
+
+
 def type_name(v: Any) -> str:
     if v is None:
         return "null"

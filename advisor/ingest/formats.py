@@ -1,6 +1,6 @@
-"""Line level of ingest: one log line's bytes -> one requests.parquet row, or a reason.
+"""Line level of ingest: one decoded log record -> one requests.parquet row, or a reason.
 
-Input: the bytes of one line. Output: a `dict` of schema.REQUESTS columns (without
+Input: one decoded line (or table row). Output: a `dict` of schema.REQUESTS columns (without
 `request_id`, `line`, and a synthesized `timestamp`, which depend on the whole file), or
 a `LineError` whose reason says what is wrong with the line and what would fix it,
 e.g. "messages[2].content is a number; expected a string or a list of content parts".
@@ -13,8 +13,17 @@ Formats (docs/design.md §3, docs/formats.md), detected per line unless one is f
   completion    {"prompt": "..."} or {"prompt_token_ids": [...]}, bare or wrapped
   hash-trace    {"timestamp","input_length","output_length","hash_ids"} (Mooncake: ms from
                 the trace start; Alibaba Bailian, recognised by "chat_id": seconds)
+  anthropic     a /v1/messages body (bare, wrapped, or {"custom_id","params"}): anthropic.py
+  litellm       a LiteLLM StandardLoggingPayload or spend-log row: gateways.py
+  langfuse      a Langfuse observation: gateways.py
+  otel-genai    an OTLP JSON line of spans, one request per model-call span: otel.py
+                (parse_otlp; the readers call it, since one line gives many requests)
+(vLLM server logs and tables are files of their own kind: vllm_log.py, tables.py.) A record
+that is no model call at all raises NotARequest and is counted as skipped, not rejected.
 
-Fields read besides the request itself (first one present wins, wrapper before body):
+The OpenAI body itself (messages, tools, prompt, sampling fields, the reply) is read in
+openai_body.py. Fields read besides the request itself (first one present wins, wrapper
+before body):
   request id   wrapper/body "request_id", "id"; batch "custom_id"; response "id";
                Bailian "chat_id"
   timestamp    "timestamp", "created", "created_at", "time", "ts", "start_time",
@@ -37,29 +46,34 @@ Fields read besides the request itself (first one present wins, wrapper before b
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 from advisor import schema
+from advisor.ingest import anthropic, gateways, otel
 from advisor.ingest.fields import (
-    INT32_MAX,
     INT64_MAX,
     UNKNOWN_SHAPE,
     LineError,
     as_count,
-    as_flag,
     as_id,
-    as_logprob_count,
     as_str,
     check_ids,
-    dump_json,
     first_seconds,
     first_time,
     json_object,
     parse_time,
     type_name,
 )
-
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+from advisor.ingest.openai_body import (
+    body_fields,
+    chat_response,
+    check_messages,
+    check_tools,
+    completion_prompt,
+    media_count,
+)
 
 _SECONDS_KEYS = ("timestamp", "created", "created_at", "time", "ts", "start_time",
                  "arrival_time", "request_time")
@@ -75,146 +89,12 @@ _LATENCY_KEYS = (("latency_s", 1.0), ("latency", 1.0), ("e2e_latency", 1.0), ("d
 _TTFT_KEYS = (("ttft_s", 1.0), ("ttft", 1.0), ("time_to_first_token", 1.0),
               ("ttft_ms", 1e-3), ("time_to_first_token_ms", 1e-3))
 _OUTPUT_KEYS = ("output_tokens", "completion_tokens", "output_length")
-# vLLM's VLLM_MAX_N_SEQUENCES default: it refuses a larger n (sampling_params._verify_num_sequences).
-MAX_N = 16_384
 
 _TRIED = (
     'tried openai-chat ("messages", or "request" holding a body), openai-batch '
     '("custom_id" + "body"), completion ("prompt" or "prompt_token_ids") and hash-trace '
     '("hash_ids" + "input_length")'
 )
-
-
-def check_messages(v: Any, path: str = "messages") -> str:
-    """Validate chat messages; return them as JSON text."""
-    if not isinstance(v, list):
-        raise LineError(f"{path} is {type_name(v)}; expected a list of message objects")
-    if not v:
-        raise LineError(f"{path} is an empty list; a chat request needs at least one message")
-    for i, m in enumerate(v):
-        p = f"{path}[{i}]"
-        if not isinstance(m, dict):
-            raise LineError(f"{p} is {type_name(m)}; expected a message object with role and content")
-        role = m.get("role")
-        if role is None:
-            raise LineError(f"{p} has no role; expected one of {', '.join(ROLES)}")
-        if not isinstance(role, str):
-            raise LineError(f"{p}.role is {type_name(role)}; expected a string")
-        if role not in ROLES:
-            raise LineError(f"{p}.role is {role[:40]!r}; expected one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if content is None:
-            if role != "assistant":
-                what = "has no content" if "content" not in m else "content is null"
-                raise LineError(f"{p} ({role}) {what}; expected a string or a list of content parts")
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                pp = f"{p}.content[{j}]"
-                if not isinstance(part, dict):
-                    raise LineError(f"{pp} is {type_name(part)}; expected a content part object "
-                                    'like {"type": "text", "text": "..."}')
-                if not isinstance(part.get("type"), str):
-                    raise LineError(f"{pp}.type is {type_name(part.get('type'))}; expected a string")
-                if part["type"] == "text" and not isinstance(part.get("text"), str):
-                    raise LineError(f"{pp}.text is {type_name(part.get('text'))}; expected a string")
-        elif not isinstance(content, str):
-            raise LineError(
-                f"{p}.content is {type_name(content)}; expected a string or a list of content parts"
-            )
-        calls = m.get("tool_calls")
-        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
-            raise LineError(f"{p}.tool_calls is {type_name(calls)}; expected a list of tool-call objects")
-        as_str(m.get("name"), f"{p}.name")
-    return dump_json(v)
-
-
-def check_tools(v: Any) -> str | None:
-    if v is None:
-        return None
-    if not isinstance(v, list):
-        raise LineError(f"tools is {type_name(v)}; expected a list of tool objects")
-    for i, t in enumerate(v):
-        if not isinstance(t, dict):
-            raise LineError(f"tools[{i}] is {type_name(t)}; expected a tool object")
-        fn = t.get("function")
-        if fn is not None:
-            if not isinstance(fn, dict):
-                raise LineError(f"tools[{i}].function is {type_name(fn)}; expected an object")
-            if not isinstance(fn.get("name"), str):
-                raise LineError(f"tools[{i}].function.name is {type_name(fn.get('name'))}; expected a string")
-    return dump_json(v)
-
-
-def _completion_prompt(body: dict[str, Any], row: dict[str, Any]) -> None:
-    ids, ids_path = body.get("prompt_token_ids"), "prompt_token_ids"
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):  # the completions API also takes token ids, or a batch of one
-        if not prompt or all(type(t) is int for t in prompt):
-            ids, ids_path, prompt = (prompt, "prompt", None) if ids is None else (ids, ids_path, None)
-        elif len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-            if isinstance(prompt, list):
-                ids, ids_path, prompt = (prompt, "prompt[0]", None) if ids is None else (ids, ids_path, None)
-        else:
-            raise LineError(f"prompt is a list of {len(prompt)} prompts; put one prompt per line")
-    if ids is not None:
-        ids = check_ids(ids, ids_path, INT32_MAX, "token id")
-        if not ids:
-            raise LineError(f"{ids_path} is an empty list; a request needs at least one token")
-        row["kind"], row["prompt_token_ids"] = schema.KIND_TOKENS, ids
-        row["prompt"] = as_str(prompt, "prompt")
-        return
-    if not isinstance(prompt, str):
-        raise LineError(f"prompt is {type_name(prompt)}; expected a string or a list of token ids")
-    if not prompt:
-        raise LineError("prompt is an empty string; a request needs a prompt")
-    row["kind"], row["prompt"] = schema.KIND_COMPLETION, prompt
-
-
-def _body_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
-    """Fields every request body may carry: model, sampling bound, LoRA, salt, user."""
-    row["model"] = as_str(body.get("model"), "model")
-    mt = body.get("max_completion_tokens")
-    row["max_tokens"] = as_count(mt if mt is not None else body.get("max_tokens"),
-                               "max_completion_tokens" if mt is not None else "max_tokens")
-    row["cache_salt"] = as_str(body.get("cache_salt"), "cache_salt")
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None:
-        if not isinstance(kwargs, dict):
-            raise LineError(f"chat_template_kwargs is {type_name(kwargs)}; expected an object")
-        row["chat_template_kwargs"] = dump_json(kwargs)
-    _sampling_fields(body, row)
-
-
-def _sampling_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
-    """The body fields that change how vLLM schedules and caches the request.
-
-    Kept as logged; advisor.workload decides from them which requests skip the cache
-    lookup. Chat asks for logprobs with `logprobs: true` and counts them in
-    `top_logprobs`; completions give the count in `logprobs`.
-    """
-    row["prompt_logprobs"] = as_logprob_count(body.get("prompt_logprobs"), "prompt_logprobs")
-    row["echo"] = as_flag(body.get("echo"), "echo")
-    if row["kind"] == schema.KIND_CHAT:
-        asked = body.get("logprobs")
-        if asked is not None and not isinstance(asked, bool):
-            raise LineError(f"logprobs is {type_name(asked)}; a chat request takes true or false "
-                            "(and the count in top_logprobs)")
-        top = as_logprob_count(body.get("top_logprobs"), "top_logprobs")
-        row["logprobs"] = (top or 0) if asked else None
-    else:
-        row["logprobs"] = as_logprob_count(body.get("logprobs"), "logprobs")
-    n = body.get("n")
-    if isinstance(n, float) and n.is_integer():
-        n = int(n)
-    if n is None:
-        n = 1
-    elif type(n) is not int:
-        raise LineError(f"n is {type_name(n)}; expected an integer >= 1 (the completions asked for)")
-    elif not 1 <= n <= MAX_N:
-        raise LineError(f"n is {n}; vLLM serves 1 to {MAX_N:,} completions per request "
-                        "(VLLM_MAX_N_SEQUENCES); fix the count or drop the line")
-    row["n"] = n
 
 
 def _lora(sources: list[dict[str, Any]]) -> str | None:
@@ -238,35 +118,6 @@ def _session(wrapper: dict[str, Any], body: dict[str, Any]) -> str | None:
     return as_id(body.get("user"))
 
 
-def _response(resp: dict[str, Any] | str, row: dict[str, Any]) -> None:
-    """Output length and text from a logged response (a plain string is the reply text).
-
-    The reply text is auxiliary: a shape we do not know leaves output_text null rather
-    than rejecting the request; usage counts, which set the output length, are checked.
-    """
-    if isinstance(resp, str):
-        row["output_text"] = resp
-        return
-    usage = resp.get("usage")
-    if usage is not None:
-        if not isinstance(usage, dict):
-            raise LineError(f"response.usage is {type_name(usage)}; expected an object")
-        row["output_tokens"] = as_count(usage.get("completion_tokens"), "response.usage.completion_tokens")
-        row["prompt_tokens_logged"] = as_count(usage.get("prompt_tokens"), "response.usage.prompt_tokens")
-    choices = resp.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        c0 = choices[0]
-        msg = c0.get("message")
-        text: Any = c0.get("text")
-        if isinstance(msg, dict):
-            text = msg.get("content")
-            if text is None and msg.get("tool_calls") is not None:
-                text = dump_json(msg["tool_calls"])
-        if isinstance(text, list):  # content parts
-            text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
-        row["output_text"] = text if isinstance(text, str) else None
-
-
 def _new_row(fmt: str) -> dict[str, Any]:
     return {"format": fmt}
 
@@ -280,9 +131,10 @@ def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = Fals
         row = _new_row(schema.FORMAT_CHAT)
         row["kind"], row["messages"] = schema.KIND_CHAT, check_messages(body["messages"])
         row["tools"] = check_tools(body.get("tools"))
+        row["_media"] = media_count(body["messages"])
     elif ("prompt" in body or "prompt_token_ids" in body) and fmt != schema.FORMAT_CHAT:
         row = _new_row(schema.FORMAT_COMPLETION)
-        _completion_prompt(body, row)
+        completion_prompt(body, row)
     else:
         want = {schema.FORMAT_CHAT: '"messages"', schema.FORMAT_COMPLETION: '"prompt" or "prompt_token_ids"'}
         where = "the request object" if body is not obj else "the line"
@@ -291,14 +143,20 @@ def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = Fals
                             UNKNOWN_SHAPE)
         raise LineError(f"{label}{where} has no {want[fmt]} field (keys: {_keys(body)})",
                         UNKNOWN_SHAPE)
-    _body_fields(body, row)
+    body_fields(body, row)
+    _metadata(obj, body, row, chat_response)
+    return row
+
+
+def _metadata(obj: dict[str, Any], body: dict[str, Any], row: dict[str, Any], read_response: Any) -> None:
+    """What a wrapper (or the body) says besides the request: id, reply, time, session, timing."""
     sources = [obj, body] if body is not obj else [obj]
     row["logged_id"] = _first_id(sources, ("request_id", "id"))
     resp: Any = obj.get("response") if body is not obj else None
     if not (isinstance(resp, str) and not resp.lstrip().startswith("{")):
         resp = json_object(resp, "response")  # an object, or one logged as a JSON string
     if resp is not None:
-        _response(resp, row)
+        read_response(resp, row)
         if row["logged_id"] is None and isinstance(resp, dict):
             row["logged_id"] = as_id(resp.get("id"))
     if row.get("output_tokens") is None:
@@ -312,10 +170,56 @@ def _wrapped(obj: dict[str, Any], fmt: str | None, label: str, bare: bool = Fals
     row["lora"] = _lora(sources)
     if row["cache_salt"] is None and body is not obj:
         row["cache_salt"] = as_str(obj.get("cache_salt"), "cache_salt")
-    row["session_id"] = _session(obj, body)
+    row["session_id"] = _session(obj, body) or row.get("session_id")
     row["latency_s"] = first_seconds(obj, _LATENCY_KEYS)
     row["ttft_s"] = first_seconds(obj, _TTFT_KEYS)
+
+
+def _anthropic(obj: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages body: bare, wrapped, or a Message Batches line {custom_id, params}."""
+    if "params" in obj and "custom_id" in obj:
+        body = json_object(obj["params"], "params")
+        if body is None:
+            raise LineError("params is null; expected the Messages request body")
+        row = anthropic.parse(body)
+        row["logged_id"] = as_id(obj.get("custom_id"))
+        row["timestamp"] = first_time([obj], _TIME_KEYS)
+        return row
+    body = json_object(obj["request"], "request") if "request" in obj else obj
+    if body is None:
+        raise LineError("request is null; expected the request body object")
+    row = anthropic.parse(body)
+    _metadata(obj, body, row, _anthropic_response)
     return row
+
+
+def parse_otlp(obj: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | LineError, dict[str, Any]]]:
+    """Each span of one OTLP JSON line: (its row, or the LineError / NotARequest it gives, the span)."""
+    for span, resource in otel.spans(obj):
+        try:
+            row = _wrapped(otel.span_line(span, resource), None, "")
+        except LineError as e:
+            yield e, span
+            continue
+        row["format"] = schema.FORMAT_OTEL
+        yield row, span
+
+
+def _gateway(obj: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A LiteLLM or Langfuse record, read through the generic line it maps to (gateways.py)."""
+    line = gateways.litellm_line(obj) if fmt == schema.FORMAT_LITELLM else gateways.langfuse_line(obj)
+    row = _anthropic(line) if detect(line) == schema.FORMAT_ANTHROPIC else _wrapped(line, None, "")
+    row["format"] = fmt
+    return row
+
+
+def _anthropic_response(resp: dict[str, Any] | str, row: dict[str, Any]) -> None:
+    if isinstance(resp, str):
+        row["output_text"] = resp
+    elif resp.get("type") == "message" or "stop_reason" in resp:
+        anthropic.response_fields(resp, row)
+    else:  # a gateway that answered in OpenAI's shape
+        chat_response(resp, row)
 
 
 def _batch(obj: dict[str, Any]) -> dict[str, Any]:
@@ -391,18 +295,39 @@ def _keys(obj: dict[str, Any]) -> str:
     return "{" + ", ".join(names) + (", ..." if len(obj) > 8 else "") + "}"
 
 
+# Every top-level key some format reads: the columns a table is read for (advisor.ingest.tables).
+KNOWN_KEYS = frozenset(
+    ["messages", "tools", "prompt", "prompt_token_ids", "model", "max_tokens", "max_completion_tokens",
+     "cache_salt", "chat_template_kwargs", "prompt_logprobs", "echo", "logprobs", "top_logprobs", "n",
+     "user", "metadata", "request", "response", "request_id", "id", "custom_id", "method", "url",
+     "hash_ids", "input_length", "output_length", "chat_id", "parent_chat_id", "lora_request"]
+    + list(anthropic.KEYS) + list(gateways.LITELLM_KEYS) + list(gateways.LANGFUSE_KEYS)
+    + [k for k, _ in _TIME_KEYS] + list(_SESSION_KEYS) + list(_LORA_KEYS) + [k for k, _ in _LATENCY_KEYS]
+    + [k for k, _ in _TTFT_KEYS] + list(_OUTPUT_KEYS)
+)
+
+
 def detect(obj: dict[str, Any]) -> str | None:
     """The format of one decoded line, or None when no known shape fits."""
+    if gateways.is_litellm(obj):
+        return schema.FORMAT_LITELLM
+    if gateways.is_langfuse(obj):
+        return schema.FORMAT_LANGFUSE
     if "custom_id" in obj and "body" in obj:
         return schema.FORMAT_BATCH
+    if "custom_id" in obj and "params" in obj:
+        return schema.FORMAT_ANTHROPIC  # Anthropic's Message Batches
     if "hash_ids" in obj:
         return schema.FORMAT_HASH_TRACE
     body = obj.get("request") if "request" in obj else obj
-    if isinstance(body, str):
-        return schema.FORMAT_CHAT  # a JSON-encoded body; _wrapped decodes it
+    if isinstance(body, str) and body.lstrip().startswith("{"):
+        try:
+            body = json.loads(body)  # a JSON-encoded body (decoded again where it is read)
+        except ValueError:
+            return schema.FORMAT_CHAT  # _wrapped names the problem
     if isinstance(body, dict):
         if "messages" in body:
-            return schema.FORMAT_CHAT
+            return schema.FORMAT_ANTHROPIC if anthropic.is_anthropic(body) else schema.FORMAT_CHAT
         if "prompt" in body or "prompt_token_ids" in body:
             return schema.FORMAT_COMPLETION
     return None
@@ -418,6 +343,20 @@ def parse_request(obj: dict[str, Any], forced: str | None, trace_block_size: int
             raise LineError(f'--format openai-batch: the line has no "body" (keys: {_keys(obj)})',
                             UNKNOWN_SHAPE)
         return _batch(obj)
+    if fmt == schema.FORMAT_ANTHROPIC:
+        body = obj.get("params") if "params" in obj else obj.get("request", obj)
+        if forced and not (isinstance(body, str) or (isinstance(body, dict) and "messages" in body)):
+            raise LineError(f'--format anthropic: the line has no "messages" (keys: {_keys(obj)})', UNKNOWN_SHAPE)
+        return _anthropic(obj)
+    if fmt == schema.FORMAT_LITELLM and "call_type" not in obj:
+        raise LineError(f'--format litellm: the line has no "call_type" (keys: {_keys(obj)})', UNKNOWN_SHAPE)
+    if fmt == schema.FORMAT_LANGFUSE and not isinstance(obj.get("type"), str):
+        raise LineError(f'--format langfuse: the line has no observation "type" such as GENERATION (keys: '
+                        f'{_keys(obj)})', UNKNOWN_SHAPE)
+    if fmt in (schema.FORMAT_LITELLM, schema.FORMAT_LANGFUSE):
+        return _gateway(obj, fmt)
+    if fmt == schema.FORMAT_OTEL:  # OTLP lines hold many spans: read with parse_otlp
+        raise LineError(f'--format otel-genai: the line has no "resourceSpans" (keys: {_keys(obj)})', UNKNOWN_SHAPE)
     if fmt == schema.FORMAT_HASH_TRACE:
         if "hash_ids" not in obj:
             raise LineError(f'--format hash-trace: the line has no "hash_ids" (keys: {_keys(obj)})',

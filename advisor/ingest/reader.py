@@ -1,4 +1,4 @@
-"""Byte level of ingest: open a log, undo its compression, refuse non-JSONL, split lines.
+"""Byte level of ingest: open a log, undo its compression, split lines, word refusals.
 
 Input: a path or a binary stream (stdin). Output: `(line_number, payload)` pairs where
 the payload is the line's bytes (without its newline), or an `Oversize` record for a line
@@ -6,9 +6,10 @@ longer than the limit, which is never held in memory whole: it is read in chunks
 skipped to its newline.
 
 Compression is recognised by magic bytes (gzip `1f 8b`, Zstandard `28 b5 2f fd`), never by
-the file name alone. Before anything is written, `sniff` looks at the first 64 KiB of the
-decompressed stream and raises `InputRefused` for a file that is not JSON Lines at all
-(Parquet, other binary data, one JSON array document, pretty-printed JSON, CSV/TSV, text).
+the file name alone. `read_head` takes the first 64 KiB of the decompressed stream, from
+which advisor.ingest.sources decides what the file is; the `refuse_*` helpers here raise
+`InputRefused`, naming the file and the fix, for what it is not (binary data, one JSON
+array document, pretty-printed JSON, text).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ _BINARY_MAGIC = (
 )
 
 _JSONL_HINT = (
-    "pc-advise reads JSON Lines: one request object per line "
-    "(see docs/formats.md; `jq -c '.[]' file.json > file.jsonl` converts a JSON array)."
+    "pc-advise reads JSON Lines (one request object per line), vLLM server logs, and Parquet or "
+    ".csv tables (see docs/formats.md; `jq -c '.[]' file.json > file.jsonl` converts a JSON array)."
 )
 
 
@@ -215,44 +216,57 @@ def read_head(stream: BinaryIO) -> tuple[bytes, BinaryIO]:
     return head, io.BufferedReader(_Prepend(head, rest), READ_CHUNK)  # type: ignore[arg-type]
 
 
-def sniff(head: bytes, compression: str) -> None:
-    """Raise InputRefused when `head` (start of the decompressed input) is not JSON Lines.
-
-    A file is JSON Lines when one of its first lines starts with `{`; per-line problems
-    (bad JSON, bad UTF-8, empty lines) are then rejected line by line, not refused here.
-    """
-    if not head:
-        return  # an empty log: zero lines read, nothing to refuse
-    where = "" if compression == "none" else f" (after {compression} decompression)"
-    for magic, what in _BINARY_MAGIC:
-        if head.startswith(magic):
-            raise InputRefused(f"the input is {what}{where}, not JSON Lines. {_JSONL_HINT}")
-    if compression == "none" and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)):
-        raise InputRefused("the input is compressed twice; decompress it once first.")
+def sniff_lines(head: bytes) -> list[bytes]:
+    """The first non-blank lines of `head` (stripped, BOM dropped), for classifying the input."""
     lines = head.split(b"\n")
     if len(head) == SNIFF_BYTES and len(lines) > 1:
         lines = lines[:-1]  # the last piece may be cut at the sniff boundary
     lines = [ln.strip() for ln in lines]
     if lines and lines[0].startswith(b"\xef\xbb\xbf"):
         lines[0] = lines[0][3:].strip()
-    nonblank = [ln for ln in lines if ln][:SNIFF_LINES]
-    if not nonblank:
-        return  # only blank lines: each is rejected as empty
-    first = nonblank[0]
+    return [ln for ln in lines if ln][:SNIFF_LINES]
+
+
+def refuse_binary(head: bytes, compression: str, label: str) -> None:
+    """InputRefused for a binary file people mistake for a log (`label`: "the input ", "x.gz ")."""
+    where = "" if compression == "none" else f" (after {compression} decompression)"
+    for magic, what in _BINARY_MAGIC:
+        if head.startswith(magic):
+            fix = (" Give the Parquet file itself, uncompressed (Parquet compresses inside)."
+                   if magic == b"PAR1" else f" {_JSONL_HINT}")
+            raise InputRefused(f"{label}is {what}{where}, not a log pc-advise reads.{fix}")
+    if compression == "none" and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)):
+        raise InputRefused(f"{label}is compressed twice; decompress it once first.")
+
+
+def refuse_json_document(lines: list[bytes], compression: str, label: str) -> bool:
+    """InputRefused for one JSON array/object spread over the file; False when the first
+    lines are JSON Lines (some line starts with `{`)."""
+    where = "" if compression == "none" else f" (after {compression} decompression)"
+    first = lines[0]
     if first.startswith(b"["):
-        if not _is_json(first) or not any(ln.startswith(b"{") for ln in nonblank[1:]):
-            raise InputRefused(
-                f"the input is one JSON array document{where}, not JSON Lines. {_JSONL_HINT}"
-            )
-        return  # JSONL whose first line happens to be an array: rejected per line
-    if first == b"{" or (first.startswith(b"{") and not _is_json(first) and _pretty(nonblank)):
-        raise InputRefused(
-            f"the input is one JSON document spread over several lines{where}, not JSON Lines. "
-            f"{_JSONL_HINT}"
-        )
-    if any(ln.startswith(b"{") for ln in nonblank):
-        return
-    raise InputRefused(f"{_describe(head, nonblank)}{where}, not JSON Lines. {_JSONL_HINT}")
+        if not _is_json(first) or not any(ln.startswith(b"{") for ln in lines[1:]):
+            raise InputRefused(f"{label}is one JSON array document{where}, not JSON Lines. {_JSONL_HINT}")
+        return True  # JSONL whose first line happens to be an array: rejected per line
+    if first == b"{" or (first.startswith(b"{") and not _is_json(first) and _pretty(lines)):
+        raise InputRefused(f"{label}is one JSON document spread over several lines{where}, not JSON Lines. "
+                           f"{_JSONL_HINT}")
+    return any(ln.startswith(b"{") for ln in lines)
+
+
+def refuse_text(head: bytes, lines: list[bytes], compression: str, label: str) -> None:
+    where = "" if compression == "none" else f" (after {compression} decompression)"
+    what = _describe(head, lines).removeprefix("the input ")
+    raise InputRefused(f"{label}{what}{where}, not a log pc-advise reads. {_JSONL_HINT}")
+
+
+def table_kind(lines: list[bytes]) -> str | None:
+    """"CSV", "TSV" or "semicolon-separated" when the first lines split evenly on it."""
+    for sep, name in ((b",", "CSV"), (b"\t", "TSV"), (b";", "semicolon-separated")):
+        counts = [ln.count(sep) for ln in lines[:10]]
+        if counts and counts[0] > 0 and len(set(counts)) == 1:
+            return name
+    return None
 
 
 def _is_json(line: bytes) -> bool:
@@ -279,10 +293,10 @@ def _describe(head: bytes, lines: list[bytes]) -> str:
     except UnicodeDecodeError as e:
         if e.start < len(head) - 4:  # not just a character cut at the sniff boundary
             return "the input is binary data (not UTF-8 text)"
-    for sep, name in ((b",", "CSV"), (b"\t", "TSV"), (b";", "semicolon-separated")):
-        counts = [ln.count(sep) for ln in lines[:10]]
-        if counts and counts[0] > 0 and len(set(counts)) == 1:
-            return f"the input looks like {name} (first line: {_preview(lines[0])})"
+    table = table_kind(lines)
+    if table is not None:
+        return (f"the input looks like {table} (first line: {_preview(lines[0])}; a .csv or .tsv file "
+                "is read as a table)")
     return f"the input is text but no line starts with '{{' (first line: {_preview(lines[0])})"
 
 

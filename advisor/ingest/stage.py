@@ -1,24 +1,32 @@
-"""The ingest stage: a raw request log -> requests.parquet + rejects.jsonl.
+"""The ingest stage: request logs -> requests.parquet + rejects.jsonl.
 
-Inputs: a JSON Lines log (plain, gzip or Zstandard, recognised by magic bytes; `-` reads
-the stream passed as `stdin`) and `IngestOptions`. Outputs, both written to temporary names
-and renamed into place:
-  requests.parquet  schema.REQUESTS, one row per accepted line in line order, written in
-                    row groups of ROW_GROUP rows (fewer when their lines pass ROW_GROUP_BYTES),
-                    so a multi-GB log never sits in memory
+Inputs: LOG (a file, a folder or glob of files, or `-` for the stream passed as `stdin`)
+and `IngestOptions`. Each file is JSON Lines, a vLLM server log, a Parquet or a CSV table,
+plain, gzip or Zstandard (magic bytes decide; advisor.ingest.sources). Outputs, both
+written to temporary names and renamed into place:
+  requests.parquet  schema.REQUESTS, one row per accepted unit in file order (several
+                    files: merged by time), written in row groups of ROW_GROUP rows (fewer
+                    when their source bytes pass ROW_GROUP_BYTES), so a multi-GB log never
+                    sits in memory
   rejects.jsonl     one {"line", "cause", "reason", "raw" | "raw_b64"} object per rejected
-                    line; "raw_truncated": true and "raw_bytes" when only the first
-                    RAW_KEEP bytes of the line are kept (always so past --max-line-mb)
-Every line lands in exactly one of them: lines_read == accepted + rejected.
+                    unit ("file" too when there are several files); "raw_truncated": true
+                    and "raw_bytes" when only the first RAW_KEEP bytes of it are kept
+                    (always so past --max-line-mb)
+Every unit (a line; a table row; a server log's request; an OTLP span: records.py) lands
+in exactly one of them: lines_read == accepted + rejected. Lines that are no unit at all
+are counted in `skipped_lines`, by why.
 
-A file that is not JSON Lines at all is refused (InputRefused) before anything is written.
-Request shapes are in formats.py, JSON decoding and typed fields in fields.py, bytes,
-compression and the refusal sniff in reader.py (all in advisor/ingest/).
+An input that is no log at all is refused (InputRefused) before anything is written (in a
+folder: that file is left out and named). Request shapes are in formats.py (and the
+modules it names), JSON decoding and typed fields in fields.py, bytes and compression in
+reader.py, files and their kinds in sources.py, server logs in vllm_log.py, tables in
+tables.py (all in advisor/ingest/).
 
-Ids: request_id is the logged id (see advisor.ingest.formats) or "L<line>" when the line has none.
-A repeated id gets "#2", "#3", ... appended (its occurrence number), so ids stay unique;
-`logged_id` keeps the id as logged and the summary counts the repeats (duplicate_ids).
-Time: a line without a timestamp gets `accepted_so_far / rate` seconds (its place in line
+Ids: request_id is the logged id (see advisor.ingest.formats) or "L<line>" when the line has
+none ("<file>:L<line>" when there are several files). A repeated id gets "#2", "#3", ...
+appended (its occurrence number), so ids stay unique; `logged_id` keeps the id as logged and
+the summary counts the repeats (duplicate_ids).
+Time: a request without a timestamp gets `accepted_so_far / rate` seconds (its place in
 order at --rate requests per second) and timestamp_logged = false.
 Sessions: Alibaba Bailian traces chain turns with chat_id/parent_chat_id; each turn gets
 the chat_id of its conversation's first turn as session_id.
@@ -28,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,17 +45,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advisor import schema
-from advisor.errors import AdvisorError
-from advisor.ingest.fields import DAMAGED_STREAM, TOO_LONG, LineError, decode_line
-from advisor.ingest.formats import parse_request
-from advisor.ingest.reader import (
-    RAW_KEEP,
-    CorruptStream,
-    Oversize,
-    iter_lines,
-    open_decompressed,
-    read_head,
-    sniff,
+from advisor.errors import AdvisorError, InputRefused
+from advisor.ingest.fields import LineError
+from advisor.ingest.reader import RAW_KEEP
+from advisor.ingest.records import Accepted, FileTally, Record
+from advisor.ingest.sources import (
+    Input,
+    Reading,
+    file_records,
+    fingerprint_paths,
+    merged_records,
+    open_input,
+    resolve_inputs,
 )
 from advisor.runfolder import REJECTS, REQUESTS, RunDir, StageOutcome, atomic_path
 
@@ -63,6 +71,10 @@ class IngestOptions:
     trace_block_size: int = 512  # tokens per hash id in block-hash traces
     rate: float = 1.0  # requests/s assumed for lines without a timestamp
     max_line_bytes: int = 32 << 20  # longer lines are rejected without being read whole
+    # Tables: (target, column) pairs, e.g. (("body", "req_json"), ("timestamp", "ts")); () = by name
+    columns: tuple[tuple[str, str], ...] = ()
+    max_log_len: int | None = None  # vLLM server logs: the server's --max-log-len, when it had one
+    log_year: int | None = None  # vLLM server logs: the year of the first line (the prefix has none)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in schema.FORMATS:
@@ -73,14 +85,23 @@ class IngestOptions:
             raise AdvisorError("--rate must be a positive number of requests per second")
         if self.max_line_bytes < 1:
             raise AdvisorError("--max-line-mb must be positive")
+        if self.max_log_len is not None and self.max_log_len < 1:
+            raise AdvisorError("--max-log-len must be the positive number vllm serve was given")
+        if self.log_year is not None and not 1970 <= self.log_year <= 9999:
+            raise AdvisorError("--log-year must be a year like 2026")
+        object.__setattr__(self, "columns", tuple(tuple(p) for p in self.columns))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def reading(self) -> Reading:
+        return Reading(self.format, self.trace_block_size, self.max_line_bytes, self.columns,
+                       self.max_log_len, self.log_year)
+
 
 @dataclass
 class IngestResult:
-    lines_read: int = 0
+    lines_read: int = 0  # units read (lines; table rows; server-log requests; spans) = accepted + rejected
     accepted: int = 0
     rejected: int = 0
     first_rejects: list[list[Any]] = field(default_factory=list)  # [[line, reason], ...]
@@ -90,9 +111,13 @@ class IngestResult:
     duplicate_ids: int = 0
     synthesized_timestamps: int = 0
     compression: str = "none"
+    files: list[FileTally] = field(default_factory=list)
+    refused_files: list[str] = field(default_factory=list)  # a folder's files that are no log: why
+    media_requests: int = 0  # chat requests with images/audio/video parts (their tokens are not counted)
+    media_parts: int = 0
 
     def as_counts(self) -> dict[str, Any]:
-        return {
+        counts = {
             "lines_read": self.lines_read,
             "accepted": self.accepted,
             "rejected": self.rejected,
@@ -103,7 +128,31 @@ class IngestResult:
             "duplicate_ids": self.duplicate_ids,
             "synthesized_timestamps": self.synthesized_timestamps,
             "compression": self.compression,
+            "by_file_kind": dict(Counter(t.kind for t in self.files)),
+            "skipped_lines": dict(sum((t.skipped for t in self.files), Counter())),
+            "notes": self.notes,
+            "media_requests": self.media_requests,
         }
+        if len(self.files) > 1 or self.refused_files:
+            counts["files"] = [t.as_dict() for t in self.files]
+            counts["refused_files"] = self.refused_files
+        return counts
+
+    @property
+    def notes(self) -> list[str]:
+        """What was approximated or assumed, each once, with the files it concerns when several."""
+        out: dict[str, list[str]] = {}
+        for t in self.files:
+            for n in t.notes:
+                out.setdefault(n, []).append(t.name or "stdin")
+        several = len(self.files) > 1
+        notes = [f"{n} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if several else n
+                 for n, names in out.items()]
+        if self.media_requests:
+            notes.append(f"{self.media_requests} requests carry {self.media_parts} image, audio or video parts: "
+                         "their text is tokenized, the media's own tokens (the model's processor's) are not "
+                         "counted, so their prompts are simulated shorter than vLLM ran them")
+        return notes
 
 
 def ingest_source(
@@ -113,15 +162,12 @@ def ingest_source(
     options: IngestOptions,
     stdin: BinaryIO | None = None,
 ) -> IngestResult:
-    """Read `log` (a path, or '-' for `stdin`) into requests.parquet and rejects.jsonl.
+    """Read `log` (a file, a folder, a glob, or '-' for `stdin`) into requests.parquet and
+    rejects.jsonl.
 
-    Raises InputRefused, with nothing written, when the input is not JSON Lines at all.
+    Raises InputRefused, with nothing written, when no input is a log ingest reads.
     """
-    if log == "-":
-        raw = stdin if stdin is not None else sys.stdin.buffer
-        return _ingest_stream(raw, requests_path, rejects_path, options)
-    with open(check_source(log), "rb") as f:
-        return _ingest_stream(f, requests_path, rejects_path, options)
+    return _ingest_inputs(resolve_inputs(str(log)), requests_path, rejects_path, options, stdin)
 
 
 def run_ingest(
@@ -135,92 +181,92 @@ def run_ingest(
     options = options or IngestOptions()
     log = str(log)
     run = RunDir(Path(run_dir))
-    streamed = log == "-" or not check_source(log).is_file()
+    inputs = resolve_inputs(log, exclude=run.root)
+    paths = fingerprint_paths(inputs)
 
     def body(r: RunDir) -> dict[str, Any]:
-        return ingest_source(log, r.path(REQUESTS), r.path(REJECTS), options, stdin=stdin).as_counts()
+        return _ingest_inputs(inputs, r.path(REQUESTS), r.path(REJECTS), options, stdin).as_counts()
 
-    return run.run_stage("ingest", [] if streamed else [Path(log)], {**options.as_dict(), "log": log},
-                         [REQUESTS, REJECTS], body, force=force, fingerprintable=not streamed)
-
-
-def check_source(log: str) -> Path:
-    """The log's path, or an error naming the fix when there is nothing to read there.
-
-    Regular files, pipes and /dev/fd/N (shell process substitution) are all readable.
-    """
-    path = Path(log)
-    if not path.exists() or path.is_dir():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise AdvisorError(f"{log} {what}; give a .jsonl, .jsonl.gz or .jsonl.zst log, or - for stdin")
-    return path
+    return run.run_stage("ingest", paths or [], {**options.as_dict(), "log": log},
+                         [REQUESTS, REJECTS], body, force=force, fingerprintable=paths is not None)
 
 
-def _ingest_stream(
-    raw: BinaryIO, requests_path: Path, rejects_path: Path, options: IngestOptions
+def _ingest_inputs(
+    inputs: list[Input], requests_path: Path, rejects_path: Path, options: IngestOptions,
+    stdin: BinaryIO | None,
 ) -> IngestResult:
-    stream, compression = open_decompressed(raw)
-    head, stream = read_head(stream)
-    sniff(head, compression)  # raises before any file exists
-    result = IngestResult(compression=compression)
+    result = IngestResult()
+    opened = []
+    try:
+        for item in inputs:  # every file is classified (or refused) before anything is written
+            try:
+                opened.append(open_input(item, stdin, options.reading()))
+            except InputRefused as e:
+                if not item.grouped:
+                    raise
+                result.refused_files.append(str(e))
+        if not opened:
+            raise InputRefused("no file there is a log pc-advise reads:\n  " + "\n  ".join(result.refused_files))
+    except BaseException:
+        for o in opened:
+            o.close()
+        raise
+    result.files = [o.tally for o in opened]
+    result.compression = ",".join(sorted({t.compression for t in result.files})) if result.files else "none"
+    reading = options.reading()
+    streams = [file_records(o, reading) for o in opened]
     with atomic_path(requests_path) as req_tmp, atomic_path(rejects_path) as rej_tmp:
         with pq.ParquetWriter(req_tmp, schema.REQUESTS, compression="zstd") as writer, \
                 open(rej_tmp, "w", encoding="utf-8") as rejects:
-            _Ingester(options, result, writer, rejects).run(stream)
+            sink = _Ingester(options, result, writer, rejects, several=len(opened) > 1)
+            for i, rec in merged_records(streams, result.files):
+                sink.take(result.files[i], rec)
+            sink.flush()
     assert result.lines_read == result.accepted + result.rejected
     return result
 
 
 class _Ingester:
-    """Turns lines into buffered columns and reject records; flushes a row group at a time."""
+    """Turns records into buffered columns and reject lines; flushes a row group at a time."""
 
     def __init__(self, options: IngestOptions, result: IngestResult,
-                 writer: pq.ParquetWriter, rejects: Any) -> None:
+                 writer: pq.ParquetWriter, rejects: Any, several: bool) -> None:
         self.options = options
         self.result = result
         self.writer = writer
         self.rejects = rejects
+        self.several = several
         self.columns: dict[str, list[Any]] = {name: [] for name in schema.REQUESTS.names}
         self.seen_ids: set[str] = set()
         self.id_counts: dict[str, int] = {}
         self.chat_roots: dict[str, str] = {}
         self.pending_bytes = 0
 
-    def run(self, stream: BinaryIO) -> None:
-        for line_no, data in iter_lines(stream, self.options.max_line_bytes):
-            self.result.lines_read += 1
-            if isinstance(data, Oversize):
-                mb = self.options.max_line_bytes / (1 << 20)
-                self.reject(line_no, LineError(
-                    f"line is {data.n_bytes:,} bytes, longer than the {mb:g} MB limit; "
-                    "raise it with --max-line-mb if such requests are real", TOO_LONG,
-                ), data.head, data.n_bytes)
-                continue
-            if isinstance(data, CorruptStream):
-                self.reject(line_no, LineError(
-                    f"{data}; the lines before it were read, this one and anything after it "
-                    "were lost", DAMAGED_STREAM,
-                ), b"", 0)
-                continue
-            try:
-                row = parse_request(decode_line(data, line_no == 1), self.options.format,
-                                    self.options.trace_block_size)
-            except LineError as e:
-                self.reject(line_no, e, data, len(data))
-                continue
-            self.accept(line_no, row, len(data))
-        self.flush()
+    def take(self, tally: FileTally, rec: Record) -> None:
+        self.result.lines_read += 1
+        tally.units += 1
+        if isinstance(rec, Accepted):
+            tally.accepted += 1
+            self.accept(tally.name, rec.line, rec.row, rec.n_bytes)
+        else:
+            self.reject(tally.name, rec.line, rec.error, rec.raw, rec.n_bytes)
 
-    def accept(self, line_no: int, row: dict[str, Any], n_bytes: int) -> None:
+    def accept(self, source: str | None, line_no: int, row: dict[str, Any], n_bytes: int) -> None:
         res = self.result
-        row["request_id"] = self.unique_id(row.get("logged_id"), line_no)
+        fallback = f"{source}:L{line_no}" if self.several else f"L{line_no}"
+        row["request_id"] = self.unique_id(row.get("logged_id"), fallback)
         row["line"] = line_no
+        row["source"] = source
         if row.get("timestamp") is None:
             row["timestamp"] = res.accepted / self.options.rate
             row["timestamp_logged"] = False
             res.synthesized_timestamps += 1
         else:
             row["timestamp_logged"] = True
+        media = row.pop("_media", 0)
+        if media:
+            res.media_requests += 1
+            res.media_parts += media
         chat = row.pop("_chat", None)
         if chat is not None and row.get("session_id") is None:
             chat_id, parent = chat
@@ -237,8 +283,8 @@ class _Ingester:
         if len(self.columns["line"]) >= ROW_GROUP or self.pending_bytes >= ROW_GROUP_BYTES:
             self.flush()
 
-    def unique_id(self, logged: str | None, line_no: int) -> str:
-        rid = logged if logged is not None else f"L{line_no}"
+    def unique_id(self, logged: str | None, fallback: str) -> str:
+        rid = logged if logged is not None else fallback
         if rid in self.seen_ids:
             if logged is not None:
                 self.result.duplicate_ids += 1
@@ -253,13 +299,15 @@ class _Ingester:
         self.seen_ids.add(rid)
         return rid
 
-    def reject(self, line_no: int, err: LineError, data: bytes, n_bytes: int) -> None:
+    def reject(self, source: str | None, line_no: int, err: LineError, data: bytes, n_bytes: int) -> None:
         res = self.result
         res.rejected += 1
         res.rejects_by_cause[err.cause] += 1
         if len(res.first_rejects) < FIRST_REJECTS:
-            res.first_rejects.append([line_no, err.reason])
+            res.first_rejects.append([line_no, f"{source}: {err.reason}" if self.several else err.reason])
         record: dict[str, Any] = {"line": line_no, "cause": err.cause, "reason": err.reason}
+        if self.several:
+            record["file"] = source
         kept = data[:RAW_KEEP]
         text = _utf8_prefix(kept, cut=len(kept) < n_bytes)
         if text is None:

@@ -1,13 +1,29 @@
 """Prompt fixes: the cache breakers the analysis found, as changes to make to the prompts.
 
-Input: stats.json as a dict (its `breakers`), or None when the analyze stage did not run.
-Output: recommendation.json's `prompt_fixes` (largest hit-rate gain first) and the
-reasoning line that names the top one or says why there is none.
+Input: stats.json as a dict (its `breakers`), or None when the analyze stage did not run;
+for `price_fixes`, the workload, prefixes.parquet and the recommended configuration.
+Output: recommendation.json's `prompt_fixes` (largest hit-rate gain first) and the reasoning
+line that names the top one or says why there is none.
+
+`prompt_fixes` alone gives each fix the analysis' token-granular estimate (`rate_lost`: what
+an infinite, token-granular cache would gain). `price_fixes` replaces it with the simulator's
+answer: the log is rewritten with that one fix applied (advisor.analyze.rewrite, `only`) and
+replayed through the simulator in sequential mode at the recommended block size and budget,
+as is the log with every fix applied; the gain is the hit-rate difference to the log as it is.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import pyarrow as pa
+
+from advisor import schema
+from advisor.analyze.rewrite import fix_breakers
+from advisor.sim.configuration import simulate_one
+from advisor.workload import Workload
+
+MAX_PRICED = 8  # fixes simulated one by one (the largest estimated losses); the rest keep the estimate
 
 
 def prompt_fixes(stats: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str]:
@@ -15,12 +31,16 @@ def prompt_fixes(stats: dict[str, Any] | None) -> tuple[list[dict[str, Any]], st
         return [], ("No stats.json (the analyze stage did not run), so no prompt fixes are suggested; "
                     "run `pc-advise analyze RUN_DIR` to find what breaks reuse.")
     fixes = []
-    for br in stats.get("breakers") or []:
+    for k, br in enumerate(stats.get("breakers") or []):
         gain = float(br.get("rate_lost") or 0.0)
         fixes.append({
             "breaker": br.get("label", "unknown"),
+            "breaker_index": k,  # into stats.json's breakers
             "hit_rate_gain": round(gain, 6),
+            "estimated_gain": round(gain, 6),
+            "gain_source": "estimate: token-granular, infinite cache (analyze's tokens lost)",
             "description": br.get("description", ""),
+            "fix": br.get("fix"),
             "position_token": br.get("position_token"),
             "requests_affected": br.get("requests_affected"),
             "tokens_lost": br.get("tokens_lost"),
@@ -31,3 +51,51 @@ def prompt_fixes(stats: dict[str, Any] | None) -> tuple[list[dict[str, Any]], st
     top = fixes[0]
     return fixes, (f"Top prompt fix: {top['breaker']} (up to +{top['hit_rate_gain'] * 100:.1f} points of hit rate, "
                    "token-granular estimate from the analysis; the block-level gain is at most that).")
+
+
+def price_fixes(
+    fixes: list[dict[str, Any]], workload: Workload, prefixes: pa.Table | None, stats: dict[str, Any] | None,
+    block_size: int, num_blocks: int | None,
+) -> tuple[list[dict[str, Any]], str] | None:
+    """The fixes with `hit_rate_gain` simulated (module docstring) and the reasoning line,
+    or None when there is nothing to simulate (no fixes, a hash trace, no analysis)."""
+    if not fixes or workload.is_hash_trace or stats is None or prefixes is None:
+        return None
+    ids = workload.request_ids.to_pylist()
+    lists = [workload.tokens(i).tolist() for i in range(workload.num_requests)]
+
+    def hit_rate(w: Workload) -> float:
+        res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_SEQUENTIAL, policy=schema.POLICY_LRU)
+        return float(res.totals()["hit_rate"])
+
+    where = (f"simulated in sequential mode at block size {block_size}, "
+             + (f"{num_blocks:,} blocks" if num_blocks is not None else "unlimited blocks"))
+    base = hit_rate(workload)
+    priced = sorted(fixes, key=lambda f: -f["estimated_gain"])
+    out = []
+    for n, f in enumerate(priced):
+        f = dict(f)
+        if n < MAX_PRICED:
+            fixed, record = fix_breakers(ids, lists, prefixes, stats, only={int(f["breaker_index"])})
+            if fixed is None:
+                f["gain_source"] = f"estimate: the simulator cannot apply this fix ({record['reason']})"
+            else:
+                after = hit_rate(workload.with_token_lists(fixed))
+                f.update(hit_rate_gain=round(after - base, 6), hit_rate_after=round(after, 6),
+                         hit_rate_before=round(base, 6), gain_source=where,
+                         rewritten_requests=record["rewritten_requests"])
+        else:
+            f["gain_source"] = f"estimate: only the {MAX_PRICED} largest fixes are simulated one by one"
+        out.append(f)
+    out.sort(key=lambda f: -f["hit_rate_gain"])
+    every, _ = fix_breakers(ids, lists, prefixes, stats)
+    both = ""
+    if every is not None and len(fixes) > 1:
+        all_gain = hit_rate(workload.with_token_lists(every)) - base
+        both = f"; all {len(fixes)} fixes together: +{all_gain * 100:.1f} points"
+    top = out[0]
+    if top["gain_source"] == where:
+        how = f"+{top['hit_rate_gain'] * 100:.1f} points of hit rate, {where}, from {base:.1%}{both}"
+    else:
+        how = f"up to +{top['hit_rate_gain'] * 100:.1f} points of hit rate, {top['gain_source']}"
+    return out, f"Top prompt fix: {top['breaker']} ({how}). {top.get('fix') or ''}".rstrip()

@@ -21,6 +21,9 @@ class RecommendOptions:
     backend: str = "cuda"  # attention backend: its block sizes are allowed
     vllm_version: str | None = None  # the flags are for this version ("major.minor"); simulate's
     min_gain_per_gib: float = 0.001  # hit-rate share one more GiB must buy (memory's price)
+    # GPUs to split into replicas (advisor.recommend.replicas); None: only the router is chosen,
+    # at each simulated replica count
+    gpus: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

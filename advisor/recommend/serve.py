@@ -2,8 +2,7 @@
 
 Inputs: `RecommendOptions`, the model geometry and GPU memory when known, the ranked
 points (advisor.recommend.rank).
-Outputs: `gpu_kv_budget` -> the GPU's KV bytes per GPU; `offload_past_gpu` ->
-recommendation.json's `offload` when the curve still pays past the GPU; `serve_flags` ->
+Outputs: `gpu_kv_budget` -> the GPU's KV bytes per GPU; `serve_flags` ->
 the flags, the `vllm serve` command line, and notes on how the memory flag was chosen.
 
 The flags are for `options.vllm_version` (advisor.vllm_versions): `--block-size` is always
@@ -17,8 +16,9 @@ from typing import Any
 
 from advisor import kvmemory as kv
 from advisor import vllm_versions as vv
+from advisor.kvlayout import KVLayout
 from advisor.recommend.options import RecommendOptions
-from advisor.recommend.rank import Point, rank_key
+from advisor.recommend.rank import Point
 
 MODEL_PLACEHOLDER = "<MODEL>"
 
@@ -44,37 +44,18 @@ def gpu_kv_budget(
     return None, [], []
 
 
-def offload_past_gpu(
-    points: list[Point], best: Point, gpu_kv_bytes: int | None, tp: int,
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """CPU KV offloading when a larger budget of the chosen block size scores better than
-    the best that fits the GPU; with the reasoning line that says so."""
-    beyond = [p for p in points if p.block_size == best.block_size and not p.fits_gpu and p.score > best.score]
-    if not beyond or gpu_kv_bytes is None:
-        return None, []
-    far = max(beyond, key=rank_key)
-    extra = max(0.0, (far.cost_gib - gpu_kv_bytes / kv.GIB) * tp)
-    out = {"gib": round(math.ceil(extra * 10) / 10, 1), "hit_rate": round(far.hit_rate, 6),
-           "block_size": far.block_size, "num_blocks": far.num_blocks}
-    return out, [
-        f"The curve still pays past the GPU: {far.num_blocks:,} blocks would reach {far.hit_rate:.1%} "
-        f"(+{(far.hit_rate - best.hit_rate) * 100:.1f} points, {far.marginal:,.0f} tokens/GiB at the margin); "
-        f"vLLM's CPU KV offloading (--kv-offloading-size {out['gib']} GiB, total over TP ranks, "
-        "--kv-offloading-backend native) holds the rest. The simulator counts offloaded blocks like GPU "
-        "blocks; a CPU hit still costs a transfer, so the real gain is somewhat lower."
-    ]
-
-
 def serve_flags(
     best: Point, options: RecommendOptions, geom: kv.ModelGeometry | None, gpu_gib: float | None,
     hash_trace: bool, offload: dict[str, Any] | None, concurrent: bool,
-    longest_request: int | None = None, gpu_kv_bytes: int | None = None,
+    longest_request: int | None = None, gpu_kv_bytes: int | None = None, layout: KVLayout | None = None,
 ) -> tuple[list[str], str, list[str]]:
     """The flags, the `vllm serve` line, and notes on how the memory flags were chosen.
 
     The line must start: vLLM refuses to start unless one request of `--max-model-len`
     tokens fits the pool (null block aside), so the length is set from the log and checked
-    against the pool the memory flag gives (`max_model_len`)."""
+    against the pool the memory flag gives (`max_model_len`; a hybrid `layout` by its
+    groups' rule, `KVLayout.startup_bytes`). `geom`: with a hybrid layout, its pool geometry
+    (`KVLayout.pool_geometry`), so the memory flag buys the layout's blocks."""
     tp = options.tensor_parallel_size
     facts = vv.facts(options.vllm_version)
     flags = ["--enable-prefix-caching"]  # vLLM's default; stated so a config diff shows it
@@ -84,14 +65,15 @@ def serve_flags(
                                                    block_size)
     flags.append(memory_flag)
     notes.insert(0, version_note(facts, options.backend, memory_flag))
-    length, length_notes = max_model_len(longest_request, block_size, pool_blocks, geom)
+    in_flight = 2 * kv.vllm_batch_defaults(options.gpu, options.vllm_version)[1]  # async: two batches in flight
+    length, length_notes = max_model_len(longest_request, block_size, pool_blocks, geom, layout, in_flight)
     if length is not None:
         flags.append(f"--max-model-len {length}")
     notes += length_notes
     if tp > 1:
         flags.append(f"--tensor-parallel-size {tp}")
-    if offload is not None:
-        flags.append(f"--kv-offloading-size {offload['gib']}")
+    if offload is not None and offload.get("gib") is not None:  # recommended (advisor.recommend.offload)
+        flags.append(f"--kv-offloading-size {offload['gib']:g}")
         flags.append("--kv-offloading-backend native")
     if geom is not None and geom.serve_name:
         model = geom.serve_name
@@ -105,13 +87,16 @@ MAX_MODEL_LEN_STEP = 256  # --max-model-len is rounded up to this, to read well
 
 def max_model_len(
     longest_request: int | None, block_size: int, pool_blocks: int | None, geom: kv.ModelGeometry | None,
+    layout: KVLayout | None = None, max_in_flight_tokens: int = 0,
 ) -> tuple[int | None, list[str]]:
     """`--max-model-len` for the serve line, and what it caps.
 
     The log's longest request (prompt + reply) rounded up, capped by the model's context when
     known, then by what vLLM's start-up check allows: one request of that many tokens must
     fit the usable blocks (`cdiv(max_model_len, block_size) <= pool_blocks`, the null block
-    held back), else vLLM refuses to start."""
+    held back), else vLLM refuses to start. A hybrid model's check sums its layers' needs
+    (`KVLayout.longest_startable`: a sliding-window or chunked-local layer needs only its
+    admission cap, which grows with `max_in_flight_tokens`)."""
     if longest_request is None or longest_request <= 0:
         return None, ["--max-model-len is not set: the simulation did not record the log's longest "
                       "request (rerun `pc-advise simulate`); vLLM then takes the model's whole context, "
@@ -124,8 +109,13 @@ def max_model_len(
         if longest_request > context:
             notes.append(f"The log's longest request ({longest_request:,} tokens) is longer than the "
                          f"model's context ({context:,}): vLLM rejects it.")
-    if pool_blocks is not None and -(-length // block_size) > pool_blocks:
-        fits = pool_blocks * block_size
+    hybrid = layout is not None and layout.needs_hybrid_cache
+    if pool_blocks is not None and hybrid:
+        assert layout is not None
+        fits = layout.longest_startable(pool_blocks, block_size, max_in_flight_tokens, length)
+    else:
+        fits = length if pool_blocks is None or -(-length // block_size) <= pool_blocks else pool_blocks * block_size
+    if fits < length:
         if fits < longest_request:
             notes.append(f"--max-model-len {fits:,}: the largest that one request can fill in this pool "
                          f"({pool_blocks:,} usable blocks of {block_size}); the log's longest request is "
@@ -198,3 +188,10 @@ def _memory_flag(
                          "0.5 GiB error there moves the pool by as much).")
         return f"--kv-cache-memory-bytes {need}", blocks, notes
     return f"--num-gpu-blocks-override {blocks + 1}", blocks, notes  # + the null block
+
+
+def data_parallel_flags(replicas: int, balanced_by_vllm: bool) -> list[str]:
+    """`--data-parallel-size N` when the N replicas are vLLM's own data-parallel engines, each
+    with its own KV pool, balanced by vLLM's front end (advisor.recommend.replicas says which
+    simulated router that is); none for one replica or an outside router."""
+    return [f"--data-parallel-size {replicas}"] if replicas > 1 and balanced_by_vllm else []

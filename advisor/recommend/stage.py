@@ -29,8 +29,9 @@ window when sim.parquet has them, else sequential / cold (advisor.recommend.view
 the same choice the report shows); the reasoning says which.
 
 The steps live beside this module: view (rows), constraints (block sizes, running
-requests), rank (pricing, candidates, best and runner-up), serve (GPU budget,
-offloading, flags), fixes (prompt fixes), timing (what caching buys in time at the
+requests), rank (pricing, candidates, best and runner-up), serve (GPU budget, flags),
+offload (what vLLM's CPU offload tier buys at the recommended GPU budget, from offload.parquet,
+and its size), fixes (prompt fixes), timing (what caching buys in time at the
 recommended configuration: TTFT and throughput with caching on and off).
 """
 
@@ -46,7 +47,9 @@ from advisor import kvmemory as kv
 from advisor.analyze.rewrite import fix_breakers
 from advisor.kvlayout import kv_layout
 from advisor.recommend.constraints import allowed_block_sizes, running_reserve
-from advisor.recommend.fixes import prompt_fixes
+from advisor.recommend.deploy import RouterSettings
+from advisor.recommend.fixes import price_fixes, prompt_fixes
+from advisor.recommend.offload import offload_advice
 from advisor.recommend.options import RecommendOptions, resolve_options
 from advisor.recommend.rank import (
     candidate_rows,
@@ -58,18 +61,20 @@ from advisor.recommend.rank import (
     round_or_none,
     why_lost,
 )
+from advisor.recommend.replicas import recommend_replicas
 from advisor.recommend.serve import (
     MODEL_PLACEHOLDER,
     gpu_kv_budget,
     headroom,
-    offload_past_gpu,
     serve_flags,
 )
 from advisor.recommend.timing import caching_time, simulate_options_from_record
 from advisor.recommend.view import describe, select_view
 from advisor.runfolder import (
+    OFFLOAD,
     PREFIXES,
     RECOMMENDATION,
+    REPLICAS,
     REQUESTS,
     SIM,
     STATS,
@@ -91,34 +96,39 @@ def recommend(
     gpu_gib: float | None = None,
     input_kind: str = "tokens",
     longest_request: int | None = None,
+    offload_rows: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The recommendation.json dict for these simulation rows (module docstring);
     `longest_request`: the log's longest prompt + reply, which sets --max-model-len."""
     options = resolve_options(options, {})
     tp, tps = options.tensor_parallel_size, options.prefill_tokens_per_s
     hash_trace = input_kind == "hash_trace"
+    layout = kv_layout(options.model, tp=tp) if geom is not None and options.model is not None else None
+    if layout is not None and geom is not None:
+        geom = layout.pool_geometry(geom)  # budgets in the hybrid pool's blocks (advisor.kvlayout)
     where, view, lru = select_view(sim)
     off = sim.filter((pl.col("policy") == POLICY_OFF) & (pl.col("mode") == where["mode"])
                      & (pl.col("window") == where["window"]) & pl.col("num_blocks").is_not_null())
     pr, notes = pricing(view, geom, tp, options.min_gain_per_gib, off)
-    allowed, constraints = allowed_block_sizes(view, options.backend, geom, hash_trace)
+    allowed, constraints = allowed_block_sizes(view, options.backend, geom, hash_trace, layout,
+                                               options.vllm_version)
     reserve, reserve_line = running_reserve(lru, allowed)
     gpu_kv_bytes, gpu_lines, gpu_notes = gpu_kv_budget(options, geom, gpu_gib)
     points, preempting = candidates(view, allowed, reserve, pr, geom=geom, tp=tp, gpu_kv_bytes=gpu_kv_bytes)
     constraints += [reserve_line, *gpu_lines, *preempting]
     best, runner, fit_notes = choose(points)
     notes += [*gpu_notes, *fit_notes]
-    offload, offload_lines = offload_past_gpu(points, best, gpu_kv_bytes, tp)
+    offload, offload_lines = offload_advice(offload_rows, best, where["window"], points, gpu_kv_bytes, tp)
     flags, serve, memory_notes = serve_flags(best, options, geom, gpu_gib, hash_trace, offload,
                                              concurrent=where["mode"] == MODE_CONCURRENT,
-                                             longest_request=longest_request, gpu_kv_bytes=gpu_kv_bytes)
+                                             longest_request=longest_request, gpu_kv_bytes=gpu_kv_bytes,
+                                             layout=layout)
     fixes, fixes_line = prompt_fixes(stats)
 
     reasoning = [headline(best, pr, hash_trace), describe(where), *offload_lines, *memory_notes]
-    if geom is not None and options.model is not None:
-        hybrid = kv_layout(options.model, tp=tp).full_attention_note(geom, best.block_size, longest_request or 1)
-        if hybrid:
-            reasoning.append(hybrid)
+    hybrid = layout.hybrid_note(geom, best.block_size, longest_request or 1) if layout and geom else None
+    if hybrid:
+        reasoning.append(hybrid)
     if runner is not None:
         reasoning.append(f"Runner-up B={runner.block_size}, {runner.num_blocks:,} blocks: "
                          f"{why_lost(runner, best, pr)}.")
@@ -130,6 +140,7 @@ def recommend(
         "view": where,
         "mode": where["mode"],
         "model": geom.as_dict() if geom is not None else None,
+        "kv_layout": layout.as_dict(best.block_size) if layout is not None else None,
         "gpu_gib": round_or_none(gpu_gib),
         "gpu_kv_gib": round_or_none(gpu_kv_bytes / kv.GIB if gpu_kv_bytes is not None else None),
         "recommended": {**best.as_row(tps, pr.has_gib), **where},
@@ -145,6 +156,20 @@ def recommend(
         "constraints": constraints,
         "cost_model": cost_model(pr, tps, headroom(options) if geom is not None and gpu_gib is not None else None, tp),
     }
+
+
+def _price_fixes(run: RunDir, result: dict[str, Any], stats: dict[str, Any] | None) -> None:
+    """advisor.recommend.fixes.price_fixes at the recommended configuration: each prompt fix's
+    hit-rate gain from the simulator, in place of the analysis' estimate."""
+    if not result["prompt_fixes"] or not (run.path(REQUESTS).exists() and run.path(TOKENS).exists()):
+        return
+    prefixes = pq.read_table(run.path(PREFIXES)) if run.path(PREFIXES).exists() else None
+    best = result["recommended"]
+    priced = price_fixes(result["prompt_fixes"], load_workload(run.path(REQUESTS), run.path(TOKENS)), prefixes,
+                         stats, int(best["block_size"]), best["num_blocks"])
+    if priced is not None:
+        result["prompt_fixes"], line = priced
+        result["reasoning"] = [line if x.startswith("Top prompt fix:") else x for x in result["reasoning"]]
 
 
 def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any]) -> dict[str, Any] | None:
@@ -169,14 +194,32 @@ def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any]) -> dic
                         fixed=fixed, fixed_record=record)
 
 
+def _replicas_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any], options: RecommendOptions,
+                      geom: kv.ModelGeometry | None, gpu_gib: float | None, kind: str,
+                      longest_request: int | None) -> dict[str, Any] | None:
+    """advisor.recommend.replicas on replicas.parquet, when simulate ran replica counts above 1."""
+    if not run.path(REPLICAS).exists():
+        return None
+    replicas = pl.read_parquet(run.path(REPLICAS))
+    if replicas.is_empty():
+        return None
+    recorded = run.stage_options("simulate")
+    routing = RouterSettings(int(recorded.get("prefix_hash_blocks") or 1), float(recorded.get("router_load_weight", 1.0)))
+    models = (len({m or "" for m in pq.read_table(run.path(REQUESTS), columns=["model"])["model"].to_pylist()})
+              if run.path(REQUESTS).exists() else 1)
+    return recommend_replicas(replicas, result["recommended"], options, sim=sim, geom=geom, gpu_gib=gpu_gib,
+                              hash_trace=kind == "hash_trace", longest_request=longest_request, routing=routing,
+                              models=models)
+
+
 def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, *,
                   force: bool = False) -> StageOutcome:
     """The recommend stage on `run_dir`: sim.parquet (+ stats.json) -> recommendation.json."""
     run = RunDir(Path(run_dir))
     sim_path = run.require(SIM)
     options = resolve_options(options or RecommendOptions(), run.stage_options("simulate"))
-    inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS), run.path(TOKENS), run.path(PREFIXES))
-                           if p.exists()]
+    inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS), run.path(TOKENS), run.path(PREFIXES),
+                                       run.path(REPLICAS), run.path(OFFLOAD)) if p.exists()]
 
     def body(r: RunDir) -> dict[str, Any]:
         geom = kv.resolve_model(options.model) if options.model else None
@@ -185,9 +228,14 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
         kind = simulated.get("input_kind", "tokens")
         stats = r.read_json(STATS) if r.path(STATS).exists() else None
         sim = pl.read_parquet(sim_path)
+        offload_rows = pl.read_parquet(r.path(OFFLOAD)) if r.path(OFFLOAD).exists() else None
         result = recommend(sim, stats, options, geom=geom, gpu_gib=gpu_gib,
-                           input_kind=kind, longest_request=simulated.get("longest_request_tokens"))
+                           input_kind=kind, longest_request=simulated.get("longest_request_tokens"),
+                           offload_rows=offload_rows)
+        _price_fixes(r, result, stats)
         result["time"] = _time_section(r, sim, result)
+        result["replicas"] = _replicas_section(r, sim, result, options, geom, gpu_gib, kind,
+                                               simulated.get("longest_request_tokens"))
         write_json(r.path(RECOMMENDATION), result)
         best = result["recommended"]
         return {
@@ -195,6 +243,7 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
             "kv_gib": best["kv_gib"], "hit_rate": best["hit_rate"],
             "ceiling_hit_rate": best["ceiling_hit_rate"], "vllm_serve": result["vllm_serve"],
             "mode": best.get("mode"), "window": best.get("window"),
+            "replicas": result["replicas"]["reasoning"][0] if result["replicas"] else None,
         }
 
     return run.run_stage("recommend", inputs, options.as_dict(), [RECOMMENDATION], body, force=force)

@@ -259,14 +259,35 @@ def with_stand_ins(configs: Sequence[ReplayConfig], cpu_backend: bool) -> list[R
     return out
 
 
-def runs_planned(w: ReplayView, configs: Sequence[ReplayConfig], opts: EngineOptions) -> int:
-    """How many requests `replay_inprocess` will send (for a progress bar's length)."""
+def cpu_backend() -> bool:
+    """Whether vLLM runs on its CPU backend here (block sizes must be multiples of 32)."""
     from vllm.platforms import current_platform
 
-    cpu = bool(current_platform.is_cpu())
+    return bool(current_platform.is_cpu())
+
+
+def runs_planned(w: ReplayView, configs: Sequence[ReplayConfig], opts: EngineOptions) -> int:
+    """How many requests `replay_inprocess` will send (for a progress bar's length)."""
+    cpu = cpu_backend()
     runnable = [c for c in with_stand_ins(configs, cpu)
                 if confirmability(w, c, opts.mode, opts.max_output_tokens, cpu) is None]
     return len(runnable) * sum(1 for t in w.token_ids if len(t))
+
+
+def _measure(llm: Any, w: ReplayView, opts: EngineOptions, res: ConfigResult, tick: Callable[[int], None],
+             read_counters: Callable[[Any], tuple[int, int]]) -> None:
+    """Replay `w` on `llm` (its prefix cache emptied first) into `res`: each request's
+    num_cached_tokens and the difference of vLLM's prefix-cache counters."""
+    llm.reset_prefix_cache()
+    q0, h0 = read_counters(llm)
+    per_req = _replay_sequential(llm, w, tick) if opts.mode == MODE_SEQUENTIAL else _replay_concurrent(llm, w, opts, tick)
+    q1, h1 = read_counters(llm)
+    res.confirmable = True
+    res.per_request_measured = per_req
+    res.measured_hit_tokens = h1 - h0
+    res.extra = {**(res.extra or {}), "engine_queries": q1 - q0, "per_request_hit_tokens_sum": sum(per_req)}
+    if q1 - q0 != res.queries:
+        res.extra["note"] = f"the engine counted {q1 - q0} queried tokens for {res.queries} replayed prompt tokens"
 
 
 def replay_inprocess(
@@ -305,33 +326,69 @@ def replay_inprocess(
         t = time.perf_counter()
         llm = _open_llm(model_dir, cfg, max_model_len(w, opts.mode, opts.max_output_tokens), opts)
         try:
-            llm.reset_prefix_cache()
-            q0, h0 = read_counters(llm)
-            if opts.mode == MODE_SEQUENTIAL:
-                per_req = _replay_sequential(llm, w, tick)
-            else:
-                per_req = _replay_concurrent(llm, w, opts, tick)
-            q1, h1 = read_counters(llm)
+            _measure(llm, w, opts, res, tick, read_counters)
         finally:
             del llm
             gc.collect()
-        res.confirmable = True
-        res.per_request_measured = per_req
-        res.measured_hit_tokens = h1 - h0
         res.wall_s = round(time.perf_counter() - t, 3)
-        res.extra = {**(res.extra or {}), "engine_queries": q1 - q0, "per_request_hit_tokens_sum": sum(per_req)}
-        if q1 - q0 != queries:
-            res.extra["note"] = (
-                f"the engine counted {q1 - q0} queried tokens for {queries} replayed prompt tokens"
-            )
-    notes = []
-    if w.synthetic:
-        notes.append(
-            "hash trace: token ids were synthesized from the hash ids (equal ids -> identical "
-            f"{w.trace_block_size}-token blocks, distinct ids -> distinct blocks)"
-        )
     return ReplayResult(ENGINE_INPROCESS, vllm.__version__, model_label, w.synthetic, results,
-                        notes=notes)
+                        notes=_synthetic_notes(w))
+
+
+def _synthetic_notes(w: ReplayView) -> list[str]:
+    if not w.synthetic:
+        return []
+    return ["hash trace: token ids were synthesized from the hash ids (equal ids -> identical "
+            f"{w.trace_block_size}-token blocks, distinct ids -> distinct blocks)"]
+
+
+def replay_replicas_inprocess(
+    views: Sequence[ReplayView], cfg: ReplayConfig, opts: EngineOptions, model_dir: str, model_label: str,
+    predictions: Sequence[tuple[list[int] | None, str]], max_len: int,
+    progress: Callable[[int], None] | None = None, keep_alive: bool = True,
+) -> ReplayResult:
+    """One configuration through len(views) vLLM engines in this process (advisor.replay.replicas):
+    engine r is fed views[r], one replica's requests in log order, and compared with
+    predictions[r]. Every engine gets the same `max_len` (the longest request of the whole
+    replay), as replicas of one deployment do.
+
+    Engine r starts just before its replica is replayed and, with `keep_alive`, stays until
+    every replica has run: N engines at once in one process (a later engine starts in about
+    a second while an earlier one is alive, ~5 s after one was closed; memory: N engines).
+    vLLM's Prometheus counters are process-wide and the engine started last owns them, so
+    each replica's counters are read while its engine is the newest."""
+    tick = progress or (lambda _n: None)
+    import vllm
+
+    read_counters = _metric_counters()
+    alive: list[Any] = []
+    results: list[ConfigResult] = []
+    try:
+        for view, (pred, source) in zip(views, predictions, strict=True):
+            res = ConfigResult(cfg.block_size, cfg.num_blocks, opts.mode, False, None,
+                               queries=sum(len(t) for t in view.token_ids), request_ids=view.request_ids)
+            results.append(res)
+            if pred is None:
+                res.reason = source
+                continue
+            res.per_request_predicted, res.prediction_source = pred, source
+            res.predicted_hit_tokens = sum(pred)
+            t = time.perf_counter()
+            llm = _open_llm(model_dir, cfg, max_len, opts)
+            try:
+                _measure(llm, view, opts, res, tick, read_counters)
+            finally:
+                if keep_alive:
+                    alive.append(llm)
+                else:
+                    del llm
+                    gc.collect()
+            res.wall_s = round(time.perf_counter() - t, 3)
+    finally:
+        alive.clear()
+        gc.collect()
+    return ReplayResult(ENGINE_INPROCESS, vllm.__version__, model_label, any(v.synthetic for v in views), results,
+                        notes=_synthetic_notes(views[0]) if views else [])
 
 
 def resolve_replay_model(w: ReplayView, replay_model: str | None, cache_dir: Path) -> tuple[str, str]:

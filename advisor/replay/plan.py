@@ -14,7 +14,7 @@ running server over HTTP) both measure, and both report through these types.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,7 @@ class ReplayView:
     # single requests: then sim_requests.parquet, which models them, is not this replay's
     # prediction (`predicted_hits` simulates the replay as sent instead).
     treated_apart: int = 0
+    sessions: list[str | None] | None = None  # per request session id (the session router's key)
 
     @property
     def max_token_id(self) -> int:
@@ -176,6 +177,7 @@ def from_workload(sw: workload.Workload, limit: int | None = None) -> ReplayView
         trace_block_size=sw.trace_block_size,
         total_requests=total,
         treated_apart=int(((sw.n[:n] > 1) | sw.skip_prefix_cache[:n]).sum()),
+        sessions=list(sw.sessions[:n]) if len(sw.sessions) == total else None,
     )
 
 
@@ -199,6 +201,10 @@ def max_model_len(w: ReplayView, mode: str, max_output_tokens: int) -> int:
 
 
 # --- predictions ---
+# (view, configuration) -> per-request predicted hit tokens (None: no prediction) and their source
+Predictor = Callable[["ReplayView", "ReplayConfig"], "tuple[list[int] | None, str]"]
+
+
 def predicted_hits(
     w: ReplayView, cfg: ReplayConfig, opts: EngineOptions, sim_requests: pa.Table | None,
 ) -> tuple[list[int] | None, str]:
@@ -223,12 +229,12 @@ def predicted_hits(
             max_num_batched_tokens=engine_batched_tokens(
                 max_model_len(w, MODE_CONCURRENT, opts.max_output_tokens), opts.max_num_seqs),
         )
-    res = simulate_one(_simulated_workload(w, cfg, opts), cfg.block_size, cfg.num_blocks, mode=mode,
+    res = simulate_one(simulated_workload(w, cfg, opts), cfg.block_size, cfg.num_blocks, mode=mode,
                        options=sim_opts)
     return [int(h) for h in res.hit_tokens], f"simulate_one ({mode})"
 
 
-def _simulated_workload(w: ReplayView, cfg: ReplayConfig, opts: EngineOptions) -> SimWorkload:
+def simulated_workload(w: ReplayView, cfg: ReplayConfig, opts: EngineOptions) -> SimWorkload:
     """What the simulator predicts from: the replayed requests as replayed. A hash trace at
     its own block size keeps its hash ids (so the prediction also checks the synthesis)."""
     outputs = output_lengths(w, opts.mode, opts.max_output_tokens)
@@ -298,6 +304,10 @@ class ConfigResult:
     request_ids: list[str] | None = None
     wall_s: float | None = None
     extra: dict[str, Any] | None = None
+    # one replica of a multi-replica replay (advisor.replay.replicas): its index, the count, the router
+    replica: int | None = None
+    replicas: int | None = None
+    router: str | None = None
 
     def rate(self, hits: int | None) -> float | None:
         return None if hits is None or not self.queries else hits / self.queries
@@ -341,6 +351,8 @@ class ConfigResult:
             "mismatch_count": len(mism), "mismatches": mism[:MAX_LISTED_MISMATCHES],
             "wall_s": self.wall_s,
         }
+        if self.replicas is not None:  # its requests: the ones the router sent to this replica
+            d.update(replica=self.replica, replicas=self.replicas, router=self.router, request_ids=self.request_ids)
         d.update(self.extra or {})
         return d
 
@@ -362,9 +374,12 @@ class ReplayResult:
         if STATUS_MISMATCH in states:  # any measured disagreement shows
             return STATUS_MISMATCH
         # the configuration asked for first (the recommendation) decides; rows measured
-        # instead of it do not make it confirmed
-        primary = [c.status() for c in self.configs if c.mode == self.configs[0].mode][0]
-        if primary == STATUS_CONFIRMED:
+        # instead of it do not make it confirmed. Replicas of one configuration are one row
+        # each: all of them must be confirmed.
+        first = self.configs[0]
+        primary = [c.status() for c in self.configs if c.replica is not None and c.mode == first.mode
+                   and (c.block_size, c.num_blocks) == (first.block_size, first.num_blocks)] or [first.status()]
+        if all(p == STATUS_CONFIRMED for p in primary):
             return STATUS_CONFIRMED
         return STATUS_NOT_CONFIRMABLE
 
@@ -378,8 +393,9 @@ class ReplayResult:
             reason = "; ".join(sorted({c.reason for c in self.configs if c.reason}))
             stand_ins = [c for c in self.configs if c.status() == STATUS_CONFIRMED]
             if stand_ins:
-                reason += "; the simulator itself was confirmed at " + ", ".join(
-                    f"block size {c.block_size} x {c.num_blocks} blocks ({c.mode})" for c in stand_ins)
+                reason += "; the simulator itself was confirmed at " + ", ".join(dict.fromkeys(
+                    f"block size {c.block_size} x {c.num_blocks} blocks ({c.mode}"
+                    + (f", {c.replicas} replicas behind {c.router}" if c.replicas else "") + ")" for c in stand_ins))
         return {
             "status": self.status(), "reason": reason, "engine": self.engine,
             "vllm_version": self.vllm_version, "model": self.model,

@@ -38,6 +38,7 @@ from advisor.replay.plan import (
     ENGINE_SERVER,
     ConfigResult,
     EngineOptions,
+    Predictor,
     ReplayConfig,
     ReplayResult,
     ReplayView,
@@ -203,11 +204,12 @@ def replay_against_server(
     w: ReplayView, configs: Sequence[ReplayConfig], opts: EngineOptions, url: str,
     api_key: str | None = None, concurrency: int = 8, assume_config: bool = False,
     sim_requests: pa.Table | None = None, warn: Callable[[str], None] = lambda s: None,
+    predict: Predictor | None = None,
 ) -> ReplayResult:
     """Replay `w` on the server at `url` and compare with the prediction for its configuration.
 
     A server runs one configuration: the first of `configs` is confirmed, the others are
-    reported as not confirmable against this server.
+    reported as not confirmable against this server. `predict` as `replay_inprocess`'s.
     """
     server = Server(url, api_key)
     samples = _metrics(server)
@@ -225,7 +227,7 @@ def replay_against_server(
     queries = sum(len(t) for t in w.token_ids)
     res = ConfigResult(cfg.block_size, cfg.num_blocks, opts.mode, False, None, queries=queries,
                        request_ids=w.request_ids)
-    pred, source = predicted_hits(w, cfg, opts, sim_requests)
+    pred, source = predict(w, cfg) if predict is not None else predicted_hits(w, cfg, opts, sim_requests)
     if pred is None:
         res.reason = source
     else:

@@ -12,6 +12,12 @@ replay (an error when none can run), False skips it, None (the pipeline's defaul
 when vLLM is importable and turns a failure into a `not_run` record so the report is still
 written.
 
+Several replicas (`ReplayOptions.replay_replicas` and `replay_router`, or one
+`--replay-url` URL per replica; advisor/replay/replicas.py, docs/replay.md): sequential mode
+through N engines, each request on the replica the simulated router chose; each replica is one
+`configs` row with `replica` (0-based), `replicas`, `router` and `request_ids` (its requests),
+measured against predicted per request; the replay is confirmed when every replica is.
+
 Measured time (`ReplayOptions.measure_time`, `pc-advise replay RUN --measure-time`;
 advisor/replay/timing.py builds the variants and summaries, advisor/replay/measure.py runs
 the engine, docs/replay.md explains the method): replay.json gains a `time` object:
@@ -54,9 +60,11 @@ import pyarrow.parquet as pq
 
 from advisor import vllm_versions as vv
 from advisor.errors import AdvisorError
-from advisor.replay import measure, plan, timing
+from advisor.replay import measure, plan, replicas, timing
 from advisor.replay.engine import (
+    cpu_backend,
     replay_inprocess,
+    replay_replicas_inprocess,
     resolve_model,
     runs_planned,
     vllm_available,
@@ -77,6 +85,8 @@ from advisor.runfolder import (
     write_json,
 )
 from advisor.sim.configuration import SimulateOptions
+from advisor.sim.hybrid_grid import sim_groups
+from advisor.sim.routing import ROUTERS, check_router
 from advisor.workload import load_workload
 
 MODES = ("sequential", "concurrent", "both")
@@ -96,7 +106,12 @@ class ReplayOptions:
     replay_block_size: int | None = None  # with replay_num_blocks: confirm this, not the recommendation
     replay_num_blocks: int | None = None
     replay_configs: str = ""  # more configurations to replay, "B:N,B:N"
-    replay_url: str | None = None  # a running server instead of an in-process engine
+    replay_url: str | None = None  # a running server instead of an in-process engine; "URL,URL": one per replica
+    # Multi-replica replay (advisor.replay.replicas, sequential mode): this many engines, each
+    # request on the replica `replay_router` sent it to in the simulator. None: one engine, or
+    # one per --replay-url URL; the router: recommendation.json's replica router, when it has one.
+    replay_replicas: int | None = None
+    replay_router: str | None = None
     replay_concurrency: int = 8  # server replay: requests in flight at most
     assume_config: bool = False  # server replay: trust its configuration when /metrics is silent
     check: float | None = None  # fail when measured and predicted differ by more points
@@ -119,6 +134,18 @@ class ReplayOptions:
                                "burst for all requests at once).")
         if (self.replay_block_size is None) != (self.replay_num_blocks is None) and not self.replay_configs:
             raise AdvisorError("give --block-size and --num-blocks together (or --configs B:N).")
+        if self.replay_replicas is not None and self.replay_replicas < 1:
+            raise AdvisorError(f"--replicas {self.replay_replicas}: give at least 1 (2 or more replay several engines).")
+        if self.replay_router is not None:
+            check_router(self.replay_router)
+        urls = self.urls()
+        if self.replay_replicas is not None and len(urls) > 1 and len(urls) != self.replay_replicas:
+            raise AdvisorError(f"--replicas {self.replay_replicas} but {len(urls)} --replay-url URLs: give one URL "
+                               "per replica.")
+
+    def urls(self) -> list[str]:
+        """The --replay-url servers, one per replica (comma separated)."""
+        return [u.strip() for u in (self.replay_url or "").split(",") if u.strip()]
 
     @property
     def explicit(self) -> bool:
@@ -170,7 +197,8 @@ def run_replay(
         write_json(r.path(REPLAY), out)
         counts = {"status": out["status"], "engine": out["engine"], "vllm_version": out["vllm_version"],
                   "configs": [[c["block_size"], c["num_blocks"], c["mode"], c["status"],
-                               c["predicted_hit_rate"], c["measured_hit_rate"]] for c in out["configs"]]}
+                               c["predicted_hit_rate"], c["measured_hit_rate"], _replica_label(c)]
+                              for c in out["configs"]]}
         if "time" in out:
             counts["time"] = _time_counts(out["time"])
         return counts
@@ -229,13 +257,23 @@ def _replay(
     """Replay every configuration in every mode; the merged replay.json object."""
     recommendation = (r.read_json(RECOMMENDATION)
                       if not options.explicit and r.path(RECOMMENDATION).exists() else None)
-    configs = plan.configs_to_confirm(recommendation, options.replay_block_size,
+    rr = _replica_replay(options, r.read_json(RECOMMENDATION) if r.path(RECOMMENDATION).exists() else None,
+                         r.stage_options("simulate"))
+    configs = plan.configs_to_confirm(_replica_budget(recommendation, rr), options.replay_block_size,
                                       options.replay_num_blocks, extra)
     w = plan.from_workload(load_workload(r.require(REQUESTS), r.require(TOKENS)), engine_opts[0].limit)
     sim_req = pq.read_table(r.path(SIM_REQUESTS)) if r.path(SIM_REQUESTS).exists() else None
+    recorded = r.stage_options("simulate")
+    if sim_req is not None and sim_groups(recorded.get("model"), int(recorded.get("tensor_parallel_size") or 1)):
+        sim_req = None  # hybrid hits; the replayed model's own are simulated per configuration (simulate_one)
     results = []
     model_notes: list[str] = []
     for mode_opts in engine_opts:
+        if rr is not None:
+            res, notes = _replay_replicas(w, configs, mode_opts, rr, options, progress, cache_dir, api_key, warn)
+            results.append(res)
+            model_notes += [n for n in notes if n not in model_notes]
+            continue
         if options.replay_url is not None:
             from advisor.replay import (
                 server,  # stdlib HTTP only; imported when asked for
@@ -277,6 +315,84 @@ def _replay(
         out["notes"].append(f"replayed the first {len(w.request_ids):,} of {w.total_requests:,} "
                             "requests (--replay-limit; 0 replays all)")
     return out
+
+
+def _replica_label(c: dict[str, Any]) -> str | None:
+    """"replica 1 of 2 (session)" for a row of a multi-replica replay, else None."""
+    if c.get("replicas") is None:
+        return None
+    which = f"replica {c['replica'] + 1} of {c['replicas']}" if c.get("replica") is not None else f"{c['replicas']} replicas"
+    return f"{which} ({c.get('router')})"
+
+
+def _replica_replay(options: ReplayOptions, recommendation: dict[str, Any] | None,
+                    simulated: dict[str, Any]) -> replicas.ReplicaReplay | None:
+    """The multi-replica replay asked for (--replicas N, or several --replay-url URLs), or None."""
+    count = options.replay_replicas or len(options.urls())
+    if count < 2:
+        return None
+    sec = (recommendation or {}).get("replicas") or {}
+    best = sec.get("recommended") or {}
+    router = options.replay_router
+    if router is None and best.get("replicas") == count and best.get("router") in ROUTERS:
+        router = best["router"]
+    if router is None:
+        raise AdvisorError(f"replaying {count} replicas needs a router: give --router "
+                           f"({', '.join(ROUTERS)}); recommendation.json recommends none at {count} replicas.")
+    return replicas.ReplicaReplay(count, router, int(simulated.get("prefix_hash_blocks") or 1),
+                                  float(simulated.get("router_load_weight", 1.0)))
+
+
+def _replica_budget(recommendation: dict[str, Any] | None, rr: replicas.ReplicaReplay | None) -> dict[str, Any] | None:
+    """What to confirm: the recommendation's replica layout budget when it recommends the
+    replayed count and router, else the single-engine recommendation."""
+    best = ((recommendation or {}).get("replicas") or {}).get("recommended") or {}
+    if rr is not None and best.get("replicas") == rr.replicas and best.get("router") == rr.router:
+        return {"recommended": {"block_size": best["block_size"], "num_blocks": best["num_blocks"]}}
+    return recommendation
+
+
+def _replay_replicas(
+    w: plan.ReplayView, configs: list[plan.ReplayConfig], mode_opts: plan.EngineOptions, rr: replicas.ReplicaReplay,
+    options: ReplayOptions, progress: Progress, cache_dir: Path, api_key: str | None, warn: Callable[[str], None],
+) -> tuple[plan.ReplayResult, list[str]]:
+    """advisor.replay.replicas through in-process engines (one per replica, in turn) or one
+    server per --replay-url URL; the result and the model's notes."""
+    urls = options.urls()
+    if len(urls) > 1:
+        from advisor.replay import server  # stdlib HTTP only; imported when asked for
+
+        def on_servers(cfg: plan.ReplayConfig, views: list[plan.ReplayView],
+                       predictors: list[plan.Predictor]) -> plan.ReplayResult:
+            return plan.merge_results([server.replay_against_server(
+                view, [cfg], mode_opts, urls[r], api_key=api_key, concurrency=options.replay_concurrency,
+                assume_config=options.assume_config, warn=warn, predict=predict)
+                for r, (view, predict) in enumerate(zip(views, predictors, strict=True))])
+
+        return replicas.replay_replicas(w, configs, mode_opts, rr, on_servers), []
+    if urls:
+        raise AdvisorError(f"--replicas {rr.replicas} with one --replay-url: give one URL per replica "
+                           "(comma separated), or no URL to replay in-process engines.")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    model_dir, label, model_notes = resolve_model(w, mode_opts.replay_model, cache_dir)
+    max_len = plan.max_model_len(w, mode_opts.mode, mode_opts.max_output_tokens)
+    try:
+        with progress.task(f"replay ({mode_opts.mode}, {rr.replicas} replicas)",
+                           runs_planned(w, configs, mode_opts)) as advance:
+            def in_process(cfg: plan.ReplayConfig, views: list[plan.ReplayView],
+                           predictors: list[plan.Predictor]) -> plan.ReplayResult:
+                return replay_replicas_inprocess(views, cfg, mode_opts, model_dir, label,
+                                                 [p(v, cfg) for v, p in zip(views, predictors, strict=True)],
+                                                 max_len, advance, keep_alive=mode_opts.replay_model is None)
+
+            return replicas.replay_replicas(w, configs, mode_opts, rr, in_process,
+                                            cpu_backend=cpu_backend()), model_notes
+    except AdvisorError:
+        raise
+    except Exception as e:
+        raise _engine_failure(e, "replay here", "the prediction is unconfirmed. Try --replay-limit N, another "
+                              "--replay-model, or --replay-url with one server per replica") from e
 
 
 def version_note(engine: str | None, simulated: str | None) -> str | None:

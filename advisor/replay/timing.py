@@ -2,7 +2,7 @@
 
 Inputs: a `ReplayView` (what the replay sends), and for variant (c) analyze's findings:
 prefixes.parquet (`resembles_id`, `diverge_token` per request) and stats.json (`breakers`
-with `label` and `position_block`, `analysis_block_size`, `options.lead_tokens`). Output:
+with `label` and `position_token`/`end_token`, `analysis_block_size`). Output:
 the variants (`variants`), each one's per-request timings summarised (`summarise`), the
 ratios between them (`ratios`), and replay.json's `time` object (`time_section`; its keys
 are listed in advisor/replay/stage.py's docstring). advisor/replay/measure.py runs the engine.
@@ -14,15 +14,10 @@ The four variants send the same requests with the same arrivals and output lengt
 - `sharing_removed` (b): every request with its own `cache_salt`, so no request can reuse
   another's blocks (lengths and arrivals unchanged): the log with no overlap;
 - `breakers_fixed` (c): caching on, each request analyze paired with an earlier
-  near-identical one rewritten so that the breaker's differing span equals the earlier
-  request's. Only where the rewrite is the fix the breaker's label names and is safe at
-  the token level: a short varying value (`timestamp`, `uuid/id`, `whitespace`: the span,
-  at most `MAX_VALUE_SPAN` tokens, takes the earlier request's value, as "round it" or
-  "move it out" would make them equal), or a pure reordering (`tool order`, `reordered
-  content`: the aligned region is the same tokens in another order, and takes the earlier
-  request's order, as sorting would). Per-user text and unknown breakers are not rewritten
-  (their fix moves text within the prompt's structure, which a token splice cannot do
-  faithfully). When nothing can be rewritten, (c) is `not_run` with the reason.
+  near-identical one rewritten as its breakers' fixes would change it (advisor.analyze.rewrite:
+  a short value takes the earlier request's value, a long one moves to the end of the prompt,
+  whitespace and formatting take its form, a pure reordering takes its order). When nothing
+  can be rewritten, (c) is `not_run` with the reason.
 """
 
 from __future__ import annotations
@@ -34,7 +29,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-# find_breakers' alignment window (a multiple of lead_tokens), so (c) aligns as analyze did
 from advisor.analyze import rewrite
 from advisor.replay.plan import ReplayView
 

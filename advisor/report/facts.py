@@ -368,7 +368,9 @@ def replay_rows(replay: Mapping[str, Any]) -> list[tuple[str, ...]]:
             num(c.get("predicted_hit_tokens")), num(c.get("measured_hit_tokens")),
             pct(c.get("predicted_hit_rate")), pct(c.get("measured_hit_rate")),
             "—" if diff is None else f"{float(diff):+.2f} pp",
-            "" if c.get("confirmable", True) else f"not confirmable: {c.get('reason') or 'no reason given'}",
+            "; ".join(filter(None, (
+                f"replica {c['replica'] + 1} of {c['replicas']} ({c.get('router')})" if c.get("replica") is not None else "",
+                "" if c.get("confirmable", True) else f"not confirmable: {c.get('reason') or 'no reason given'}"))),
         ))
     return rows
 
@@ -463,3 +465,23 @@ def measured_time_text(data: ReportData) -> str | None:
         return None
     return (f"Measured through vLLM with caching on vs off on {t.get('device') or 'this machine'} ({t.get('model')}): "
             + "; ".join(parts) + " — the mechanism on that hardware, not the predicted GPU's times.")
+
+
+def input_formats(ingest: Mapping[str, Any]) -> list[str]:
+    """What ingest read and what it approximated or assumed (advisor.ingest: by_format, files,
+    notes); nothing for counts written before ingest recorded them."""
+    out = []
+    formats = ingest.get("by_format") or {}
+    if formats:
+        out.append("Formats read (accepted requests): " + ", ".join(f"{k} {num(v)}" for k, v in formats.items()) + ".")
+    files = ingest.get("files") or []
+    if files:
+        kinds = ", ".join(f"{k} {num(v)}" for k, v in (ingest.get("by_file_kind") or {}).items())
+        out.append(f"{num(len(files))} files ({kinds}), merged in time order.")
+    out += [f"Not read: {why}" for why in ingest.get("refused_files") or []]
+    skipped = ingest.get("skipped_lines") or {}
+    if skipped:
+        out.append("Lines that are no request, skipped: " + ", ".join(f"{k} {num(v)}" for k, v in skipped.items()) + ".")
+    out += [f"Approximated or assumed: {note}." for note in ingest.get("notes") or []]
+    return out
+

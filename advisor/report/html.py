@@ -14,8 +14,10 @@ from typing import Any
 
 from advisor.report import facts as fx
 from advisor.report import plots
+from advisor.report.layout import LAYOUT_HEADER, layout_facts
 from advisor.report.model import ReportData
-from advisor.report.replicas import replica_facts
+from advisor.report.offload import offload_facts, offload_series, offload_verdict
+from advisor.report.replicas import replica_facts, replica_series
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 PROMPT_CLIP = 2000  # characters of prompt text shown per cell; the artifacts hold all of it
@@ -176,10 +178,8 @@ def _recommendation(data: ReportData) -> str:
     out.append(_table(header, rows, numeric=(1, 2), compact=True))
     if runner:
         out.append(f'<p><b>Why the runner-up lost:</b> {esc(runner.get("why_lost"))}</p>')
-    if rec.get("offload"):
-        o = rec["offload"]
-        out.append(f'<div class="note">KV offloading: the curve still climbs past GPU memory; '
-                   f'{esc(fx.gib(o.get("gib")))} of offload is predicted to reach {esc(fx.pct(o.get("hit_rate")))}.</div>')
+    if offload_verdict(rec):
+        out.append(f'<div class="note">{esc(offload_verdict(rec))}</div>')
     if rec.get("constraints"):
         out.append("<h3>Constraints respected</h3><ul>"
                    + "".join(f"<li>{_prose(c)}</li>" for c in rec["constraints"]) + "</ul>")
@@ -199,6 +199,15 @@ def _recommendation(data: ReportData) -> str:
         cm = fx.cost_model_text(rec)
         out.append(f'<p class="note">Cost model: {esc(cm)}</p>')
     return "".join(out) + "</section>"
+
+
+def _layout(data: ReportData) -> str:
+    facts = layout_facts(data)
+    if facts is None:
+        return ""
+    return ('<section id="kv-layout"><h2>KV cache layout</h2>' + f"<p>{esc(facts.sentence)}</p>"
+            + _table(LAYOUT_HEADER, facts.rows, numeric=(2, 3, 4, 5)) + f'<p class="note">{esc(facts.simulated)}</p>'
+            + "</section>")
 
 
 def _time(data: ReportData) -> str:
@@ -227,9 +236,33 @@ def _replicas(data: ReportData) -> str:
     facts = replica_facts(data)
     if facts is None:
         return ""
-    return ('<section id="replicas"><h2>Replicas and routers</h2>' + f"<p><strong>{esc(facts.verdict)}</strong></p>"
-            + f"<p>{esc(facts.caption)}</p>"
-            + _table(facts.header, facts.rows, numeric=range(1, len(facts.header))) + "</section>")
+    out = ['<section id="replicas"><h2>Replicas and routers</h2>']
+    d = facts.deployment
+    if d is not None:
+        out.append(f"<h3>Recommended deployment</h3><p><strong>{esc(d.headline)}</strong></p>")
+        if d.serve:
+            out.append(f"<pre>{esc(d.serve)}</pre>")
+        out.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in d.lines) + "</ul>")
+    series = replica_series(data)
+    out.append(_figure(plots.replica_chart(data), series.caption if series else "", "No replica rows to plot."))
+    out.append(f"<h3>Hit rate by router and replica count</h3><p><strong>{esc(facts.verdict)}</strong></p>"
+               f"<p>{esc(facts.caption)}</p>" + _table(facts.header, facts.rows, numeric=range(1, len(facts.header))))
+    if facts.price_rows:
+        out.append(f"<h3>The load-balance price</h3><p>{esc(facts.price_caption)}</p>"
+                   + _table(facts.price_header, facts.price_rows, numeric=(0, 2, 3, 4, 5, 6, 7), pick=facts.price_pick))
+    return "".join(out) + "</section>"
+
+
+def _offload(data: ReportData) -> str:
+    facts = offload_facts(data)
+    if facts is None:
+        return ""
+    series = offload_series(data)
+    out = ['<section id="offload"><h2>CPU offload tier</h2>', f"<p><strong>{esc(facts.verdict)}</strong></p>",
+           _figure(plots.offload_chart(data), series.caption if series else "", "No offload rows to plot."),
+           f"<p>{esc(facts.caption)}</p>", _table(facts.header, facts.rows, numeric=range(1, len(facts.header))),
+           f"<p>{esc(facts.inclusive)}</p>"]
+    return "".join(out) + "</section>"
 
 
 def _sweep(data: ReportData) -> str:
@@ -392,6 +425,7 @@ def _inputs(data: ReportData) -> str:
         kinds = ing.get("by_kind") or {}
         if kinds:
             out.append("<p>Accepted by kind: " + esc(", ".join(f"{k} {fx.num(v)}" for k, v in kinds.items())) + ".</p>")
+        out += [f"<p>{esc(line)}</p>" for line in fx.input_formats(ing)]
     if data.rejects:
         out.append("<h3>First rejected lines</h3>")
         out.append(_table(("line", "reason"), [(fx.num(a), b) for a, b in data.rejects], numeric=(0,)))
@@ -412,7 +446,7 @@ def render(data: ReportData) -> str:
         f"<title>Prefix-cache report: {esc(name)}</title><style>{CSS}</style></head><body><main>",
         f'<header><h1>Prefix-cache report: {esc(name)}</h1><p class="sub">Run folder {esc(data.run_dir)}'
         + (f" · input: {esc(data.input_kind)}" if data.input_kind else "") + "</p></header>",
-        _summary(data), _recommendation(data), _time(data), _sweep(data), _replicas(data), _prompts(data), _timeline(data),
+        _summary(data), _recommendation(data), _layout(data), _time(data), _sweep(data), _offload(data), _replicas(data), _prompts(data), _timeline(data),
         _clusters(data), _replay(data), _inputs(data),
         f"<footer>Written by pc-advise {esc(data.tool_version)}. Hit rate = prefix-cache hit tokens / prompt "
         "tokens (vLLM's prefix_cache_hits / prefix_cache_queries). Block ceiling: the hit rate with an infinite "

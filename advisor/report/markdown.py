@@ -15,7 +15,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from advisor.report import facts as fx
+from advisor.report.layout import LAYOUT_HEADER, layout_facts
 from advisor.report.model import ReportData
+from advisor.report.offload import offload_facts, offload_verdict
 from advisor.report.replicas import replica_facts
 
 PROMPT_CLIP = 2000
@@ -120,10 +122,8 @@ def _recommendation(data: ReportData) -> list[str]:
     out += [table(header, [r if runner else r[:2] for r in fx.config_rows(rec)], numeric=(1, 2)), ""]
     if runner:
         out += [f"**Why the runner-up lost:** {md_text(runner.get('why_lost'))}", ""]
-    if rec.get("offload"):
-        o = rec["offload"]
-        out += [f"KV offloading: the curve still climbs past GPU memory; {md_text(fx.gib(o.get('gib')))} of "
-                f"offload is predicted to reach {md_text(fx.pct(o.get('hit_rate')))}.", ""]
+    if offload_verdict(rec):
+        out += [md_text(offload_verdict(rec)), ""]
     if rec.get("constraints"):
         out += ["### Constraints respected", "", *[f"- {md_prose(c)}" for c in rec["constraints"]], ""]
     fixes = rec.get("prompt_fixes") or []
@@ -141,6 +141,14 @@ def _recommendation(data: ReportData) -> list[str]:
         out += ["Cost model: " + ", ".join(md_code(f"{k} = {'none' if v is None else v}")
                                            for k, v in (rec.get("cost_model") or {}).items()), ""]
     return out
+
+
+def _layout(data: ReportData) -> list[str]:
+    facts = layout_facts(data)
+    if facts is None:
+        return []
+    return ["## KV cache layout", "", md_text(facts.sentence), "", table(LAYOUT_HEADER, facts.rows, numeric=(2, 3, 4, 5)),
+            "", md_text(facts.simulated), ""]
 
 
 def _time(data: ReportData) -> list[str]:
@@ -163,8 +171,29 @@ def _replicas(data: ReportData) -> list[str]:
     facts = replica_facts(data)
     if facts is None:
         return []
-    return ["## Replicas and routers", "", md_text(facts.verdict), "", md_text(facts.caption), "",
+    out = ["## Replicas and routers", ""]
+    d = facts.deployment
+    if d is not None:
+        out += ["### Recommended deployment", "", f"**{md_text(d.headline)}**", ""]
+        if d.serve:
+            out += [_shell([d.serve]), ""]
+        out += [f"- {md_text(line)}" for line in d.lines] + [""]
+    out += ["### Hit rate by router and replica count", "", "The plot of hit rate against replicas is in report.html.",
+            "", md_text(facts.verdict), "", md_text(facts.caption), "",
             table(facts.header, facts.rows, numeric=range(1, len(facts.header))), ""]
+    if facts.price_rows:
+        out += ["### The load-balance price", "", md_text(facts.price_caption), "",
+                table(facts.price_header, facts.price_rows, numeric=(0, 2, 3, 4, 5, 6, 7)), ""]
+    return out
+
+
+def _offload(data: ReportData) -> list[str]:
+    facts = offload_facts(data)
+    if facts is None:
+        return []
+    return ["## CPU offload tier", "", f"**{md_text(facts.verdict)}**", "",
+            "The plot of the tier's curves next to the GPU's is in report.html. " + md_text(facts.caption), "",
+            table(facts.header, facts.rows, numeric=range(1, len(facts.header))), "", md_text(facts.inclusive), ""]
 
 
 def _sweep(data: ReportData) -> list[str]:
@@ -304,6 +333,8 @@ def _inputs(data: ReportData) -> list[str]:
         kinds = ing.get("by_kind") or {}
         if kinds:
             out += ["Accepted by kind: " + md_text(", ".join(f"{k} {fx.num(v)}" for k, v in kinds.items())) + ".", ""]
+        for line in fx.input_formats(ing):
+            out += [md_text(line), ""]
     if data.rejects:
         out += ["### First rejected lines", "", table(("line", "reason"), [(fx.num(a), b) for a, b in data.rejects],
                                                       numeric=(0,)), ""]
@@ -323,7 +354,7 @@ def render(data: ReportData, include_timings: bool = True) -> str:
     lines = [f"# Prefix-cache report: {md_text(name)}", "",
              f"Run folder {md_code(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")
              + ".", ""]
-    for section in (_summary, _recommendation, _time, _sweep, _replicas, _prompts, _timeline, _clusters, _replay, _inputs):
+    for section in (_summary, _recommendation, _layout, _time, _sweep, _offload, _replicas, _prompts, _timeline, _clusters, _replay, _inputs):
         lines += section(data)
     lines += ["---", "",
               "Hit rate = prefix-cache hit tokens / prompt tokens (vLLM's prefix_cache_hits / "

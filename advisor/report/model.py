@@ -34,10 +34,10 @@ MAX_TIMELINE_POINTS = 200_000  # a plot of binned tokens needs no more than this
 # Artifacts the report reads, in the order its sections use them.
 INPUTS = (
     rf.MANIFEST, rf.REJECTS, rf.STATS, rf.PREFIXES, rf.CLUSTERS, rf.REQUESTS,
-    rf.SIM, rf.SIM_REQUESTS, rf.RECOMMENDATION, rf.REPLAY, rf.REPLICAS,
+    rf.SIM, rf.SIM_REQUESTS, rf.RECOMMENDATION, rf.REPLAY, rf.REPLICAS, rf.OFFLOAD,
 )
 # Artifacts whose absence the report does not mention (written only when asked for).
-OPTIONAL = (rf.REPLICAS,)
+OPTIONAL = (rf.REPLICAS, rf.OFFLOAD)
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class ReportData:
     recommendation: Mapping[str, Any] | None = None
     replay: Mapping[str, Any] | None = None
     replicas: Sequence[Mapping[str, Any]] = ()  # rows of replicas.parquet (N engines behind routers)
+    offload: Sequence[Mapping[str, Any]] = ()  # rows of offload.parquet (the CPU offload tier)
 
     def to_json(self) -> str:
         """The whole object as JSON, so a report can be saved and re-rendered (`from_json`)."""
@@ -96,7 +97,7 @@ def redact_text(text: str | None) -> str | None:
     return f"[redacted: {len(text):,} chars, sha256 {digest}]"
 
 
-_TEXT_KEY = re.compile(r"(^text|_text$|_context$|_diff$|^description$)")
+_TEXT_KEY = re.compile(r"(^text|_text$|_context$|_diff$|^description$|^fix$)")
 
 
 def _scrub(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,7 +112,8 @@ def _redact_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(stats)
     out["top_prefixes"] = [_scrub(p) for p in stats.get("top_prefixes") or []]
     out["breakers"] = [
-        {**_scrub(b), "examples": [_scrub(e) for e in b.get("examples") or []]}
+        {**_scrub(b), "examples": [_scrub(e) for e in b.get("examples") or []],
+         "moved": [redact_text(x) for x in b.get("moved") or []], "orders": None}  # tool / key names
         for b in stats.get("breakers") or []
     ]
     if isinstance(stats.get("clusters"), Mapping):
@@ -171,6 +173,7 @@ def build(
     missing: Mapping[str, str] | None = None,
     redact: bool = False,
     replicas: Sequence[Mapping[str, Any]] = (),
+    offload: Sequence[Mapping[str, Any]] = (),
 ) -> ReportData:
     """Assemble (and, with `redact`, scrub) the report's data from already-read artifacts."""
     manifest = manifest or {}
@@ -209,6 +212,7 @@ def build(
         recommendation=recommendation,
         replay=replay,
         replicas=[dict(r) for r in replicas],
+        offload=[dict(r) for r in offload],
     )
 
 
@@ -305,4 +309,5 @@ def load(root: Path, redact: bool = False) -> ReportData:
         missing=missing,
         redact=redact,
         replicas=pq.read_table(run.path(rf.REPLICAS)).to_pylist() if run.path(rf.REPLICAS).exists() else [],
+        offload=pq.read_table(run.path(rf.OFFLOAD)).to_pylist() if run.path(rf.OFFLOAD).exists() else [],
     )

@@ -23,6 +23,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from advisor.recommend.view import main_view  # noqa: E402
 from advisor.report.model import ReportData, TimelinePoint  # noqa: E402
+from advisor.report.offload import OffloadSeries, offload_series  # noqa: E402
+from advisor.report.replicas import ReplicaSeries, replica_series  # noqa: E402
+from advisor.sim.routing import ROUTERS  # noqa: E402
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 HIT = "#059669"
@@ -285,3 +288,66 @@ def ttft_curve(data: ReportData) -> str | None:
     off_rows = sorted((r for r in rows if r.get("policy") == "off"), key=lambda r: r["num_blocks"])
     off = (float(off_rows[-1]["ttft_p50_s"]), float(off_rows[-1]["ttft_p95_s"])) if off_rows else None
     return _render(_draw_ttft, "ttft", "time to first token versus KV cache memory", on, off, use_gib)
+
+
+# --- hit rate versus replicas, per router -------------------------------------------------
+def _draw_replicas(fig: Figure, series: ReplicaSeries) -> None:
+    ax = fig.add_subplot()
+    for router, pts in series.lines.items():
+        # one color per router in every report; the one-engine layout in gray
+        color = PALETTE[ROUTERS.index(router) % len(PALETTE)] if router in ROUTERS else PALETTE[-1]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, "-", color=color, lw=1.6, label=router)
+        ax.plot([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "o", color=color, ms=5, ls="none")
+        out = [p for p in pts if not p[2]]
+        if out:
+            ax.plot([p[0] for p in out], [p[1] for p in out], "o", mfc="white", mec=color, mew=1.5, ms=6, ls="none")
+    if series.best is not None:
+        ax.plot([series.best[0]], [series.best[1]], marker="*", ms=16, color="#111827", mec="white", mew=1.2,
+                ls="none", zorder=5, label="recommended")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([t[0] for t in series.ticks], [t[1] for t in series.ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"{series.xlabel} (log scale)")
+    ax.set_ylabel("prefix-cache hit rate, all replicas (%)")
+    ys = [p[1] for pts in series.lines.values() for p in pts]
+    lo = max(0.0, math.floor((min(ys) - 5) / 10) * 10)
+    ax.set_ylim(lo, min(100.0, math.ceil((max(ys) + 5) / 10) * 10))
+    ax.legend(loc="lower left", fontsize=8.5, ncol=2)
+
+
+def replica_chart(data: ReportData) -> str | None:
+    """Hit rate against the replica count (or the layouts of the GPUs given), one line per router."""
+    series = replica_series(data)
+    if series is None or not series.lines:
+        return None
+    return _render(_draw_replicas, "repl", "hit rate versus replicas, per router", series, height=3.6)
+
+
+# --- the CPU offload tier: hit rate vs GPU KV memory, GPU alone and with each tier ------------
+def _draw_offload(fig: Figure, series: OffloadSeries) -> None:
+    ax = fig.add_subplot()
+    for i, (label, pts) in enumerate(series.lines.items()):
+        color = "#111827" if i == 0 else PALETTE[(i - 1) % len(PALETTE)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if i else "--o", color=color, ms=3.5,
+                lw=2.0 if i == 0 else 1.5, label=label, zorder=4 if i == 0 else 3)
+    if series.marked is not None:
+        ax.axvline(series.marked, color="#6b7280", ls=":", lw=1.2)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("GPU KV cache memory (GiB, log scale)" if series.use_gib else "GPU KV blocks (log scale)")
+    ax.set_ylabel("prefix-cache hit rate, GPU + CPU (%)")
+    ys = [p[1] for pts in series.lines.values() for p in pts]
+    ax.set_ylim(max(0.0, math.floor((min(ys) - 5) / 10) * 10), min(100.0, math.ceil((max(ys) + 5) / 10) * 10))
+    ax.legend(loc="lower right", fontsize=8.5)
+
+
+def offload_chart(data: ReportData) -> str | None:
+    """The CPU offload tier's curves next to the GPU's (advisor.report.offload)."""
+    series = offload_series(data)
+    if series is None or not any(series.lines.values()):
+        return None
+    return _render(_draw_offload, "offl", "hit rate versus GPU memory, with and without a CPU offload tier", series,
+                   height=3.6)

@@ -19,7 +19,12 @@ events.run_concurrent over it, under eviction pressure and preemption;
 - mode "concurrent": `advisor.sim.events.run_concurrent` (arrivals, pinning, decode
   blocks, `max_num_seqs`; its docstring states the simplifications);
 - policies: "lru" (vLLM) in both modes; "fifo" and "belady" (reference lines) in
-  sequential mode only.
+  sequential mode only, and for full-attention models only.
+
+A hybrid model (`SimulateOptions.model` whose KV cache groups vLLM runs with its hybrid
+rules: sliding window, chunked local; advisor.sim.hybrid_grid `sim_groups`) runs over its
+groups instead: sequential mode on advisor.sim.fast.hybrid (equal to advisor.sim.hybrid's
+`HybridPrefixCache`), concurrent mode on events' `Engine` over a `HybridPrefixCache`.
 
 The requests simulated are the ones vLLM's scheduler sees (`Workload.fan_out`): a logged
 request asking for n completions is n requests with its prompt, adjacent and arriving
@@ -60,6 +65,7 @@ from advisor.sim.fast import policies as fastpolicy
 from advisor.sim.fast import sequential as fastsim
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import run_concurrent_compiled
+from advisor.sim.hybrid_grid import concurrent_hybrid, sequential_hybrid, sim_groups
 from advisor.sim.routing import (
     DEFAULT_LOAD_WEIGHT,
     DEFAULT_PREFIX_HASH_BLOCKS,
@@ -120,13 +126,16 @@ class SimulateOptions:
     speculative: str | None = None
     sweep_points: int = 10
     reference_budgets: int = 4  # budgets per block size the fifo/belady lines run at (0 = all)
-    # N engines behind a router (advisor.sim.routing), concurrent mode, at the reference
+    # N engines behind a router (advisor.sim.routing), in each mode of `modes`, at the reference
     # budgets, each replica with the budget's blocks: replica counts and router names swept;
     # the prefix-hash router's blocks (K) and the cache-aware router's load weight.
     replicas: tuple[int, ...] = (1,)
     routers: tuple[str, ...] = (ROUND_ROBIN,)
     prefix_hash_blocks: int = DEFAULT_PREFIX_HASH_BLOCKS
     router_load_weight: float = DEFAULT_LOAD_WEIGHT
+    # vLLM's CPU offload tier (advisor.sim.offload_grid): `--kv-offloading-size` values in GiB
+    # (over all TP ranks) simulated at every budget, sequential mode; 0 = the GPU alone; () = none.
+    offload_gib: tuple[float, ...] = ()
     workers: int = 0  # threads for the grid's configurations, 0 = every core
     max_request_rows: int = 5_000_000
 
@@ -165,6 +174,13 @@ class SimulateOptions:
             check_router(r)
         if self.prefix_hash_blocks < 1 or self.router_load_weight < 0:
             raise AdvisorError("--prefix-hash-blocks must be at least 1 and --router-load-weight at least 0.")
+        object.__setattr__(self, "offload_gib", tuple(float(g) for g in self.offload_gib))
+        if any(not 0 <= g < float("inf") for g in self.offload_gib):
+            raise AdvisorError(f"--offload-gib must list sizes in GiB, 0 or more (0: no CPU tier), e.g. 0,16,64,256; "
+                               f"got {list(self.offload_gib)}.")
+        if self.offload_gib and self.model is None:
+            raise AdvisorError("--offload-gib needs --model (a catalog name or a local config.json): the CPU tier's "
+                               "size in blocks is vLLM's bytes per block of that model.")
 
     def _gpu_has_figures(self) -> bool:
         if self.model is None or self.gpu is None:
@@ -426,6 +442,15 @@ def simulate_one(
     skip = reqs.skip_prefix_cache if reqs.skip_prefix_cache.any() else None
     drop_last = drops_last_hit_block(opts.speculative, opts.vllm_version)
     queries = n_tokens if skip is None else np.where(skip, 0, n_tokens)  # vLLM counts no lookup it skips
+    groups = sim_groups(opts.model, opts.tensor_parallel_size)  # a hybrid model: vLLM's rules per group
+    if groups is not None and mode == schema.MODE_SEQUENTIAL:
+        if policy != schema.POLICY_LRU:
+            raise AdvisorError(f"policy {policy!r} is simulated for full-attention models only; use lru for "
+                               f"{opts.model}'s KV cache groups.")
+        seq = sequential_hybrid(trace, groups, num_blocks, skip, engine)
+        return reqs.per_line(workload, ConfigResult(
+            block_size, num_blocks, policy, mode, queries, seq.hit_tokens, seq.scheduled, seq.evictions,
+            seq.peak_blocks_in_use, exact_from=seq.exact_from, runnable=n_tokens > 0))
     if mode == schema.MODE_SEQUENTIAL and engine == "auto":
         fast = (fastsim.simulate_sequential(trace, num_blocks, skip, drop_last) if num_blocks is None
                 else fastpolicy.simulate_sequential_policy(trace, num_blocks, policy, uses, skip, drop_last))
@@ -465,7 +490,11 @@ def simulate_one(
     arrivals = reqs.take(workload.arrivals(opts.speedup))
     outputs = reqs.output_tokens
     clock = opts.step_time_model(n_tokens, outputs, reqs.take(workload.latency_s), reqs.take(workload.ttft_s))
-    if engine == "auto":
+    if groups is not None:
+        res, used = concurrent_hybrid(
+            groups, num_blocks, block_size, hashes, n_tokens, outputs, arrivals, clock, opts.max_num_seqs,
+            opts.max_num_batched_tokens, async_scheduling=opts.scheduling == SCHEDULING_ASYNC, skip_prefix_cache=skip)
+    elif engine == "auto":
         # Infinite cache: a pool with a block for every block the log ever allocates
         # never has to evict (a hashed block is popped only when no unhashed one is free).
         pool = num_blocks if num_blocks is not None else 1 + int(

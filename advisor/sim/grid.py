@@ -6,7 +6,8 @@ sim.parquet rows (schema.SIM: one per block size x budget x policy x mode x
 window, plus the infinite-cache ceiling rows with `num_blocks` null) and
 sim_requests.parquet rows (schema.SIM_REQUESTS: per-request hit tokens), and
 replicas.parquet rows (schema.REPLICAS: N engines behind each router, advisor.sim.replicas)
-where `replicas` lists a count above 1.
+where `replicas` lists a count above 1, and offload.parquet rows (schema.OFFLOAD: vLLM's CPU
+offload tier at every budget, advisor.sim.offload_grid) where `offload_gib` lists sizes.
 
 Each configuration is advisor.sim.configuration's `simulate_one` (its docstring has the
 modes, policies and counting); this module chooses the configurations and turns
@@ -49,7 +50,7 @@ import pyarrow.compute as pc
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
-from advisor.kvlayout import kv_layout
+from advisor.kvlayout import KVLayout
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.configuration import (
     SCHEDULING_ASYNC,
@@ -64,6 +65,19 @@ from advisor.sim.configuration import (
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.events import request_hashes
 from advisor.sim.fast.policies import future_uses
+from advisor.sim.hybrid_grid import (
+    layout_notes,
+    model_layout,
+    run_block_sizes,
+    working_set_blocks,
+)
+from advisor.sim.offload_grid import (
+    count_offload_configs,
+    offload_notes,
+    offload_rows,
+    offload_skipped,
+    wants_offload,
+)
 from advisor.sim.replicas import count_replica_configs, replica_rows, wants_replicas
 from advisor.vllm_versions import facts
 from advisor.workload import Workload, load_workload, warm_mask
@@ -75,6 +89,7 @@ class GridResult:
     sim_requests: pa.Table  # schema.SIM_REQUESTS
     notes: list[str] = field(default_factory=list)
     replicas: pa.Table = field(default_factory=schema.REPLICAS.empty_table)  # schema.REPLICAS
+    offload: pa.Table = field(default_factory=schema.OFFLOAD.empty_table)  # schema.OFFLOAD
 
 
 def batch_limits_note(options: SimulateOptions) -> str:
@@ -148,8 +163,11 @@ def plan_budgets(
     geom: kv.ModelGeometry | None,
     block_size: int,
     trace: fasttrace.BlockTrace,
+    layout: KVLayout | None = None,
 ) -> tuple[list[int], list[str]]:
-    """Usable block counts to simulate at `block_size`, and notes on where they came from."""
+    """Usable block counts to simulate at `block_size`, and notes on where they came from.
+    `layout`: a hybrid model's KV cache groups, when the grid runs them (`hybrid_sim_groups`):
+    the sweep then spans the pool blocks all groups hold, not one full-attention group's."""
     notes: list[str] = []
     if options.kv_cache_gib and geom is None:
         raise AdvisorError("--kv-cache-gib needs --model (a catalog name or a local config.json) to turn GiB into blocks.")
@@ -175,6 +193,9 @@ def plan_budgets(
             n = n + np.maximum(workload.output_tokens - 1, 0)
         largest = int(max((-(-int(x) // block_size) for x in n.tolist()), default=1))
         ws = trace.working_set_blocks()
+        if layout is not None:  # every group takes blocks from the one pool
+            largest = layout.admission_blocks(int(n.max(initial=1)), block_size)
+            ws = working_set_blocks(trace, layout.sim_groups())
         budgets.update(sweep(ws, largest, options.sweep_points))
         notes.append(f"block size {block_size}: working set {ws:,} blocks, largest request {largest:,} blocks")
     if any(b <= 0 for b in budgets):
@@ -192,12 +213,18 @@ def count_configs(options: SimulateOptions) -> int:
     explicit = len(set(options.num_blocks)) + len(set(options.budget_tokens)) + len(set(options.kv_cache_gib))
     n_budgets = (explicit or options.sweep_points) + (1 if options.gpu is not None else 0)
     n_ref = n_budgets if options.reference_budgets <= 0 else min(options.reference_budgets, n_budgets)
+    layout = model_layout(options.model, options.tensor_parallel_size)
+    hybrid = layout is not None and layout.hybrid_sim_groups() is not None
     per_bs = len(options.modes) + n_budgets * len(options.modes)
-    if schema.MODE_SEQUENTIAL in options.modes:
+    if hybrid and schema.MODE_CONCURRENT in options.modes:  # concurrent at the reference budgets only
+        per_bs -= n_budgets - n_ref
+    if schema.MODE_SEQUENTIAL in options.modes and not hybrid:
         per_bs += n_ref * (len(options.policies) - 1)
     if schema.MODE_CONCURRENT in options.modes:
-        per_bs += n_ref  # caching off
-    return len(options.block_sizes) * per_bs + count_replica_configs(options, n_ref)
+        per_bs += 1 if hybrid else n_ref  # caching off
+    replicas = 0 if hybrid else count_replica_configs(options, n_ref)
+    offload = 0 if offload_skipped(options) else count_offload_configs(options, n_budgets)
+    return len(run_block_sizes(layout, options.block_sizes)) * per_bs + replicas + offload
 
 
 def simulate_grid(
@@ -217,19 +244,20 @@ def simulate_grid(
                      "shared across models) in one pool of memory; each model is its own vLLM deployment, so "
                      "for a per-deployment budget run pc-advise on each model's lines")
     notes.extend(request_notes(workload, options))
-    if geom is not None and options.model is not None:
-        layout = kv_layout(options.model, tp=options.tensor_parallel_size)
-        typical = int(np.median(workload.n_tokens)) if workload.num_requests else 1
-        note = layout.full_attention_note(geom, options.block_sizes[0], max(typical, 1))
-        if note:
-            notes.append(note)
+    notes.extend(offload_notes(options))
+    layout = model_layout(options.model, options.tensor_parallel_size) if geom is not None else None
+    if layout is not None and geom is not None:
+        geom = layout.pool_geometry(geom)  # budgets and GiB in the hybrid pool's blocks
+        notes.extend(layout_notes(layout, geom, options, workload))
+    hybrid = layout if layout is not None and layout.hybrid_sim_groups() is not None else None
+    policies = options.policies if hybrid is None else (schema.POLICY_LRU,)  # fifo/belady: full attention only
+    block_sizes = run_block_sizes(layout, options.block_sizes)
     warm = warm_mask(workload, options.warmup)
     reqs = scheduler_requests(workload)
     tp = options.tensor_parallel_size
     rows: list[dict[str, Any]] = []
     replica_table: list[dict[str, Any]] = []
-    if any(r > 1 for r in options.replicas) and not wants_replicas(options):
-        notes.append("--replicas: N engines are simulated in concurrent mode only; add concurrent to --modes")
+    offload_table: list[dict[str, Any]] = []  # the CPU offload tier (advisor.sim.offload_grid)
     req_tables: list[pa.Table] = []
     req_rows = 0
     left_out = 0
@@ -243,10 +271,10 @@ def simulate_grid(
         req_rows += workload.num_requests
         req_tables.append(_request_rows(workload, res))
 
-    traces = block_traces(workload, options.block_sizes)
-    for bs in options.block_sizes:
+    traces = block_traces(workload, block_sizes)
+    for bs in block_sizes:
         trace = traces.pop(bs)
-        budgets, budget_notes = plan_budgets(workload, options, geom, bs, trace)
+        budgets, budget_notes = plan_budgets(workload, options, geom, bs, trace, hybrid)
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
         ceiling_runs: dict[str, ConfigResult] = {}
@@ -263,18 +291,25 @@ def simulate_grid(
             tick(1)
         ref_budgets = _spread(budgets, options.reference_budgets)
         configs = [(nb, mode, policy) for nb in budgets for mode in options.modes
-                   for policy in options.policies
-                   if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)]
+                   for policy in policies
+                   if policy == schema.POLICY_LRU or (mode == schema.MODE_SEQUENTIAL and nb in ref_budgets)
+                   if hybrid is None or mode == schema.MODE_SEQUENTIAL or nb in ref_budgets]  # hybrid: slow engine
         if schema.MODE_CONCURRENT in options.modes:  # the baseline: caching off, same engine and clock
-            configs += [(nb, schema.MODE_CONCURRENT, schema.POLICY_OFF) for nb in sorted(ref_budgets)]
-        uses = future_uses(trace, reqs.skip_prefix_cache) if schema.POLICY_BELADY in options.policies else None
+            off_budgets = sorted(ref_budgets) if hybrid is None else [max(ref_budgets)]  # the one later stages read
+            configs += [(nb, schema.MODE_CONCURRENT, schema.POLICY_OFF) for nb in off_budgets]
+        uses = future_uses(trace, reqs.skip_prefix_cache) if schema.POLICY_BELADY in policies else None
+        singles: dict[tuple[str, int | None], ConfigResult] = {}  # the replica grid's one-replica rows
         for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared, uses):
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
                 keep_requests(res)
-        if wants_replicas(options):  # N engines, each with the budget's blocks, at the reference budgets
+                singles[(res.mode, res.num_blocks)] = res
+        if wants_replicas(options) and hybrid is None:  # N engines, each with the budget's blocks, at the reference budgets
             replica_table.extend(replica_rows(workload, bs, trace, sorted(ref_budgets), options,
-                                              lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), tick))
+                                              lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), tick, singles=singles))
+        if wants_offload(options) and offload_skipped(options) is None and geom is not None:  # every budget
+            offload_table.extend(offload_rows(workload, bs, trace, budgets, options, geom,
+                                              lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), warm, tick))
     if left_out:
         notes.append(f"sim_requests.parquet: {left_out} configurations left out (max_request_rows "
                      f"{options.max_request_rows:,}); simulate_one recomputes them")
@@ -282,8 +317,10 @@ def simulate_grid(
     sim_requests = pa.concat_tables(req_tables) if req_tables else schema.SIM_REQUESTS.empty_table()
     if replica_table:
         notes.append(f"replicas.parquet: {len(replica_table)} rows (replicas {_csv(sorted(set(options.replicas)))} x "
-                     f"routers {_csv(options.routers)}; memory per replica = the budget's blocks; reference engine)")
-    return GridResult(sim, sim_requests, notes, pa.Table.from_pylist(replica_table, schema=schema.REPLICAS))
+                     f"routers {_csv(options.routers)} x modes {_csv(options.modes)}; memory per replica = the budget's "
+                     "blocks)")
+    return GridResult(sim, sim_requests, notes, pa.Table.from_pylist(replica_table, schema=schema.REPLICAS),
+                      pa.Table.from_pylist(offload_table, schema=schema.OFFLOAD))
 
 
 def _csv(values: Any) -> str:
@@ -400,6 +437,7 @@ def simulate_run(
     options: SimulateOptions,
     progress: Callable[[int], None] | None = None,
     replicas_path: Path | None = None,
+    offload_path: Path | None = None,
 ) -> dict[str, Any]:
     """Read the run folder's inputs, simulate the grid, write both outputs; return counts."""
     from advisor.runfolder import write_table
@@ -413,6 +451,8 @@ def simulate_run(
     write_table(sim_requests_path, grid.sim_requests, schema.SIM_REQUESTS)
     if replicas_path is not None:
         write_table(replicas_path, grid.replicas, schema.REPLICAS)
+    if offload_path is not None:
+        write_table(offload_path, grid.offload, schema.OFFLOAD)
     return summary_counts(grid, workload)
 
 

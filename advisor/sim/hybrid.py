@@ -88,6 +88,18 @@ class _Group:
             return num_computed_tokens // self.window * self.window
         return 0
 
+    def next_skip(self, num_computed_tokens: int, block_size: int) -> float:
+        """The fewest computed tokens past `num_computed_tokens` at which one more whole block
+        is skipped (inf: never; full attention)."""
+        B, k = block_size, self.num_skipped_tokens(num_computed_tokens) // block_size
+        if self.kind == "sliding_window":
+            assert self.window is not None
+            return (k + 1) * B + self.window - 1
+        if self.kind == "chunked_local":
+            assert self.window is not None
+            return cdiv((k + 1) * B, self.window) * self.window
+        return float("inf")
+
 
 @dataclass
 class _Running:
@@ -97,6 +109,7 @@ class _Running:
     num_prompt_tokens: int
     shared_prefix_boundary: int
     num_computed_tokens: int = 0
+    next_removal: float = 0  # processed tokens from which a block may leave a window (a shortcut)
 
 
 class HybridPrefixCache:
@@ -285,10 +298,19 @@ class HybridPrefixCache:
 
     def _remove_skipped_blocks(self, req: _Running, processed_tokens: int) -> None:
         """Free each group's blocks before the window of the next token, tail first, stopping at a
-        block already nulled (`remove_skipped_blocks`, `_remove_blocks_in_range`)."""
+        block already nulled (`remove_skipped_blocks`, `_remove_blocks_in_range`). Below
+        `req.next_removal` processed tokens no group skips another block: nothing to do."""
+        if processed_tokens < req.next_removal:
+            return
+        req.next_removal = float("inf")
         for g in self.groups:
+            if g.window is None:
+                continue
             blocks = req.blocks[g.gid]
-            last = min(g.num_skipped_tokens(processed_tokens) // self.block_size, len(blocks))
+            skipped = g.num_skipped_tokens(processed_tokens) // self.block_size
+            last = min(skipped, len(blocks))
+            req.next_removal = min(req.next_removal, processed_tokens if skipped > len(blocks) else
+                                   g.next_skip(processed_tokens, self.block_size))
             freed = []
             for i in range(last - 1, -1, -1):
                 if blocks[i] is NULL:
@@ -348,9 +370,18 @@ class HybridPrefixCache:
             req.num_cached_blocks[g.gid] = num_full
 
     # --- requests -----------------------------------------------------------------------------
+    def admission_blocks(self, num_tokens: int) -> int:
+        """Blocks vLLM's admission gate (`full_sequence_must_fit`) asks for a sequence of
+        `num_tokens` on an empty pool: each group's, a sliding-window or chunked-local group's
+        capped at `max_admission_blocks_per_request`. With the default `max_in_flight_tokens`
+        (a whole prompt computed in one step) no cap binds: every group needs every block."""
+        need = cdiv(num_tokens, self.block_size)
+        return sum(need if g.cap is None else min(need, g.cap) for g in self.groups)
+
     def fits(self, num_tokens: int) -> bool:
-        """Whether a prompt of `num_tokens`, computed in one step, fits an empty pool."""
-        return self.num_blocks is None or len(self.groups) * cdiv(num_tokens, self.block_size) <= self.num_blocks
+        """Whether a sequence of `num_tokens` passes the admission gate on an empty pool
+        (`admission_blocks`); hits inside a window can let a longer one in (`admit`)."""
+        return self.num_blocks is None or self.admission_blocks(num_tokens) <= self.num_blocks
 
     def admit(
         self, request_id: str, block_hashes: Sequence[Hashable], num_tokens: int, *, num_prompt_tokens: int | None = None,
@@ -399,26 +430,39 @@ class HybridPrefixCache:
         return n_hit
 
     def grow(self, request_id: str, num_tokens_total: int, block_hashes: Sequence[Hashable] = (),
-             num_cached_tokens: int | None = None) -> bool:
+             num_cached_tokens: int | None = None, *, num_in_flight_tokens: int = 0) -> bool:
         """Give a running request slots for `num_tokens_total` tokens (a prompt chunk, a decode token).
 
-        As vLLM's scheduler does each step: blocks out of the window of the tokens computed so far
-        are freed first (even when the slots then do not fit), then the new slots are allocated
-        and the newly full blocks up to `num_cached_tokens` (default `num_tokens_total`) cached;
-        `block_hashes` as `PrefixCache.grow`'s. Returns False (no new slots) when the free blocks
-        cannot hold them.
+        As vLLM's scheduler does each step: blocks out of the window of the tokens processed so
+        far are freed first (even when the slots then do not fit), then the new slots are
+        allocated and the newly full blocks up to `num_cached_tokens` (default
+        `num_tokens_total`) cached; `block_hashes` as `PrefixCache.grow`'s. The tokens processed
+        are those computed minus `num_in_flight_tokens` (vLLM's `Request.num_in_flight_tokens`:
+        scheduled in a step whose output is not processed yet; 0 with synchronous scheduling;
+        `allocate_slots` frees on the processed-token basis). Returns False (no new slots) when
+        the free blocks cannot hold them.
         """
         req = self.running[request_id]
-        self._remove_skipped_blocks(req, req.num_computed_tokens)
-        if self._num_blocks_to_allocate(req, num_tokens_total, None, 0, False) > self.pool.num_free_blocks():
-            return False
-        self._allocate_new_blocks(req, num_tokens_total)
+        self._remove_skipped_blocks(req, max(0, req.num_computed_tokens - num_in_flight_tokens))
+        if cdiv(num_tokens_total, self.block_size) > len(req.blocks[0]):  # every group's list is this long
+            if self._num_blocks_to_allocate(req, num_tokens_total, None, 0, False) > self.pool.num_free_blocks():
+                return False
+            self._allocate_new_blocks(req, num_tokens_total)
         n_cache = num_tokens_total if num_cached_tokens is None else num_cached_tokens
-        for i in range(len(req.hashes), min(len(block_hashes), n_cache // self.block_size)):
-            req.hashes.append(block_hashes[i])
-        self._cache_blocks(req, n_cache)
+        self.cache_blocks(request_id, n_cache, block_hashes)
         req.num_computed_tokens = num_tokens_total
         return True
+
+    def cache_blocks(self, request_id: str, num_tokens: int, block_hashes: Sequence[Hashable] = ()) -> None:
+        """Hash and cache a running request's blocks that its first `num_tokens` tokens fill, in
+        every group by its rule (`KVCacheCoordinator.cache_blocks`; the async scheduler calls it
+        once a step's output is known). `block_hashes` as `grow`'s."""
+        req = self.running[request_id]
+        if num_tokens // self.block_size <= min(req.num_cached_blocks):
+            return  # no newly full block
+        for i in range(len(req.hashes), min(len(block_hashes), num_tokens // self.block_size)):
+            req.hashes.append(block_hashes[i])
+        self._cache_blocks(req, num_tokens)
 
     def free(self, request_id: str) -> None:
         """Finish (or preempt) a request: group by group, each group's blocks tail-first."""

@@ -1,8 +1,10 @@
-"""The simulate stage: requests + tokens -> sim.parquet + sim_requests.parquet + replicas.parquet.
+"""The simulate stage: requests + tokens -> sim.parquet + sim_requests.parquet + replicas.parquet
++ offload.parquet.
 
 `run_simulate` reads the workload, runs the grid of `SimulateOptions` (advisor.sim.grid) and
-writes the tables (replicas.parquet empty unless `replicas` lists a count above 1); skipped
-when the inputs and options are unchanged.
+writes the tables (replicas.parquet empty unless `replicas` lists a count above 1,
+offload.parquet unless `offload_gib` lists sizes); skipped when the inputs and options are
+unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from advisor.runfolder import (
     NO_PROGRESS,
+    OFFLOAD,
     REPLICAS,
     REQUESTS,
     SIM,
@@ -35,7 +38,7 @@ def run_simulate(
     def body(r: RunDir) -> dict:
         with progress.task("simulate", count_configs(options)) as advance:
             return simulate_run(r.require(REQUESTS), r.require(TOKENS), r.path(SIM), r.path(SIM_REQUESTS),
-                                options, advance, r.path(REPLICAS))
+                                options, advance, r.path(REPLICAS), r.path(OFFLOAD))
 
     return run.run_stage("simulate", [run.require(REQUESTS), run.require(TOKENS)], options.as_dict(),
-                         [SIM, SIM_REQUESTS, REPLICAS], body, force=force)
+                         [SIM, SIM_REQUESTS, REPLICAS, OFFLOAD], body, force=force)

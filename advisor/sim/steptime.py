@@ -83,6 +83,15 @@ class GpuSpec:
     memory_gib: float
     source: str
     variant: str = ""  # the form factor the figures are for (SXM, PCIe, ...)
+    # The host link as the datasheet (`source`) states it: PCIe GB/s, both directions together
+    # (H100/H200 "PCIe Gen5: 128GB/s", A100 "PCIe Gen4: 64GB/s"); None where it states none.
+    pcie_gbps: float | None = None
+
+    @property
+    def host_link_bytes_per_s(self) -> float | None:
+        """Peak bytes per second one way (GPU to host, or host to GPU): half the datasheet's
+        two-way figure. What KV offloading's stores and loads each move at, at best."""
+        return None if self.pcie_gbps is None else self.pcie_gbps * 1e9 / 2
 
     def __post_init__(self) -> None:
         if not (self.bf16_flops > 0 and self.mem_bytes_per_s > 0):
@@ -101,7 +110,8 @@ def gpu_spec(spec: str) -> GpuSpec:
     e = gpus[key]
     return GpuSpec(name=key, bf16_flops=float(e["bf16_tflops"]) * 1e12,
                    mem_bytes_per_s=float(e["hbm_gbps"]) * 1e9, memory_gib=kvmemory.resolve_gpu(key),
-                   source=str(e["source"]), variant=str(e.get("variant", "")))
+                   source=str(e["source"]), variant=str(e.get("variant", "")),
+                   pcie_gbps=float(e["pcie_gbps"]) if "pcie_gbps" in e else None)
 
 
 class StepCoefficients(NamedTuple):

@@ -6,9 +6,12 @@ tokenize (with add_special_tokens=False), or a RenderError saying why vLLM
 would refuse the request before scheduling it.
 
 What vLLM (0.32, vllm/renderers/) does before the template sees a request, and
-this module reproduces for text-only models:
+this module reproduces for the text of a request:
 - content: text parts (`text`, `input_text`, `output_text`, `refusal`,
-  `thinking`) are read, non-text parts are refused; a system part starting with
+  `thinking`) are read; media parts (images, audio, video: schema.MEDIA_PARTS) are
+  left out of the text (a multimodal model's processor would add its own tokens for
+  them, which pc-advise does not count; `media_parts` says how many); other part
+  types are refused, as vLLM refuses them; a system part starting with
   the `x-anthropic-billing-header` line loses that line. Templates that loop
   over a message's content ("openai" content format, detected from the
   template's syntax tree) get a list of {"type": "text", "text"} parts; others
@@ -31,6 +34,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from typing import Any
+
+from advisor.schema import MEDIA_PARTS
 
 STRING, OPENAI = "string", "openai"  # vLLM's two chat-template content formats
 
@@ -112,15 +117,25 @@ def _part_text(part: Any) -> str | None:
     if not isinstance(part, dict):
         raise RenderError(f"a content part is a {type(part).__name__}; expected an object")
     ptype = part.get("type")
+    if ptype in MEDIA_PARTS:
+        return None  # rendered without it: its tokens are the model's processor's (media_parts counts it)
     key = _TEXT_KEYS.get(ptype)  # type: ignore[arg-type]
     if key is None:
         raise RenderError(
-            f"content part of type {ptype!r} is not text; a text-only model refuses it"
+            f"content part of type {ptype!r} is neither text nor media; vLLM refuses it"
         )
     text = part.get(key)
     if text is not None and not isinstance(text, str):
         raise RenderError(f"content part {key!r} is a {type(text).__name__}; expected string")
     return text
+
+
+def media_parts(messages: Any) -> int:
+    """How many media content parts (schema.MEDIA_PARTS) the chat messages hold."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") in MEDIA_PARTS)
 
 
 def _texts(role: str, content: Any) -> list[str]:
@@ -229,6 +244,38 @@ def developer_as_system(conversation: list[dict[str, Any]]) -> list[dict[str, An
     return [merged, *(m for m in converted if m["role"] != "system")]
 
 
+@lru_cache(maxsize=16)
+def requires_system_first(template: str) -> bool:
+    """vLLM's Anthropic endpoint's test (`_detect_merge_inline_system`): a template that
+    fails to render [system, user, system, user] in a bare sandbox (no raise_exception
+    helper, so a template calling it fails too) gets inline system turns merged."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    if not template:
+        return True
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    probe = [{"role": r, "content": "t"} for r in ("system", "user", "system", "user")]
+    try:
+        env.from_string(template).render(messages=probe, add_generation_prompt=False)
+    except jinja2.TemplateError:
+        return True
+    return False
+
+
+def merge_inline_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What vLLM's Anthropic conversion makes of `messages` (converted with inline system turns
+    kept) when the template requires system first: every system turn's text, in order and
+    joined with nothing between, in one leading system turn (vLLM 0.32 and 0.34)."""
+    systems = [m for m in messages if m.get("role") == "system"]
+    if not systems or (len(systems) == 1 and messages[0] is systems[0]):
+        return messages
+    merged = {"role": "system", "content": "".join(m.get("content") or "" for m in systems)}
+    return [merged, *(m for m in messages if m.get("role") != "system")]
+
+
 # --- tools ---
 def vllm_tools(tools: Any) -> list[dict[str, Any]] | None:
     """Tools as vLLM dumps them for the template: known fields only, unset optionals as null."""
@@ -314,11 +361,17 @@ def template_kwargs(template: str, given: dict[str, Any] | None) -> dict[str, An
     return {k: v for k, v in given.items() if k in accept}
 
 
-def render_chat(tokenizer: Any, messages: Any, tools: Any, chat_template_kwargs: dict[str, Any] | None = None) -> str:
+def render_chat(tokenizer: Any, messages: Any, tools: Any, chat_template_kwargs: dict[str, Any] | None = None,
+                from_anthropic: bool = False) -> str:
     """The prompt text vLLM would tokenize for this chat request (with its
-    `chat_template_kwargs`, e.g. Qwen3's enable_thinking, resolved as vLLM does)."""
+    `chat_template_kwargs`, e.g. Qwen3's enable_thinking, resolved as vLLM does).
+    `from_anthropic`: the messages are an Anthropic request as advisor.ingest.anthropic
+    converted it; the server merges its inline system turns when the template needs that."""
     tool_dicts = vllm_tools(tools)
     template = template_text(tokenizer, tool_dicts)
+    if from_anthropic and isinstance(messages, list) and any(
+            requires_system_first(template_text(tokenizer, t)) for t in (None, [])):
+        messages = merge_inline_system(messages)
     conversation = vllm_conversation(messages, content_format(template))
     if any(m["role"] == "developer" for m in conversation) \
             and '"developer"' not in template and "'developer'" not in template:

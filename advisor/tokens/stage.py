@@ -55,6 +55,7 @@ from advisor.runfolder import (
 )
 from advisor.tokens.chatprompt import (
     RenderError,
+    media_parts,
     render_chat,
 )
 from advisor.tokens.default_tokenizer import (
@@ -108,6 +109,7 @@ class TokenizeResult:
     errors: int = 0
     first_errors: list[list[Any]] = field(default_factory=list)  # [request_id, line, reason]
     outputs_from_text: int = 0  # replies whose length was counted from their logged text
+    media_requests: int = 0  # requests with media parts whose own tokens are not counted
 
     def as_counts(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,7 +220,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> l
 
 _COLUMNS = ["request_id", "line", "kind", "messages", "tools", "prompt", "prompt_token_ids",
             "input_length"]
-_OPTIONAL_COLUMNS = ["output_tokens", "output_text", "chat_template_kwargs"]  # read when present
+_OPTIONAL_COLUMNS = ["output_tokens", "output_text", "chat_template_kwargs", "format"]  # read when present
 
 
 @dataclass
@@ -237,6 +239,7 @@ class _Pending:
     out_rows: list[int] = field(default_factory=list)  # replies logged as text without a count
     out_texts: list[str] = field(default_factory=list)
     out_counts: list[int | None] = field(default_factory=list)
+    media: list[int | None] = field(default_factory=list)  # media parts left out, per row (None: none)
 
 
 def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pending:
@@ -246,6 +249,7 @@ def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pe
             for c in _COLUMNS + _OPTIONAL_COLUMNS}
     p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
     p.out_counts = [None] * n
+    p.media = [None] * n
     for i, (count, text) in enumerate(zip(cols["output_tokens"], cols["output_text"], strict=True)):
         if count is None and isinstance(text, str) and tokenizer is not None:
             p.out_rows.append(i)
@@ -257,8 +261,10 @@ def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pe
                 _require_chat_template(tokenizer, spec)
                 msgs = json.loads(cols["messages"][i]) if cols["messages"][i] else None
                 tools = json.loads(cols["tools"][i]) if cols["tools"][i] else None
+                p.media[i] = media_parts(msgs) or None
                 extra = cols["chat_template_kwargs"][i]
-                p.chat_texts.append(render_chat(tokenizer, msgs, tools, json.loads(extra) if extra else None))
+                p.chat_texts.append(render_chat(tokenizer, msgs, tools, json.loads(extra) if extra else None,
+                                                from_anthropic=cols["format"][i] == schema.FORMAT_ANTHROPIC))
                 p.chat_rows.append(i)
             elif kind == schema.KIND_COMPLETION:
                 if not cols["prompt"][i]:
@@ -304,6 +310,7 @@ def _finish(p: _Pending) -> tuple[pa.Table, list[list[Any]]]:
             "n_tokens": pa.array(p.lengths, pa.int64()),
             "tokenize_error": pa.array(p.errors, pa.string()),
             "output_tokens_from_text": pa.array(p.out_counts, pa.int64()),
+            "media_parts": pa.array(p.media, pa.int64()),
         },
         schema=schema.TOKENS,
     )
@@ -340,14 +347,15 @@ def tokenize_file(
                   if spec is not None else schema.TOKENS)
     src = pq.ParquetFile(requests_path)
     batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
-    rows = tokens = n_errors = from_text = 0
+    rows = tokens = n_errors = from_text = media = 0
     by_kind: dict[str, int] = {}
     first_errors: list[list[Any]] = []
 
     def write(writer: pq.ParquetWriter, encoded: _Pending) -> None:
-        nonlocal rows, tokens, n_errors, from_text
+        nonlocal rows, tokens, n_errors, from_text, media
         table, failed = _finish(encoded)
         from_text += table.num_rows - table.column("output_tokens_from_text").null_count
+        media += table.num_rows - table.column("media_parts").null_count
         writer.write_table(table.replace_schema_metadata(out_schema.metadata))
         rows += table.num_rows
         tokens += pc.sum(table.column("n_tokens")).as_py() or 0
@@ -369,7 +377,7 @@ def tokenize_file(
                 in_flight = pool.submit(_encode_pending, pending, tokenizer)
             if in_flight is not None:
                 write(writer, in_flight.result())
-    return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors, from_text)
+    return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors, from_text, media)
 
 
 def run_tokenize(

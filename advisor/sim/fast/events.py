@@ -1,29 +1,38 @@
-"""Concurrent mode, compiled: `advisor.sim.events.run_concurrent`'s loop in one kernel.
+"""Concurrent mode, compiled: `advisor.sim.events.Engine` on arrays, resumable, and `run_concurrent` on it.
 
 Inputs: a `BlockTrace` (advisor.sim.fast.trace) (each prompt's full blocks as dense ids),
 per-request prompt and output lengths (`n_tokens`, `output_tokens`), arrival times, a
-`CostModel` (calibrated here as run_concurrent does), `max_num_seqs`,
-`max_num_batched_tokens`, sync or async scheduling and a pool size in usable blocks.
-Output: the same `events.ConcurrentResult` as `events.run_concurrent` over an
-`advisor.sim.cache.PrefixCache` (tests/test_fastevents.py checks every field, clock and
-step count included, on generated workloads under preemption and chunking, in both
-scheduling modes), plus `blocks_used`, the highest block id ever taken + 1 (what an
-infinite pool's run needs, see `advisor.sim.grid.ceiling_blocks`).
+`StepTimeModel`, `max_num_seqs`, `max_num_batched_tokens`, sync or async scheduling and a
+pool size in usable blocks. Output: the same `events.ConcurrentResult` as
+`events.run_concurrent` over an `advisor.sim.cache.PrefixCache` (tests/test_fastevents.py
+checks every field, clock and step count included, on generated workloads under preemption
+and chunking, in both scheduling modes), plus `blocks_used`, the highest block id ever
+taken + 1 (what an infinite pool's run needs, see `advisor.sim.configuration.ceiling_blocks`).
 
-The loop, its order of operations and its clock are run_concurrent's (read its
-docstring: it is the readable reference, and vLLM's scheduler is its oracle); this is
-that code on arrays, helpers named as there. Per request, vLLM's `Request` counters sit
-in one row of `st` (columns below). The cache is advisor.sim.fast.cache's: vLLM's free
-queue and per-hash rings (advisor.sim.fast.lists). The running queue is an array in
-admission order; the waiting queue a ring buffer (preempted requests go to its front);
-the async scheduler's queue of scheduled steps two buffers of (request, tokens, samples).
+The loop, its order of operations and its clock are `Engine.advance`'s (read advisor.sim.events:
+it is the readable reference, and vLLM's scheduler is its oracle); this is that code on
+arrays, and advisor.sim.fast.step holds the Engine's methods under the same names. The state
+of one or more engines (`new_engines`; advisor.sim.fast.routing runs N behind a router) is
+arrays, one row per engine, so an engine can stop at any time and resume (`_advance(until)`,
+`_hand_over`), as the reference's `advance`/`add_request` do:
+- per request, shared by the engines (a request runs on one of them): vLLM's `Request`
+  counters, one row of `st` (advisor.sim.fast.step's columns), its blocks, hits, times;
+- per engine, the pool: advisor.sim.fast.cache's arrays (vLLM's free queue and per-hash rings,
+  advisor.sim.fast.lists), one row each;
+- per engine, the queues: the running queue in admission order, the waiting queue as a ring
+  buffer (preempted requests go to its front), the requests handed over in arrival order
+  (`order`; those before `counters[_O_J]` have arrived), and the async scheduler's queue of
+  scheduled steps, two buffers of (request, tokens, samples);
+- per engine, `counters` (ints) and `times` (floats): the run's counts and where it stands
+  (running and waiting counts, steps in flight, clock, last finish).
 Decode blocks get hash ids of their own after the prompts' (`request_hashes`), as
 `run_concurrent` gives them tuple hashes nobody else has.
 
 Speed: steps in which nothing but one decode token per running request happens are
 taken in one jump (`_quiet_steps`): every running request decodes inside its current
-block and does not finish, no arrival is due, no request is prefilling, and admission
-stopped in the last step for a reason such steps cannot change (the pool, or
+block and does not finish, no arrival handed over is due, the next step starts before
+`until` (requests still being routed may arrive by then), no request is prefilling, and
+admission stopped in the last step for a reason such steps cannot change (the pool, or
 `max_num_seqs`). The jump applies what those steps would (counters, the blocks they
 fill cached, the clock); tests/test_fastevents.py runs every workload with and without
 it.
@@ -38,148 +47,175 @@ import numpy as np
 
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.events import ConcurrentResult
-from advisor.sim.fast.cache import _admit_flagged, _allocate, _free
-from advisor.sim.fast.lists import (
-    compiled,
-    new_free_queue,
-    new_rings,
-    ring_link,
+from advisor.sim.fast.lists import compiled, new_free_queue
+from advisor.sim.fast.step import (
+    _EVICTIONS,
+    _FREE,
+    _MAX_BLOCK,
+    _NF,
+    _NTOK,
+    _O_HANDED,
+    _O_J,
+    _O_N,
+    _O_NR,
+    _O_NWAIT,
+    _O_PREEMPT,
+    _O_QLEN,
+    _O_QOLD,
+    _O_REFUSED,
+    _O_STALLED,
+    _O_STARTED,
+    _O_STEPS,
+    _O_WHEAD,
+    _PEAK,
+    _PROMPT,
+    _SKIP,
+    _T_BUSY,
+    _T_CLOCK,
+    _T_LAST,
+    _T_N,
+    _T_PREFILL,
+    _T_START,
+    _TARGET,
+    _add_arrivals,
+    _jump,
+    _process,
+    _quiet_steps,
+    _schedule,
+    _step_seconds,
 )
 from advisor.sim.fast.trace import BlockTrace
 from advisor.sim.steptime import StepTimeModel
 
-# cnt: the cache's counters, shared with advisor.sim.fast.cache's kernels (which use the first two)
-_EVICTIONS, _FREE, _IN_USE, _PEAK, _MAX_BLOCK = 0, 1, 2, 3, 4
-# st[i]: request i's counters (events.Engine's names)
-_PROMPT, _TARGET, _NTOK, _COMP, _PH, _INFL, _STALE, _SLOTS, _NCACHED, _FIN, _RUN, _SKIP, _NF = range(13)
-# out: the run's counters
-_O_PREEMPT, _O_REFUSED, _O_STEPS, _O_J = 0, 1, 2, 3
+Engines = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], np.ndarray, np.ndarray]
+Requests = tuple[np.ndarray, ...]
 
 
-@compiled
-def _new_pool(num_blocks, num_ids):  # type: ignore[no-untyped-def]
-    """advisor.sim.fast.cache's arrays for a pool of `num_blocks` free blocks and `num_ids` hash ids."""
+class Arena:
+    """Memory that one thread's runs reuse, a buffer per named array, so that a grid of runs does
+    not ask the operating system for fresh pages on every run (on some machines that costs as
+    much as the run). An array taken is valid until its name is taken again: results copy what
+    they keep."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: type, fill: float | None = None) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, dtype)
+        out = buf[:size].reshape(shape)
+        if fill is not None:
+            out.fill(fill)
+        return out
+
+
+def _array(arena: Arena | None, name: str, shape: tuple[int, ...], dtype: type,
+           fill: float | None = None) -> np.ndarray:
+    """A C-contiguous array from `arena`, or a new one; filled with `fill` unless None."""
+    if arena is not None:
+        return arena.take(name, shape, dtype, fill)
+    return np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)
+
+
+def new_pools(replicas: int, num_blocks: int, num_ids: int, arena: Arena | None = None) -> tuple[np.ndarray, ...]:
+    """`replicas` empty pools of `num_blocks` usable blocks over `num_ids` hash ids, one row each:
+    advisor.sim.fast.cache's arrays (nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt)."""
     nxt, prv = new_free_queue(num_blocks)
-    ref = np.zeros(num_blocks, np.int64)
-    bhash = np.full(num_blocks, -1, np.int64)
-    first_copy, cnext, cprev = new_rings(num_ids, num_blocks)
-    cnt = np.zeros(5, np.int64)
-    cnt[_FREE] = num_blocks
-    cnt[_MAX_BLOCK] = -1
-    return nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt
+    r, nb = replicas, num_blocks
+    pools = (_array(arena, "nxt", (r, nb + 2), np.int64), _array(arena, "prv", (r, nb + 2), np.int64),
+             _array(arena, "ref", (r, nb), np.int64, 0), _array(arena, "bhash", (r, nb), np.int64, -1),
+             _array(arena, "first_copy", (r, num_ids), np.int64, -1), _array(arena, "cnext", (r, nb), np.int64),
+             _array(arena, "cprev", (r, nb), np.int64), _array(arena, "cnt", (r, 5), np.int64, 0))
+    pools[0][:] = nxt
+    pools[1][:] = prv
+    pools[7][:, _FREE] = num_blocks
+    pools[7][:, _MAX_BLOCK] = -1
+    return pools
+
+
+def new_engines(replicas: int, num_requests: int, num_blocks: int, num_ids: int, max_num_seqs: int,
+                arena: Arena | None = None) -> Engines:
+    """The state of `replicas` idle engines, each with an empty pool (`new_pools`), for a workload
+    of `num_requests`: (pools, queues, counters, times), one row per engine (module docstring)."""
+    r, cap = replicas, max(num_requests, 1)
+    run_cap = max(min(max_num_seqs, num_requests), 1)  # no more run, or are scheduled in a step
+    pools = new_pools(replicas, num_blocks, num_ids, arena)
+    queues = (_array(arena, "running", (r, run_cap), np.int64), _array(arena, "wq", (r, cap), np.int64),
+              _array(arena, "order", (r, cap), np.int64), _array(arena, "fl_req", (r, 2, run_cap), np.int64),
+              _array(arena, "fl_num", (r, 2, run_cap), np.int64), _array(arena, "fl_smp", (r, 2, run_cap), np.bool_),
+              _array(arena, "fl_cnt", (r, 2), np.int64, 0), _array(arena, "fl_clock", (r, 2), np.float64, 0))
+    return (pools, queues, _array(arena, "counters", (r, _O_N), np.int64, 0),
+            _array(arena, "times", (r, _T_N), np.float64, 0))
+
+
+def new_requests(ids: np.ndarray, hoff: np.ndarray, boff: np.ndarray, n_tokens: np.ndarray,
+                 output_tokens: np.ndarray, arrivals: np.ndarray, skip: np.ndarray | None,
+                 arena: Arena | None = None) -> Requests:
+    """The per-request arrays every engine shares: (hashes, hoff, boff, arrivals, st, blocks,
+    hits, scheduled, first_at, finish_at); `ids`/`hoff`/`boff` are `request_hashes`'s."""
+    n = len(n_tokens)
+    st = _array(arena, "st", (n, _NF), np.int64, 0)
+    st[:, _PROMPT] = n_tokens
+    st[:, _NTOK] = n_tokens
+    st[:, _TARGET] = np.maximum(np.asarray(output_tokens, np.int64), 1)
+    if skip is not None:
+        st[:, _SKIP] = np.asarray(skip, np.int64)
+    return (ids, hoff, boff, np.asarray(arrivals, np.float64), st, _array(arena, "blocks", (int(boff[n]),), np.int64, 0),
+            _array(arena, "hits", (n,), np.int64, 0), _array(arena, "scheduled", (n,), np.bool_, 0),
+            _array(arena, "first_at", (n,), np.float64, np.nan), _array(arena, "finish_at", (n,), np.float64, np.nan))
 
 
 @compiled
-def _cache_upto(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, i, num_tokens, bs):  # type: ignore[no-untyped-def]
-    """`PrefixCache.cache_blocks`: request i's blocks that its first `num_tokens` fill get their hashes."""
-    for k in range(st[i, _NCACHED], num_tokens // bs):
-        b = blocks[boff[i] + k]
-        bhash[b] = hashes[hoff[i] + k]
-        ring_link(first_copy, cnext, cprev, bhash[b], b)
-    st[i, _NCACHED] = max(st[i, _NCACHED], num_tokens // bs)
+def _engine(pools, queues, counters, times, r):  # type: ignore[no-untyped-def]
+    """Engine r's rows: (pool, queue, counters, times), views."""
+    nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt = pools
+    running, wq, order, fl_req, fl_num, fl_smp, fl_cnt, fl_clock = queues
+    return ((nxt[r], prv[r], ref[r], bhash[r], first_copy[r], cnext[r], cprev[r], cnt[r]),
+            (running[r], wq[r], order[r], fl_req[r], fl_num[r], fl_smp[r], fl_cnt[r], fl_clock[r]),
+            counters[r], times[r])
 
 
 @compiled
-def _take_blocks(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, st, i, total, bs):  # type: ignore[no-untyped-def]
-    """Blocks for request i's first `total` tokens (nothing taken, False, when the pool is short)."""
-    held = (st[i, _SLOTS] + bs - 1) // bs
-    num_new = max((total + bs - 1) // bs - held, 0)
-    if num_new > cnt[_FREE]:
-        return False
-    if num_new > 0:
-        start = boff[i] + held
-        _allocate(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, start, start + num_new)
-        for k in range(start, start + num_new):
-            cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blocks[k])
-        cnt[_IN_USE] += num_new
-        cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
-    st[i, _SLOTS] = max(st[i, _SLOTS], total)
-    return True
+def _hand_over(arrivals, order, counters, times, i):  # type: ignore[no-untyped-def]
+    """`Engine.add_request(i)`: request i (handed over in arrival order) arrives at its time;
+    the engine's clock starts at the first one's arrival."""
+    if counters[_O_STARTED] == 0:
+        counters[_O_STARTED] = 1
+        times[_T_CLOCK] = times[_T_LAST] = times[_T_START] = arrivals[i]
+    order[counters[_O_HANDED]] = i
+    counters[_O_HANDED] += 1
 
 
 @compiled
-def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, st, i, budget,  # type: ignore[no-untyped-def]
-           limits):
-    """`PrefixCache.admit(..., token_budget=budget)` for waiting request i (advisor.sim.fast.cache's
-    `_admit_flagged`): its hit tokens, or -1 (nothing taken) when its whole sequence does not
-    fit the free blocks."""
-    bs = limits[2]
-    total = st[i, _NTOK]
-    blk = blocks[boff[i]:boff[i + 1]]
-    k, in_use = _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes[hoff[i]:hoff[i + 1]],
-                               total, bs, blk, st[i, _SKIP] == 1, limits[3] == 1, budget)
-    if k < 0:
-        return -1
-    upto = min(k * bs + budget, total)
-    for x in range((upto + bs - 1) // bs):
-        cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blk[x])
-    cnt[_IN_USE] += in_use
-    cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
-    st[i, _SLOTS] = upto
-    st[i, _NCACHED] = upto // bs
-    return k * bs
-
-
-@compiled
-def _release(nxt, prv, ref, bhash, cnt, blocks, boff, st, i, bs):  # type: ignore[no-untyped-def]
-    """`PrefixCache.free`: request i's blocks go back, tail first."""
-    cnt[_IN_USE] -= _free(nxt, prv, ref, bhash, cnt, blocks[boff[i]:boff[i + 1]], (st[i, _SLOTS] + bs - 1) // bs)
-    st[i, _SLOTS] = 0
-    st[i, _NCACHED] = 0
-
-
-@compiled
-def _run(hashes, hoff, boff, prompt, target, skip, arrivals, order, num_blocks, num_ids, limits,  # type: ignore[no-untyped-def]
-         coef, skip_quiet, async_sched, hits, scheduled, out, first_at, finish_at, times):
-    """The engine's state on arrays, then `_engine_loop` over it. `limits` = (token budget,
-    max_num_seqs, block size, 1 if a drafter drops the last hit block, 1 if the clock is
-    flat); `coef`: the clock's `StepCoefficients`. Fills hits/scheduled, `out`
-    (evictions, peak, preemptions, refused, steps, blocks used), the per-request times
-    first_at/finish_at and `times` (busy, prefill seconds); returns the makespan."""
-    n = len(prompt)
-    pool = _new_pool(num_blocks, num_ids)
-    blocks = np.zeros(boff[n], np.int64)
-    st = np.zeros((n, _NF), np.int64)
-    st[:, _PROMPT] = prompt
-    st[:, _NTOK] = prompt
-    st[:, _TARGET] = target
-    st[:, _SKIP] = skip
-    cap = max(n, 1)
-    running, wq, passed = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
-    # the steps scheduled and not yet processed (async: at most two): requests, tokens, samples
-    fl_req, fl_num, fl_smp = np.empty((2, cap), np.int64), np.empty((2, cap), np.int64), np.empty((2, cap), np.bool_)
-    fl_cnt, fl_clock = np.zeros(2, np.int64), np.zeros(2, np.float64)
-    counters = np.zeros(4, np.int64)
-    makespan = _engine_loop(hashes, hoff, boff, arrivals, order, limits, coef, skip_quiet, async_sched, hits,
-                            scheduled, pool, blocks, st, running, wq, passed, fl_req, fl_num, fl_smp, fl_cnt,
-                            fl_clock, counters, first_at, finish_at, times)
-    cnt = pool[7]
-    out[0], out[1], out[5] = cnt[_EVICTIONS], cnt[_PEAK], cnt[_MAX_BLOCK] + 1
-    out[2], out[3], out[4] = counters[_O_PREEMPT], counters[_O_REFUSED], counters[_O_STEPS]
-    return makespan
-
-
-@compiled
-def _engine_loop(hashes, hoff, boff, arrivals, order, limits, coef, skip_quiet, async_sched,  # type: ignore[no-untyped-def]
-                 hits, scheduled, pool, blocks, st, running, wq, passed, fl_req, fl_num, fl_smp, fl_cnt, fl_clock,
-                 counters, first_at, finish_at, times):
-    """`Engine.advance`: one iteration per schedule() (async: then the previous step's
-    output is processed). Returns the makespan."""
-    n = st.shape[0]
-    bs = limits[2]
+def _advance(reqs, limits, coef, skip_quiet, async_sched, pool, queue, counters, times, passed, until):  # type: ignore[no-untyped-def]
+    """`Engine.advance(until)`: the iterations that start before `until`, one per schedule()
+    (async: then the previous step's output is processed); an idle engine's clock jumps to its
+    next arrival. `limits` = (token budget, max_num_seqs, block size, 1 if a drafter drops the
+    last hit block, 1 if the clock is flat); `coef`: the clock's `StepCoefficients`;
+    `passed`: scratch room for one step's passed-over requests."""
+    hashes, hoff, boff, arrivals, st, blocks, hits, scheduled, first_at, finish_at = reqs
     nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt = pool
-    nr = whead = nwait = qlen = qold = 0
-    clock = last_finish = t0 = arrivals[order[0]] if n > 0 else 0.0
-    stalled = False  # admission stopped in the last step for a reason quiet steps cannot change
-    while counters[_O_J] < n or nr > 0 or nwait > 0 or qlen > 0:
+    running, wq, order, fl_req, fl_num, fl_smp, fl_cnt, fl_clock = queue
+    bs = limits[2]
+    nr, whead, nwait = counters[_O_NR], counters[_O_WHEAD], counters[_O_NWAIT]
+    qlen, qold = counters[_O_QLEN], counters[_O_QOLD]
+    stalled = counters[_O_STALLED] == 1  # admission stopped in the last step for a reason quiet steps cannot change
+    clock, last_finish = times[_T_CLOCK], times[_T_LAST]
+    while counters[_O_J] < counters[_O_HANDED] or nr > 0 or nwait > 0 or qlen > 0:
+        start = clock
         if nr == 0 and nwait == 0 and qlen == 0:
-            clock = max(clock, arrivals[order[counters[_O_J]]])  # idle: the next arrival
+            start = max(clock, arrivals[order[counters[_O_J]]])  # idle: the next arrival
+        if start >= until:
+            break  # a request handed over later may still arrive by then
+        clock = start
         nw0 = nwait
         whead, nwait = _add_arrivals(arrivals, order, boff, len(ref), clock, st, wq, whead, nwait, counters)
         if nr > 0 or nwait > 0:
             if skip_quiet and stalled and nwait == nw0 and (qlen == 1 if async_sched else qlen == 0):
                 k, clock = _quiet_steps(arrivals, order, counters, st, running, nr, clock, coef, async_sched, bs,
-                                        times)
+                                        times, until)
                 if k > 0:
                     _jump(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, running, nr, k,
                           async_sched, bs, fl_req, fl_num, fl_smp, fl_cnt, fl_clock, qold, clock)
@@ -203,314 +239,50 @@ def _engine_loop(hashes, hoff, boff, arrivals, order, limits, coef, skip_quiet, 
                 bhash, first_copy, cnext, cprev, nxt, prv, ref, cnt, blocks, boff, hashes, hoff, st, running, nr, wq,
                 whead, nwait, fl_req, fl_num, fl_smp, fl_cnt, fl_clock, qold, qlen, async_sched, bs, last_finish, finish_at)
             stalled = stalled and not freed
-    return last_finish - t0
+    counters[_O_NR], counters[_O_WHEAD], counters[_O_NWAIT] = nr, whead, nwait
+    counters[_O_QLEN], counters[_O_QOLD], counters[_O_STALLED] = qlen, qold, 1 if stalled else 0
+    times[_T_CLOCK], times[_T_LAST] = clock, last_finish
 
 
 @compiled
-def _add_arrivals(arrivals, order, boff, num_blocks, clock, st, wq, whead, nwait, counters):  # type: ignore[no-untyped-def]
-    """Requests order[j:] that arrived by the clock join the waiting queue's tail; one whose
-    end cannot fit the whole pool is refused. Returns (whead, nwait)."""
-    n = st.shape[0]
-    j = counters[_O_J]
-    while j < n and arrivals[order[j]] <= clock:
-        i = order[j]
-        j += 1
-        if st[i, _PROMPT] <= 0:
-            continue  # refused at tokenization: never runs, not counted
-        if boff[i + 1] - boff[i] > num_blocks:
-            counters[_O_REFUSED] += 1
-            continue
-        wq[(whead + nwait) % n] = i
-        nwait += 1
-    counters[_O_J] = j
-    return whead, nwait
+def _run_one(reqs, limits, coef, skip_quiet, async_sched, pools, queues, counters, times, passed, order):  # type: ignore[no-untyped-def]
+    """`run_concurrent` on engine 0: every request handed over in arrival order, then run to the end."""
+    pool, queue, cnt, tms = _engine(pools, queues, counters, times, 0)
+    for i in order:
+        _hand_over(reqs[3], queue[2], cnt, tms, i)
+    _advance(reqs, limits, coef, skip_quiet, async_sched, pool, queue, cnt, tms, passed, np.inf)
 
 
-@compiled
-def _schedule(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, st,  # type: ignore[no-untyped-def]
-              running, nr, wq, whead, nwait, passed, req, num, smp, limits, async_sched, hits, scheduled, counters):
-    """`Engine.schedule` into one step's buffers (req/num/smp); `limits` = (token budget,
-    max_num_seqs, block size). Returns (m scheduled, nr, whead, nwait, stalled): stalled
-    when admission stopped for the pool or `max_num_seqs`."""
-    budget, m, nr, whead, nwait, preempted = _schedule_running(
-        nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, st, running, nr, wq, whead,
-        nwait, req, num, limits, counters)
-    stalled = False
-    if not preempted:
-        m, nr, whead, nwait, stalled = _schedule_waiting(
-            nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, st, running, nr, wq,
-            whead, nwait, passed, req, num, m, budget, limits, hits, scheduled)
-    for q in range(m):  # _update_after_schedule
-        i = req[q]
-        st[i, _COMP] += num[q]
-        st[i, _INFL] += num[q]
-        smp[q] = st[i, _COMP] >= st[i, _NTOK] + st[i, _PH]  # not a prompt chunk: it samples
-        if async_sched and smp[q]:
-            st[i, _PH] += 1
-    return m, nr, whead, nwait, stalled
+def engine_limits(max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int, speculative: str | None,
+                  clock: StepTimeModel) -> tuple[np.ndarray, np.ndarray]:
+    """`_advance`'s `limits` and `coef` arrays."""
+    assert max_num_seqs >= 1
+    assert max_num_batched_tokens is None or max_num_batched_tokens >= max_num_seqs, "vLLM's own rule"
+    budget = int(max_num_batched_tokens) if max_num_batched_tokens is not None else 1 << 62
+    limits = np.array([budget, int(max_num_seqs), block_size, int(drops_last_hit_block(speculative)), int(clock.flat)],
+                      np.int64)
+    return limits, np.asarray(clock.coefficients, np.float64)
 
 
-@compiled
-def _schedule_running(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes,  # type: ignore[no-untyped-def]
-                      hoff, st, running, nr, wq, whead, nwait, req, num, limits, counters):
-    """`Engine.schedule_running`: each running request in queue order, while budget is
-    left, gets its next tokens and their slots, preempting from the END of the running
-    queue while the pool is short. Returns (budget, m, nr, whead, nwait, preempted)."""
-    budget, bs = limits[0], limits[2]
-    preempted = False
-    m = k = 0
-    while k < nr and budget > 0:
-        i = running[k]
-        ph = st[i, _PH]
-        if ph > 0 and st[i, _COMP] + 2 - ph >= st[i, _PROMPT] + st[i, _TARGET]:
-            k += 1
-            continue  # async: its last token is already in flight
-        num_new = min(st[i, _NTOK] + ph - st[i, _COMP], budget)
-        if num_new <= 0:
-            k += 1
-            continue
-        total = st[i, _COMP] + num_new
-        lost = False
-        while not _take_blocks(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, st, i, total, bs):
-            nr -= 1
-            v = running[nr]
-            whead, nwait = _preempt(nxt, prv, ref, bhash, cnt, blocks, boff, st, v, wq, whead, nwait, bs)
-            counters[_O_PREEMPT] += 1
-            preempted = True
-            if v == i:
-                lost = True
-                break
-        if lost:
-            break
-        _cache_upto(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, i, min(total, st[i, _NTOK]), bs)
-        req[m] = i
-        num[m] = num_new
-        m += 1
-        budget -= num_new
-        k += 1
-    return budget, m, nr, whead, nwait, preempted
+def num_hash_ids(trace: BlockTrace, ids: np.ndarray, n_tokens: np.ndarray) -> int:
+    """Hash ids `request_hashes`' output uses: the prompts' (< trace.num_ids), then one per decode block."""
+    return max(trace.num_ids + len(ids) - int((np.asarray(n_tokens, np.int64) // trace.block_size).sum()), 1)
 
 
-@compiled
-def _preempt(nxt, prv, ref, bhash, cnt, blocks, boff, st, v, wq, whead, nwait, bs):  # type: ignore[no-untyped-def]
-    """`Engine.preempt` of v, already off the running queue: its blocks are freed and it
-    goes to the FRONT of the waiting queue; its in-flight output arrives stale. Returns
-    (whead, nwait)."""
-    _release(nxt, prv, ref, bhash, cnt, blocks, boff, st, v, bs)
-    st[v, _RUN] = 0
-    st[v, _COMP] = 0
-    st[v, _STALE] = st[v, _INFL]
-    st[v, _PH] = 0
-    whead = (whead - 1) % len(wq)
-    wq[whead] = v
-    return whead, nwait + 1
-
-
-@compiled
-def _schedule_waiting(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes,  # type: ignore[no-untyped-def]
-                      hoff, st, running, nr, wq, whead, nwait, passed, req, num, m, budget, limits, hits, scheduled):
-    """`Engine.schedule_waiting`: waiting requests in queue order while fewer than
-    max_num_seqs run and budget is left; one with stale output in flight is passed over,
-    keeping its place. Returns (m, nr, whead, nwait, stalled)."""
-    n = len(wq)
-    max_num_seqs = limits[1]
-    npassed = 0
-    stalled = True
-    while nwait > 0 and nr < max_num_seqs:
-        if budget <= 0:
-            stalled = False  # the next step has a new budget
-            break
-        i = wq[whead]
-        if st[i, _STALE] > 0:
-            passed[npassed] = i
-            npassed += 1
-            whead, nwait = (whead + 1) % n, nwait - 1
-            stalled = False  # it becomes admissible once its output arrives
-            continue
-        hit = _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, hashes, hoff, st, i, budget,
-                     limits)
-        if hit < 0:
-            break  # the first that does not fit stops admission
-        whead, nwait = (whead + 1) % n, nwait - 1
-        running[nr] = i
-        nr += 1
-        st[i, _RUN] = 1
-        st[i, _COMP] = hit
-        if not scheduled[i]:  # vLLM's num_cached_tokens: the first scheduling's hit
-            scheduled[i] = True
-            hits[i] = hit
-        req[m] = i
-        num[m] = min(st[i, _NTOK] - hit, budget)
-        budget -= num[m]
-        m += 1
-    for q in range(npassed - 1, -1, -1):
-        whead = (whead - 1) % n
-        wq[whead] = passed[q]
-        nwait += 1
-    return m, nr, whead, nwait, stalled
-
-
-@compiled
-def _seconds(coef, tokens, pairs, kv_read, longest):  # type: ignore[no-untyped-def]
-    """advisor.sim.steptime.seconds_from_totals on the coefficients' array."""
-    compute = coef[0] * tokens + coef[1] * pairs
-    memory = coef[2] + coef[3] * (kv_read + tokens)
-    return max(compute, memory) + coef[4] + longest / coef[5]
-
-
-@compiled
-def _step_seconds(st, req, num, smp, m, hits, coef, flat, async_sched, clock, first_at,  # type: ignore[no-untyped-def]
-                  times):
-    """`Engine.step_seconds` of the step in req/num/smp[:m], scheduled at `clock`: the clock
-    at its end. Records the first tokens it samples there; adds to times (busy, prefill)."""
-    tokens = pairs = kv_read = prefill = 0.0
-    longest = 0
-    for q in range(m):
-        i = req[q]
-        first = smp[q] and st[i, _NTOK] == st[i, _PROMPT] and st[i, _PH] == (1 if async_sched else 0)
-        if first:
-            longest = max(longest, st[i, _PROMPT] - hits[i])
-        before = st[i, _COMP] - num[q]
-        tokens += num[q]
-        if num[q] == 1 and before >= st[i, _PROMPT]:
-            pairs += before
-        else:
-            chunk_pairs = num[q] * (before + num[q] / 2)
-            pairs += chunk_pairs
-            prefill += coef[0] * num[q] + coef[1] * chunk_pairs
-        kv_read += before
-    if flat:
-        seconds = _seconds(coef, 0.0, 0.0, 0.0, float(longest))
-        prefill = longest / coef[5]
-    else:
-        seconds = _seconds(coef, tokens, pairs, kv_read, 0.0)
-    times[0] += seconds
-    times[1] += prefill
-    clock += seconds
-    for q in range(m):
-        i = req[q]
-        if smp[q] and st[i, _NTOK] == st[i, _PROMPT] and st[i, _PH] == (1 if async_sched else 0):
-            first_at[i] = clock
-    return clock
-
-
-@compiled
-def _process(bhash, first_copy, cnext, cprev, nxt, prv, ref, cnt, blocks, boff, hashes, hoff, st,  # type: ignore[no-untyped-def]
-             running, nr, wq, whead, nwait, fl_req, fl_num, fl_smp, fl_cnt, fl_clock, qold, qlen, async_sched, bs,
-             last_finish, finish_at):
-    """`Engine.update_from_output` of the oldest scheduled step. Returns (last_finish, nr,
-    whead, nwait, qold, qlen, freed): freed when a request finished."""
-    s = qold
-    freed = False
-    for q in range(fl_cnt[s]):
-        i = fl_req[s, q]
-        st[i, _INFL] -= fl_num[s, q]
-        stale = st[i, _STALE] > 0
-        if stale:
-            st[i, _STALE] -= fl_num[s, q]
-        if st[i, _FIN] or not fl_smp[s, q]:
-            continue
-        was_running = not stale and st[i, _RUN] == 1
-        st[i, _NTOK] += 1
-        if async_sched and not stale:
-            st[i, _PH] -= 1
-        if async_sched and was_running:
-            _cache_upto(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, i, st[i, _COMP] - st[i, _PH],
-                        bs)
-        if st[i, _NTOK] - st[i, _PROMPT] >= st[i, _TARGET]:
-            st[i, _FIN] = 1
-            finish_at[i] = fl_clock[s]
-            freed = True
-            last_finish = max(last_finish, fl_clock[s])
-            if was_running:
-                nr = _remove(running, nr, i)
-                st[i, _RUN] = 0
-                _release(nxt, prv, ref, bhash, cnt, blocks, boff, st, i, bs)
-            else:
-                whead, nwait = _remove_waiting(wq, whead, nwait, i)
-    return last_finish, nr, whead, nwait, (qold + 1) % 2, qlen - 1, freed
-
-
-@compiled
-def _remove(items, count, x):  # type: ignore[no-untyped-def]
-    """Drop x from items[:count], keeping the order; the new count."""
-    q = 0
-    while items[q] != x:
-        q += 1
-    for r in range(q, count - 1):
-        items[r] = items[r + 1]
-    return count - 1
-
-
-@compiled
-def _remove_waiting(wq, whead, nwait, x):  # type: ignore[no-untyped-def]
-    """Drop x from the waiting ring buffer, keeping the order. Returns (whead, nwait)."""
-    n = len(wq)
-    q = 0
-    while wq[(whead + q) % n] != x:
-        q += 1
-    for r in range(q, nwait - 1):
-        wq[(whead + r) % n] = wq[(whead + r + 1) % n]
-    return whead, nwait - 1
-
-
-@compiled
-def _quiet_steps(arrivals, order, counters, st, running, nr, clock, coef, async_sched, bs, times):  # type: ignore[no-untyped-def]
-    """How many of the next steps are quiet (module docstring), 0 if the next one is not:
-    every running request must be a steady decoder (sync: all its known tokens but the
-    last computed; async: one sampled token in flight, the rest computed), and within its
-    current block and short of its last token for that many steps. Counts them while no
-    arrival is due by the clock, each priced as a step decoding every running request (their
-    contexts one longer each step). Returns (steps, clock after them)."""
-    k = 1 << 62
-    contexts = 0.0
-    for q in range(nr):
-        i = running[q]
-        c, t = st[i, _COMP], st[i, _NTOK]
-        contexts += c
-        if async_sched:
-            if st[i, _PH] != 1 or c != t:
-                return 0, clock
-            left = st[i, _PROMPT] + st[i, _TARGET] - t - 1
-        else:
-            if c != t - 1 or t == st[i, _PROMPT]:  # (the step that samples its first token is not quiet)
-                return 0, clock
-            left = st[i, _TARGET] - (t - st[i, _PROMPT]) - 1
-        k = min(k, (-c) % bs, left)
-        if k <= 0:
-            return 0, clock
-    n = st.shape[0]
-    j = counters[_O_J]
-    steps = 0
-    while steps < k and (j >= n or arrivals[order[j]] > clock):
-        seconds = _seconds(coef, float(nr), contexts, contexts, 0.0)
-        times[0] += seconds
-        clock += seconds
-        contexts += nr
-        steps += 1
-    return steps, clock
-
-
-@compiled
-def _jump(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, running, nr, k, async_sched,  # type: ignore[no-untyped-def]
-          bs, fl_req, fl_num, fl_smp, fl_cnt, fl_clock, qold, clock):
-    """Apply k quiet steps: each running request computes and samples k tokens and the
-    blocks they fill are cached; async: the step in flight becomes the last of them."""
-    for q in range(nr):
-        i = running[q]
-        st[i, _COMP] += k
-        st[i, _NTOK] += k
-        st[i, _SLOTS] = max(st[i, _SLOTS], st[i, _COMP])
-        _cache_upto(bhash, first_copy, cnext, cprev, blocks, boff, hashes, hoff, st, i,
-                    st[i, _COMP] - 1 if async_sched else st[i, _COMP], bs)
-        if async_sched:
-            st[i, _INFL] = 1
-            fl_req[qold, q] = i
-            fl_num[qold, q] = 1
-            fl_smp[qold, q] = True
-    if async_sched:
-        fl_cnt[qold] = nr
-        fl_clock[qold] = clock
+def engine_result(reqs: Requests, engines: Engines, r: int, mine: np.ndarray | None = None) -> ConcurrentResult:
+    """Engine r's `ConcurrentResult`; `mine`: the requests it got (None: all of them)."""
+    _, _, _, arrivals, _, _, hits, scheduled, first_at, finish_at = reqs
+    pools, _, counters, times = engines
+    cnt, c, t = pools[7][r], counters[r], times[r]
+    ttft, e2e = first_at - arrivals, finish_at - arrivals
+    if mine is not None:
+        hits, scheduled = np.where(mine, hits, 0), scheduled & mine
+        ttft, e2e = np.where(mine, ttft, np.nan), np.where(mine, e2e, np.nan)
+    return ConcurrentResult(
+        hit_tokens=hits, scheduled=scheduled, evictions=int(cnt[_EVICTIONS]), peak_blocks_in_use=int(cnt[_PEAK]),
+        preemptions=int(c[_O_PREEMPT]), refused=int(c[_O_REFUSED]), makespan_s=float(t[_T_LAST] - t[_T_START]),
+        steps=int(c[_O_STEPS]), blocks_used=int(cnt[_MAX_BLOCK]) + 1, ttft_s=ttft, e2e_s=e2e,
+        busy_s=float(t[_T_BUSY]), prefill_s=float(t[_T_PREFILL]))
 
 
 def request_hashes(trace: BlockTrace, n_tokens: np.ndarray, output_tokens: np.ndarray,
@@ -561,31 +333,12 @@ def run_concurrent_compiled(
     `prepared`: `request_hashes(...)` for this trace and these lengths, to reuse it
     across pool sizes.
     """
-    n = len(n_tokens)
-    assert max_num_seqs >= 1 and num_blocks >= 1
-    assert max_num_batched_tokens is None or max_num_batched_tokens >= max_num_seqs, "vLLM's own rule"
-    bs = trace.block_size
+    assert num_blocks >= 1
+    limits, coef = engine_limits(max_num_seqs, max_num_batched_tokens, trace.block_size, speculative, clock)
     ids, hoff, boff = prepared or request_hashes(trace, n_tokens, output_tokens, trace.num_ids)
-    prompt = np.asarray(n_tokens, np.int64)
-    target = np.maximum(np.asarray(output_tokens, np.int64), 1)
-    arrivals = np.asarray(arrivals_s, np.float64)
-    order = np.argsort(arrivals, kind="stable").astype(np.int64)
-    hits = np.zeros(n, np.int64)
-    scheduled = np.zeros(n, np.bool_)
-    first_at, finish_at = np.full(n, np.nan), np.full(n, np.nan)
-    out, times = np.zeros(6, np.int64), np.zeros(2, np.float64)
-    # prompt ids < trace.num_ids, then one id per decode block (request_hashes)
-    num_ids = max(trace.num_ids + len(ids) - int((prompt // bs).sum()), 1)
-    budget = int(max_num_batched_tokens) if max_num_batched_tokens is not None else 1 << 62
-    limits = np.array([budget, int(max_num_seqs), bs, int(drops_last_hit_block(speculative)), int(clock.flat)],
-                      np.int64)
-    coef = np.asarray(clock.coefficients, np.float64)
-    skip = np.zeros(n, np.int64) if skip_prefix_cache is None else np.asarray(skip_prefix_cache, np.int64)
-    makespan = _run(ids, hoff, boff, prompt, target, skip, arrivals, order, int(num_blocks), num_ids, limits, coef,
-                    skip_quiet_steps, async_scheduling, hits, scheduled, out, first_at, finish_at, times)
-    return ConcurrentResult(
-        hit_tokens=hits, scheduled=scheduled, evictions=int(out[0]), peak_blocks_in_use=int(out[1]),
-        preemptions=int(out[2]), refused=int(out[3]), makespan_s=float(makespan), steps=int(out[4]),
-        blocks_used=int(out[5]), ttft_s=first_at - arrivals, e2e_s=finish_at - arrivals, busy_s=float(times[0]),
-        prefill_s=float(times[1]),
-    )
+    reqs = new_requests(ids, hoff, boff, n_tokens, output_tokens, arrivals_s, skip_prefix_cache)
+    n = len(n_tokens)
+    engines = new_engines(1, n, int(num_blocks), num_hash_ids(trace, ids, n_tokens), max_num_seqs)
+    order = np.argsort(reqs[3], kind="stable").astype(np.int64)
+    _run_one(reqs, limits, coef, skip_quiet_steps, async_scheduling, *engines, np.empty(max(n, 1), np.int64), order)
+    return engine_result(reqs, engines, 0)
