@@ -52,3 +52,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     if _ORACLE_VLLM in config.stash:
         terminalreporter.write_line(f"oracle tests ran against vLLM {config.stash[_ORACLE_VLLM]}")
+    elif HAVE_VLLM and not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
+        # under pytest-xdist the tests run in workers: name the vLLM they find first on the path
+        spec = importlib.util.find_spec("vllm")
+        where = Path(spec.origin).parent if spec and spec.origin else "?"
+        terminalreporter.write_line(f"oracle tests import the first vLLM on the path: {where}")
