@@ -43,6 +43,7 @@ from advisor.ingest.fields import (
     dump_json,
     type_name,
 )
+from advisor.ingest.openai_body import vllm_extras
 
 _BILLING = "x-anthropic-billing-header"
 BLOCK_TYPES = ("text", "image", "tool_use", "tool_result", "tool_reference", "thinking", "redacted_thinking",
@@ -284,12 +285,7 @@ def parse(body: dict[str, Any]) -> dict[str, Any]:
                         for p in m["content"] if p.get("type") in schema.MEDIA_PARTS)
     row["model"] = as_str(body.get("model"), "model")
     row["max_tokens"] = as_count(body.get("max_tokens"), "max_tokens")
-    row["cache_salt"] = as_str(body.get("cache_salt"), "cache_salt")
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None:
-        if not isinstance(kwargs, dict):
-            raise LineError(f"chat_template_kwargs is {type_name(kwargs)}; expected an object")
-        row["chat_template_kwargs"] = dump_json(kwargs)
+    vllm_extras(body, row)
     meta = body.get("metadata")
     row["session_id"] = as_id(meta.get("user_id")) if isinstance(meta, dict) else None
     marks = cache_control_paths(body)

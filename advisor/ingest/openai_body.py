@@ -126,13 +126,19 @@ def body_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
     mt = body.get("max_completion_tokens")
     row["max_tokens"] = as_count(mt if mt is not None else body.get("max_tokens"),
                                "max_completion_tokens" if mt is not None else "max_tokens")
+    vllm_extras(body, row)
+    sampling_fields(body, row)
+
+
+def vllm_extras(body: dict[str, Any], row: dict[str, Any]) -> None:
+    """vLLM's own request extensions that change the prompt or its cache: `cache_salt` and
+    `chat_template_kwargs` (the same fields in OpenAI- and Anthropic-shaped bodies)."""
     row["cache_salt"] = as_str(body.get("cache_salt"), "cache_salt")
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
             raise LineError(f"chat_template_kwargs is {type_name(kwargs)}; expected an object")
         row["chat_template_kwargs"] = dump_json(kwargs)
-    sampling_fields(body, row)
 
 
 def sampling_fields(body: dict[str, Any], row: dict[str, Any]) -> None:
