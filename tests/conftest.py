@@ -57,3 +57,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         spec = importlib.util.find_spec("vllm")
         where = Path(spec.origin).parent if spec and spec.origin else "?"
         terminalreporter.write_line(f"oracle tests import the first vLLM on the path: {where}")
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's cache folder for built models (the replay tests' tiny and random models)."""
+    return tmp_path_factory.mktemp("pc-advise-cache")

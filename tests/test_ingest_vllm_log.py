@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -24,6 +23,7 @@ from advisor.errors import InputRefused
 from advisor.ingest import stage as ing
 from advisor.ingest.records import FileTally
 from advisor.ingest.vllm_log import server_log_records
+from tests.test_ingest_gateways import ingest as ingest_reconciled
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FULL = FIXTURES / "vllm_server.log"
@@ -44,16 +44,8 @@ def logged_ids(path: Path) -> dict[str, list[int]]:
 
 def ingest(tmp: Path, data: bytes | Path, name: str = "server.log", **opts: Any
            ) -> tuple[ing.IngestResult, list[dict[str, Any]], list[dict[str, Any]]]:
-    src = data if isinstance(data, Path) else tmp / name
-    if not isinstance(data, Path):
-        tmp.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(data)
-    out = tmp / "out"
-    res = ing.ingest_source(str(src), out / "requests.parquet", out / "rejects.jsonl", ing.IngestOptions(**opts))
-    rows = pq.read_table(out / "requests.parquet").to_pylist()
-    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert res.lines_read == res.accepted + res.rejected == len(rows) + len(rejects)
-    return res, rows, rejects
+    """test_ingest_gateways' reconciling ingest, with this file's argument order."""
+    return ingest_reconciled(data, tmp, name, **opts)
 
 
 # --- the fixture, as a story -----------------------------------------------------------------

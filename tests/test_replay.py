@@ -47,11 +47,6 @@ def inprocess_engine():
         yield
 
 
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pc-advise-cache")
-
-
 def toks(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(2, 1000, size=n).tolist()
 

@@ -37,24 +37,12 @@ from advisor.replay import plan, randommodel, timing
 from advisor.replay.stage import ReplayOptions, run_replay
 from advisor.tokens.stage import run_tokenize
 from tests.test_replay import (
+    inprocess_engine,  # noqa: F401 - fixture (autouse): the in-process engine
     write_run,  # a run folder of pre-tokenized requests, one a second
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_logs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def inprocess_engine():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        mp.setenv("VLLM_LOGGING_LEVEL", "WARNING")
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pc-advise-cache")
 
 
 def view(token_lists: list[list[int]], salts: list[str | None] | None = None) -> plan.ReplayView:

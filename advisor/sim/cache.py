@@ -48,6 +48,7 @@ import bisect
 import heapq
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from advisor.blockhash import request_block_hashes
 from advisor.vllm_versions import facts
@@ -537,10 +538,25 @@ def sequential_hits_from_hashes(
     """
     future = FutureUses(block_hash_lists, num_tokens_list, block_size, skip) if policy == "belady" else None
     cache = PrefixCache(num_blocks, block_size, policy, future, speculative)
+    assert len(block_hash_lists) == len(num_tokens_list)
+    return one_at_a_time(cache, num_tokens_list, lambda i, n: cache.admit(
+        str(i), list(block_hash_lists[i][: n // block_size]), n, position=i,
+        skip_prefix_cache=bool(skip is not None and skip[i])))
+
+
+class SequentialCache(Protocol):
+    def fits(self, num_tokens: int) -> bool: ...
+    def free(self, request_id: str) -> None: ...
+
+
+def one_at_a_time(cache: SequentialCache, num_tokens_list: Sequence[int],
+                  admit: Callable[[int, int], int | None]) -> list[int]:
+    """Sequential mode's loop over any cache: request i (`num_tokens_list[i]` tokens) is
+    admitted by `admit(i, n)` (its hit tokens, or None when an empty pool cannot hold it: it
+    gets 0 and changes nothing), then freed before the next."""
     out: list[int] = []
-    for i, (hashes, n) in enumerate(zip(block_hash_lists, num_tokens_list, strict=True)):
-        full = list(hashes[: n // block_size])
-        hit = cache.admit(str(i), full, n, position=i, skip_prefix_cache=bool(skip is not None and skip[i]))
+    for i, n in enumerate(num_tokens_list):
+        hit = admit(i, n)
         if hit is None:
             assert not cache.fits(n)
             out.append(0)

@@ -49,7 +49,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from advisor.errors import AdvisorError
-from advisor.sim.cache import Block, BlockPool
+from advisor.sim.cache import Block, BlockPool, one_at_a_time
 
 FULL_KINDS = ("full", "mla")  # FullAttentionManager
 KINDS = (*FULL_KINDS, "sliding_window", "chunked_local")
@@ -483,13 +483,6 @@ def sequential_hits_hybrid(
     """Per-request hit tokens, one request at a time, prefill only, each freed before the next
     (sequential mode). A request too long for an empty pool gets 0 and changes nothing."""
     cache = HybridPrefixCache(groups, num_blocks, block_size, retention_interval)
-    out: list[int] = []
-    for i, (hashes, n) in enumerate(zip(block_hash_lists, num_tokens_list, strict=True)):
-        hit = cache.admit(str(i), hashes[: n // block_size], n)
-        if hit is None:
-            assert not cache.fits(n)
-            out.append(0)
-            continue
-        cache.free(str(i))
-        out.append(hit)
-    return out
+    assert len(block_hash_lists) == len(num_tokens_list)
+    return one_at_a_time(cache, num_tokens_list,
+                         lambda i, n: cache.admit(str(i), block_hash_lists[i][: n // block_size], n))
