@@ -255,15 +255,14 @@ def _replay(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Replay every configuration in every mode; the merged replay.json object."""
-    recommendation = (r.read_json(RECOMMENDATION)
-                      if not options.explicit and r.path(RECOMMENDATION).exists() else None)
-    rr = _replica_replay(options, r.read_json(RECOMMENDATION) if r.path(RECOMMENDATION).exists() else None,
-                         r.stage_options("simulate"))
+    saved = r.read_json(RECOMMENDATION) if r.path(RECOMMENDATION).exists() else None
+    recommendation = None if options.explicit else saved  # --block-size/--num-blocks replace its configuration
+    recorded = r.stage_options("simulate")
+    rr = _replica_replay(options, saved, recorded)
     configs = plan.configs_to_confirm(_replica_budget(recommendation, rr), options.replay_block_size,
                                       options.replay_num_blocks, extra)
     w = plan.from_workload(load_workload(r.require(REQUESTS), r.require(TOKENS)), engine_opts[0].limit)
     sim_req = pq.read_table(r.path(SIM_REQUESTS)) if r.path(SIM_REQUESTS).exists() else None
-    recorded = r.stage_options("simulate")
     if sim_req is not None and sim_groups(recorded.get("model"), int(recorded.get("tensor_parallel_size") or 1)):
         sim_req = None  # hybrid hits; the replayed model's own are simulated per configuration (simulate_one)
     results = []
