@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advisor import kvmemory as kv
@@ -84,7 +85,7 @@ from advisor.runfolder import (
     write_json,
 )
 from advisor.schema import MODE_CONCURRENT, POLICY_OFF
-from advisor.workload import load_workload
+from advisor.workload import Workload, load_workload
 
 
 def recommend(
@@ -158,34 +159,32 @@ def recommend(
     }
 
 
-def _price_fixes(run: RunDir, result: dict[str, Any], stats: dict[str, Any] | None) -> None:
+def _price_fixes(result: dict[str, Any], workload: Workload | None, prefixes: pa.Table | None,
+                 stats: dict[str, Any] | None) -> None:
     """advisor.recommend.fixes.price_fixes at the recommended configuration: each prompt fix's
     hit-rate gain from the simulator, in place of the analysis' estimate."""
-    if not result["prompt_fixes"] or not (run.path(REQUESTS).exists() and run.path(TOKENS).exists()):
+    if not result["prompt_fixes"] or workload is None:
         return
-    prefixes = pq.read_table(run.path(PREFIXES)) if run.path(PREFIXES).exists() else None
     best = result["recommended"]
-    priced = price_fixes(result["prompt_fixes"], load_workload(run.path(REQUESTS), run.path(TOKENS)), prefixes,
-                         stats, int(best["block_size"]), best["num_blocks"])
+    priced = price_fixes(result["prompt_fixes"], workload, prefixes, stats, int(best["block_size"]),
+                         best["num_blocks"])
     if priced is not None:
         result["prompt_fixes"], line = priced
         result["reasoning"] = [line if x.startswith("Top prompt fix:") else x for x in result["reasoning"]]
 
 
-def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any]) -> dict[str, Any] | None:
+def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any], workload: Workload | None,
+                  prefixes: pa.Table | None, stats: dict[str, Any] | None) -> dict[str, Any] | None:
     """advisor.recommend.timing at the recommended configuration, when simulate ran concurrent
     mode (the clock and the arrivals are its) and the run folder has the workload."""
     best = result["recommended"]
     if MODE_CONCURRENT not in set(sim["mode"].to_list()) or best["num_blocks"] is None:
         return None
-    if not (run.path(REQUESTS).exists() and run.path(TOKENS).exists()):
+    if workload is None:
         return None
     options = simulate_options_from_record(run.stage_options("simulate"))
-    workload = load_workload(run.path(REQUESTS), run.path(TOKENS))
     fixed, record = None, None
     if not workload.is_hash_trace:
-        prefixes = pq.read_table(run.path(PREFIXES)) if run.path(PREFIXES).exists() else None
-        stats = run.read_json(STATS) if run.path(STATS).exists() else None
         ids = workload.request_ids.to_pylist()
         lists, record = fix_breakers(ids, [workload.tokens(i).tolist() for i in range(workload.num_requests)],
                                      prefixes, stats)
@@ -232,8 +231,12 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
         result = recommend(sim, stats, options, geom=geom, gpu_gib=gpu_gib,
                            input_kind=kind, longest_request=simulated.get("longest_request_tokens"),
                            offload_rows=offload_rows)
-        _price_fixes(r, result, stats)
-        result["time"] = _time_section(r, sim, result)
+        # the log and the analysis' prefixes, read once for the fixes' prices and the time section
+        workload = (load_workload(r.path(REQUESTS), r.path(TOKENS))
+                    if r.path(REQUESTS).exists() and r.path(TOKENS).exists() else None)
+        prefixes = pq.read_table(r.path(PREFIXES)) if r.path(PREFIXES).exists() else None
+        _price_fixes(result, workload, prefixes, stats)
+        result["time"] = _time_section(r, sim, result, workload, prefixes, stats)
         result["replicas"] = _replicas_section(r, sim, result, options, geom, gpu_gib, kind,
                                                simulated.get("longest_request_tokens"))
         write_json(r.path(RECOMMENDATION), result)
