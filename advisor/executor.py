@@ -1,0 +1,119 @@
+"""Where a stage's independent pieces of work run: here, in local worker processes, or on Ray.
+
+Input: an `ExecutorOptions` (chosen at the CLI: `--executor`, `--workers`, `--ray-address`).
+Output: an `Executor`, whose `map(fn, items)` yields `fn(item)` for every item **in the items'
+order**, whatever order the pieces finish in, so a stage writes the same artifact, row for
+row, whichever executor ran it.
+
+Rules for what goes through `map`, so that every executor can run it:
+- `fn` is a module-level function (picklable by reference), `items` and results are picklable
+  and small enough to ship (paths and row ranges in, Arrow tables or numpy arrays out);
+- `fn` reads no state of the caller: what it needs (a tokenizer spec, a cache folder) travels
+  in the item. A worker may keep a per-process memo of something expensive it loads from that
+  item (a tokenizer), keyed by the item's fields.
+- At most `window` items are in flight, so memory is bounded by the window, not the input.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EXECUTOR_LOCAL = "local"
+EXECUTOR_RAY = "ray"
+EXECUTORS = (EXECUTOR_LOCAL, EXECUTOR_RAY)
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    kind: str = EXECUTOR_LOCAL  # "local": this machine; "ray": a Ray cluster
+    workers: int = 0  # local worker processes; 0 = every core, 1 = in this process
+    ray_address: str | None = None  # "auto", "ray://host:10001", ...; None starts a local Ray
+
+    def __post_init__(self) -> None:
+        assert self.kind in EXECUTORS, self.kind
+        assert self.workers >= 0
+
+    def resolved_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+class Executor(ABC):
+    """Runs `fn` over items, yielding results in the items' order (see the module docstring)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
+
+    @property
+    def parallelism(self) -> int:
+        """How many pieces run at once (callers size their pieces from it)."""
+        return 1
+
+    def close(self) -> None:
+        """Release workers; the executor is not used again."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class InlineExecutor(Executor):
+    """Every piece in this process, one after another (the reference the others must equal)."""
+
+    name = "inline"
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        for item in items:
+            yield fn(item)
+
+
+class ProcessExecutor(Executor):
+    """Local worker processes (spawned, so no thread pool of the parent is forked half-held)."""
+
+    name = "processes"
+
+    def __init__(self, workers: int, window: int | None = None) -> None:
+        import multiprocessing
+
+        assert workers >= 1
+        self.workers = workers
+        self.window = window or 2 * workers
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    @property
+    def parallelism(self) -> int:
+        return self.workers
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        in_flight: deque[Future[R]] = deque()
+        for item in items:
+            in_flight.append(self._pool.submit(fn, item))
+            if len(in_flight) >= self.window:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def open_executor(options: ExecutorOptions) -> Executor:
+    """The executor `options` asks for (close it, or use it as a context manager)."""
+    if options.kind == EXECUTOR_RAY:
+        from advisor.executor_ray import RayExecutor
+
+        return RayExecutor(options.ray_address, options.workers or None)
+    workers = options.resolved_workers()
+    return InlineExecutor() if workers <= 1 else ProcessExecutor(workers)
