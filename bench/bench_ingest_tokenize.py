@@ -8,6 +8,8 @@ then times:
      tokens per second), with the embedded Qwen2.5 tokenizer;
   3. raw: the same tokenizer's Rust `encode_batch` alone on the same rendered
      texts (rendered beforehand, untimed), in the same batch size.
+The tokenize stage here runs in this process (tokenize_file, one segment cache);
+bench/bench_tokenize.py times the stage as `run_tokenize` runs it (worker processes).
 It prints the figures and the ratio tokenize / raw (1.0 = the stage costs no
 more than the bare tokenizer), and writes them to bench/out/results.json.
 
@@ -111,6 +113,7 @@ def main() -> int:
 
     from advisor.ingest import stage as ing
     from advisor.tokens import stage as tk
+    from advisor.tokens.chatprompt import render_chat
 
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / f"chat_{int(args.mb)}mb_seed{args.seed}.jsonl"
@@ -140,13 +143,13 @@ def main() -> int:
     # 3. raw encode_batch on the same rendered texts, same batch size (rendering untimed)
     import pyarrow.parquet as pq
 
-    batch_rows = tk.ROWS_PER_WORKER * args.workers
+    batch_rows = tk.BATCH_ROWS
     batches: list[list[str]] = []
     t = time.perf_counter()
     for batch in pq.ParquetFile(requests).iter_batches(batch_size=batch_rows,
                                                        columns=["messages", "tools"]):
         batches.append([
-            tk.render_chat(tokenizer, json.loads(m), json.loads(tl) if tl else None)
+            render_chat(tokenizer, json.loads(m), json.loads(tl) if tl else None)
             for m, tl in zip(batch.column("messages").to_pylist(),
                              batch.column("tools").to_pylist())
         ])

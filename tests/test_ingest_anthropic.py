@@ -172,7 +172,7 @@ def test_the_tokenize_stage_merges_for_a_strict_template(tmp_path: Path) -> None
     table = pq.read_table(tmp_path / "out" / "requests.parquet")
     for template, first in ((STRICT, "<system>You are a coding agent. Be careful.Reminder: stay in the repo.<user>"),
                             (LOOSE, "<system>You are a coding agent. Be careful.<user>")):
-        from advisor.tokens import stage as tk
+        from advisor.tokens import batch as tk
 
         pending = tk._prepare(table, Tok(template), "test")
         assert pending.errors == [None] and pending.chat_texts[0].startswith(first)

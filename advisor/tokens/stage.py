@@ -24,6 +24,12 @@ render, an image part for a text-only tokenizer, an empty prompt) is kept:
 its row has token_ids = [] , n_tokens = 0 and the reason in `tokenize_error`.
 It contributes nothing to prefix-cache queries or hits, as in vLLM, where a
 refused request never reaches the cache. Counts report how many and which.
+
+How it runs (docs/tokenizer.md, "Speed"): pieces of BATCH_ROWS rows are mapped with
+an Executor (`tokenize_piece`; local processes or Ray), each worker loading the
+tokenizer once; texts are encoded through a segment cache (advisor/tokens/segments.py:
+each distinct text between added tokens encoded once, spliced to the same ids as the
+whole prompt's) where the tokenizer allows it, else whole.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,7 @@ import pyarrow.parquet as pq
 
 from advisor import schema
 from advisor.errors import AdvisorError
+from advisor.executor import Executor, ExecutorOptions, open_executor
 from advisor.runfolder import (
     DEFAULT_CACHE_DIR,
     NO_PROGRESS,
@@ -53,27 +60,30 @@ from advisor.runfolder import (
     StageOutcome,
     atomic_path,
 )
-from advisor.tokens.chatprompt import (
-    RenderError,
-    media_parts,
-    render_chat,
+from advisor.tokens.batch import (
+    COLUMNS,
+    OPTIONAL_COLUMNS,
+    segment_encoder,
+    tokenize_batch,
 )
 from advisor.tokens.default_tokenizer import (
     EMBEDDED_SPEC,
     embedded_dirname,
     ensure_embedded,
 )
+from advisor.tokens.segments import DEFAULT_CACHE_BYTES, SegmentCounts, SegmentEncoder
 
 METADATA_KEY = b"pc_advise.tokenizer"
-ROWS_PER_WORKER = 256  # rows per batch = workers x this: enough texts to keep every thread busy
+BATCH_ROWS = 512  # rows per piece; fixed, so the file's row groups do not depend on the workers
 FIRST_ERRORS = 20
 
 
 @dataclass(frozen=True)
 class TokenizeOptions:
     tokenizer: str | None = None  # local folder, HF-cache model name, or None for the embedded default
-    workers: int = 0  # tokenizer threads, 0 = every core (the CLI sets RAYON_NUM_THREADS); sizes the batches
-    batch_rows: int | None = None  # rows per batch; None = workers x ROWS_PER_WORKER
+    workers: int = 0  # worker processes, 0 = every core, 1 = in this process (RAYON_NUM_THREADS: the CLI)
+    batch_rows: int | None = None  # rows per piece; None = BATCH_ROWS
+    segment_cache_mb: int = DEFAULT_CACHE_BYTES >> 20  # each worker's segment cache (tokens/segments.py)
 
     def as_dict(self) -> dict[str, Any]:
         """What decides the output (the stage fingerprint): the tokenizer, not the threads."""
@@ -110,6 +120,7 @@ class TokenizeResult:
     first_errors: list[list[Any]] = field(default_factory=list)  # [request_id, line, reason]
     outputs_from_text: int = 0  # replies whose length was counted from their logged text
     media_requests: int = 0  # requests with media parts whose own tokens are not counted
+    segments: dict[str, Any] = field(default_factory=dict)  # the segment cache (segment_summary)
 
     def as_counts(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,11 +144,11 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
     cache_dir on first use; otherwise a local tokenizer folder or the name of a
     model already in the Hugging Face cache.
     """
-    from transformers import AutoTokenizer
-
     resolved = resolve_spec(spec)
+    loader = None
     if resolved == EMBEDDED_SPEC:
         source = str(ensure_embedded(cache_dir))
+        loader = _embedded_class(Path(source))
     else:
         p = Path(resolved)
         if Path(spec or "").expanduser().exists() and not p.is_dir():
@@ -146,8 +157,10 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
                 "and tokenizer_config.json."
             )
         source = resolved
+    if loader is None:
+        from transformers import AutoTokenizer as loader
     try:
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tok = loader.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:
         raise AdvisorError(
             f"--tokenizer {spec}: no tokenizer found there ({type(e).__name__}: "
@@ -169,6 +182,21 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
     if backend.padding is not None:
         backend.no_padding()
     return tok
+
+
+def _embedded_class(folder: Path) -> Any:
+    """The class AutoTokenizer picks for the embedded folder when its tokenizer_config.json
+    names TokenizersBackend (the folder has no model config), imported without AutoTokenizer's
+    model registry, which imports torch when it is installed (seconds per worker process). A
+    test checks both loads give the same tokenizer. None otherwise: AutoTokenizer decides."""
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return None
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    return TokenizersBackend
 
 
 def tokenizer_spec_of(tokens_path: Path) -> str | None:
@@ -199,130 +227,118 @@ def request_count(requests_path: Path) -> int:
 
 
 # --- the stage ---
-def _require_chat_template(tokenizer: Any, spec: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise AdvisorError(
-            f"tokenizer {spec} has no chat template, and the log has chat requests. Pass "
-            "--tokenizer a folder whose tokenizer_config.json or chat_template.jinja has the "
-            "model's template (the one your vLLM server uses), or omit --tokenizer for the "
-            "embedded Qwen2.5 tokenizer."
-        )
+# --- pieces: what a worker (a local process, a Ray task) gets and gives back ---
+@dataclass(frozen=True)
+class TokenizePiece:
+    """One row batch of requests.parquet and all a worker needs to tokenize it, on any machine."""
 
-
-def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-    """The Rust batch path: all threads, no offsets, GIL released while it runs."""
-    if not texts:
-        return []
-    backend = tokenizer.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return [e.ids for e in encode(list(texts), add_special_tokens=add_special_tokens)]
-
-
-_COLUMNS = ["request_id", "line", "kind", "messages", "tools", "prompt", "prompt_token_ids",
-            "input_length"]
-_OPTIONAL_COLUMNS = ["output_tokens", "output_text", "chat_template_kwargs", "format"]  # read when present
+    batch: pa.RecordBatch  # the request columns the stage reads
+    tokenizer: str | None  # the resolved spec; None: the log has no text (no tokenizer loaded)
+    cache_dir: str  # where the embedded tokenizer is built (per machine)
+    fingerprint: str  # the stage's tokenizer fingerprint: a worker reloads when it changes
+    run: str  # this run's id: a worker starts an empty segment cache for each run
+    cache_bytes: int
 
 
 @dataclass
-class _Pending:
-    """One batch between rendering (Python) and encoding (Rust threads)."""
-
-    request_id: list[str]
-    line: list[int]
-    ids: list[list[int] | None]
-    lengths: list[int]
-    errors: list[str | None]
-    chat_rows: list[int] = field(default_factory=list)
-    chat_texts: list[str] = field(default_factory=list)
-    comp_rows: list[int] = field(default_factory=list)
-    comp_texts: list[str] = field(default_factory=list)
-    out_rows: list[int] = field(default_factory=list)  # replies logged as text without a count
-    out_texts: list[str] = field(default_factory=list)
-    out_counts: list[int | None] = field(default_factory=list)
-    media: list[int | None] = field(default_factory=list)  # media parts left out, per row (None: none)
+class PieceCounts:
+    failed: list[list[Any]]
+    segments: SegmentCounts
+    rule: str | None  # why the segment path is not used (None: used, or no tokenizer)
+    completions: str | None  # why completions are encoded whole, if they are
 
 
-def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str) -> _Pending:
-    n = batch.num_rows
-    # optional columns (absent from older or partial tables) read as all-null
-    cols = {c: batch.column(c).to_pylist() if c in batch.schema.names else [None] * n
-            for c in _COLUMNS + _OPTIONAL_COLUMNS}
-    p = _Pending(cols["request_id"], cols["line"], [None] * n, [0] * n, [None] * n)
-    p.out_counts = [None] * n
-    p.media = [None] * n
-    for i, (count, text) in enumerate(zip(cols["output_tokens"], cols["output_text"], strict=True)):
-        if count is None and isinstance(text, str) and tokenizer is not None:
-            p.out_rows.append(i)
-            p.out_texts.append(text)
-    for i, kind in enumerate(cols["kind"]):
-        assert tokenizer is not None or kind not in (schema.KIND_CHAT, schema.KIND_COMPLETION)
-        try:
-            if kind == schema.KIND_CHAT:
-                _require_chat_template(tokenizer, spec)
-                msgs = json.loads(cols["messages"][i]) if cols["messages"][i] else None
-                tools = json.loads(cols["tools"][i]) if cols["tools"][i] else None
-                p.media[i] = media_parts(msgs) or None
-                extra = cols["chat_template_kwargs"][i]
-                p.chat_texts.append(render_chat(tokenizer, msgs, tools, json.loads(extra) if extra else None,
-                                                from_anthropic=cols["format"][i] == schema.FORMAT_ANTHROPIC))
-                p.chat_rows.append(i)
-            elif kind == schema.KIND_COMPLETION:
-                if not cols["prompt"][i]:
-                    raise RenderError("empty prompt; vLLM refuses it")
-                p.comp_texts.append(cols["prompt"][i])
-                p.comp_rows.append(i)
-            elif kind == schema.KIND_TOKENS:
-                if not cols["prompt_token_ids"][i]:
-                    raise RenderError("empty prompt_token_ids; vLLM refuses it")
-                p.ids[i] = cols["prompt_token_ids"][i]
-            elif kind == schema.KIND_HASH_TRACE:
-                p.lengths[i] = int(cols["input_length"][i] or 0)
-            else:
-                raise RenderError(f"unknown request kind {kind!r}")
-        except (RenderError, json.JSONDecodeError) as e:
-            p.errors[i] = str(e)
-            p.ids[i] = []
-    return p
+@dataclass
+class _Worker:
+    key: tuple[str | None, str, str]
+    tokenizer: Any
+    run: str = ""
+    encoder: SegmentEncoder | None = None
 
 
-def _encode_pending(p: _Pending, tokenizer: Any) -> _Pending:
-    # Chat prompts already carry the template's special tokens; completions get the
-    # tokenizer's own (vLLM: add_special_tokens False for chat, True for completions).
-    for rows, texts, special in ((p.chat_rows, p.chat_texts, False),
-                                 (p.comp_rows, p.comp_texts, True)):
-        for i, row_ids in zip(rows, _encode(tokenizer, texts, special)):
-            p.ids[i] = row_ids
-    # A reply's tokens as the model produced them (no special tokens added), plus the stop
-    # token it ended with, which vLLM's usage.completion_tokens counts too.
-    for i, row_ids in zip(p.out_rows, _encode(tokenizer, p.out_texts, False)):
-        p.out_counts[i] = len(row_ids) + 1
-    return p
+_worker: list[_Worker] = []  # this process's loaded tokenizer (one; executor.py allows this memo)
 
 
-def _finish(p: _Pending) -> tuple[pa.Table, list[list[Any]]]:
-    for i, row_ids in enumerate(p.ids):
-        if row_ids is not None:
-            p.lengths[i] = len(row_ids)
-    table = pa.table(
-        {
-            "request_id": pa.array(p.request_id, pa.string()),
-            "token_ids": pa.array(p.ids, pa.list_(pa.int32())),
-            "n_tokens": pa.array(p.lengths, pa.int64()),
-            "tokenize_error": pa.array(p.errors, pa.string()),
-            "output_tokens_from_text": pa.array(p.out_counts, pa.int64()),
-            "media_parts": pa.array(p.media, pa.int64()),
-        },
-        schema=schema.TOKENS,
-    )
-    failed = [[p.request_id[i], p.line[i], e] for i, e in enumerate(p.errors) if e]
-    return table, failed
+def _worker_for(piece: TokenizePiece) -> _Worker:
+    key = (piece.tokenizer, piece.cache_dir, piece.fingerprint)
+    if not _worker or _worker[0].key != key:
+        tok = load_tokenizer(piece.tokenizer, Path(piece.cache_dir)) if piece.tokenizer else None
+        _worker[:] = [_Worker(key, tok)]
+    w = _worker[0]
+    if w.run != piece.run:  # a fresh segment cache per run: counts do not depend on earlier runs
+        w.run = piece.run
+        w.encoder = segment_encoder(w.tokenizer, piece.cache_bytes) if w.tokenizer is not None else None
+    return w
 
 
-def tokenize_batch(
-    batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str
-) -> tuple[pa.Table, list[list[Any]]]:
-    """One batch of request rows -> (tokens rows, [[request_id, line, reason], ...] refusals)."""
-    return _finish(_encode_pending(_prepare(batch, tokenizer, spec), tokenizer))
+def tokenize_piece(piece: TokenizePiece) -> tuple[pa.Table, PieceCounts]:
+    """Tokenize one piece where it runs: the tokenizer is loaded once per process."""
+    w = _worker_for(piece)
+    return _tokenize_with(piece.batch, w.tokenizer, piece.tokenizer, w.encoder)
+
+
+def _tokenize_with(batch: pa.RecordBatch, tokenizer: Any, spec: str | None,
+                   encoder: SegmentEncoder | None) -> tuple[pa.Table, PieceCounts]:
+    table, failed = tokenize_batch(batch, tokenizer, spec, encoder)
+    if encoder is None:
+        return table, PieceCounts(failed, SegmentCounts(), None, None)
+    return table, PieceCounts(failed, encoder.take_counts(), encoder.rule.reason, encoder.rule.special_reason)
+
+
+# --- the file ---
+def _batches(requests_path: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    src = pq.ParquetFile(requests_path)
+    columns = COLUMNS + [c for c in OPTIONAL_COLUMNS if c in src.schema_arrow.names]
+    return src.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def _write(
+    results: Iterable[tuple[pa.Table, PieceCounts]], tokens_path: Path, spec: str | None,
+    by_kind: dict[str, int], progress: Callable[[int], None] | None,
+) -> TokenizeResult:
+    """Write the pieces' tables in order (atomically) and sum their counts."""
+    out_schema = (schema.TOKENS.with_metadata({METADATA_KEY: spec.encode()})
+                  if spec is not None else schema.TOKENS)
+    rows = tokens = n_errors = from_text = media = 0
+    first_errors: list[list[Any]] = []
+    seg = SegmentCounts()
+    rule = completions = None
+    with atomic_path(tokens_path) as tmp, pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+        for table, counts in results:
+            writer.write_table(table.replace_schema_metadata(out_schema.metadata))
+            rows += table.num_rows
+            tokens += pc.sum(table.column("n_tokens")).as_py() or 0
+            from_text += table.num_rows - table.column("output_tokens_from_text").null_count
+            media += table.num_rows - table.column("media_parts").null_count
+            n_errors += len(counts.failed)
+            first_errors.extend(counts.failed[: max(0, FIRST_ERRORS - len(first_errors))])
+            seg.add(counts.segments)
+            rule, completions = rule or counts.rule, completions or counts.completions
+            if progress is not None:
+                progress(table.num_rows)
+    return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors, from_text, media,
+                          segment_summary(seg, spec, rule, completions))
+
+
+def segment_summary(c: SegmentCounts, spec: str | None, rule: str | None,
+                    completions: str | None) -> dict[str, Any]:
+    """The stage's counts for the segment cache (docs/tokenizer.md)."""
+    if spec is None:
+        return {}
+    out: dict[str, Any] = {"used": rule is None, "whole_prompt_reason": rule, **asdict(c)}
+    out["hit_rate"] = round(1 - c.encoded / c.segments, 4) if c.segments else None
+    out["token_hit_rate"] = round(1 - c.tokens_encoded / c.tokens, 4) if c.tokens else None
+    out["char_hit_rate"] = round(1 - c.chars_encoded / c.chars, 4) if c.chars else None
+    if completions:
+        out["completions_whole_reason"] = completions
+    return out
+
+
+def _count_kinds(batches: Iterable[pa.RecordBatch], by_kind: dict[str, int]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        for k in batch.column("kind").to_pylist():
+            by_kind[k] = by_kind.get(k, 0) + 1
+        yield batch
 
 
 def tokenize_file(
@@ -332,68 +348,63 @@ def tokenize_file(
     options: TokenizeOptions,
     progress: Callable[[int], None] | None = None,
 ) -> TokenizeResult:
-    """Stream requests.parquet by row batches into tokens.parquet (written atomically).
+    """requests.parquet -> tokens.parquet (atomically), in this process, with a loaded tokenizer.
 
-    `tokenizer` may be None when `needs_tokenizer(requests_path)` is False.
-
-    Batch k is encoded on a helper thread (the Rust encoder releases the GIL and
-    fans out over its own threads) while batch k+1 is read and rendered here, so
-    the Python-side work hides behind the encoder. `progress(n)` is called with
-    the number of rows finished after each batch.
-    """
-    # No tokenizer (a log without text): no tokenizer is recorded either.
+    `tokenizer` may be None when `needs_tokenizer(requests_path)` is False. One segment cache
+    serves the whole file; `progress(n)` is called with the rows finished after each batch."""
     spec = resolve_spec(options.tokenizer) if tokenizer is not None else None
-    out_schema = (schema.TOKENS.with_metadata({METADATA_KEY: spec.encode()})
-                  if spec is not None else schema.TOKENS)
-    src = pq.ParquetFile(requests_path)
-    batch_rows = options.batch_rows or ROWS_PER_WORKER * max(1, options.workers)
-    rows = tokens = n_errors = from_text = media = 0
+    encoder = segment_encoder(tokenizer, options.segment_cache_mb << 20) if tokenizer is not None else None
     by_kind: dict[str, int] = {}
-    first_errors: list[list[Any]] = []
+    batches = _count_kinds(_batches(requests_path, options.batch_rows or BATCH_ROWS), by_kind)
+    results = (_tokenize_with(b, tokenizer, spec, encoder) for b in batches)
+    return _write(results, tokens_path, spec, by_kind, progress)
 
-    def write(writer: pq.ParquetWriter, encoded: _Pending) -> None:
-        nonlocal rows, tokens, n_errors, from_text, media
-        table, failed = _finish(encoded)
-        from_text += table.num_rows - table.column("output_tokens_from_text").null_count
-        media += table.num_rows - table.column("media_parts").null_count
-        writer.write_table(table.replace_schema_metadata(out_schema.metadata))
-        rows += table.num_rows
-        tokens += pc.sum(table.column("n_tokens")).as_py() or 0
-        n_errors += len(failed)
-        first_errors.extend(failed[: max(0, FIRST_ERRORS - len(first_errors))])
-        if progress is not None:
-            progress(table.num_rows)
 
-    with atomic_path(tokens_path) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
-        with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
-            in_flight: Future[_Pending] | None = None
-            columns = _COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in src.schema_arrow.names]
-            for batch in src.iter_batches(batch_size=batch_rows, columns=columns):
-                for k in batch.column("kind").to_pylist():
-                    by_kind[k] = by_kind.get(k, 0) + 1
-                pending = _prepare(batch, tokenizer, spec)
-                if in_flight is not None:
-                    write(writer, in_flight.result())
-                in_flight = pool.submit(_encode_pending, pending, tokenizer)
-            if in_flight is not None:
-                write(writer, in_flight.result())
-    return TokenizeResult(rows, tokens, spec, by_kind, n_errors, first_errors, from_text, media)
+def tokenize_file_with(
+    executor: Executor,
+    requests_path: Path,
+    tokens_path: Path,
+    options: TokenizeOptions,
+    cache_dir: Path,
+    progress: Callable[[int], None] | None = None,
+) -> TokenizeResult:
+    """requests.parquet -> tokens.parquet, the row batches tokenized by `executor`'s workers
+    (each loads the tokenizer once and keeps its own segment cache). The file is the same,
+    byte for byte, whichever executor ran it; the segment counts depend on how the pieces
+    were shared out."""
+    spec = resolve_spec(options.tokenizer) if needs_tokenizer(requests_path) else None
+    fingerprint = json.dumps(options.as_dict(), sort_keys=True) if spec is not None else ""
+    run = uuid.uuid4().hex
+    by_kind: dict[str, int] = {}
+    pieces = (TokenizePiece(b, spec, str(cache_dir), fingerprint, run, options.segment_cache_mb << 20)
+              for b in _count_kinds(_batches(requests_path, options.batch_rows or BATCH_ROWS), by_kind))
+    return _write(executor.map(tokenize_piece, pieces), tokens_path, spec, by_kind, progress)
+
+
+def local_executor(options: TokenizeOptions, rows: int) -> ExecutorOptions:
+    """This machine: `options.workers` processes (every core by default), no more than there are
+    pieces; one piece runs in this process (no worker start-up for a small log)."""
+    pieces = -(-rows // (options.batch_rows or BATCH_ROWS))
+    return ExecutorOptions(workers=max(1, min(options.workers or os.cpu_count() or 1, pieces)))
 
 
 def run_tokenize(
     run_dir: str | Path, options: TokenizeOptions | None = None, *, force: bool = False,
     progress: Progress = NO_PROGRESS, cache_dir: Path = DEFAULT_CACHE_DIR,
+    executor: ExecutorOptions | None = None,
 ) -> StageOutcome:
-    """The tokenize stage on `run_dir`: requests.parquet -> tokens.parquet."""
+    """The tokenize stage on `run_dir`: requests.parquet -> tokens.parquet.
+
+    `executor` says where the row batches run (None: `local_executor`); it changes neither
+    the output nor the fingerprint."""
     options = options or TokenizeOptions()
-    if not options.workers:
-        options = replace(options, workers=os.cpu_count() or 1)
     run = RunDir(Path(run_dir))
 
     def body(r: RunDir) -> dict[str, Any]:
         requests = r.require(REQUESTS)
-        tokenizer = load_tokenizer(options.tokenizer, cache_dir) if needs_tokenizer(requests) else None
-        with progress.task("tokenize", request_count(requests)) as advance:
-            return tokenize_file(requests, r.path(TOKENS), tokenizer, options, advance).as_counts()
+        rows = request_count(requests)
+        with progress.task("tokenize", rows) as advance, \
+                open_executor(executor or local_executor(options, rows)) as ex:
+            return tokenize_file_with(ex, requests, r.path(TOKENS), options, cache_dir, advance).as_counts()
 
     return run.run_stage("tokenize", [run.require(REQUESTS)], options.as_dict(), [TOKENS], body, force=force)
