@@ -4,11 +4,13 @@ Inputs: requests.parquet (arrival times, output lengths, logged latencies, model
 session, LoRA name, cache_salt, hash-trace ids) and tokens.parquet (token ids,
 prompt lengths, reply lengths counted from text), same rows in the same order.
 Output: a `Workload` holding columns as numpy arrays (token ids flattened into one
-int32 array plus offsets, never a Python list per token). The simulator uses it as
-is; analyze (`advisor.analyze.prefixes.from_workload`) and replay (`advisor.replay.plan.from_workload`) build
-their views from it. Also `warm_mask`, the requests a warm (steady-state) window
-counts, and `cache_namespaces`, the cache salt each request is simulated and
-replayed with.
+int32 array plus offsets, never a Python list per token). Analyze
+(`advisor.analyze.prefixes.from_workload`), replay (`advisor.replay.plan.from_workload`) and
+recommend's fixes build their views from its ids. The simulator reads it lean
+(`load_workload(..., ids=False)`: the per-request columns, no ids) and takes its blocks from
+advisor.sim.blockstreams, which streams the ids itself; so token ids are never all held there.
+Also `warm_mask`, the requests a warm (steady-state) window counts, and `cache_namespaces`,
+the cache salt each request is simulated and replayed with.
 
 Two per-request facts change how vLLM serves a line, decided here once
 (`skips_prefix_cache`, `fan_out`; docs/simulate.md, "Requests vLLM treats apart"): a
@@ -40,6 +42,14 @@ class Workload:
 
     `cache_salt` is the salt the request is simulated with (`cache_namespaces`: its own,
     plus its model when the log names several); `models` the distinct model names.
+
+    Ids (`token_values`, or a hash trace's `hash_values`) are there unless read lean
+    (`has_ids` False): who needs them is the analysis (prefixes and clusters of ids), replay
+    (it sends them to vLLM), recommend's fixes (they rewrite prompts), `with_token_lists`,
+    and `configuration.block_trace`/`block_traces` when no block trace is passed in. The
+    simulator's engines, fast and reference alike (lru, fifo, belady; the hybrid groups;
+    replicas; the offload tier), work on block traces only, which the simulate stage reads
+    from advisor.sim.blockstreams.
     """
 
     request_ids: pa.Array  # string
@@ -94,7 +104,12 @@ class Workload:
 
     @property
     def is_hash_trace(self) -> bool:
-        return self.hash_values is not None
+        return self.trace_block_size is not None
+
+    @property
+    def has_ids(self) -> bool:
+        """Whether the token ids (a hash trace: its hash ids) were read (class docstring)."""
+        return (self.hash_values if self.is_hash_trace else self.token_values) is not None
 
     @property
     def input_kind(self) -> str:
@@ -118,7 +133,8 @@ class Workload:
         assert not self.is_hash_trace and len(token_lists) == self.num_requests
         offsets = np.zeros(len(token_lists) + 1, np.int64)
         np.cumsum([len(t) for t in token_lists], out=offsets[1:])
-        values = np.fromiter((x for t in token_lists for x in t), np.int32, count=int(offsets[-1]))
+        values = (np.concatenate([np.asarray(t, np.int32) for t in token_lists]) if token_lists
+                  else np.zeros(0, np.int32))
         return replace(self, n_tokens=np.diff(offsets), token_values=values, token_offsets=offsets)
 
     def with_own_salts(self) -> Workload:
@@ -127,11 +143,11 @@ class Workload:
         return replace(self, cache_salt=[f"{s or ''}#pc-advise-unshared-{i}" for i, s in enumerate(self.cache_salt)])
 
     def hash_ids(self, i: int) -> np.ndarray:
-        assert self.hash_values is not None and self.hash_offsets is not None
+        assert self.hash_values is not None and self.hash_offsets is not None, "read with load_workload(ids=True)"
         return self.hash_values[self.hash_offsets[i] : self.hash_offsets[i + 1]]
 
     def tokens(self, i: int) -> np.ndarray:
-        assert self.token_values is not None and self.token_offsets is not None
+        assert self.token_values is not None and self.token_offsets is not None, "read with load_workload(ids=True)"
         return self.token_values[self.token_offsets[i] : self.token_offsets[i + 1]]
 
     def arrivals(self, speedup: float = 1.0) -> np.ndarray:
@@ -282,17 +298,20 @@ _REQUEST_COLUMNS = ("request_id", "timestamp", "kind", "model", "session_id", "o
 _TOKEN_COLUMNS = ("request_id", "n_tokens", "output_tokens_from_text")
 
 
-def load_workload(requests_path: Path, tokens_path: Path) -> Workload:
+def load_workload(requests_path: Path, tokens_path: Path, *, ids: bool = True) -> Workload:
     """Read the two run-folder inputs into a `Workload` (rows must line up). Only the columns
-    the stages use are read, never the request text; token ids one row group at a time."""
+    the stages use are read, never the request text; token ids one row group at a time.
+    `ids=False`: the lean workload, every per-request column and no ids (`Workload.has_ids`);
+    prompt lengths are tokens.parquet's `n_tokens`."""
     have = set(pq.read_schema(requests_path).names)
     tok_have = set(pq.read_schema(tokens_path).names)
-    req = pq.read_table(requests_path, columns=[c for c in _REQUEST_COLUMNS if c in have])
+    columns = [c for c in _REQUEST_COLUMNS if c in have and (ids or c != "hash_ids")]
+    req = pq.read_table(requests_path, columns=columns)
     tok = pq.read_table(tokens_path, columns=[c for c in _TOKEN_COLUMNS if c in tok_have])
     _check_rows(req, tok)
     is_trace = _is_hash_trace(req)
-    ids = None if is_trace else _read_token_ids(tokens_path, tok["n_tokens"].to_numpy().astype(np.int64))
-    return _build(req, tok, ids)
+    token_ids = None if is_trace or not ids else _read_token_ids(tokens_path, tok["n_tokens"].to_numpy().astype(np.int64))
+    return _build(req, tok, token_ids, ids)
 
 
 def from_tables(req: pa.Table, tok: pa.Table) -> Workload:
@@ -330,8 +349,10 @@ def _is_hash_trace(req: pa.Table) -> bool:
     return schema.KIND_HASH_TRACE in kinds
 
 
-def _build(req: pa.Table, tok: pa.Table, token_ids: tuple[np.ndarray, np.ndarray] | None) -> Workload:
-    """The Workload of aligned tables; `token_ids` (flat values, offsets) unless a hash trace."""
+def _build(req: pa.Table, tok: pa.Table, token_ids: tuple[np.ndarray, np.ndarray] | None,
+           ids: bool = True) -> Workload:
+    """The Workload of aligned tables; `token_ids` (flat values, offsets) unless a hash trace
+    or lean (`ids` False: no ids of either kind)."""
     have = set(req.column_names)
     n = req.num_rows
 
@@ -354,20 +375,26 @@ def _build(req: pa.Table, tok: pa.Table, token_ids: tuple[np.ndarray, np.ndarray
         n=completions_asked(req),
         skip_prefix_cache=skips_prefix_cache(req),
     )
-    if token_ids is None:
+    no_ids: dict[str, Any] = dict(token_values=None, token_offsets=None, hash_values=None, hash_offsets=None)
+    if _is_hash_trace(req):
         sizes = set(req["trace_block_size"].unique().to_pylist())
         if len(sizes) != 1 or None in sizes:
             raise AdvisorError(
                 f"hash-trace lines with block sizes {sorted(map(str, sizes))}: re-ingest the trace with "
                 "one --trace-block-size."
             )
-        ids = req["hash_ids"].combine_chunks()
-        values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        lens = ids.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        if not ids:
+            return Workload(**common, **no_ids, trace_block_size=int(sizes.pop()))
+        lists = req["hash_ids"].combine_chunks()
+        values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        lens = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         offs = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=offs[1:])
         return Workload(**common, token_values=None, token_offsets=None, hash_values=values, hash_offsets=offs,
                         trace_block_size=int(sizes.pop()))
+    if token_ids is None:
+        assert not ids
+        return Workload(**common, **no_ids, trace_block_size=None)
     values, offs = token_ids
     common["n_tokens"] = np.diff(offs).astype(np.int64)  # 0 where refused at tokenization
     return Workload(**common, token_values=values, token_offsets=offs, hash_values=None, hash_offsets=None,

@@ -43,7 +43,6 @@ ever used (`ceiling_blocks`): every budget at least that large gives its very re
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -54,6 +53,7 @@ import numpy as np
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
+from advisor.sim.blockstreams import request_salts
 from advisor.sim.cache import (
     SPECULATIVE_METHODS,
     FutureUses,
@@ -295,25 +295,27 @@ def block_trace(workload: Workload, block_size: int) -> fasttrace.BlockTrace:
     The requests are the scheduler's (`Workload.fan_out`): a logged request's n children
     are n copies of its blocks.
     """
-    if workload.is_hash_trace:
-        check_trace_block_size(workload, block_size)
-        assert workload.hash_values is not None and workload.hash_offsets is not None
-        trace = fasttrace.trace_from_hash_ids(workload.hash_values, workload.hash_offsets, workload.n_tokens,
-                                              block_size)
-        return fasttrace.repeat_requests(trace, workload.n)
-    assert workload.token_values is not None and workload.token_offsets is not None
-    trace = fasttrace.trace_from_tokens(workload.token_values, workload.token_offsets, block_size, _salts(workload))
-    return fasttrace.repeat_requests(trace, workload.n)
+    return block_traces(workload, (block_size,))[block_size]
 
 
 def block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fasttrace.BlockTrace]:
     """`block_trace` for several block sizes (token ids are hashed in one pass)."""
+    return {bs: fasttrace.repeat_requests(t, workload.n) for bs, t in logged_block_traces(workload, block_sizes).items()}
+
+
+def logged_block_traces(workload: Workload, block_sizes: Sequence[int]) -> dict[int, fasttrace.BlockTrace]:
+    """The logged requests' block traces (before fan-out), hashed in memory from the workload's
+    ids: what advisor.sim.blockstreams streams from the run folder instead, id for id."""
     if workload.is_hash_trace:
-        return {bs: block_trace(workload, bs) for bs in block_sizes}
-    assert workload.token_values is not None and workload.token_offsets is not None
-    traces = fasttrace.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
-                                          _salts(workload))
-    return {bs: fasttrace.repeat_requests(t, workload.n) for bs, t in traces.items()}
+        for bs in block_sizes:
+            check_trace_block_size(workload, bs)
+        assert workload.hash_values is not None and workload.hash_offsets is not None, "a lean workload: no hash ids"
+        return {bs: fasttrace.trace_from_hash_ids(workload.hash_values, workload.hash_offsets, workload.n_tokens, bs)
+                for bs in block_sizes}
+    assert workload.token_values is not None and workload.token_offsets is not None, (
+        "a lean workload has no token ids: pass its block traces (advisor.sim.blockstreams)")
+    return fasttrace.traces_from_tokens(workload.token_values, workload.token_offsets, tuple(block_sizes),
+                                        request_salts(workload))
 
 
 @dataclass(frozen=True)
@@ -352,19 +354,6 @@ def scheduler_requests(workload: Workload) -> SchedulerRequests:
     take = (lambda v: v) if line is None else (lambda v: v[line])  # noqa: E731
     return SchedulerRequests(line, take(workload.n_tokens), take(workload.output_tokens),
                              take(workload.skip_prefix_cache))
-
-
-def _salts(workload: Workload) -> np.ndarray | None:
-    """A 64-bit salt per request from its cache namespace (None: all in the common one)."""
-    if all(ns is None for ns in workload.namespaces):
-        return None
-    memo: dict[str | None, int] = {None: 0}
-    out = np.zeros(workload.num_requests, np.uint64)
-    for i, ns in enumerate(workload.namespaces):
-        if ns not in memo:
-            memo[ns] = int.from_bytes(hashlib.blake2b(ns.encode(), digest_size=8).digest(), "little") | 1
-        out[i] = memo[ns]
-    return out
 
 
 class TraceHashes(Sequence[Any]):

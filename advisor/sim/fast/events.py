@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from advisor.compiled import compiled
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.events import ConcurrentResult
-from advisor.sim.fast.lists import compiled, new_free_queue
+from advisor.sim.fast.lists import new_free_queue
 from advisor.sim.fast.step import (
     _EVICTIONS,
     _FREE,
@@ -298,15 +299,25 @@ def request_hashes(trace: BlockTrace, n_tokens: np.ndarray, output_tokens: np.nd
     hoff = np.zeros(len(prompt) + 1, np.int64)
     np.cumsum(pfull + extra, out=hoff[1:])
     flat = np.empty(int(hoff[-1]), np.int64)
-    req = np.repeat(np.arange(len(prompt), dtype=np.int64), pfull)
-    k = np.arange(len(req), dtype=np.int64) - np.repeat(np.cumsum(pfull) - pfull, pfull)
-    flat[hoff[req] + k] = trace.ids[trace.offsets[req] + k]
-    req = np.repeat(np.arange(len(prompt), dtype=np.int64), extra)
-    k = np.arange(len(req), dtype=np.int64) - np.repeat(np.cumsum(extra) - extra, extra)
-    flat[hoff[req] + pfull[req] + k] = decode_ids_from + np.arange(len(req), dtype=np.int64)
+    _fill_request_hashes(flat, hoff, trace.ids, trace.offsets, pfull, extra, decode_ids_from)  # no temporaries per block
     boff = np.zeros(len(prompt) + 1, np.int64)
     np.cumsum(-(-end // bs), out=boff[1:])
     return flat, hoff, boff
+
+
+@compiled
+def _fill_request_hashes(flat, hoff, ids, offsets, pfull, extra, decode_ids_from):  # type: ignore[no-untyped-def]
+    """`request_hashes`' flat ids: each request's prompt blocks' ids, then its decode blocks
+    numbered on from `decode_ids_from` in request order."""
+    next_id = decode_ids_from
+    for r in range(len(pfull)):
+        h, o = hoff[r], offsets[r]
+        for k in range(pfull[r]):
+            flat[h + k] = ids[o + k]
+        h += pfull[r]
+        for k in range(extra[r]):
+            flat[h + k] = next_id
+            next_id += 1
 
 
 def run_concurrent_compiled(

@@ -10,7 +10,10 @@ salt, so equal ids mean equal chained prefixes, as vLLM's chained block hashes. 
 over the tokens serves every block size (a compiled loop, or numpy without numba). Two
 different prefixes get the same key with probability about 2^-64 per pair, so about
 n^2 / 2^65 for n distinct blocks (3e-6 for 10M blocks); a collision could only add a
-spurious hit. Keys are interned into dense ids with a hash table.
+spurious hit. Keys are interned into dense ids (`Interner`: numbered in order of first
+appearance, so a workload fed in consecutive pieces gets the ids it gets fed at once).
+A request's keys depend on its own tokens and salt only: hashing can run over shards of
+whole requests (advisor.sim.blockstreams).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from advisor.blockhash import mix64
-from advisor.sim.fast.lists import HAVE_NUMBA, compiled
+from advisor.compiled import HAVE_NUMBA, compiled
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -53,37 +56,92 @@ def _dense(keys: np.ndarray, num_tokens: np.ndarray, block_size: int) -> BlockTr
     full = num_tokens // block_size
     offsets = np.zeros(len(num_tokens) + 1, np.int64)
     np.cumsum(full, out=offsets[1:])
-    keys = np.ascontiguousarray(keys, np.uint64).reshape(-1)
-    if HAVE_NUMBA:
+    interner = Interner()
+    ids = interner.add(keys)
+    return BlockTrace(block_size, ids, offsets, num_tokens.astype(np.int64), interner.num_ids)
+
+
+class Interner:
+    """Dense ids of 64-bit block keys, numbered in order of first appearance, fed in pieces.
+
+    `add(keys)` returns the ids of one piece; a key seen in an earlier piece keeps its id, so
+    feeding a workload's keys in consecutive pieces gives exactly the ids of feeding them at
+    once (what lets block hashing run over shards: advisor.sim.blockstreams). The table grows
+    with the distinct keys, never with the keys fed: an open-addressing table at most half
+    full (compiled), or sorted arrays where numba is missing (`compiled=False`).
+    """
+
+    def __init__(self, compiled: bool = HAVE_NUMBA) -> None:
+        self.compiled = compiled
+        self.num_ids = 0
+        self._keys = np.zeros(1024 if compiled else 0, np.uint64)  # table slots, or the sorted keys
+        self._ids = np.full(len(self._keys), -1, np.int64)  # each slot's id (-1: empty), or each key's
+
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.ascontiguousarray(keys, np.uint64).reshape(-1)
+        if not self.compiled:
+            return self._add_sorted(keys)
         ids = np.empty(len(keys), np.int64)
-        num_ids = _intern(keys, ids)
-    else:
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        ids, num_ids = inverse.astype(np.int64).reshape(-1), len(uniq)
-    return BlockTrace(block_size, ids, offsets, num_tokens.astype(np.int64), int(num_ids))
+        done = 0
+        while True:
+            done, self.num_ids = _intern(keys, done, ids, self._keys, self._ids, self.num_ids, len(self._keys) // 2)
+            if done == len(keys):
+                return ids
+            table_key, table_id = np.zeros(2 * len(self._keys), np.uint64), np.full(2 * len(self._keys), -1, np.int64)
+            _rehash(self._keys, self._ids, table_key, table_id)
+            self._keys, self._ids = table_key, table_id
+
+    def _add_sorted(self, keys: np.ndarray) -> np.ndarray:
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        pos = np.searchsorted(self._keys, uniq)
+        uniq_ids = np.full(len(uniq), -1, np.int64)
+        if len(self._keys):
+            at = np.minimum(pos, len(self._keys) - 1)
+            seen = self._keys[at] == uniq
+            uniq_ids[seen] = self._ids[at[seen]]
+        new = np.flatnonzero(uniq_ids < 0)
+        uniq_ids[new[np.argsort(first[new], kind="stable")]] = self.num_ids + np.arange(len(new), dtype=np.int64)
+        self.num_ids += len(new)
+        self._keys = np.insert(self._keys, pos[new], uniq[new])  # uniq is sorted: its search positions hold
+        self._ids = np.insert(self._ids, pos[new], uniq_ids[new])
+        return uniq_ids[inverse.reshape(-1)]
 
 
 @compiled
-def _intern(keys, ids):  # type: ignore[no-untyped-def]
-    """Dense ids of 64-bit keys, in order of first appearance (an open-addressing table)."""
-    size = 1
-    while size < 2 * len(keys) + 2:
-        size *= 2
-    mask = np.uint64(size - 1)
-    table_key = np.zeros(size, np.uint64)
-    table_id = np.full(size, -1, np.int64)
-    n = 0
-    for i in range(len(keys)):
+def _slot(k, mask):  # type: ignore[no-untyped-def]
+    return (k ^ (k >> np.uint64(29))) & mask
+
+
+@compiled
+def _intern(keys, start, ids, table_key, table_id, n, limit):  # type: ignore[no-untyped-def]
+    """Write the ids of keys[start:] into `ids`, numbering unseen keys from `n`, until the
+    table would hold more than `limit`; return (keys done, ids numbered)."""
+    mask = np.uint64(len(table_key) - 1)
+    for i in range(start, len(keys)):
         k = keys[i]
-        slot = (k ^ (k >> np.uint64(29))) & mask
+        slot = _slot(k, mask)
         while table_id[slot] >= 0 and table_key[slot] != k:
             slot = (slot + np.uint64(1)) & mask
         if table_id[slot] < 0:
+            if n >= limit:
+                return i, n
             table_key[slot] = k
             table_id[slot] = n
             n += 1
         ids[i] = table_id[slot]
-    return n
+    return len(keys), n
+
+
+@compiled
+def _rehash(old_key, old_id, table_key, table_id):  # type: ignore[no-untyped-def]
+    mask = np.uint64(len(table_key) - 1)
+    for j in range(len(old_key)):
+        if old_id[j] >= 0:
+            slot = _slot(old_key[j], mask)
+            while table_id[slot] >= 0:
+                slot = (slot + np.uint64(1)) & mask
+            table_key[slot] = old_key[j]
+            table_id[slot] = old_id[j]
 
 
 def _chain(block_values: np.ndarray, full: np.ndarray, salts: np.ndarray) -> np.ndarray:
@@ -199,12 +257,29 @@ def traces_from_tokens(
     return {bs: _dense(k, np.diff(offsets), bs) for bs, k in keys.items()}
 
 
+def trace_from_ids(ids: np.ndarray, num_tokens: np.ndarray, block_size: int, num_ids: int) -> BlockTrace:
+    """A `BlockTrace` of dense ids made elsewhere (a stored block stream, advisor.sim.blockstreams):
+    request r owns the next num_tokens[r] // block_size of them."""
+    num_tokens = np.asarray(num_tokens, np.int64)
+    offsets = np.zeros(len(num_tokens) + 1, np.int64)
+    np.cumsum(num_tokens // block_size, out=offsets[1:])
+    assert len(ids) == offsets[-1], "block stream and prompt lengths disagree"
+    return BlockTrace(block_size, ids, offsets, num_tokens, int(num_ids))
+
+
 def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: np.ndarray, trace_block_size: int) -> BlockTrace:
-    """A `BlockTrace` of a block-hash trace (Mooncake style), chained like tokens.
+    """A `BlockTrace` of a block-hash trace (Mooncake style), chained like tokens
+    (`hash_trace_keys` for the arguments)."""
+    keys = hash_trace_keys(hash_ids, offsets, num_tokens, trace_block_size)
+    return _dense(keys, np.asarray(num_tokens, np.int64), trace_block_size)
+
+
+def hash_trace_keys(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: np.ndarray, trace_block_size: int) -> np.ndarray:
+    """64-bit chained keys of a block-hash trace's full blocks, requests concatenated in order.
 
     Request r's ids are hash_ids[offsets[r]:offsets[r+1]], one per trace block; the
     last covers a partial block when num_tokens[r] % trace_block_size and is dropped
-    (vLLM never caches a partial block).
+    (vLLM never caches a partial block). A request's keys depend on its own ids only.
     """
     offsets = np.asarray(offsets, np.int64)
     num_tokens = np.asarray(num_tokens, np.int64)
@@ -217,8 +292,7 @@ def trace_from_hash_ids(hash_ids: np.ndarray, offsets: np.ndarray, num_tokens: n
     np.cumsum(full[:-1], out=first[1:])
     j = np.arange(int(full.sum()), dtype=np.int64) - first[req]
     values = mix64(np.asarray(hash_ids, np.int64)[offsets[:-1][req] + j].astype(np.uint64) + _GOLDEN)
-    keys = _chain(values, full, np.zeros(len(full), np.uint64))
-    return _dense(keys, num_tokens, trace_block_size)
+    return _chain(values, full, np.zeros(len(full), np.uint64))
 
 
 def repeat_requests(trace: BlockTrace, counts: np.ndarray) -> BlockTrace:
