@@ -7,6 +7,7 @@ its options dataclass. The command line (`pc-advise`) is a thin layer over these
 
 from advisor.analyze.stage import AnalyzeOptions, run_analyze
 from advisor.errors import AdvisorError, InputRefused, MissingStage
+from advisor.executor import ExecutorOptions
 from advisor.ingest.stage import IngestOptions, run_ingest
 from advisor.pipeline import RunResult, option_names, run
 from advisor.recommend.options import RecommendOptions
@@ -21,8 +22,8 @@ from advisor.version import __version__
 from advisor.workload import Workload, load_workload
 
 __all__ = [
-    "AdvisorError", "AnalyzeOptions", "IngestOptions", "InputRefused", "MissingStage", "Progress",
-    "RecommendOptions", "ReplayOptions", "ReportOptions", "RunDir", "RunResult", "SimulateOptions",
+    "AdvisorError", "AnalyzeOptions", "ExecutorOptions", "IngestOptions", "InputRefused", "MissingStage",
+    "Progress", "RecommendOptions", "ReplayOptions", "ReportOptions", "RunDir", "RunResult", "SimulateOptions",
     "StageOutcome", "TokenizeOptions", "Workload", "__version__", "load_workload", "option_names",
     "run", "run_analyze", "run_ingest", "run_recommend", "run_replay", "run_report", "run_simulate",
     "run_tokenize",

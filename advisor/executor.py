@@ -12,17 +12,21 @@ Rules for what goes through `map`, so that every executor can run it:
   in the item. A worker may keep a per-process memo of something expensive it loads from that
   item (a tokenizer), keyed by the item's fields.
 - At most `window` items are in flight, so memory is bounded by the window, not the input.
+- A large input every piece reads (a simulation's block trace) goes through `share` once, and
+  items carry the `Shared` handle: Ray puts it in its object store once instead of shipping it
+  with every item; here it is the value itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,10 +50,23 @@ class ExecutorOptions:
         return self.workers or os.cpu_count() or 1
 
 
+class Shared(Generic[T]):
+    """A value every piece may read (`Executor.share`); here, the value itself."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def get(self) -> T:
+        return self.value
+
+
 class Executor(ABC):
     """Runs `fn` over items, yielding results in the items' order (see the module docstring)."""
 
     name: str = ""
+    # True when pieces run on other machines (Ray): a stage that keeps threads on this
+    # machine's shared memory (the simulate grid) ships its pieces only then.
+    distributed: bool = False
 
     @abstractmethod
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
@@ -58,6 +75,10 @@ class Executor(ABC):
     def parallelism(self) -> int:
         """How many pieces run at once (callers size their pieces from it)."""
         return 1
+
+    def share(self, value: T) -> Shared[T]:
+        """`value` for every piece to read through the handle's `get()` (module docstring)."""
+        return Shared(value)
 
     def close(self) -> None:
         """Release workers; the executor is not used again."""
@@ -112,8 +133,25 @@ class ProcessExecutor(Executor):
 def open_executor(options: ExecutorOptions) -> Executor:
     """The executor `options` asks for (close it, or use it as a context manager)."""
     if options.kind == EXECUTOR_RAY:
+        # Ray is optional: imported only when asked for (executor_ray imports nothing of this module)
         from advisor.executor_ray import RayExecutor
 
-        return RayExecutor(options.ray_address, options.workers or None)
+        Executor.register(RayExecutor)
+        return RayExecutor(options.ray_address, options.workers or None)  # type: ignore[return-value]
     workers = options.resolved_workers()
     return InlineExecutor() if workers <= 1 else ProcessExecutor(workers)
+
+
+@contextlib.contextmanager
+def remote_executor(options: ExecutorOptions | None) -> Iterator[Executor | None]:
+    """An open executor when `options` ask for one that spans machines (Ray), else None.
+
+    A stage that keeps its own threads locally (the simulate grid) ships pieces only to the
+    former. Held around several stages (`advisor.pipeline.run`, the CLI's commands), it keeps
+    one Ray up for all of them: a RayExecutor opened meanwhile joins it, and leaves it running.
+    """
+    if options is None or options.kind != EXECUTOR_RAY:
+        yield None
+        return
+    with open_executor(options) as executor:
+        yield executor

@@ -8,6 +8,9 @@ and options are unchanged since the last run (manifest.json).
 Options are passed flat, by the field names of the stages' options dataclasses; a name shared
 by several stages reaches all of them (`model` and `gpu` size both the simulation and the
 recommendation; `speedup` is the clock of both the simulation and the concurrent replay).
+`executor` (an `advisor.executor.ExecutorOptions`) says where ingest, tokenize and simulate run
+their pieces: this machine (None, the default) or Ray (docs/scale.md); it changes no output,
+so no stage reruns when only it changes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from advisor.analyze.stage import AnalyzeOptions, run_analyze
+from advisor.executor import ExecutorOptions, remote_executor
 from advisor.ingest.stage import IngestOptions, run_ingest
 from advisor.recommend.options import RecommendOptions
 from advisor.recommend.stage import run_recommend
@@ -112,12 +116,15 @@ def run(
     api_key: str | None = None,
     on_stage: Callable[[StageOutcome], None] = lambda outcome: None,
     warn: Callable[[str], None] = lambda message: None,
+    executor: ExecutorOptions | None = None,
     **options: Any,
 ) -> RunResult:
     """Run every stage on `log` into `out` (default ./pc-advise-out/<log name>/).
 
     `options` are the stages' options by name (see `option_names()`); `on_stage` is called
-    with each stage's outcome as it finishes. Raises AdvisorError for what a user can fix.
+    with each stage's outcome as it finishes; `executor`: where ingest, tokenize and simulate
+    run their pieces (None: here; Ray: one Ray, started or joined, for all three). Raises
+    AdvisorError for what a user can fix.
     """
     opts = stage_options(**options)
     run_dir = Path(out) if out is not None else default_out_dir(log)
@@ -127,10 +134,12 @@ def run(
         done[outcome.stage] = outcome
         on_stage(outcome)
 
-    record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin))
-    record(run_tokenize(run_dir, opts["tokenize"], force=force, progress=progress, cache_dir=cache_dir))
-    record(run_analyze(run_dir, opts["analyze"], force=force, cache_dir=cache_dir))
-    record(run_simulate(run_dir, opts["simulate"], force=force, progress=progress))
+    with remote_executor(executor):  # one Ray for the stages that use it
+        record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin, executor=executor))
+        record(run_tokenize(run_dir, opts["tokenize"], force=force, progress=progress, cache_dir=cache_dir,
+                            executor=executor))
+        record(run_analyze(run_dir, opts["analyze"], force=force, cache_dir=cache_dir))
+        record(run_simulate(run_dir, opts["simulate"], force=force, progress=progress, executor=executor))
     record(run_recommend(run_dir, opts["recommend"], force=force))
     record(run_replay(run_dir, opts["replay"], force=force, progress=progress, cache_dir=cache_dir,
                       api_key=api_key, warn=warn))

@@ -6,7 +6,12 @@ import time
 
 import pytest
 
-from advisor.executor import ExecutorOptions, InlineExecutor, ProcessExecutor, open_executor
+from advisor.executor import (
+    ExecutorOptions,
+    InlineExecutor,
+    ProcessExecutor,
+    open_executor,
+)
 
 
 def _slow_square(x: int) -> int:

@@ -24,6 +24,7 @@ from advisor.cli.console import fail as _fail
 from advisor.cli.options import (
     analyze_options,
     common_options,
+    executor_options,
     ingest_options,
     recommend_model_options,
     recommend_options,
@@ -36,6 +37,7 @@ from advisor.cli.stages import (
     BarProgress,
     api_key,
     cache_dir,
+    executor_for,
     options_for,
     print_outcome,
     set_tokenizer_threads,
@@ -43,6 +45,7 @@ from advisor.cli.stages import (
 )
 from advisor.cli.summary import render_table, summary_rows
 from advisor.errors import AdvisorError
+from advisor.executor import remote_executor
 from advisor.ingest.stage import run_ingest
 from advisor.recommend.stage import run_recommend
 from advisor.replay.stage import run_replay
@@ -100,6 +103,7 @@ def log_arguments(f: Callable[..., Any]) -> Callable[..., Any]:
 # --- commands ---
 @main.command()
 @log_arguments
+@executor_options
 @ingest_options
 @simulate_options  # last of the option sets to apply: it skips flags they define (--workers)
 @tokenize_options
@@ -127,7 +131,7 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
             log, rundir.root, force=force, progress=BarProgress(con.quiet), cache_dir=cache_dir(),
             stdin=sys.stdin.buffer if log == "-" else None, api_key=api_key(opts),
             on_stage=lambda outcome: print_outcome(con, rundir, outcome), warn=con.say,
-            **stage_kwargs(opts),
+            executor=executor_for(opts), **stage_kwargs(opts),
         )
         rows = summary_rows(rundir)
         con.say("\nSummary")
@@ -140,6 +144,7 @@ def run(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **o
 @main.command()
 @log_arguments
 @ingest_options
+@executor_options
 @common_options
 def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Read LOG into requests.parquet; bad lines go to rejects.jsonl with a reason.
@@ -153,16 +158,24 @@ def ingest(log: str, out: Path | None, quiet: bool, as_json: bool, force: bool, 
       cat logs.jsonl | pc-advise ingest - -o out/
       pc-advise ingest vllm-server.log --log-year 2026 -o out/
       pc-advise ingest 'exports/*.parquet' --columns body=request_json,timestamp=ts -o out/
+      pc-advise ingest 'logs/day-*.jsonl.zst' --executor ray -o out/
     """
     rundir = RunDir(out or pipeline.default_out_dir(log))
     stdin = sys.stdin.buffer if log == "-" else None
-    _stage_command(lambda con: print_outcome(con, rundir, run_ingest(
-        rundir.root, log, options_for("ingest", opts), force=force, stdin=stdin)), quiet, as_json)
+
+    def body(con: Console) -> None:
+        executor = executor_for(opts)
+        with remote_executor(executor):
+            print_outcome(con, rundir, run_ingest(rundir.root, log, options_for("ingest", opts), force=force,
+                                                  stdin=stdin, executor=executor))
+
+    _stage_command(body, quiet, as_json)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 @tokenize_options
+@executor_options
 @common_options
 def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Render and tokenize the requests of RUN_DIR into tokens.parquet.
@@ -173,9 +186,11 @@ def tokenize(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
     """
     def body(con: Console) -> None:
         set_tokenizer_threads(opts)
-        print_outcome(con, RunDir(run_dir), run_tokenize(
-            run_dir, options_for("tokenize", opts), force=force, progress=BarProgress(con.quiet),
-            cache_dir=cache_dir()))
+        executor = executor_for(opts)
+        with remote_executor(executor):
+            print_outcome(con, RunDir(run_dir), run_tokenize(
+                run_dir, options_for("tokenize", opts), force=force, progress=BarProgress(con.quiet),
+                cache_dir=cache_dir(), executor=executor))
 
     _stage_command(body, quiet, as_json)
 
@@ -202,6 +217,7 @@ def analyze(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any)
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 @simulate_options
+@executor_options
 @common_options
 def simulate(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any) -> None:
     """Simulate vLLM's prefix cache on RUN_DIR over block sizes x KV budgets.
@@ -215,9 +231,16 @@ def simulate(run_dir: Path, quiet: bool, as_json: bool, force: bool, **opts: Any
       pc-advise simulate pc-advise-out/multiturn_chat
       pc-advise simulate out/ --model llama-3.1-8b --gpu h100 --block-sizes 16,32
       pc-advise simulate out/ --num-blocks 500,2000 --modes sequential --warmup 30s
+      pc-advise simulate out/ --executor ray --ray-address auto
     """
-    _stage_command(lambda con: print_outcome(con, RunDir(run_dir), run_simulate(
-        run_dir, options_for("simulate", opts), force=force, progress=BarProgress(con.quiet))), quiet, as_json)
+    def body(con: Console) -> None:
+        executor = executor_for(opts)
+        with remote_executor(executor):
+            print_outcome(con, RunDir(run_dir), run_simulate(
+                run_dir, options_for("simulate", opts), force=force, progress=BarProgress(con.quiet),
+                executor=executor))
+
+    _stage_command(body, quiet, as_json)
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from advisor.analyze.stage import AnalyzeOptions
+from advisor.executor import EXECUTOR_LOCAL, EXECUTORS
 from advisor.ingest.stage import IngestOptions
 from advisor.ingest.tables import parse_columns
 from advisor.kvmemory import DEFAULT_HEADROOM_GIB
@@ -46,6 +47,18 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)
     f = click.option("--force", is_flag=True, help="Rerun stages even when unchanged.")(f)
+    return f
+
+
+def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Where ingest, tokenize and simulate run their pieces (advisor.executor; docs/scale.md)."""
+    f = _option_once(f, "--ray-address", default=None, metavar="ADDR",
+                     help="--executor ray: the cluster to run on (auto on one of its nodes, HOST:6379, or "
+                     "ray://HOST:10001) [default: start a Ray on this machine with --workers CPUs].")
+    f = _option_once(f, "--executor", type=click.Choice(EXECUTORS), default=EXECUTOR_LOCAL, show_default=True,
+                     help="Where ingest (a folder's files), tokenize (row batches) and simulate (block hashing, "
+                     "the grid's configurations) run their pieces: this machine, or Ray (pip install "
+                     "'pc-advise[ray]'). The outputs are the same.")
     return f
 
 
@@ -147,11 +160,11 @@ def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
     f = click.option(
         "--max-clusters", type=int, default=_d(AnalyzeOptions, "max_clusters"), show_default=True,
-        help="Largest number of request clusters tried (the data picks k up to this).",
+        help="Reuse groups listed in stats.json (the data decides how many there are; clusters.parquet keeps all).",
     )(f)
     f = click.option(
         "--cluster-seed", type=int, default=_d(AnalyzeOptions, "cluster_seed"), show_default=True,
-        help="Seed for clustering (same seed, same clusters).",
+        help="No effect: reuse groups use no randomness (kept so older command lines still run).",
     )(f)
     return f
 

@@ -21,6 +21,7 @@ import click
 from advisor import pipeline
 from advisor.cli.console import Console
 from advisor.errors import AdvisorError
+from advisor.executor import EXECUTOR_LOCAL, EXECUTOR_RAY, ExecutorOptions
 from advisor.runfolder import (
     DEFAULT_CACHE_DIR,
     REJECTS,
@@ -55,6 +56,18 @@ def stage_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
             out[_RENAMED.get(key, key)] = value
     known = pipeline.option_names()
     return {k: v for k, v in out.items() if k in known}
+
+
+def executor_for(opts: dict[str, Any]) -> ExecutorOptions | None:
+    """--executor, --ray-address and --workers -> the stages' `ExecutorOptions` (None: this machine,
+    where each stage sizes its own workers from its options)."""
+    kind, address = opts.get("executor") or EXECUTOR_LOCAL, opts.get("ray_address")
+    if address is not None and kind != EXECUTOR_RAY:
+        raise AdvisorError(f"--ray-address {address} is for --executor ray: add --executor ray, or leave "
+                           "--ray-address out to run on this machine")
+    if kind == EXECUTOR_LOCAL:
+        return None
+    return ExecutorOptions(kind, max(opts.get("workers") or 0, 0), address)
 
 
 def options_for(stage: str, opts: dict[str, Any]) -> Any:
@@ -148,6 +161,14 @@ def _tokenize(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
         notes.append(f"{c['errors']} requests vLLM would refuse (kept with 0 tokens, reason in "
                      "tokens.parquet column tokenize_error):")
         notes += [f"line {line} ({rid}): {reason}" for rid, line, reason in c.get("first_errors", [])[:5]]
+    seg = c.get("segments") or {}
+    if seg.get("used") and seg.get("segments"):
+        notes.append(f"segment cache: {seg['hit_rate']:.1%} of {seg['segments']:,} text segments "
+                     f"({seg['token_hit_rate']:.1%} of their tokens) reused, {seg['encoded']:,} encoded")
+    if seg.get("whole_prompt_reason"):
+        notes.append(f"every prompt encoded whole (no segment cache): {seg['whole_prompt_reason']}")
+    elif seg.get("completions_whole_reason") and c.get("by_kind", {}).get("completion"):
+        notes.append(f"completion prompts encoded whole: {seg['completions_whole_reason']}")
     return (f"{c['rows']} requests, {c['tokens']:,} prompt tokens "
             f"({c['tokenizer'] or 'no text: no tokenizer needed'})"), notes
 
@@ -158,7 +179,10 @@ def _plural(n: int, noun: str) -> str:
 
 def _analyze(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:
     return (f"ceiling {c['ceiling_rate']:.1%} of {c['prompt_tokens']:,} prompt tokens, "
-            f"{_plural(c['breakers'], 'cache breaker')}, {_plural(c['clusters'], 'cluster')}"), c.get("notes", [])
+            f"{_plural(c['breakers'], 'cache breaker')}, {_plural(c['clusters'], 'reuse group')}"
+            + (f" ({c['top_level_clusters']:,} at the top level)" if c.get("top_level_clusters") is not None else "")
+            + (f", {_plural(c['one_shot_requests'], 'one-shot request')}" if c.get("one_shot_requests") else "")
+            ), c.get("notes", [])
 
 
 def _simulate(run: RunDir, c: dict[str, Any]) -> tuple[str, list[str]]:

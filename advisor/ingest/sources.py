@@ -14,6 +14,9 @@ Input: the LOG argument and `Reading` (the ingest options a reader needs). Outpu
 - `merged_records`: each file is read in its own order (logs are written in time order);
   several files are merged by timestamp, ties kept in file-then-line order (stable). A
   record without a logged time keeps the time of the record before it in its file.
+- `parse_file` (an executor's piece: one file of a folder or glob, on a worker): the file's
+  records, pickled and compressed in chunks of CHUNK, and its tally; `parsed_records` reads
+  them back, in order, for the same merge. The worker opens the file by its path.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ import glob
 import heapq
 import itertools
 import json
+import pickle
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import zstandard
 
 from advisor import schema
 from advisor.errors import AdvisorError, InputRefused
@@ -277,6 +283,51 @@ def _spans(line_no: int, obj: dict[str, Any], data: bytes, tally: FileTally) -> 
             yield Accepted(line_no, got, len(data) // seen)
     if not seen:
         tally.skipped["an OTLP line without spans"] += 1
+
+
+# --- one file as an executor's piece ----------------------------------------------------
+CHUNK = 2048  # records per compressed chunk of a parsed file
+
+
+@dataclass(frozen=True)
+class FilePiece:
+    """One file of a folder or glob to parse on a worker (`parse_file`)."""
+
+    item: Input
+    reading: Reading
+
+
+@dataclass
+class ParsedFile:
+    """A file's records, parsed on a worker: its tally after the whole file was read, and the
+    records in file order as zstd-compressed pickles of CHUNK records each; or why the
+    file is no log (`refused`, as `open_input` says it)."""
+
+    tally: FileTally | None
+    refused: str | None = None
+    chunks: list[bytes] = field(default_factory=list)
+
+
+def parse_file(piece: FilePiece) -> ParsedFile:
+    """Open, classify and read one file (module docstring)."""
+    try:
+        opened = open_input(piece.item, None, piece.reading)
+    except InputRefused as e:
+        return ParsedFile(None, str(e))
+    records = file_records(opened, piece.reading)
+    compressor = zstandard.ZstdCompressor(level=1)
+    chunks = []
+    while batch := list(itertools.islice(records, CHUNK)):
+        chunks.append(compressor.compress(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)))
+    return ParsedFile(opened.tally, None, chunks)
+
+
+def parsed_records(parsed: ParsedFile) -> Iterator[Record]:
+    """The records of `parse_file`'s result, in file order; each chunk is dropped once read."""
+    decompressor = zstandard.ZstdDecompressor()
+    for i, chunk in enumerate(parsed.chunks):
+        parsed.chunks[i] = b""
+        yield from pickle.loads(decompressor.decompress(chunk))
 
 
 # --- many files -------------------------------------------------------------------------

@@ -16,6 +16,10 @@ Every unit (a line; a table row; a server log's request; an OTLP span: records.p
 in exactly one of them: lines_read == accepted + rejected. Lines that are no unit at all
 are counted in `skipped_lines`, by why.
 
+With `executor` on Ray and several files, each file is parsed as a Ray task
+(sources.parse_file) and their records merged here by the same merge: the same outputs,
+but every file's records (compressed) are held here until the merge (docs/scale.md).
+
 An input that is no log at all is refused (InputRefused) before anything is written (in a
 folder: that file is left out and named). Request shapes are in formats.py (and the
 modules it names), JSON decoding and typed fields in fields.py, bytes and compression in
@@ -37,6 +41,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,16 +51,20 @@ import pyarrow.parquet as pq
 
 from advisor import schema
 from advisor.errors import AdvisorError, InputRefused
+from advisor.executor import EXECUTOR_RAY, Executor, ExecutorOptions, open_executor
 from advisor.ingest.fields import LineError
 from advisor.ingest.reader import RAW_KEEP
 from advisor.ingest.records import Accepted, FileTally, Record
 from advisor.ingest.sources import (
+    FilePiece,
     Input,
     Reading,
     file_records,
     fingerprint_paths,
     merged_records,
     open_input,
+    parse_file,
+    parsed_records,
     resolve_inputs,
 )
 from advisor.runfolder import REJECTS, REQUESTS, RunDir, StageOutcome, atomic_path
@@ -172,11 +181,14 @@ def ingest_source(
 
 def run_ingest(
     run_dir: str | Path, log: str | Path, options: IngestOptions | None = None, *,
-    force: bool = False, stdin: BinaryIO | None = None,
+    force: bool = False, stdin: BinaryIO | None = None, executor: ExecutorOptions | None = None,
 ) -> StageOutcome:
     """The ingest stage on `run_dir`: skipped when `log` and the options are unchanged.
 
     A pipe (`-`, /dev/fd/N) can be read once only: nothing to checksum, so it always runs.
+    `executor`: where the files of a folder or glob are parsed; on Ray (`kind="ray"`) each
+    file is a task, merged here into the same outputs; otherwise (the default) one pass
+    streams them all here. Not part of the fingerprint: the outputs do not depend on it.
     """
     options = options or IngestOptions()
     log = str(log)
@@ -185,7 +197,10 @@ def run_ingest(
     paths = fingerprint_paths(inputs)
 
     def body(r: RunDir) -> dict[str, Any]:
-        return _ingest_inputs(inputs, r.path(REQUESTS), r.path(REJECTS), options, stdin).as_counts()
+        if executor is None or executor.kind != EXECUTOR_RAY or len(inputs) < 2:
+            return _ingest_inputs(inputs, r.path(REQUESTS), r.path(REJECTS), options, stdin).as_counts()
+        with open_executor(executor) as ex:
+            return _ingest_inputs(inputs, r.path(REQUESTS), r.path(REJECTS), options, stdin, ex).as_counts()
 
     return run.run_stage("ingest", paths or [], {**options.as_dict(), "log": log},
                          [REQUESTS, REJECTS], body, force=force, fingerprintable=paths is not None)
@@ -193,37 +208,70 @@ def run_ingest(
 
 def _ingest_inputs(
     inputs: list[Input], requests_path: Path, rejects_path: Path, options: IngestOptions,
-    stdin: BinaryIO | None,
+    stdin: BinaryIO | None, executor: Executor | None = None,
 ) -> IngestResult:
+    """Read `inputs` into the two outputs. With `executor` and several files, each file is
+    parsed as a piece of its own (`sources.parse_file`) and the records merged here, the same
+    merge in the same order as reading them all here (the default: one streaming pass)."""
     result = IngestResult()
+    if executor is not None and len(inputs) > 1:
+        streams = _parsed_streams(inputs, options, result, executor)
+    else:
+        streams = _opened_streams(inputs, options, result, stdin)
+    result.compression = ",".join(sorted({t.compression for t in result.files})) if result.files else "none"
+    with atomic_path(requests_path) as req_tmp, atomic_path(rejects_path) as rej_tmp:
+        with pq.ParquetWriter(req_tmp, schema.REQUESTS, compression="zstd") as writer, \
+                open(rej_tmp, "w", encoding="utf-8") as rejects:
+            sink = _Ingester(options, result, writer, rejects, several=len(result.files) > 1)
+            for i, rec in merged_records(streams, result.files):
+                sink.take(result.files[i], rec)
+            sink.flush()
+    assert result.lines_read == result.accepted + result.rejected
+    return result
+
+
+def _opened_streams(
+    inputs: list[Input], options: IngestOptions, result: IngestResult, stdin: BinaryIO | None,
+) -> list[Iterator[Record]]:
+    """Every input opened and classified here (or refused) before anything is written."""
     opened = []
     try:
-        for item in inputs:  # every file is classified (or refused) before anything is written
+        for item in inputs:
             try:
                 opened.append(open_input(item, stdin, options.reading()))
             except InputRefused as e:
                 if not item.grouped:
                     raise
                 result.refused_files.append(str(e))
-        if not opened:
-            raise InputRefused("no file there is a log pc-advise reads:\n  " + "\n  ".join(result.refused_files))
+        _check_any(opened, result)
     except BaseException:
         for o in opened:
             o.close()
         raise
     result.files = [o.tally for o in opened]
-    result.compression = ",".join(sorted({t.compression for t in result.files})) if result.files else "none"
     reading = options.reading()
-    streams = [file_records(o, reading) for o in opened]
-    with atomic_path(requests_path) as req_tmp, atomic_path(rejects_path) as rej_tmp:
-        with pq.ParquetWriter(req_tmp, schema.REQUESTS, compression="zstd") as writer, \
-                open(rej_tmp, "w", encoding="utf-8") as rejects:
-            sink = _Ingester(options, result, writer, rejects, several=len(opened) > 1)
-            for i, rec in merged_records(streams, result.files):
-                sink.take(result.files[i], rec)
-            sink.flush()
-    assert result.lines_read == result.accepted + result.rejected
-    return result
+    return [file_records(o, reading) for o in opened]
+
+
+def _parsed_streams(
+    inputs: list[Input], options: IngestOptions, result: IngestResult, executor: Executor,
+) -> list[Iterator[Record]]:
+    """Every file parsed by `executor`, one piece per file, in the inputs' order."""
+    assert all(item.path is not None and item.grouped for item in inputs)
+    parsed = []
+    for got in executor.map(parse_file, [FilePiece(item, options.reading()) for item in inputs]):
+        if got.refused is not None:
+            result.refused_files.append(got.refused)
+        else:
+            parsed.append(got)
+    _check_any(parsed, result)
+    result.files = [p.tally for p in parsed]
+    return [parsed_records(p) for p in parsed]
+
+
+def _check_any(files: list[Any], result: IngestResult) -> None:
+    if not files:
+        raise InputRefused("no file there is a log pc-advise reads:\n  " + "\n  ".join(result.refused_files))
 
 
 class _Ingester:

@@ -20,7 +20,8 @@ their results into rows:
   first timestamp). Both come from the same pass: the warm-up requests still fill
   the cache;
 - a budget at or past the never-evicting size (`configuration.ceiling_blocks`) takes
-  the infinite-cache run's result unsimulated; the others run in `workers` threads.
+  the infinite-cache run's result unsimulated; the others run in `workers` threads, or
+  as Ray tasks when the stage runs on Ray (docs/scale.md).
 
 Budgets (`plan_budgets`): explicit `num_blocks`, `budget_tokens` (tokens // block
 size), `kv_cache_gib` (needs a model) replace the default sweep; a model with a
@@ -37,8 +38,10 @@ left out and the counts say so); replay recomputes any configuration exactly wit
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,15 +53,17 @@ import pyarrow.compute as pc
 from advisor import kvmemory as kv
 from advisor import schema
 from advisor.errors import AdvisorError
+from advisor.executor import Executor, ExecutorOptions, Shared, remote_executor
 from advisor.kvlayout import KVLayout
+from advisor.sim.blockstreams import StreamInputs, open_streams
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.configuration import (
     SCHEDULING_ASYNC,
     ConfigResult,
     SimulateOptions,
-    block_traces,
     ceiling_blocks,
     check_trace_block_size,
+    logged_block_traces,
     scheduler_requests,
     simulate_one,
 )
@@ -227,13 +232,25 @@ def count_configs(options: SimulateOptions) -> int:
     return len(run_block_sizes(layout, options.block_sizes)) * per_bs + replicas + offload
 
 
+def grid_block_sizes(options: SimulateOptions, geom: kv.ModelGeometry | None) -> tuple[int, ...]:
+    """The block sizes the grid runs: `options.block_sizes`, or the one a hybrid model's vLLM runs."""
+    layout = model_layout(options.model, options.tensor_parallel_size) if geom is not None else None
+    return run_block_sizes(layout, options.block_sizes)
+
+
 def simulate_grid(
     workload: Workload,
     options: SimulateOptions,
     geom: kv.ModelGeometry | None = None,
     progress: Callable[[int], None] | None = None,
+    traces: Mapping[int, fasttrace.BlockTrace] | None = None,
+    executor: Executor | None = None,
 ) -> GridResult:
-    """Every configuration of the grid: sim rows and per-request rows (module docstring)."""
+    """Every configuration of the grid: sim rows and per-request rows (module docstring).
+    `executor`: an open executor that spans machines (Ray: `advisor.executor.remote_executor`)
+    runs the configurations and replica runs as its pieces; None: this machine's threads.
+    `traces`: the logged requests' block trace at each block size run (advisor.sim.blockstreams;
+    the workload may then be lean); None: hashed here from the workload's ids."""
     _validate(workload, options)
     notes: list[str] = []
     if schema.MODE_CONCURRENT in options.modes:
@@ -251,7 +268,7 @@ def simulate_grid(
         notes.extend(layout_notes(layout, geom, options, workload))
     hybrid = layout if layout is not None and layout.hybrid_sim_groups() is not None else None
     policies = options.policies if hybrid is None else (schema.POLICY_LRU,)  # fifo/belady: full attention only
-    block_sizes = run_block_sizes(layout, options.block_sizes)
+    block_sizes = grid_block_sizes(options, geom)
     warm = warm_mask(workload, options.warmup)
     reqs = scheduler_requests(workload)
     tp = options.tensor_parallel_size
@@ -271,9 +288,9 @@ def simulate_grid(
         req_rows += workload.num_requests
         req_tables.append(_request_rows(workload, res))
 
-    traces = block_traces(workload, block_sizes)
+    logged = dict(traces) if traces is not None else logged_block_traces(workload, block_sizes)
     for bs in block_sizes:
-        trace = traces.pop(bs)
+        trace = fasttrace.repeat_requests(logged.pop(bs), workload.n)  # one block size held at a time
         budgets, budget_notes = plan_budgets(workload, options, geom, bs, trace, hybrid)
         notes.extend(budget_notes)
         ceilings: dict[tuple[str, str], float] = {}
@@ -299,14 +316,15 @@ def simulate_grid(
             configs += [(nb, schema.MODE_CONCURRENT, schema.POLICY_OFF) for nb in off_budgets]
         uses = future_uses(trace, reqs.skip_prefix_cache) if schema.POLICY_BELADY in policies else None
         singles: dict[tuple[str, int | None], ConfigResult] = {}  # the replica grid's one-replica rows
-        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared, uses):
+        for res in _run_configs(workload, bs, trace, configs, options, tick, ceiling_runs, prepared, uses, executor):
             rows.extend(_sim_rows(res, warm, ceilings, _kv_gib(geom, bs, res.num_blocks, tp)))
             if res.policy == schema.POLICY_LRU:
                 keep_requests(res)
                 singles[(res.mode, res.num_blocks)] = res
         if wants_replicas(options) and hybrid is None:  # N engines, each with the budget's blocks, at the reference budgets
             replica_table.extend(replica_rows(workload, bs, trace, sorted(ref_budgets), options,
-                                              lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), tick, singles=singles))
+                                              lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), tick, singles=singles,
+                                              executor=executor))
         if wants_offload(options) and offload_skipped(options) is None and geom is not None:  # every budget
             offload_table.extend(offload_rows(workload, bs, trace, budgets, options, geom,
                                               lambda nb, bs=bs: _kv_gib(geom, bs, nb, tp), warm, tick))
@@ -331,15 +349,39 @@ def _as_budget(ceiling: ConfigResult, num_blocks: int, policy: str) -> ConfigRes
     return replace(ceiling, num_blocks=num_blocks, policy=policy, exact_from=None)
 
 
+@dataclass(frozen=True)
+class ConfigInputs:
+    """What every configuration of one block size reads (shared once with the executor's
+    pieces: `_run_config`)."""
+
+    workload: Workload
+    block_size: int
+    trace: fasttrace.BlockTrace
+    options: SimulateOptions
+    prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    uses: tuple[np.ndarray, np.ndarray] | None
+
+
+def _run_config(item: tuple[Shared[ConfigInputs], tuple[int, str, str]]) -> ConfigResult:
+    """One configuration (an executor's piece, or a thread's)."""
+    shared, (nb, mode, policy) = item
+    i = shared.get()
+    return simulate_one(i.workload, i.block_size, nb, mode=mode, policy=policy, trace=i.trace, options=i.options,
+                        prepared=i.prepared, uses=i.uses)
+
+
 def _run_configs(workload: Workload, bs: int, trace: fasttrace.BlockTrace, configs: list[tuple[int, str, str]],
                  options: SimulateOptions, tick: Callable[[int], None],
                  ceiling_runs: dict[str, ConfigResult] | None = None,
                  prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                 uses: tuple[np.ndarray, np.ndarray] | None = None) -> list[ConfigResult]:
+                 uses: tuple[np.ndarray, np.ndarray] | None = None,
+                 executor: Executor | None = None) -> list[ConfigResult]:
     """Results of `configs` in their order. A budget at or past its mode's
     `ceiling_blocks` takes the ceiling run's result (`ceiling_runs`, by mode) unsimulated.
-    The others run in `options.workers` threads when > 1 (the compiled kernels release
-    the GIL); each is independent, so the results do not depend on the worker count."""
+    The others run as `executor`'s pieces when it spans machines (Ray: the inputs shipped
+    once), else in `options.workers` threads when > 1 (the compiled kernels release the GIL
+    and the threads share the trace); each is independent, so the results do not depend on
+    where they ran."""
     done: dict[tuple[int, str, str], ConfigResult] = {}
     for config in configs:
         nb, mode, policy = config
@@ -350,22 +392,19 @@ def _run_configs(workload: Workload, bs: int, trace: fasttrace.BlockTrace, confi
             done[config] = _as_budget(ceiling, nb, policy)
             tick(1)
 
-    def run(config: tuple[int, str, str]) -> ConfigResult:
-        nb, mode, policy = config
-        return simulate_one(workload, bs, nb, mode=mode, policy=policy, trace=trace, options=options,
-                            prepared=prepared, uses=uses)
-
     todo = [c for c in configs if c not in done]
-    if options.workers > 1 and len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(options.workers, len(todo))) as pool:
-            for config, res in zip(todo, pool.map(run, todo), strict=True):
-                done[config] = res
-                tick(1)
-    for config in todo:
-        if config not in done:
-            done[config] = run(config)
+    inputs = ConfigInputs(workload, bs, trace, options, prepared, uses)
+    with contextlib.ExitStack() as stack:
+        if executor is not None and executor.distributed and len(todo) > 1:
+            shared = executor.share(inputs)
+            results: Iterable[ConfigResult] = executor.map(_run_config, [(shared, c) for c in todo])
+        elif options.workers > 1 and len(todo) > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(min(options.workers, len(todo))))
+            results = pool.map(_run_config, [(Shared(inputs), c) for c in todo])
+        else:
+            results = (_run_config((Shared(inputs), c)) for c in todo)
+        for config, res in zip(todo, results, strict=True):
+            done[config] = res
             tick(1)
     return [done[c] for c in configs]
 
@@ -438,22 +477,33 @@ def simulate_run(
     progress: Callable[[int], None] | None = None,
     replicas_path: Path | None = None,
     offload_path: Path | None = None,
+    blocks_dir: Path | None = None,
+    executor: ExecutorOptions | None = None,
 ) -> dict[str, Any]:
-    """Read the run folder's inputs, simulate the grid, write both outputs; return counts."""
+    """Read the run folder's inputs, simulate the grid, write both outputs; return counts.
+
+    The workload is read lean and its block traces streamed (advisor.sim.blockstreams): token
+    ids are never all held. `blocks_dir`: where the streams are kept between runs (None:
+    hashed, not kept); `executor`: where their shards are hashed."""
     from advisor.runfolder import write_table
 
-    workload = load_workload(requests_path, tokens_path)
+    workload = load_workload(requests_path, tokens_path, ids=False)
     if workload.is_hash_trace and options.block_sizes == SimulateOptions().block_sizes:
         options = replace(options, block_sizes=(workload.trace_block_size,))
     geom = kv.resolve_model(options.model) if options.model else None
-    grid = simulate_grid(workload, options, geom, progress)
+    _validate(workload, options)  # before hashing: a bad block size fails at once
+    traces, streamed = open_streams(StreamInputs.of(workload, requests_path, tokens_path),
+                                    grid_block_sizes(options, geom), blocks_dir, executor)
+    with remote_executor(executor) as remote:  # Ray: the configurations as its tasks
+        grid = simulate_grid(workload, options, geom, progress, traces, executor=remote)
+    del traces
     write_table(sim_path, grid.sim, SIM_OUT)
     write_table(sim_requests_path, grid.sim_requests, schema.SIM_REQUESTS)
     if replicas_path is not None:
         write_table(replicas_path, grid.replicas, schema.REPLICAS)
     if offload_path is not None:
         write_table(offload_path, grid.offload, schema.OFFLOAD)
-    return summary_counts(grid, workload)
+    return {**summary_counts(grid, workload), "block_streams": streamed.as_dict()}
 
 
 def summary_counts(grid: GridResult, workload: Workload) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Each row is one `simulate_replicas` run: advisor.sim.fast.routing's compiled twi
 advisor.sim.routing's `run_replicas` (concurrent) and `run_replicas_sequential` (sequential),
 tested equal to them (tests/test_fastrouting.py); `engine="reference"` runs the references.
 The grid runs where `replicas` lists a count above 1, in each mode of `modes`, at the reference
-budgets; its runs go to `options.workers` threads (the kernels release the GIL). One replica is
+budgets; its runs go to `options.workers` threads (the kernels release the GIL), or to Ray tasks
+when the stage runs on Ray (docs/scale.md). One replica is
 the single engine whatever the router (tested), so its run is shared by every router's row.
 
 For the replay (advisor.replay confirms sequential mode to the token, per replica):
@@ -26,8 +27,9 @@ a replay recomputes the configuration it replays; nothing per request is stored.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from advisor import schema
+from advisor.executor import Executor, Shared
 from advisor.sim.cache import PrefixCache, drops_last_hit_block
 from advisor.sim.configuration import (
     SCHEDULING_ASYNC,
@@ -204,12 +207,14 @@ def _per_line(inputs: ReplicaInputs, mode: str, num_blocks: int, replicas: int, 
 def replica_rows(workload: Workload, block_size: int, trace: fasttrace.BlockTrace, budgets: list[int],
                  options: SimulateOptions, kv_gib: Callable[[int], float | None],
                  tick: Callable[[int], None] | None = None, engine: str = "auto", *,
-                 singles: Mapping[tuple[str, int | None], ConfigResult] | None = None) -> list[dict[str, Any]]:
+                 singles: Mapping[tuple[str, int | None], ConfigResult] | None = None,
+                 executor: Executor | None = None) -> list[dict[str, Any]]:
     """schema.REPLICAS rows at `block_size` for every budget (per replica) in `budgets`, each
     mode of `options.modes` (sequential first), every count and router. `singles`: the
     single-engine grid's LRU results by (mode, budget), which one replica's rows are (tested
     equal); a one-replica cell missing from it is run once for every router. `tick(1)` per run
-    of a count above 1."""
+    of a count above 1. `executor`: one that spans machines (Ray) runs the runs as its pieces
+    (`_run_cell`, the inputs shipped once); otherwise `options.workers` threads do."""
     inputs = replica_inputs(workload, block_size, options, trace)
     modes = [m for m in (schema.MODE_SEQUENTIAL, schema.MODE_CONCURRENT) if m in options.modes]
     counts = sorted(set(options.replicas))
@@ -227,9 +232,14 @@ def replica_rows(workload: Workload, block_size: int, trace: fasttrace.BlockTrac
         return _per_line(inputs, mode, nb, count, router, run_routed(inputs, mode, nb, count, router, engine, arena))
 
     done: dict[tuple[str, int, int, str], ReplicaRun] = {}
-    workers = max(1, min(options.workers, len(runs)))
-    with ThreadPoolExecutor(workers) as pool:
-        for cell, res in zip(runs, pool.map(run, runs), strict=True):
+    with contextlib.ExitStack() as stack:
+        if executor is not None and executor.distributed and len(runs) > 1:
+            shared = executor.share(inputs)
+            results: Iterable[ReplicaRun] = executor.map(_run_cell, [(shared, cell, engine) for cell in runs])
+        else:
+            pool = stack.enter_context(ThreadPoolExecutor(max(1, min(options.workers, len(runs)))))
+            results = pool.map(run, runs)
+        for cell, res in zip(runs, results, strict=True):
             done[cell] = res
             if tick is not None and cell[2] > 1:
                 tick(1)
@@ -241,6 +251,19 @@ def replica_rows(workload: Workload, block_size: int, trace: fasttrace.BlockTrac
         res = done[(mode, nb, count, router if count > 1 else options.routers[0])]
         rows.append(_row(res, router, kv_gib(nb), inputs))
     return rows
+
+
+_WORKER_ARENA: list[Arena] = []  # in an executor's worker process: the memory its runs reuse
+
+
+def _run_cell(item: tuple[Shared[ReplicaInputs], tuple[str, int, int, str], str]) -> ReplicaRun:
+    """One replica run as an executor's piece (a worker process runs one at a time)."""
+    shared, (mode, nb, count, router), engine = item
+    inputs = shared.get()
+    if not _WORKER_ARENA:
+        _WORKER_ARENA.append(Arena())
+    routed = run_routed(inputs, mode, nb, count, router, engine, _WORKER_ARENA[0])
+    return _per_line(inputs, mode, nb, count, router, routed)
 
 
 def _stats(config: ConfigResult) -> dict[str, Any]:
