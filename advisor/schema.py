@@ -243,14 +243,26 @@ PREFIXES = pa.schema(
 
 CLUSTERS = pa.schema(
     [
+        # one row per reuse group (advisor.analyze.clusters), plus one for the one-shots
         pa.field("cluster", pa.int32(), nullable=False),
-        pa.field("requests", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("shared_tokens", pa.int64(), nullable=False),
+        pa.field("parent", pa.int32()),  # the group whose prefix is the longest proper prefix of it
+        pa.field("depth", pa.int32(), nullable=False),  # 1: top level; 0: the one-shot row
+        pa.field("kind", pa.string(), nullable=False),  # "shared" | "one-shot"
+        pa.field("requests", pa.int64(), nullable=False),  # members: deepest shared block is here
+        pa.field("prefix_requests", pa.int64(), nullable=False),  # requests using its prefix (+ below)
+        pa.field("tokens", pa.int64(), nullable=False),  # members' prompt tokens
+        pa.field("shared_tokens", pa.int64(), nullable=False),  # members' ceiling tokens
         pa.field("ceiling", pa.float64(), nullable=False),  # shared_tokens / tokens
-        pa.field("representative_id", pa.string()),
-        pa.field("prefix_tokens", pa.int64()),  # length of the cluster's common prefix
-        pa.field("prefix_text", pa.string()),  # decoded, null for hash traces
-        pa.field("representative_text", pa.string()),  # representative's first 64 tokens decoded
+        pa.field("hit_share", pa.float64(), nullable=False),  # shared_tokens / all ceiling tokens
+        pa.field("representative_id", pa.string()),  # first request with the whole prefix
+        pa.field("start_tokens", pa.int64()),  # where its own part starts (its parent's prefix)
+        pa.field("prefix_tokens", pa.int64()),  # its whole shared prefix
+        pa.field("prefix_start_text", pa.string()),  # own part's first tokens decoded; null for traces
+        pa.field("prefix_end_text", pa.string()),  # own part's last tokens decoded (null: fits the start)
+        pa.field("reuses", pa.int64(), nullable=False),  # members with a hit (a block seen before)
+        pa.field("gap_p50_s", pa.float64()),  # seconds since the hit block's last use; null: no times
+        pa.field("gap_p90_s", pa.float64()),
+        pa.field("distance_p50_blocks", pa.float64()),  # LRU stack distance, analysis blocks
+        pa.field("distance_p90_blocks", pa.float64()),
     ]
 )

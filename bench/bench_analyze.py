@@ -8,7 +8,9 @@ tokenize would) and analysed in a fresh child process, so the peak RSS is the an
 (reading the Parquet files included). The synthetic workload is seeded: 40 apps with system
 prompts of 500-3,000 tokens, a fifth of them starting with a 6-token varying "timestamp" (a cache
 breaker); conversations of 1-8 turns that repeat their history, interleaved in time. The breaker
-search reads whole prompts (advisor/analyze/breakers.py); `breaker_search` says how much.
+search reads whole prompts (advisor/analyze/breakers.py); `breaker_search` says how much. The
+reuse groups (advisor/analyze/reuse.py) get the written timestamps, one request per second.
+Before/after figures of the reuse groups (which replaced k-means) are in docs/analyze.md.
 """
 
 from __future__ import annotations
@@ -113,15 +115,18 @@ def measure(run: Path) -> None:
     from advisor.analyze import stage as st
 
     t0 = time.perf_counter()
-    w = st.from_workload(st.load_workload(run / "requests.parquet", run / "tokens.parquet"))
+    workload = st.load_workload(run / "requests.parquet", run / "tokens.parquet")
+    w = st.from_workload(workload)
     t1 = time.perf_counter()
-    result = st.analyze(w, st.AnalyzeOptions(), decode=None)
+    result = st.analyze(w, st.AnalyzeOptions(), decode=None, times=workload.timestamps)
     t2 = time.perf_counter()
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "requests": result.stats["requests"], "prompt_tokens": result.stats["prompt_tokens"],
         "ceiling_rate": round(result.stats["ceiling_rate"], 4),
-        "breakers": len(result.stats["breakers"]), "clusters": result.stats["clusters"]["count"],
+        "breakers": len(result.stats["breakers"]), "reuse_groups": result.stats["clusters"]["count"],
+        "top_level_groups": result.stats["clusters"]["top_level"],
+        "one_shot_requests": result.stats["clusters"]["one_shot_requests"],
         "breaker_search": {k: v for k, v in result.stats["breaker_search"].items() if k != "searched"},
         "load_s": round(t1 - t0, 2), "analyze_s": round(t2 - t1, 2),
         "peak_rss_mib": round(rss_mib, 1),

@@ -59,11 +59,22 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
           "best_match_id": ids[0] if i else None, "same_session": i % 2 == 0, "cluster": i % 2}
          for i, (rid, t, s) in enumerate(zip(ids, n_tokens, shared))], schema=schema.PREFIXES))
     rf.write_table(root / rf.CLUSTERS, pa.Table.from_pylist([
-        {"cluster": 0, "requests": 5, "tokens": 700, "shared_tokens": 400, "ceiling": 400 / 700,
-         "representative_id": ids[-1], "prefix_tokens": 80, "prefix_text": SECRET + " " + EVIL,
-         "representative_text": SECRET + " representative"},
-        {"cluster": 1, "requests": 5, "tokens": 750, "shared_tokens": 320, "ceiling": 320 / 750,
-         "representative_id": "req-1", "prefix_tokens": 64, "prefix_text": "Classify the ticket:\n```\n"},
+        {"cluster": 0, "parent": None, "depth": 1, "kind": "shared", "requests": 1, "prefix_requests": 9,
+         "tokens": 120, "shared_tokens": 0, "ceiling": 0.0, "hit_share": 0.0, "representative_id": "req-1",
+         "start_tokens": 0, "prefix_tokens": 64, "prefix_start_text": "Classify the ticket:\n```\n",
+         "reuses": 0},
+        {"cluster": 1, "parent": 0, "depth": 2, "kind": "shared", "requests": 5, "prefix_requests": 5,
+         "tokens": 700, "shared_tokens": 400, "ceiling": 400 / 700, "hit_share": 400 / 720,
+         "representative_id": ids[-1], "start_tokens": 64, "prefix_tokens": 80,
+         "prefix_start_text": SECRET + " " + EVIL, "prefix_end_text": "end of prefix " + EVIL, "reuses": 4,
+         "gap_p50_s": 2.5, "gap_p90_s": 7.5, "distance_p50_blocks": 12.0, "distance_p90_blocks": 40.0},
+        {"cluster": 2, "parent": 0, "depth": 2, "kind": "shared", "requests": 3, "prefix_requests": 3,
+         "tokens": 630, "shared_tokens": 320, "ceiling": 320 / 630, "hit_share": 320 / 720,
+         "representative_id": "req-2", "start_tokens": 64, "prefix_tokens": 96, "reuses": 3,
+         "gap_p50_s": 5.0, "gap_p90_s": 10.0, "distance_p50_blocks": 20.0, "distance_p90_blocks": 30.0},
+        {"cluster": 3, "parent": None, "depth": 0, "kind": "one-shot", "requests": 1, "prefix_requests": 1,
+         "tokens": 0, "shared_tokens": 0, "ceiling": 0.0, "hit_share": 0.0, "representative_id": "req-3",
+         "start_tokens": 0, "prefix_tokens": 0, "reuses": 0},
     ], schema=schema.CLUSTERS))
     total, ceil = sum(n_tokens), sum(shared)
     rf.write_json(root / rf.STATS, {
@@ -88,7 +99,8 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
                           "b_context": "Current time: <b>10:01</b>. " + SECRET}],
         }],
         "reuse_sources": {"same_session_tokens": 400, "cross_request_tokens": 320, "same_session_share": 400 / 720},
-        "clusters": {"count": 2, "method": "k-means on prefix features, seed 0"},
+        "clusters": {"count": 3, "top_level": 1, "one_shot_requests": 1, "block_tokens": 16,
+                     "method": "prefix tree over chained block hashes"},
         "analysis_block_size": 16, "tokenizer": "embedded:qwen2.5",
     })
     rows = []
@@ -122,6 +134,12 @@ def write_fixture_run(root: Path, *, replay_status: str = "mismatch") -> Path:
         "vllm_serve": "vllm serve MODEL --enable-prefix-caching --block-size 16 --num-gpu-blocks-override 257",
         "reasoning": ["The curve flattens after 256 blocks.", "Block size 16 keeps more partial prefixes."],
         "offload": None,
+        "reuse_groups": {"groups": [1], "hit_share": 400 / 720, "budget_tokens": 512,
+                         "beyond": [{"cluster": 1, "hit_share": 400 / 720, "distance_p90_tokens": 640}],
+                         "needed_tokens": 640, "needed_gib": 0.08,
+                         "note": "1 reuse group carries 56% of the hits, but its prefix comes back after more "
+                                 "distinct blocks than the recommended budget holds (512 tokens): keeping 90% of "
+                                 "their hits takes an LRU cache of about 640 tokens of KV cache (about 0.08 GiB)."},
         "prompt_fixes": [{"breaker": "timestamp", "hit_rate_gain": 0.12,
                           "description": "Move the timestamp after the instructions: " + EVIL}],
         "candidates": [{k: rec_row[k] for k in ("block_size", "num_blocks", "kv_gib", "hit_rate",

@@ -169,7 +169,7 @@ def test_hash_trace_shares_whole_trace_blocks() -> None:
     assert a.prefixes.column("ceiling_tokens").to_pylist() == [0, 1024, 1299]
     assert a.stats["analysis_block_size"] == 512
     assert a.stats["breakers"] == [] and a.stats["breakers_note"]
-    assert a.clusters.column("prefix_text").to_pylist() == [None] * a.clusters.num_rows
+    assert a.clusters.column("prefix_start_text").to_pylist() == [None] * a.clusters.num_rows
 
 
 def write_hash_trace_run(root: Path) -> None:

@@ -1,1 +1,1 @@
-"""The analyze stage: shared prefixes, the ceiling, cache breakers, clusters (stage.py; prefixes, breakers, clusters, hashing)."""
+"""The analyze stage: shared prefixes, the ceiling, cache breakers, reuse groups (stage.py; prefixes, breakers, reuse, clusters, hashing)."""

@@ -1,156 +1,156 @@
-"""Clusters of requests that share prompt structure (scikit-learn, seeded, deterministic).
+"""Reuse groups: requests grouped by the prefixes they share, with how hot each group is and
+how long its prefix must stay cached to be reused.
 
-Input: a `AnalysisView` and its `PrefixPass` (advisor.analyze.stage), a `decode` callable or None.
-Output: a cluster label per request, and the clusters.parquet table (schema.CLUSTERS).
+Input: an `AnalysisView`, its `PrefixPass` (the chained block hashes at the analysis block size;
+hash ids for traces), arrival times in seconds (NaN where unknown) and a `decode` callable or None.
+Output: `Groups`: a group per request (prefixes.parquet's `cluster`) and the clusters.parquet
+table (schema.CLUSTERS), one row per group plus one row for the one-shots (requests that share
+no full block with any other request).
 
-Features. Each request's leading window (`lead_tokens`) is cut into content-defined chunks
-(`stats.content_chunks`; for hash traces each hash id is a chunk) and the chunks are hashed into a
-fixed 128-dimensional vector (the hashing trick, signed to cancel collisions), weighted by chunk
-length and by how early the chunk sits (weight 1 / (1 + start / 256)), then L2-normalised. Why:
-what a prefix cache can reuse is decided by the beginning of a prompt, so the leading content
-should dominate; content chunks rather than chained block hashes keep prompts that differ only in
-an early variable span (a timestamp, a reordered tool) in one cluster, which is exactly where a
-cluster with a low own ceiling points at a cache breaker. The vectors are small and fixed in
-size, so memory grows with requests, not tokens.
-
-Number of clusters: k-means (k-means++ init, fixed `seed`) for every k in 2..max_clusters
-(bounded by the number of distinct vectors), scored by the silhouette on a seeded sample of at
-most 2,000 requests; the best k wins, and a single cluster is kept when no k reaches a silhouette
-of 0.25 (no real structure to split). Fitting uses a seeded sample of at most 4,000 requests and
-then labels every request; labels are renumbered by size (0 = largest), ties by first request.
+The groups are advisor.analyze.reuse's prefix tree cut where sharing branches or stops: no
+sampling and no seed, so they are the same on every run and under any row order. Per group:
+its members (requests whose deepest shared block lies in it), their prompt tokens and reuse
+ceiling, its share of all hits, the prefix (where its own part starts, how long it is, the decoded
+start and end of its own part), and, over its members' hits, the median and p90 time since the
+hit block was last used (seconds, null without timestamps) and the LRU stack distance in blocks
+(the cache that keeps the hit). Percentiles are inverted-CDF: a cache of `distance_p90_blocks`
+blocks keeps at least 90% of the group's hits. Blocks are at the analysis block size; the report
+and the recommendation turn them into bytes with the model's KV bytes per token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from advisor import schema
-from advisor.analyze.hashing import common_prefix_len, content_chunks, mix64
 from advisor.analyze.prefixes import (
     AnalysisView,
     Decode,
     PrefixPass,
     ceiling_per_request,
 )
+from advisor.analyze.reuse import (
+    Reuse,
+    ReuseTree,
+    block_nodes,
+    reuse_distances,
+    reuse_tree,
+)
 
-DIM = 128
-_FIT_SAMPLE = 4_000
-_SIL_SAMPLE = 2_000
-_MIN_SILHOUETTE = 0.25
-_TEXT_TOKENS = 64
-
-
-def features(w: AnalysisView, lead_tokens: int) -> np.ndarray:
-    """(N, DIM) float32 prefix-structure vectors; see the module docstring."""
-    out = np.zeros((len(w), DIM), dtype=np.float32)
-    for r in range(len(w)):
-        if w.hash_trace:
-            units = w.units(r)[: max(1, lead_tokens // w.unit_tokens)]
-            hashes = units.astype(np.uint64)
-            starts = np.arange(len(units), dtype=np.int64) * w.unit_tokens
-            lens = np.full(len(units), w.unit_tokens, dtype=np.float64)
-            hashes = mix64(hashes)
-        else:
-            units = w.units(r)[:lead_tokens]
-            hashes, starts = content_chunks(units)
-            lens = np.diff(np.append(starts, len(units))).astype(np.float64)
-        if len(hashes) == 0:
-            continue
-        weight = lens / (1.0 + starts / 256.0)
-        sign = np.where((hashes >> np.uint64(63)) == 1, -1.0, 1.0)
-        idx = (hashes % np.uint64(DIM)).astype(np.int64)
-        vec = np.bincount(idx, weights=weight * sign, minlength=DIM)
-        norm = np.linalg.norm(vec)
-        if norm > 0:
-            out[r] = vec / norm
-    return out
+KIND_SHARED = "shared"
+KIND_ONE_SHOT = "one-shot"
+_TEXT_TOKENS = 48  # decoded at each end of a group's own part
+METHOD = ("prefix tree over chained block hashes, cut where sharing branches or stops (no sampling, "
+          "no seed: the same groups on every run and under any row order)")
 
 
-def cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.ndarray, str]:
-    """A label per row (0 = largest cluster) and a sentence saying how k was chosen.
-
-    Runs single-threaded: on small matrices BLAS/OpenMP thread pools only add overhead, and
-    on a shared machine they oversubscribe the cores (measured 13x slower).
-    """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        return _cluster_labels(x, seed, max_clusters)
+@dataclass(frozen=True)
+class Groups:
+    labels: np.ndarray  # int32 per request: its group (the one-shot row's id for one-shots)
+    table: pa.Table  # schema.CLUSTERS
+    tree: ReuseTree
+    reuse: Reuse
 
 
-def _cluster_labels(x: np.ndarray, seed: int, max_clusters: int) -> tuple[np.ndarray, str]:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
-    n = len(x)
-    if n == 0:
-        return np.zeros(0, dtype=np.int32), "no requests"
-    distinct = len(np.unique(x.round(5), axis=0))
-    k_max = min(max_clusters, distinct - 1)
-    if n < 4 or k_max < 2:
-        return np.zeros(n, dtype=np.int32), "one cluster (too few distinct requests to split)"
-    rng = np.random.default_rng(seed)
-    fit_x = x[np.sort(rng.choice(n, _FIT_SAMPLE, replace=False))] if n > _FIT_SAMPLE else x
-    sil_idx = np.sort(rng.choice(len(fit_x), _SIL_SAMPLE, replace=False)) if len(fit_x) > _SIL_SAMPLE else None
-    best: tuple[float, int, KMeans | None] = (-1.0, 1, None)
-    for k in range(2, k_max + 1):
-        km = KMeans(n_clusters=k, n_init=2, max_iter=100, random_state=seed).fit(fit_x)
-        lab = km.labels_
-        sx, sl = (fit_x, lab) if sil_idx is None else (fit_x[sil_idx], lab[sil_idx])
-        if len(np.unique(sl)) < 2:
-            continue
-        score = float(silhouette_score(sx, sl))
-        if score > best[0] + 1e-9:
-            best = (score, k, km)
-    score, k, model = best
-    if model is None or score < _MIN_SILHOUETTE:
-        return np.zeros(n, dtype=np.int32), (
-            f"one cluster: k-means for k=2..{k_max} never reached silhouette {_MIN_SILHOUETTE}"
-            f" (best {max(score, 0):.2f})"
-        )
-    raw = np.concatenate([model.predict(x[i : i + 50_000]) for i in range(0, n, 50_000)])
-    sizes = np.bincount(raw, minlength=k)
-    firsts = np.array([np.flatnonzero(raw == c)[0] if sizes[c] else n for c in range(k)])
-    order = sorted(range(k), key=lambda c: (-sizes[c], firsts[c]))
-    remap = np.empty(k, dtype=np.int32)
-    remap[order] = np.arange(k, dtype=np.int32)
-    labels = remap[raw]
-    return labels, (
-        f"k-means on hashed leading content (content-defined chunks; hash ids for traces), "
-        f"k={len(np.unique(labels))} chosen by silhouette"
-        f" ({score:.2f}) among k=2..{k_max}, seed {seed}"
-    )
+def _quantiles(values: np.ndarray) -> tuple[float | None, float | None]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return None, None
+    q = np.quantile(values, [0.5, 0.9], method="inverted_cdf")
+    return float(q[0]), float(q[1])
 
 
-def summarize(
-    w: AnalysisView, p: PrefixPass, labels: np.ndarray, x: np.ndarray, decode: Decode | None
-) -> pa.Table:
-    """One clusters.parquet row per cluster: size, tokens, own ceiling, representative prefix."""
+def _texts(w: AnalysisView, decode: Decode | None, owner: int, start: int, end: int) -> tuple[str | None, str | None]:
+    if decode is None or w.hash_trace or end <= start:
+        return None, None
+    units = w.units(owner)
+    head = decode(units[start : min(end, start + _TEXT_TOKENS)])
+    tail = decode(units[end - _TEXT_TOKENS : end]) if end - start > _TEXT_TOKENS else None
+    return head, tail
+
+
+def group_requests(w: AnalysisView, p: PrefixPass, times: np.ndarray | None, decode: Decode | None,
+                   min_group_tokens: int = 0) -> Groups:
+    """The reuse groups of a workload and their clusters.parquet rows (module docstring); a group
+    below a branch with fewer than `min_group_tokens` tokens of its own joins its parent."""
+    n = len(w)
+    nodes = block_nodes(p.hashes, p.hash_offsets)
+    tree = reuse_tree(p.hashes, nodes, max(1, -(-min_group_tokens // p.block_tokens)))
+    reuse = reuse_distances(nodes)
+    del nodes
+    g_count = tree.num_groups
+    labels = np.where(tree.group < 0, g_count, tree.group).astype(np.int32)
     ceil = ceiling_per_request(w, p)
+    t = np.full(n, np.nan) if times is None else np.asarray(times, dtype=np.float64)
+    hit = reuse.last_user >= 0
+    gap = np.full(n, np.nan)
+    gap[hit] = t[hit] - t[reuse.last_user[hit]]
+    level = tree.level()
     rows: dict[str, list] = {f.name: [] for f in schema.CLUSTERS}
-    for c in np.unique(labels).tolist():
-        members = np.flatnonzero(labels == c)
-        centroid = x[members].mean(axis=0)
-        rep = int(members[np.argmin(((x[members] - centroid) ** 2).sum(axis=1))])
-        rep_h = p.hashes[p.hash_offsets[rep] : p.hash_offsets[rep + 1]]
-        common = len(rep_h)
-        for m in members.tolist():
-            if common == 0:
-                break
-            common = min(common, common_prefix_len(rep_h, p.hashes[p.hash_offsets[m] : p.hash_offsets[m + 1]]))
-        prefix_tokens = min(common * p.block_tokens, int(w.n_tokens[members].min()))
-        units = w.units(rep)
-        tokens = int(w.n_tokens[members].sum())
-        shared = int(ceil[members].sum())
-        rows["cluster"].append(c)
-        rows["requests"].append(len(members))
-        rows["tokens"].append(tokens)
-        rows["shared_tokens"].append(shared)
-        rows["ceiling"].append(shared / tokens if tokens else 0.0)
-        rows["representative_id"].append(w.request_ids[rep])
-        rows["prefix_tokens"].append(prefix_tokens)
-        text = decode is not None and not w.hash_trace
-        rows["prefix_text"].append(decode(units[:prefix_tokens]) if text and prefix_tokens else None)
-        rows["representative_text"].append(decode(units[:_TEXT_TOKENS]) if text else None)
-    return pa.table(rows, schema=schema.CLUSTERS)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(g_count + 2))
+    for g in range(g_count + 1):
+        members = order[bounds[g] : bounds[g + 1]]
+        if g == g_count and len(members) == 0:
+            break
+        if g < g_count:
+            owner = int(tree.owner[g])
+            start = min(int(tree.top_depth[g]) * p.block_tokens, int(w.n_tokens[owner]))
+            end = min(int(tree.end_depth[g]) * p.block_tokens, int(w.n_tokens[owner]))
+            head, tail = _texts(w, decode, owner, start, end)
+            parent = int(tree.parent[g]) if tree.parent[g] >= 0 else None
+            shape = (parent, int(level[g]), KIND_SHARED, int(tree.users[g]), owner)
+        else:
+            start = end = 0
+            head = tail = None
+            shape = (None, 0, KIND_ONE_SHOT, len(members), int(members[0]))
+        for k, v in zip(("parent", "depth", "kind", "prefix_requests"), shape[:4], strict=True):
+            rows[k].append(v)
+        rows["representative_id"].append(w.request_ids[shape[4]])
+        rows["cluster"].append(g)
+        rows["start_tokens"].append(start)
+        rows["prefix_tokens"].append(end)
+        rows["prefix_start_text"].append(head)
+        rows["prefix_end_text"].append(tail)
+        _add_member_figures(rows, members, w.n_tokens, ceil, int(ceil.sum()), hit, gap, reuse.distance)
+    return Groups(labels, pa.table(rows, schema=schema.CLUSTERS), tree, reuse)
+
+
+def _add_member_figures(rows: dict[str, list], members: np.ndarray, n_tokens: np.ndarray, ceil: np.ndarray,
+                        total_hits: int, hit: np.ndarray, gap: np.ndarray, distance: np.ndarray) -> None:
+    """A group's figures over its members: size, ceiling, share of hits, gap and distance percentiles."""
+    tokens = int(n_tokens[members].sum())
+    shared = int(ceil[members].sum())
+    hits = members[hit[members]]
+    rows["requests"].append(len(members))
+    rows["tokens"].append(tokens)
+    rows["shared_tokens"].append(shared)
+    rows["ceiling"].append(shared / tokens if tokens else 0.0)
+    rows["hit_share"].append(shared / total_hits if total_hits else 0.0)
+    rows["reuses"].append(len(hits))
+    for name, values in (("gap", gap[hits]), ("distance", distance[hits].astype(np.float64))):
+        unit = "s" if name == "gap" else "blocks"
+        p50, p90 = _quantiles(values)
+        rows[f"{name}_p50_{unit}"].append(p50)
+        rows[f"{name}_p90_{unit}"].append(p90)
+
+
+def summary(groups: Groups, block_tokens: int, listed: int) -> dict:
+    """stats.json's `clusters`: counts, the method, and the `listed` groups with most hits."""
+    rows = groups.table.to_pylist()
+    shared = [r for r in rows if r["kind"] == KIND_SHARED]
+    one_shot = next((r["requests"] for r in rows if r["kind"] == KIND_ONE_SHOT), 0)
+    top = sorted(shared, key=lambda r: (-r["hit_share"], r["cluster"]))[:listed]
+    keys = ("cluster", "parent", "requests", "tokens", "ceiling", "hit_share", "prefix_tokens",
+            "distance_p90_blocks", "representative_id")
+    return {
+        "count": len(shared),
+        "top_level": sum(1 for r in shared if r["parent"] is None),
+        "one_shot_requests": one_shot,
+        "block_tokens": block_tokens,
+        "method": METHOD,
+        "items": [{k: r[k] for k in keys} for r in top],
+    }

@@ -61,7 +61,7 @@ def fix_breakers(
     rows = prefixes.select(["request_id", "resembles_id"]).to_pylist()
     partner = {r["request_id"]: r["resembles_id"] for r in rows if r["resembles_id"]}
     index = {rid: i for i, rid in enumerate(request_ids)}
-    tokens = [list(t) for t in token_ids]
+    tokens = list(token_ids)  # rows are replaced, never changed in place: no copy of each prompt
     applied: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     # A rewritten prompt's old head -> its new head, by head length: later requests that

@@ -11,7 +11,7 @@ summed over requests it is what an infinite, token-granular cache could serve. I
 simulator's block ceiling (whole blocks only, per block size), which is never larger.
 
 Hashing primitives (chained block hashes, content-defined chunks) are in advisor/analyze/hashing.py;
-cache breakers in advisor/analyze/breakers.py; clusters in advisor/analyze/clusters.py.
+cache breakers in advisor/analyze/breakers.py; reuse groups in advisor/analyze/reuse.py and clusters.py.
 
 How it streams: requests are visited in arrival order. Each prompt's full blocks at the analysis
 block size get 64-bit chained hashes (a block's hash covers every token before it, and the
@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from advisor import schema
 from advisor.analyze.breakers import find_breakers
-from advisor.analyze.clusters import cluster_labels, features, summarize
+from advisor.analyze.clusters import group_requests, summary
 from advisor.analyze.prefixes import (
     AnalysisView,
     Decode,
@@ -68,10 +69,10 @@ from advisor.workload import load_workload
 @dataclass(frozen=True)
 class AnalyzeOptions:
     analysis_block_size: int = 16  # tokens per block counted; hash traces use the trace's own
-    cluster_seed: int = 0  # same seed, same clusters
-    max_clusters: int = 12  # the largest k tried
+    cluster_seed: int = 0  # kept for old command lines: the reuse groups use no randomness
+    max_clusters: int = 12  # groups listed in stats.json (clusters.parquet keeps every group)
+    min_group_tokens: int = 64  # a reuse group below a branch with less of its own joins its parent
     top_prefixes: int = 10
-    lead_tokens: int = 1024  # leading window of the clustering features (breakers read whole prompts)
 
     def __post_init__(self) -> None:
         if self.analysis_block_size < 1 or self.max_clusters < 1:
@@ -94,6 +95,7 @@ class Analysis:
             "requests": s["requests"], "prompt_tokens": s["prompt_tokens"],
             "ceiling_tokens": s["ceiling_tokens"], "ceiling_rate": round(s["ceiling_rate"], 6),
             "breakers": len(s["breakers"]), "clusters": s["clusters"]["count"],
+            "top_level_clusters": s["clusters"]["top_level"], "one_shot_requests": s["clusters"]["one_shot_requests"],
         }
 
 
@@ -149,16 +151,16 @@ def top_prefixes(
 
 
 def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = None,
-            tokenizer: str | None = None) -> Analysis:
-    """Run the analysis over a workload; `decode` turns token ids into text (None: no text)."""
+            tokenizer: str | None = None, times: np.ndarray | None = None) -> Analysis:
+    """Run the analysis over a workload; `decode` turns token ids into text (None: no text);
+    `times`: arrival seconds per request (NaN or None where the log has none)."""
     n = len(w)
     block = w.unit_tokens if w.hash_trace else options.analysis_block_size
     p = prefix_pass(w, options.analysis_block_size)
     ceil = ceiling_per_request(w, p)
     found = find_breakers(w, p, decode if not w.hash_trace else None, options.analysis_block_size)
-    x = features(w, options.lead_tokens)
-    labels, method = cluster_labels(x, options.cluster_seed, options.max_clusters)
-    clusters = summarize(w, p, labels, x, decode)
+    groups = group_requests(w, p, times, decode, options.min_group_tokens)
+    labels, clusters = groups.labels, groups.table
 
     sess_known = np.array([s is not None for s in w.sessions], dtype=bool)
     same_tok = np.minimum(p.same_session_tokens, ceil)
@@ -233,18 +235,21 @@ def analyze(w: AnalysisView, options: AnalyzeOptions, decode: Decode | None = No
             "session id count as cross-request" if sess_known.any() else
             "the log has no session or conversation ids, so reuse cannot be split by session",
         },
-        "clusters": {
-            "count": int(clusters.num_rows), "method": method,
-            "items": [
-                {k: row[k] for k in ("cluster", "requests", "tokens", "ceiling", "representative_id")}
-                for row in clusters.to_pylist()
-            ],
-        },
+        "clusters": summary(groups, p.block_tokens, options.max_clusters),
         "analysis_block_size": block,
         "tokenizer": tokenizer,
         "options": options.as_dict(),
     }
     return Analysis(prefixes, clusters, stats)
+
+
+def _logged_times(requests: Path, timestamps: np.ndarray) -> np.ndarray:
+    """Arrival seconds as logged: NaN where ingest placed a request at --rate (`timestamp_logged`
+    false), so a reuse gap is never a made-up number."""
+    if "timestamp_logged" not in pq.read_schema(requests).names:
+        return timestamps
+    logged = pq.read_table(requests, columns=["timestamp_logged"]).column(0).to_numpy(zero_copy_only=False)
+    return np.where(logged == False, np.nan, timestamps)  # noqa: E712 - null (unknown) counts as logged
 
 
 def run_analyze(
@@ -261,7 +266,8 @@ def run_analyze(
 
     def body(r: RunDir) -> dict[str, Any]:
         tokens_path = r.require(TOKENS)
-        view = from_workload(load_workload(r.require(REQUESTS), tokens_path))
+        workload = load_workload(r.require(REQUESTS), tokens_path)
+        view = from_workload(workload)
         decode, spec, notes = None, None, []
         if not view.hash_trace:
             spec = tokenizer_spec_of(tokens_path)
@@ -271,7 +277,7 @@ def run_analyze(
                     decode = lambda ids: tokenizer.decode([int(i) for i in ids])  # noqa: E731
                 except AdvisorError as e:  # numbers need no text: analyze on, undecoded
                     notes.append(f"cannot decode token ids, so no texts are shown ({e})")
-        result = analyze(view, options, decode, spec)
+        result = analyze(view, options, decode, spec, _logged_times(r.require(REQUESTS), workload.timestamps))
         write_table(r.path(PREFIXES), result.prefixes)
         write_table(r.path(CLUSTERS), result.clusters)
         write_json(r.path(STATS), result.stats)

@@ -14,6 +14,7 @@ from typing import Any
 
 from advisor.report import facts as fx
 from advisor.report import plots
+from advisor.report.clusters import group_facts, group_points
 from advisor.report.layout import LAYOUT_HEADER, layout_facts
 from advisor.report.model import ReportData
 from advisor.report.offload import offload_facts, offload_series, offload_verdict
@@ -368,22 +369,22 @@ def _timeline(data: ReportData) -> str:
 
 
 def _clusters(data: ReportData) -> str:
-    out = ['<section id="clusters"><h2>Clusters of requests</h2>']
-    if not data.clusters:
-        return "".join(out) + (_missing(data, "clusters.parquet") or '<div class="missing">No clusters.</div>') + "</section>"
-    method = ((data.stats or {}).get("clusters") or {}).get("method")
-    out.append(_figure(
-        plots.clusters_chart(data),
-        "Prompt tokens per cluster (largest first) and the share of them shared with an earlier request"
-        + (f"; clustering: {method}." if method else "."), ""))
-    rows = [(c.get("cluster"), fx.num(c.get("requests")), fx.num(c.get("tokens")), fx.pct(c.get("ceiling")),
-             fx.num(c.get("prefix_tokens")), c.get("representative_id")) for c in data.clusters]
-    body = "".join(
-        f"<tr>{''.join(f'<td class=n>{esc(v)}</td>' for v in r[:5])}<td>{esc(r[5])}</td>"
-        f"<td>{_prompt(c.get('prefix_text'))}</td></tr>" for r, c in zip(rows, data.clusters))
-    out.append("<table><thead><tr><th class=n>cluster</th><th class=n>requests</th><th class=n>tokens</th>"
-               "<th class=n>reuse ceiling</th><th class=n>common prefix</th><th>example request</th>"
-               "<th>common prefix text</th></tr></thead><tbody>" + body + "</tbody></table>")
+    out = ['<section id="clusters"><h2>How the reuse is structured</h2>']
+    g = group_facts(data)
+    if g is None:
+        return "".join(out) + (_missing(data, "clusters.parquet") or '<div class="missing">No requests.</div>') + "</section>"
+    out.append(f"<p>{esc(g.headline)}</p>")
+    if g.note:
+        out.append(f'<div class="note warn">{esc(g.note)}</div>')
+    if g.tree:
+        out.append("<h3>Groups by shared prefix (top levels)</h3><pre>" + esc("\n".join(g.tree)) + "</pre>")
+    points = group_points(data)
+    out.append(_figure(plots.groups_chart(data), points.caption if points else "", ""))
+    out.append(_table(g.header, g.rows, numeric=range(2, 8)))
+    out.append(f"<p class=sub>{esc(g.caption)}</p>")
+    for name, start, end in g.texts:
+        out.append(f"<h3>Group {esc(name)}: its own prefix</h3>{_prompt(start)}"
+                   + (f"<p class=sub>…</p>{_prompt(end)}" if end else ""))
     return "".join(out) + "</section>"
 
 

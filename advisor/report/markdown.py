@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from advisor.report import facts as fx
+from advisor.report.clusters import group_facts
 from advisor.report.layout import LAYOUT_HEADER, layout_facts
 from advisor.report.model import ReportData
 from advisor.report.offload import offload_facts, offload_verdict
@@ -285,16 +286,20 @@ def _timeline(data: ReportData) -> list[str]:
 
 
 def _clusters(data: ReportData) -> list[str]:
-    out = ["## Clusters of requests", ""]
-    if not data.clusters:
-        return out + [_missing(data, "clusters.parquet") or "No clusters.", ""]
-    out += [table(("cluster", "requests", "tokens", "reuse ceiling", "common prefix", "example request"),
-                  [(c.get("cluster"), fx.num(c.get("requests")), fx.num(c.get("tokens")), fx.pct(c.get("ceiling")),
-                    fx.num(c.get("prefix_tokens")), c.get("representative_id")) for c in data.clusters],
-                  numeric=range(0, 5)), ""]
-    for c in data.clusters:
-        if c.get("prefix_text"):
-            out += [f"Cluster {md_text(c.get('cluster'))} common prefix:", "", fenced(c.get("prefix_text")), ""]
+    out = ["## How the reuse is structured", ""]
+    g = group_facts(data)
+    if g is None:
+        return out + [_missing(data, "clusters.parquet") or "No requests.", ""]
+    out += [md_text(g.headline), ""]
+    if g.note:
+        out += [f"> {md_text(g.note)}", ""]
+    if g.tree:
+        out += ["Groups by shared prefix (top levels):", "", fenced("\n".join(g.tree)), ""]
+    out += [table(g.header, g.rows, numeric=range(2, 8)), "", md_text(g.caption), ""]
+    for name, start, end in g.texts:
+        out += [f"Group {md_text(name)}, start of its own prefix:", "", fenced(start), ""]
+        if end:
+            out += ["… and its end:", "", fenced(end), ""]
     return out
 
 

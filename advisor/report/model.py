@@ -188,8 +188,11 @@ def build(
     first = [(int(r.get("line", 0)), str(r.get("reason", ""))) for r in list(rejects)[:MAX_REJECTS]]
     if not first and ingest:
         first = [(int(a), str(b)) for a, b in (ingest.get("first_rejects") or [])[:MAX_REJECTS]]
-    cl = sorted((dict(c) for c in clusters), key=lambda c: (-int(c.get("tokens") or 0), c.get("cluster", 0)))
-    cl = cl[:MAX_CLUSTERS]
+    # every group (the tree and the folded rows need them all); the texts of the first MAX_CLUSTERS
+    # by hit share only, since the report shows no more
+    cl = sorted((dict(c) for c in clusters), key=lambda c: c.get("cluster", 0))
+    shown = {c.get("cluster") for c in sorted(cl, key=lambda c: -float(c.get("hit_share") or 0))[:MAX_CLUSTERS]}
+    cl = [c if c.get("cluster") in shown else {k: v for k, v in c.items() if not k.endswith("_text")} for c in cl]
     if redact:
         stats = _redact_stats(stats) if stats else stats
         recommendation = _redact_recommendation(recommendation) if recommendation else recommendation

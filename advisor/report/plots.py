@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from advisor.recommend.view import main_view  # noqa: E402
+from advisor.report.clusters import GroupPoints, group_points  # noqa: E402
 from advisor.report.model import ReportData, TimelinePoint  # noqa: E402
 from advisor.report.offload import OffloadSeries, offload_series  # noqa: E402
 from advisor.report.replicas import ReplicaSeries, replica_series  # noqa: E402
@@ -220,31 +221,30 @@ def timeline(data: ReportData) -> str | None:
                    bin_timeline(data.timeline), data.timeline_has_time)
 
 
-# --- clusters --------------------------------------------------------------------------
-def _draw_clusters(fig: Figure, clusters: Sequence[Mapping[str, Any]]) -> None:
+# --- reuse groups ----------------------------------------------------------------------
+def _draw_groups(fig: Figure, g: GroupPoints) -> None:
     ax = fig.add_subplot()
-    cl = list(clusters)[:12][::-1]
-    y = range(len(cl))
-    tokens = [int(c.get("tokens") or 0) for c in cl]
-    shared = [int(c.get("shared_tokens") or 0) for c in cl]
-    ax.barh(y, tokens, color=MISS, label="prompt tokens")
-    ax.barh(y, shared, color=HIT, label="shared with an earlier request")
-    ax.set_yticks(list(y), [f"cluster {c.get('cluster')} ({int(c.get('requests') or 0):,} req)" for c in cl])
-    top = max(tokens or [1])
-    for i, c in enumerate(cl):
-        ax.text(tokens[i] + top * 0.01, i, f"{float(c.get('ceiling') or 0) * 100:.0f}%", va="center", fontsize=8)
-    ax.set_xlabel("prompt tokens")
-    ax.set_xlim(0, top * 1.1)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8.5)
-    ax.grid(axis="y", visible=False)
+    xs = [max(p[0], 1.0) for p in g.points]
+    top = max(p[2] for p in g.points) or 1
+    ax.scatter(xs, [p[1] for p in g.points], s=[12 + 150 * math.sqrt(p[2] / top) for p in g.points],
+               color=PALETTE[0], alpha=0.55, linewidths=0)
+    if g.budget_tokens:
+        ax.axvline(g.budget_tokens, color="#6b7280", ls=":", lw=1.2)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")
+    ax.xaxis.set_major_formatter(plain)
+    lo, hi = ax.get_xlim()  # within one decade the minor ticks are the only labels there are
+    ax.xaxis.set_minor_formatter(plain if hi < lo * 10 else NullFormatter())
+    ax.set_xlabel("p90 reuse distance (tokens an LRU cache must hold)")
+    ax.set_ylabel("share of all hits (%)")
+    ax.set_ylim(bottom=0)
 
 
-def clusters_chart(data: ReportData) -> str | None:
-    if not data.clusters:
+def groups_chart(data: ReportData) -> str | None:
+    g = group_points(data)
+    if g is None:
         return None
-    n = min(12, len(data.clusters))
-    return _render(_draw_clusters, "clus", "clusters of requests with their reuse", data.clusters,
-                   height=1.2 + 0.42 * n)
+    return _render(_draw_groups, "clus", "reuse groups: share of hits against reuse distance", g)
 
 
 # --- TTFT versus KV memory --------------------------------------------------------------
