@@ -10,7 +10,7 @@ from breaker_logs import Log, generate
 
 from advisor.analyze.breakers import find_breakers
 from advisor.analyze.prefixes import prefix_pass
-from advisor.recommend.fixes import price_fixes, prompt_fixes
+from advisor.recommend.fixes import Rewrites, price_fixes, prompt_fixes
 from advisor.sim.configuration import simulate_one
 from advisor.workload import Workload
 
@@ -40,7 +40,7 @@ def test_the_gain_of_a_fix_is_the_simulated_hit_rate_of_the_log_without_its_brea
     log, held = generate(kind, 40), generate(kind, 40, held=True)
     stats, prefixes = analysis(log)
     fixes, _ = prompt_fixes(stats)
-    priced, line = price_fixes(fixes, workload(log), prefixes, stats, BLOCK, num_blocks)
+    priced, line = price_fixes(fixes, Rewrites(workload(log), prefixes, stats), BLOCK, num_blocks)
     [f] = priced
     base, without = hit_rate(workload(log), num_blocks), hit_rate(workload(held), num_blocks)
     assert f["hit_rate_before"] == round(base, 6)
@@ -56,8 +56,8 @@ def test_fixes_the_simulator_cannot_apply_keep_the_estimate_and_say_why() -> Non
     stats, prefixes = analysis(log)
     stats["breakers"][0]["label"] = "something new"  # no rewrite is defined for it
     fixes, _ = prompt_fixes(stats)
-    [f], line = price_fixes(fixes, workload(log), prefixes, stats, BLOCK, None)
+    [f], line = price_fixes(fixes, Rewrites(workload(log), prefixes, stats), BLOCK, None)
     assert f["hit_rate_gain"] == f["estimated_gain"] and "cannot apply this fix" in f["gain_source"]
     assert "up to" in line and "cannot apply this fix" in line
-    assert price_fixes([], workload(log), prefixes, stats, BLOCK, None) is None
-    assert price_fixes(fixes, workload(log), None, stats, BLOCK, None) is None
+    assert price_fixes([], Rewrites(workload(log), prefixes, stats), BLOCK, None) is None
+    assert price_fixes(fixes, Rewrites(workload(log), None, stats), BLOCK, None) is None

@@ -14,6 +14,7 @@ as is the log with every fix applied; the gain is the hit-rate difference to the
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -53,16 +54,38 @@ def prompt_fixes(stats: dict[str, Any] | None) -> tuple[list[dict[str, Any]], st
                    "token-granular estimate from the analysis; the block-level gain is at most that).")
 
 
+class Rewrites:
+    """The log's prompts with analyze's fixes applied (advisor.analyze.rewrite), each set of
+    fixes rewritten once: the fixes' prices and the time section's "breakers fixed" share them."""
+
+    def __init__(self, workload: Workload, prefixes: pa.Table | None, stats: dict[str, Any] | None) -> None:
+        self.workload, self.prefixes, self.stats = workload, prefixes, stats
+        self._done: dict[frozenset[int] | None, tuple[Workload | None, dict[str, Any]]] = {}
+
+    @cached_property
+    def _lists(self) -> tuple[list[str], list[list[int]]]:
+        w = self.workload
+        return w.request_ids.to_pylist(), [w.tokens(i).tolist() for i in range(w.num_requests)]
+
+    def applied(self, only: frozenset[int] | None = None) -> tuple[Workload | None, dict[str, Any]]:
+        """(the workload with the fixes `only` names applied — None: all of them — or None when
+        they cannot be applied, the rewrite's record)."""
+        if only not in self._done:
+            ids, lists = self._lists
+            fixed, record = fix_breakers(ids, lists, self.prefixes, self.stats,
+                                         only=set(only) if only is not None else None)
+            self._done[only] = (self.workload.with_token_lists(fixed) if fixed is not None else None, record)
+        return self._done[only]
+
+
 def price_fixes(
-    fixes: list[dict[str, Any]], workload: Workload, prefixes: pa.Table | None, stats: dict[str, Any] | None,
-    block_size: int, num_blocks: int | None,
+    fixes: list[dict[str, Any]], rewrites: Rewrites, block_size: int, num_blocks: int | None,
 ) -> tuple[list[dict[str, Any]], str] | None:
     """The fixes with `hit_rate_gain` simulated (module docstring) and the reasoning line,
     or None when there is nothing to simulate (no fixes, a hash trace, no analysis)."""
-    if not fixes or workload.is_hash_trace or stats is None or prefixes is None:
+    workload = rewrites.workload
+    if not fixes or workload.is_hash_trace or rewrites.stats is None or rewrites.prefixes is None:
         return None
-    ids = workload.request_ids.to_pylist()
-    lists = [workload.tokens(i).tolist() for i in range(workload.num_requests)]
 
     def hit_rate(w: Workload) -> float:
         res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_SEQUENTIAL, policy=schema.POLICY_LRU)
@@ -76,11 +99,11 @@ def price_fixes(
     for n, f in enumerate(priced):
         f = dict(f)
         if n < MAX_PRICED:
-            fixed, record = fix_breakers(ids, lists, prefixes, stats, only={int(f["breaker_index"])})
+            fixed, record = rewrites.applied(frozenset({int(f["breaker_index"])}))
             if fixed is None:
                 f["gain_source"] = f"estimate: the simulator cannot apply this fix ({record['reason']})"
             else:
-                after = hit_rate(workload.with_token_lists(fixed))
+                after = hit_rate(fixed)
                 f.update(hit_rate_gain=round(after - base, 6), hit_rate_after=round(after, 6),
                          hit_rate_before=round(base, 6), gain_source=where,
                          rewritten_requests=record["rewritten_requests"])
@@ -88,10 +111,10 @@ def price_fixes(
             f["gain_source"] = f"estimate: only the {MAX_PRICED} largest fixes are simulated one by one"
         out.append(f)
     out.sort(key=lambda f: -f["hit_rate_gain"])
-    every, _ = fix_breakers(ids, lists, prefixes, stats)
+    every, _ = rewrites.applied() if len(fixes) > 1 else (None, {})
     both = ""
-    if every is not None and len(fixes) > 1:
-        all_gain = hit_rate(workload.with_token_lists(every)) - base
+    if every is not None:
+        all_gain = hit_rate(every) - base
         both = f"; all {len(fixes)} fixes together: +{all_gain * 100:.1f} points"
     top = out[0]
     if top["gain_source"] == where:

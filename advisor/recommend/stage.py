@@ -31,7 +31,8 @@ the same choice the report shows); the reasoning says which.
 The steps live beside this module: view (rows), constraints (block sizes, running
 requests), rank (pricing, candidates, best and runner-up), serve (GPU budget, flags),
 offload (what vLLM's CPU offload tier buys at the recommended GPU budget, from offload.parquet,
-and its size), fixes (prompt fixes), timing (what caching buys in time at the
+and its size), fixes (prompt fixes), groups (reuse groups the recommended budget cannot keep, from
+clusters.parquet), timing (what caching buys in time at the
 recommended configuration: TTFT and throughput with caching on and off).
 """
 
@@ -41,15 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advisor import kvmemory as kv
-from advisor.analyze.rewrite import fix_breakers
 from advisor.kvlayout import kv_layout
 from advisor.recommend.constraints import allowed_block_sizes, running_reserve
 from advisor.recommend.deploy import RouterSettings
-from advisor.recommend.fixes import price_fixes, prompt_fixes
+from advisor.recommend.fixes import Rewrites, price_fixes, prompt_fixes
+from advisor.recommend.groups import reuse_group_advice
 from advisor.recommend.offload import offload_advice
 from advisor.recommend.options import RecommendOptions, resolve_options
 from advisor.recommend.rank import (
@@ -72,6 +72,7 @@ from advisor.recommend.serve import (
 from advisor.recommend.timing import caching_time, simulate_options_from_record
 from advisor.recommend.view import describe, select_view
 from advisor.runfolder import (
+    CLUSTERS,
     OFFLOAD,
     PREFIXES,
     RECOMMENDATION,
@@ -85,7 +86,7 @@ from advisor.runfolder import (
     write_json,
 )
 from advisor.schema import MODE_CONCURRENT, POLICY_OFF
-from advisor.workload import Workload, load_workload
+from advisor.workload import load_workload
 
 
 def recommend(
@@ -159,36 +160,30 @@ def recommend(
     }
 
 
-def _price_fixes(result: dict[str, Any], workload: Workload | None, prefixes: pa.Table | None,
-                 stats: dict[str, Any] | None) -> None:
+def _price_fixes(result: dict[str, Any], rewrites: Rewrites | None) -> None:
     """advisor.recommend.fixes.price_fixes at the recommended configuration: each prompt fix's
     hit-rate gain from the simulator, in place of the analysis' estimate."""
-    if not result["prompt_fixes"] or workload is None:
+    if not result["prompt_fixes"] or rewrites is None:
         return
     best = result["recommended"]
-    priced = price_fixes(result["prompt_fixes"], workload, prefixes, stats, int(best["block_size"]),
-                         best["num_blocks"])
+    priced = price_fixes(result["prompt_fixes"], rewrites, int(best["block_size"]), best["num_blocks"])
     if priced is not None:
         result["prompt_fixes"], line = priced
         result["reasoning"] = [line if x.startswith("Top prompt fix:") else x for x in result["reasoning"]]
 
 
-def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any], workload: Workload | None,
-                  prefixes: pa.Table | None, stats: dict[str, Any] | None) -> dict[str, Any] | None:
+def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any],
+                  rewrites: Rewrites | None) -> dict[str, Any] | None:
     """advisor.recommend.timing at the recommended configuration, when simulate ran concurrent
     mode (the clock and the arrivals are its) and the run folder has the workload."""
     best = result["recommended"]
     if MODE_CONCURRENT not in set(sim["mode"].to_list()) or best["num_blocks"] is None:
         return None
-    if workload is None:
+    if rewrites is None:
         return None
+    workload = rewrites.workload
     options = simulate_options_from_record(run.stage_options("simulate"))
-    fixed, record = None, None
-    if not workload.is_hash_trace:
-        ids = workload.request_ids.to_pylist()
-        lists, record = fix_breakers(ids, [workload.tokens(i).tolist() for i in range(workload.num_requests)],
-                                     prefixes, stats)
-        fixed = workload.with_token_lists(lists) if lists is not None else None
+    fixed, record = rewrites.applied() if not workload.is_hash_trace else (None, None)
     return caching_time(workload, int(best["block_size"]), int(best["num_blocks"]), options,
                         fixed=fixed, fixed_record=record)
 
@@ -211,6 +206,18 @@ def _replicas_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any], op
                               models=models)
 
 
+def _reuse_groups(run: RunDir, stats: dict[str, Any] | None, result: dict[str, Any]) -> dict[str, Any] | None:
+    """advisor.recommend.groups on clusters.parquet; its note joins the reasoning."""
+    if not run.path(CLUSTERS).exists():
+        return None
+    block_tokens = int(((stats or {}).get("clusters") or {}).get("block_tokens")
+                       or (stats or {}).get("analysis_block_size") or 16)
+    advice = reuse_group_advice(pq.read_table(run.path(CLUSTERS)).to_pylist(), block_tokens, result["recommended"])
+    if advice is not None and advice["note"]:
+        result["reasoning"].append(advice["note"])
+    return advice
+
+
 def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, *,
                   force: bool = False) -> StageOutcome:
     """The recommend stage on `run_dir`: sim.parquet (+ stats.json) -> recommendation.json."""
@@ -218,7 +225,7 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
     sim_path = run.require(SIM)
     options = resolve_options(options or RecommendOptions(), run.stage_options("simulate"))
     inputs = [sim_path] + [p for p in (run.path(STATS), run.path(REQUESTS), run.path(TOKENS), run.path(PREFIXES),
-                                       run.path(REPLICAS), run.path(OFFLOAD)) if p.exists()]
+                                       run.path(REPLICAS), run.path(OFFLOAD), run.path(CLUSTERS)) if p.exists()]
 
     def body(r: RunDir) -> dict[str, Any]:
         geom = kv.resolve_model(options.model) if options.model else None
@@ -235,8 +242,10 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
         workload = (load_workload(r.path(REQUESTS), r.path(TOKENS))
                     if r.path(REQUESTS).exists() and r.path(TOKENS).exists() else None)
         prefixes = pq.read_table(r.path(PREFIXES)) if r.path(PREFIXES).exists() else None
-        _price_fixes(result, workload, prefixes, stats)
-        result["time"] = _time_section(r, sim, result, workload, prefixes, stats)
+        rewrites = Rewrites(workload, prefixes, stats) if workload is not None else None
+        _price_fixes(result, rewrites)
+        result["time"] = _time_section(r, sim, result, rewrites)
+        result["reuse_groups"] = _reuse_groups(r, stats, result)
         result["replicas"] = _replicas_section(r, sim, result, options, geom, gpu_gib, kind,
                                                simulated.get("longest_request_tokens"))
         write_json(r.path(RECOMMENDATION), result)

@@ -13,35 +13,16 @@ Both are doubly linked lists, so `unlink`, `insert_after` and `insert_before` se
 both (a queue's tail sentinel and a ring's first copy play the same part for
 `insert_before`); `ring_lookup`, `ring_link` and `ring_unlink` add `first_copy`.
 
-`compiled` is the project's JIT decorator: numba's `njit` when numba is importable (it
-ships with vLLM's CPU build), else the plain function; with NUMBA_DISABLE_JIT=1 numba
-itself returns Python functions. Compiled functions here are called from compiled
+The loops are compiled with `advisor.compiled.compiled`. Compiled functions here are called from compiled
 functions in other modules; numba's on-disk cache does not notice when a callee in
 another file changes, so after editing this module clear advisor/__pycache__/*.nb[ic].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import numpy as np
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-try:  # numba ships with vLLM's CPU build; without it the loops run as Python.
-    from numba import njit as _njit
-
-    def compiled(fn: F) -> F:
-        return _njit(cache=True, nogil=True)(fn)  # type: ignore[no-any-return]
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-
-    def compiled(fn: F) -> F:
-        return fn
-
-    HAVE_NUMBA = False
+from advisor.compiled import compiled
 
 
 @compiled

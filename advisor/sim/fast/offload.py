@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from advisor.sim.fast.lists import compiled, insert_before, unlink
+from advisor.compiled import compiled
+from advisor.sim.fast.lists import insert_before, unlink
 from advisor.sim.fast.sequential import request_flags
 from advisor.sim.fast.trace import BlockTrace
 from advisor.sim.offload import OffloadCounters, OffloadResult

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from advisor import schema
+from advisor.compiled import compiled
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.fast.cache import ALL_TOKENS, _admit_flagged, _free
 from advisor.sim.fast.events import (
@@ -49,7 +50,6 @@ from advisor.sim.fast.events import (
     num_hash_ids,
     request_hashes,
 )
-from advisor.sim.fast.lists import compiled
 from advisor.sim.fast.step import (
     _COMP,
     _O_HANDED,

@@ -14,8 +14,9 @@ docstring of advisor.sim.fast.events says when that holds).
 
 from __future__ import annotations
 
+from advisor.compiled import compiled
 from advisor.sim.fast.cache import _admit_flagged, _allocate, _free
-from advisor.sim.fast.lists import compiled, ring_link
+from advisor.sim.fast.lists import ring_link
 
 # cnt: the cache's counters, shared with advisor.sim.fast.cache's kernels (which use the first two)
 _EVICTIONS, _FREE, _IN_USE, _PEAK, _MAX_BLOCK = 0, 1, 2, 3, 4
