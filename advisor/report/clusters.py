@@ -24,7 +24,7 @@ from advisor.report.model import ReportData
 LISTED = 12  # groups in the table; the rest are summed in one row
 TREE_CHILDREN = 4  # children shown under each tree node; the rest summed in one line
 TREE_LEVELS = 2
-HEADER = ("group", "parent", "requests", "prefix", "hit share", "reuse ceiling", "gap p50 / p90",
+HEADER = ("group", "parent", "members", "prefix", "hit share", "reuse ceiling", "gap p50 / p90",
           "reuse distance p90", "example request")
 ONE_SHOT = "one-shot"
 
@@ -92,10 +92,10 @@ def _tree(shared: list[Mapping[str, Any]]) -> list[str]:
         for r in children[:TREE_CHILDREN]:
             g = int(r["cluster"])
             share, members, groups = sub[g]
-            below = f", {groups - 1:,} groups below" if groups > 1 else ""
+            below = (f" with the {groups - 1:,} group{'s' if groups > 2 else ''} below it" if groups > 1 else "")
             lines.append(f"{indent}- #{g}: {fx.num(r.get('prefix_tokens'))}-token prefix "
                          f"(+{fx.num(int(r.get('prefix_tokens') or 0) - int(r.get('start_tokens') or 0))} of its own), "
-                         f"{fx.num(r.get('prefix_requests'))} requests, {fx.pct(share)} of hits{below}")
+                         f"used by {fx.num(r.get('prefix_requests'))} requests, {fx.pct(share)} of hits{below}")
             if level < TREE_LEVELS:
                 walk(g, level + 1)
         rest = children[TREE_CHILDREN:]
@@ -105,7 +105,7 @@ def _tree(shared: list[Mapping[str, Any]]) -> list[str]:
             reqs = sum(int(r.get("prefix_requests") or 0) for r in rest)
             more = f"{len(rest):,} more group" + ("s" if len(rest) > 1 else "")
             below = f" ({groups:,} with those below them)" if groups > len(rest) else ""
-            lines.append(f"{indent}- … {more}{below}: {fx.num(reqs)} requests, {fx.pct(share)} of hits")
+            lines.append(f"{indent}- … {more}{below}: used by {fx.num(reqs)} requests, {fx.pct(share)} of hits")
 
     walk(None, 1)
     return lines
