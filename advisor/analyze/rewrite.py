@@ -40,7 +40,7 @@ MAX_VALUE_SPAN = 64  # tokens: a date, an id or a name is far shorter; longer va
 
 
 def fix_breakers(
-    request_ids: Sequence[str], token_ids: Sequence[Sequence[int]], prefixes: pa.Table | None,
+    request_ids: Sequence[str], token_ids: Sequence[Sequence[int] | np.ndarray], prefixes: pa.Table | None,
     stats: dict[str, Any] | None, *, synthetic: bool = False, only: set[int] | None = None,
 ) -> tuple[list[list[int]] | None, dict[str, Any]]:
     """(the token lists with analyze's cache breakers fixed, what was rewritten), or (None,
@@ -67,14 +67,15 @@ def fix_breakers(
     # A rewritten prompt's old head -> its new head, by head length: later requests that
     # carried the same head (the next turns of a conversation, the rest of a task) get the
     # same fix, as they would from a client that fixed its prompt.
-    heads: dict[int, dict[tuple[int, ...], list[int]]] = {}
+    heads: dict[int, dict[bytes, list[int]]] = {}
     inherited = changed = 0
     for i, rid in enumerate(request_ids):
         own = tokens[i]
         for length in sorted(heads, reverse=True):
-            new_head = heads[length].get(tuple(own[:length])) if len(own) > length else None
+            new_head = heads[length].get(_head_key(own[:length])) if len(own) > length else None
             if new_head is not None:
-                tokens[i] = new_head + list(own[length:])
+                rest = own[length:]
+                tokens[i] = new_head + (rest.tolist() if isinstance(rest, np.ndarray) else list(rest))
                 inherited += 1
                 break
         if rid not in partner or tokens[i] is not own:
@@ -87,10 +88,10 @@ def fix_breakers(
                                                     np.asarray(own, dtype=np.int64), spans, applied, skipped)
         if new is not None:
             tokens[i] = new
-            heads.setdefault(cut_old, {})[tuple(own[:cut_old])] = new[:cut_new]
+            heads.setdefault(cut_old, {})[_head_key(own[:cut_old])] = new[:cut_new]
             changed += 1
         if new_a is not None:
-            heads.setdefault(len(new_a), {})[tuple(tokens[a])] = new_a
+            heads.setdefault(len(new_a), {})[_head_key(tokens[a])] = new_a
             tokens[a] = new_a
             changed += 1
     if not applied:
@@ -108,6 +109,12 @@ def fix_breakers(
         "same_head_requests": inherited,
         "skipped": dict(skipped), "prompt_tokens_before": before, "prompt_tokens_after": after,
     }
+
+
+def _head_key(head: Sequence[int]) -> bytes:
+    """A head's tokens as a dict key: the same for a list and an int array of the same ids, and
+    cheaper to build and hash than a tuple of Python ints."""
+    return np.asarray(head, dtype=np.int32).tobytes()
 
 
 def _spans(breakers: Sequence[dict[str, Any]], block: int, only: set[int] | None) -> list[tuple[int, int, str | None]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from advisor import schema
@@ -63,9 +64,10 @@ class Rewrites:
         self._done: dict[frozenset[int] | None, tuple[Workload | None, dict[str, Any]]] = {}
 
     @cached_property
-    def _lists(self) -> tuple[list[str], list[list[int]]]:
+    def _lists(self) -> tuple[list[str], list[np.ndarray]]:
         w = self.workload
-        return w.request_ids.to_pylist(), [w.tokens(i).tolist() for i in range(w.num_requests)]
+        # views into the workload's one id array: fix_breakers replaces the rows it rewrites, copies none
+        return w.request_ids.to_pylist(), [w.tokens(i) for i in range(w.num_requests)]
 
     def applied(self, only: frozenset[int] | None = None) -> tuple[Workload | None, dict[str, Any]]:
         """(the workload with the fixes `only` names applied — None: all of them — or None when
