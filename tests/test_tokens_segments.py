@@ -39,16 +39,6 @@ SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pc-advise-cache")
-
-
-@pytest.fixture(scope="module")
-def qwen(cache_dir: Path):
-    return tk.load_tokenizer(None, cache_dir)
-
-
 def whole(tok, texts: list[str], special: bool = False) -> list[list[int]]:
     """The reference: the tokenizer's own encode_batch on each whole text."""
     return [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=special)]
