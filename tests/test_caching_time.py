@@ -36,6 +36,21 @@ def test_caching_cuts_ttft_and_raises_the_sustained_rate_on_a_shared_prefix() ->
     assert on["throughput_rps"] == off["throughput_rps"] or abs(on["throughput_rps"] / off["throughput_rps"] - 1) < 0.05
 
 
+def test_a_log_that_arrives_faster_than_the_engine_sustains_is_called_overloaded() -> None:
+    """Flat rates: 60 requests of ~2,050 tokens, 10 per second. The same log spread over 600 s
+    (one request every 10 s) is within what the engine sustains either way."""
+    opts = SimulateOptions(workers=1, prefill_tps=5_000.0)
+    fast = caching_time(shared_prefix_log(), 16, 4000, opts)
+    assert fast["arrival_rps"] == pytest.approx(10.0)
+    # without caching each prefill takes ~0.4 s at 5,000 tokens/s: ~2.4 req/s, below 10 req/s
+    assert fast["saturated"]["off"]["throughput_rps"] < 10 and fast["overloaded"]["off"]
+    w = shared_prefix_log()
+    slow = Workload.from_token_lists([w.tokens(i).tolist() for i in range(w.num_requests)],
+                                     timestamps=np.arange(60) * 10.0, output_tokens=[50] * 60)
+    quiet = caching_time(slow, 16, 4000, opts)
+    assert quiet["arrival_rps"] == pytest.approx(0.1) and not any(quiet["overloaded"].values())
+
+
 def test_without_reuse_caching_buys_nothing() -> None:
     rng = np.random.default_rng(1)
     reqs = [list(rng.integers(1, 30_000, 500)) for _ in range(30)]

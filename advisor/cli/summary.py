@@ -78,8 +78,11 @@ def _time_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
     lr, sat = t["logged_rate"], t["saturated"]
 
     def line(k: str) -> str:
+        overloaded = (t.get("overloaded") or {}).get(k)
         return (f"TTFT p50 {_ms(lr[k]['ttft_p50_s'])}, p95 {_ms(lr[k]['ttft_p95_s'])}; sustains "
-                f"{sat[k]['throughput_rps']:.2f} req/s")
+                f"{sat[k]['throughput_rps']:.2f} req/s"
+                + (f", below the log's {t['arrival_rps']:.2f} req/s: overloaded, its queue and TTFT grow with "
+                   "the log" if overloaded else ""))
 
     clock = t.get("clock") or {}
     how = (f" (predicted: roofline of {clock.get('model')} on {clock.get('gpu')})" if clock.get("kind") == "roofline"

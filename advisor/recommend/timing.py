@@ -71,7 +71,14 @@ def caching_time(workload: Workload, block_size: int, num_blocks: int, options: 
     logged, sat = runs["logged_rate"], runs["saturated"]
     on_rps, off_rps = sat["on"]["throughput_rps"], sat["off"]["throughput_rps"]
     gain = on_rps / off_rps if on_rps and off_rps else None
+    arrival = arrival_rate(workload, opts.speedup)
     return {
+        # the log's own request rate; a variant whose sustained rate is below it is overloaded at
+        # the logged rate: its queue grows for the whole log, so its TTFT there measures the log's
+        # length more than the engine
+        "arrival_rps": round(arrival, 6) if arrival is not None else None,
+        "overloaded": {name: bool(arrival is not None and sat[name]["throughput_rps"] is not None
+                                  and sat[name]["throughput_rps"] < arrival) for name in sat},
         "block_size": block_size,
         "num_blocks": num_blocks,
         "clock": clock.as_dict(),
@@ -87,6 +94,14 @@ def caching_time(workload: Workload, block_size: int, num_blocks: int, options: 
                 "clock); 'saturated' runs every request waiting at once: the request rate the engine completes "
                 "at full load, the highest arrival rate it sustains for this log's mix"),
     }
+
+
+def arrival_rate(workload: Workload, speedup: float = 1.0) -> float | None:
+    """Requests per second over the log's arrival span (after `speedup`), or None for a log whose
+    requests all arrive at once."""
+    t = workload.arrivals(speedup)
+    span = float(t.max() - t.min()) if len(t) > 1 else 0.0
+    return (len(t) - 1) / span if span > 0 else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -425,6 +425,15 @@ def time_facts(data: ReportData) -> tuple[str, list[tuple[str, ...]], str] | Non
         verdict += (f" At full load the engine completes {_rate(sat['on']['throughput_rps'])} with caching and "
                     f"{_rate(sat['off']['throughput_rps'])} without ({t['saturated_throughput_gain']:.2f}x): at the "
                     f"same peak load, caching saves {t['replicas_saved_share']:.0%} of the replicas.")
+    over = [name for name in ("off", "on") if (t.get("overloaded") or {}).get(name)]
+    if over:
+        which = {"off": "without caching", "on": "with caching"}
+        verdict += (f" The log arrives at {_rate(t['arrival_rps'])}, more than this engine sustains "
+                    f"{' or '.join(which[k] for k in over)}: at the logged rate its queue grows for the whole "
+                    "log, so those TTFT figures measure the log's length more than the engine. Compare the "
+                    "sustained rates"
+                    + (", or give --model and --gpu for a roofline clock." if (t.get("clock") or {}).get("kind")
+                       != "roofline" else "; at this rate the log needs more replicas."))
     measured = measured_time_text(data)
     if measured:
         verdict += " " + measured
