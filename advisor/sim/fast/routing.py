@@ -148,13 +148,29 @@ def _queued_tokens(st, running, wq, order, counters):  # type: ignore[no-untyped
 
 
 @compiled
-def _choose(kind, i, targets, turn, load_weight, reqs, limits, pools, queues, counters):  # type: ignore[no-untyped-def]
-    """`Router.route(i, engines)` over the engines' rows (concurrent mode)."""
-    replicas = counters.shape[0]
+def _stateless_route(kind, i, targets, turn, replicas):  # type: ignore[no-untyped-def]
+    """The choice of the routers that read no replica state, in both modes: one replica,
+    round-robin, and the keyed routers (their target, or the next turn when the key has none);
+    -1 for least-loaded and cache-aware, which read the replicas."""
     if replicas == 1:
         return 0
     if kind == _RR:
         return _next_turn(turn)
+    if kind == _KEYED_SESSION or kind == _KEYED_PREFIX:
+        if targets[i] < 0:
+            turn[2] += 1
+            return _next_turn(turn)
+        return targets[i]
+    return -1
+
+
+@compiled
+def _choose(kind, i, targets, turn, load_weight, reqs, limits, pools, queues, counters):  # type: ignore[no-untyped-def]
+    """`Router.route(i, engines)` over the engines' rows (concurrent mode)."""
+    replicas = counters.shape[0]
+    fixed = _stateless_route(kind, i, targets, turn, replicas)
+    if fixed >= 0:
+        return fixed
     if kind == _LEAST:
         best, best_load = 0, -1
         for r in range(replicas):
@@ -163,11 +179,6 @@ def _choose(kind, i, targets, turn, load_weight, reqs, limits, pools, queues, co
             if best_load < 0 or load < best_load:
                 best, best_load = r, load
         return best
-    if kind == _KEYED_SESSION or kind == _KEYED_PREFIX:
-        if targets[i] < 0:
-            turn[2] += 1
-            return _next_turn(turn)
-        return targets[i]
     hashes, hoff, st = reqs[0], reqs[1], reqs[4]
     best, best_score, best_load = -1, 0.0, 0
     for r in range(replicas):
@@ -256,21 +267,15 @@ def _choose_sequential(kind, i, targets, turn, load_weight, ids, offsets, num_to
     """`Router.route(i, caches)` over the pools' rows (sequential mode: load is what was routed
     and computed so far, `per`)."""
     replicas = per.shape[0]
-    if replicas == 1:
-        return 0
-    if kind == _RR:
-        return _next_turn(turn)
+    fixed = _stateless_route(kind, i, targets, turn, replicas)
+    if fixed >= 0:
+        return fixed
     if kind == _LEAST:
         best = 0
         for r in range(1, replicas):
             if per[r, _S_ROUTED] < per[best, _S_ROUTED]:
                 best = r
         return best
-    if kind == _KEYED_SESSION or kind == _KEYED_PREFIX:
-        if targets[i] < 0:
-            turn[2] += 1
-            return _next_turn(turn)
-        return targets[i]
     best, best_score, best_load = -1, 0.0, 0
     for r in range(replicas):
         load = per[r, _S_PREFILL]
