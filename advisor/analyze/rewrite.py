@@ -42,10 +42,11 @@ MAX_VALUE_SPAN = 64  # tokens: a date, an id or a name is far shorter; longer va
 def fix_breakers(
     request_ids: Sequence[str], token_ids: Sequence[Sequence[int] | np.ndarray], prefixes: pa.Table | None,
     stats: dict[str, Any] | None, *, synthetic: bool = False, only: set[int] | None = None,
-) -> tuple[list[list[int]] | None, dict[str, Any]]:
+) -> tuple[list[Sequence[int] | np.ndarray] | None, dict[str, Any]]:
     """(the token lists with analyze's cache breakers fixed, what was rewritten), or (None,
     {"reason": why not}). Requests are rewritten in order against their (already rewritten)
-    partner. `only`: indices into stats["breakers"] to apply (None: all of them).
+    partner. `only`: indices into stats["breakers"] to apply (None: all of them). A rewritten
+    row is an int32 array; an unchanged one is the row given (no copy).
     `synthetic`: the token ids are stand-ins (a hash trace): nothing can be fixed."""
     if stats is None or prefixes is None:
         return None, {"reason": "analyze has not run (no stats.json / prefixes.parquet), so there are no "
@@ -67,15 +68,14 @@ def fix_breakers(
     # A rewritten prompt's old head -> its new head, by head length: later requests that
     # carried the same head (the next turns of a conversation, the rest of a task) get the
     # same fix, as they would from a client that fixed its prompt.
-    heads: dict[int, dict[bytes, list[int]]] = {}
+    heads: dict[int, dict[bytes, np.ndarray]] = {}
     inherited = changed = 0
     for i, rid in enumerate(request_ids):
         own = tokens[i]
         for length in sorted(heads, reverse=True):
             new_head = heads[length].get(_head_key(own[:length])) if len(own) > length else None
             if new_head is not None:
-                rest = own[length:]
-                tokens[i] = new_head + (rest.tolist() if isinstance(rest, np.ndarray) else list(rest))
+                tokens[i] = np.concatenate([new_head, np.asarray(own[length:], dtype=np.int32)])
                 inherited += 1
                 break
         if rid not in partner or tokens[i] is not own:
@@ -138,7 +138,7 @@ def _breaker_at(spans: Sequence[tuple[int, int, str | None]], at: int) -> tuple[
 
 
 def _fix_request(a: np.ndarray, b: np.ndarray, spans: Sequence[tuple[int, int, str | None]],
-                 applied: Counter[str], skipped: Counter[str]) -> tuple[list[int] | None, int, int, list[int] | None]:
+                 applied: Counter[str], skipped: Counter[str]) -> tuple[np.ndarray | None, int, int, np.ndarray | None]:
     """(b with its regions fixed, the length of b's head replaced, the length of the new
     head, the partner rewritten too or None), or (None, 0, 0, None) when nothing applies;
     counts what was applied and skipped. A moved value is moved in the partner as well when
@@ -168,7 +168,7 @@ def _fix_request(a: np.ndarray, b: np.ndarray, spans: Sequence[tuple[int, int, s
             partner = np.concatenate([partner[: g.a0], partner[g.a1 :], partner[g.a0 : g.a1]])
     if out is b:
         return None, 0, 0, None
-    return out.tolist(), cut_old, cut_new, (partner.tolist() if partner is not a else None)
+    return out.astype(np.int32), cut_old, cut_new, (partner.astype(np.int32) if partner is not a else None)
 
 
 def _fix_region(a: np.ndarray, b: np.ndarray, g: Region, label: str) -> tuple[np.ndarray | None, int, str]:

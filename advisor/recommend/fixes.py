@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from advisor import schema
 from advisor.analyze.rewrite import fix_breakers
+from advisor.recommend.traces import StoredTrace, Traces
 from advisor.sim.configuration import simulate_one
 from advisor.workload import Workload
 
@@ -59,8 +60,10 @@ class Rewrites:
     """The log's prompts with analyze's fixes applied (advisor.analyze.rewrite), each set of
     fixes rewritten once: the fixes' prices and the time section's "breakers fixed" share them."""
 
-    def __init__(self, workload: Workload, prefixes: pa.Table | None, stats: dict[str, Any] | None) -> None:
+    def __init__(self, workload: Workload, prefixes: pa.Table | None, stats: dict[str, Any] | None,
+                 stored: StoredTrace | None = None) -> None:
         self.workload, self.prefixes, self.stats = workload, prefixes, stats
+        self.traces = Traces(workload, stored)  # each rewrite's block trace, made once (`stored`: the log's)
         self._done: dict[frozenset[int] | None, tuple[Workload | None, dict[str, Any]]] = {}
 
     @cached_property
@@ -90,7 +93,8 @@ def price_fixes(
         return None
 
     def hit_rate(w: Workload) -> float:
-        res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_SEQUENTIAL, policy=schema.POLICY_LRU)
+        res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_SEQUENTIAL, policy=schema.POLICY_LRU,
+                           trace=rewrites.traces.trace(w, block_size))
         return float(res.totals()["hit_rate"])
 
     where = (f"simulated in sequential mode at block size {block_size}, "

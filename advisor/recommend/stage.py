@@ -70,6 +70,7 @@ from advisor.recommend.serve import (
     serve_flags,
 )
 from advisor.recommend.timing import caching_time, simulate_options_from_record
+from advisor.recommend.traces import StoredTrace
 from advisor.recommend.view import describe, select_view
 from advisor.runfolder import (
     CLUSTERS,
@@ -86,7 +87,8 @@ from advisor.runfolder import (
     write_json,
 )
 from advisor.schema import MODE_CONCURRENT, POLICY_OFF
-from advisor.workload import load_workload
+from advisor.sim.blockstreams import BLOCKS, StreamInputs, stored_streams
+from advisor.workload import Workload, load_workload
 
 
 def recommend(
@@ -185,7 +187,14 @@ def _time_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any],
     options = simulate_options_from_record(run.stage_options("simulate"))
     fixed, record = rewrites.applied() if not workload.is_hash_trace else (None, None)
     return caching_time(workload, int(best["block_size"]), int(best["num_blocks"]), options,
-                        fixed=fixed, fixed_record=record)
+                        fixed=fixed, fixed_record=record, traces=rewrites.traces)
+
+
+def _stored_trace(run: RunDir, workload: Workload) -> StoredTrace:
+    """The log's block trace at a block size from simulate's persisted stream (None when the
+    run folder has none current for it: the trace is then hashed from the ids)."""
+    inputs = StreamInputs.of(workload, run.path(REQUESTS), run.path(TOKENS))
+    return lambda bs: stored_streams(inputs, (bs,), run.path(BLOCKS)).get(bs)
 
 
 def _replicas_section(run: RunDir, sim: pl.DataFrame, result: dict[str, Any], options: RecommendOptions,
@@ -242,7 +251,7 @@ def run_recommend(run_dir: str | Path, options: RecommendOptions | None = None, 
         workload = (load_workload(r.path(REQUESTS), r.path(TOKENS))
                     if r.path(REQUESTS).exists() and r.path(TOKENS).exists() else None)
         prefixes = pq.read_table(r.path(PREFIXES)) if r.path(PREFIXES).exists() else None
-        rewrites = Rewrites(workload, prefixes, stats) if workload is not None else None
+        rewrites = Rewrites(workload, prefixes, stats, _stored_trace(r, workload)) if workload is not None else None
         _price_fixes(result, rewrites)
         result["time"] = _time_section(r, sim, result, rewrites)
         result["reuse_groups"] = _reuse_groups(r, stats, result)

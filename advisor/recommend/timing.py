@@ -24,6 +24,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from advisor import schema
+from advisor.recommend.traces import Traces
 from advisor.sim.configuration import ConfigResult, SimulateOptions, simulate_one
 from advisor.workload import Workload
 
@@ -50,22 +51,25 @@ def _figures(res: ConfigResult) -> dict[str, Any]:
 
 
 def caching_time(workload: Workload, block_size: int, num_blocks: int, options: SimulateOptions, *,
-                 fixed: Workload | None = None, fixed_record: dict[str, Any] | None = None) -> dict[str, Any]:
+                 fixed: Workload | None = None, fixed_record: dict[str, Any] | None = None,
+                 traces: Traces | None = None) -> dict[str, Any]:
     """The `time` section (module docstring) for one configuration. Besides caching on and
     off: `sharing_removed`, every request with a salt of its own (the same log with no
     overlap), and `breakers_fixed`, the log after analyze's fixes (`fixed`, from
     advisor.analyze.rewrite; `fixed_record` says what was rewritten, or why nothing was)."""
     opts = replace(options, workers=1)
+    traces = traces or Traces(workload)  # each variant's block trace, made once for both loads
     runs: dict[str, dict[str, Any]] = {}
     variants = [("on", workload, schema.POLICY_LRU), ("off", workload, schema.POLICY_OFF)]
     if not workload.is_hash_trace:
-        variants.append(("sharing_removed", workload.with_own_salts(), schema.POLICY_LRU))
+        variants.append(("sharing_removed", traces.unshared(workload), schema.POLICY_LRU))
     if fixed is not None:
         variants.append(("breakers_fixed", fixed, schema.POLICY_LRU))
     for load, speedup in (("logged_rate", opts.speedup), ("saturated", SATURATED_SPEEDUP)):
         for name, w, policy in variants:
             res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_CONCURRENT, policy=policy,
-                               options=replace(opts, speedup=speedup))
+                               options=replace(opts, speedup=speedup), trace=traces.trace(w, block_size),
+                               prepared=traces.prepared(w, block_size))
             runs.setdefault(load, {})[name] = _figures(res)
     clock = opts.step_time_model(workload.n_tokens, workload.output_tokens, workload.latency_s, workload.ttft_s)
     logged, sat = runs["logged_rate"], runs["saturated"]

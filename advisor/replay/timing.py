@@ -119,7 +119,9 @@ def fix_breakers(
     """(`w` with analyze's cache breakers fixed, what was rewritten), or (None, {"reason": why
     not}): advisor.analyze.rewrite on the replayed requests."""
     tokens, record = rewrite.fix_breakers(w.request_ids, w.token_ids, prefixes, stats, synthetic=w.synthetic)
-    return (replace(w, token_ids=tokens) if tokens is not None else None), record
+    if tokens is None:
+        return None, record
+    return replace(w, token_ids=[t.tolist() if isinstance(t, np.ndarray) else list(t) for t in tokens]), record
 
 
 # --- summaries ---

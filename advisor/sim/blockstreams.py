@@ -189,12 +189,8 @@ def open_streams(
     keys: dict[int, str] = {}
     traces: dict[int, BlockTrace] = {}
     if blocks_dir is not None:
-        sums = {p.name: file_checksum(p) for p in _key_files(inputs)}
-        keys = {bs: stream_key(inputs, bs, sums) for bs in sizes}
-        for bs in sizes:
-            trace = _read_stream(blocks_dir, bs, keys[bs], inputs.n_tokens)
-            if trace is not None:
-                traces[bs] = trace
+        keys = _keys(inputs, sizes)
+        traces = _stored(blocks_dir, keys, inputs.n_tokens)
     todo = tuple(bs for bs in sizes if bs not in traces)
     reused = tuple(bs for bs in sizes if bs in traces)
     shards = plan_shards(inputs, todo, shard_tokens) if todo else []
@@ -202,6 +198,23 @@ def open_streams(
         traces.update(_hash(inputs, todo, shards, blocks_dir, keys, executor))
     counts = StreamCounts(todo, reused, len(shards), {bs: traces[bs].num_ids for bs in sizes})
     return {bs: traces[bs] for bs in sizes}, counts
+
+
+def stored_streams(inputs: StreamInputs, block_sizes: Sequence[int], blocks_dir: Path) -> dict[int, BlockTrace]:
+    """The block sizes whose stream `blocks_dir` holds and is current, read back memory-mapped;
+    nothing is hashed or written (a size that is missing or stale is left out)."""
+    sizes = tuple(dict.fromkeys(int(b) for b in block_sizes))
+    return _stored(blocks_dir, _keys(inputs, sizes), inputs.n_tokens) if Path(blocks_dir).is_dir() else {}
+
+
+def _keys(inputs: StreamInputs, sizes: tuple[int, ...]) -> dict[int, str]:
+    sums = {p.name: file_checksum(p) for p in _key_files(inputs)}
+    return {bs: stream_key(inputs, bs, sums) for bs in sizes}
+
+
+def _stored(blocks_dir: Path, keys: Mapping[int, str], n_tokens: np.ndarray) -> dict[int, BlockTrace]:
+    found = {bs: _read_stream(blocks_dir, bs, key, n_tokens) for bs, key in keys.items()}
+    return {bs: t for bs, t in found.items() if t is not None}
 
 
 def _key_files(inputs: StreamInputs) -> list[Path]:
