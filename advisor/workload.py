@@ -408,8 +408,12 @@ def _read_token_ids(tokens_path: Path, n_tokens: np.ndarray) -> tuple[np.ndarray
     values = np.empty(bound, dtype=np.int32)
     offsets = np.zeros(len(n_tokens) + 1, dtype=np.int64)
     row = pos = 0
-    for batch in pq.ParquetFile(tokens_path).iter_batches(columns=["token_ids"], batch_size=4096):
-        arr = batch.column(0)
+    src = pq.ParquetFile(tokens_path)
+    # a row group at a time (tokenize writes them a batch of requests each): re-slicing them into
+    # fixed-size record batches costs more than the decoding itself
+    chunks = (c for g in range(src.metadata.num_row_groups)
+              for c in src.read_row_group(g, columns=["token_ids"]).column(0).chunks)
+    for arr in chunks:
         lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = arr.flatten().to_numpy(zero_copy_only=False)
         if pos + len(flat) > len(values):  # n_tokens disagrees with token_ids: grow

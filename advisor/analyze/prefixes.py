@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from advisor import workload
-from advisor.analyze.hashing import chained_hashes, common_prefix_len
+from advisor.analyze.hashing import all_chained_hashes, common_prefix_len
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -109,16 +109,13 @@ def prefix_pass(w: AnalysisView, block_size: int) -> PrefixPass:
     sess_code = _codes(w.sessions)
     first: dict[int, int] = {}  # chained hash -> first request that had it
     cands: dict[int, list[int]] = {}  # (parent hash, first unit of next block) -> requests
-    all_hashes: list[np.ndarray] = []
-    hash_offsets = np.zeros(n + 1, dtype=np.int64)
     ns_cache: dict[str | None, int] = {}
+    ns_keys = [ns_cache.setdefault(v, _namespace_key(v)) for v in w.namespaces]
+    hashes, hash_offsets = all_chained_hashes(w.values, w.offsets, unit_block, np.array(ns_keys, dtype=np.uint64))
     for r in range(n):
         units = w.units(r)
-        ns = ns_cache.setdefault(w.namespaces[r], _namespace_key(w.namespaces[r]))
-        hs = chained_hashes(units, unit_block, ns)
-        all_hashes.append(hs)
-        hash_offsets[r + 1] = hash_offsets[r] + len(hs)
-        hl = hs.tolist()
+        ns = ns_keys[r]
+        hl = hashes[hash_offsets[r] : hash_offsets[r + 1]].tolist()
         lo, hi = 0, len(hl)
         while lo < hi:  # chained hashes: known blocks form a prefix of hl
             mid = (lo + hi) // 2
@@ -154,7 +151,6 @@ def prefix_pass(w: AnalysisView, block_size: int) -> PrefixPass:
             same[r] = min(same_blocks * block_tokens, int(shared[r]))
             if ext and b >= 0 and sess_code[b] == sess_code[r]:
                 same[r] += ext
-    hashes = np.concatenate(all_hashes) if all_hashes else np.empty(0, dtype=np.int64)
     blocks = np.minimum(shared // block_tokens, hash_offsets[1:] - hash_offsets[:-1])
     return PrefixPass(shared, blocks, best, same, hashes, hash_offsets, block_tokens)
 

@@ -61,7 +61,8 @@ from advisor.runfolder import (
     write_json,
     write_table,
 )
-from advisor.tokens.stage import load_tokenizer, tokenizer_spec_of
+from advisor.tokens.decode import load_decoder
+from advisor.tokens.stage import tokenizer_spec_of
 from advisor.workload import load_workload
 
 
@@ -273,8 +274,7 @@ def run_analyze(
             spec = tokenizer_spec_of(tokens_path)
             if spec is not None:
                 try:
-                    tokenizer = load_tokenizer(spec, cache_dir)
-                    decode = lambda ids: tokenizer.decode([int(i) for i in ids])  # noqa: E731
+                    decode = load_decoder(spec, cache_dir)
                 except AdvisorError as e:  # numbers need no text: analyze on, undecoded
                     notes.append(f"cannot decode token ids, so no texts are shown ({e})")
         result = analyze(view, options, decode, spec, _logged_times(r.require(REQUESTS), workload.timestamps))

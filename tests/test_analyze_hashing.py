@@ -1,0 +1,34 @@
+"""analyze's compiled all-requests block hashing equals its per-request numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from advisor.analyze.hashing import all_chained_hashes, chained_hashes
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.tuples(st.lists(st.integers(-2**40, 2**40), max_size=70), st.integers(0, 2**64 - 1)),
+                     max_size=8),
+       block=st.sampled_from([1, 2, 3, 16]))
+def test_every_request_hashes_as_it_does_alone(rows, block) -> None:
+    lengths = [len(u) for u, _ in rows]
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.array([x for u, _ in rows for x in u], dtype=np.int64)
+    namespaces = np.array([ns for _, ns in rows], dtype=np.uint64)
+    flat, hoff = all_chained_hashes(values, offsets, block, namespaces)
+    assert flat.dtype == np.int64 and len(hoff) == len(rows) + 1
+    for r, (units, ns) in enumerate(rows):
+        want = chained_hashes(np.array(units, dtype=np.int64), block, ns)
+        np.testing.assert_array_equal(flat[hoff[r] : hoff[r + 1]], want)
+
+
+def test_token_ids_as_int32_hash_like_int64() -> None:
+    ids = np.arange(100, dtype=np.int32)
+    a, _ = all_chained_hashes(ids, np.array([0, 100]), 16, np.zeros(1, np.uint64))
+    b, _ = all_chained_hashes(ids.astype(np.int64), np.array([0, 100]), 16, np.zeros(1, np.uint64))
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 6 and len(set(a.tolist())) == 6
