@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,8 +139,18 @@ def run(
         record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin, executor=executor))
         record(run_tokenize(run_dir, opts["tokenize"], force=force, progress=progress, cache_dir=cache_dir,
                             executor=executor))
-        record(run_analyze(run_dir, opts["analyze"], force=force, cache_dir=cache_dir))
-        record(run_simulate(run_dir, opts["simulate"], force=force, progress=progress, executor=executor))
+        # analyze and simulate read the same inputs and neither reads the other's outputs: analyze
+        # (mostly one core) runs on a thread beside simulate (whose compiled runs release the
+        # GIL); their outcomes are recorded in stage order.
+        with ThreadPoolExecutor(1, thread_name_prefix="pc-advise-analyze") as beside:
+            analyzed = beside.submit(run_analyze, run_dir, opts["analyze"], force=force, cache_dir=cache_dir)
+            try:
+                simulated = run_simulate(run_dir, opts["simulate"], force=force, progress=progress,
+                                         executor=executor)
+            finally:
+                wait([analyzed])  # never leave the thread writing into the run folder
+            record(analyzed.result())
+        record(simulated)
     record(run_recommend(run_dir, opts["recommend"], force=force))
     record(run_replay(run_dir, opts["replay"], force=force, progress=progress, cache_dir=cache_dir,
                       api_key=api_key, warn=warn))

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -130,6 +131,11 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+# The manifest is read, changed and written whole: two stages of one process (the pipeline runs
+# analyze beside simulate) must not interleave that, or one's entry is lost.
+_MANIFEST_WRITES = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """A hash of the advisor package's source and data files (read once per process)."""
@@ -228,6 +234,11 @@ class RunDir:
         wall_s: float,
         counts: Mapping[str, Any],
     ) -> None:
+        with _MANIFEST_WRITES:  # stages on two threads (advisor.pipeline) each add their own entry
+            self._record(stage, key, input_sums, options, wall_s, counts)
+
+    def _record(self, stage: str, key: str, input_sums: Mapping[str, str], options: Mapping[str, Any],
+                wall_s: float, counts: Mapping[str, Any]) -> None:
         m = self.manifest()
         m["tool"] = "pc-advise"
         m["version"] = __version__

@@ -140,3 +140,16 @@ def test_run_dir_records_each_stage_with_its_options(tmp_path: Path, cache: Path
     assert rd.stage_options("ingest")["rate"] == 3.0
     assert rd.stage_counts("ingest")["accepted"] == 87
     assert rd.stage_options("simulate") == {}
+
+
+def test_stages_recording_on_two_threads_keep_every_entry(tmp_path: Path) -> None:
+    """The pipeline runs analyze beside simulate: the manifest must end with both entries
+    whichever finishes first (its read-change-write is not interleaved)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rd = RunDir(tmp_path)
+    names = [f"stage{i}" for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda s: rd.record(s, "k", {}, {}, 0.0, {"n": s}), names))
+    assert sorted(rd.manifest()["stages"]) == sorted(names)
+    assert all(rd.stage_counts(s) == {"n": s} for s in names)
