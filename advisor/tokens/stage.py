@@ -325,7 +325,10 @@ def _write(
     first_errors: list[list[Any]] = []
     seg = SegmentCounts()
     rule = completions = None
-    with atomic_path(tokens_path) as tmp, pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+    # No dictionary pages: token ids (and unique request ids) gain nothing from them, and
+    # dictionary-encoded ids cost more than the rest of writing, and reading back, together.
+    with atomic_path(tokens_path) as tmp, \
+            pq.ParquetWriter(tmp, out_schema, compression="zstd", use_dictionary=False) as writer:
         for table, counts in results:
             writer.write_table(table.replace_schema_metadata(out_schema.metadata))
             rows += table.num_rows
