@@ -105,6 +105,42 @@ class InlineExecutor(Executor):
             yield fn(item)
 
 
+class ThreadExecutor(Executor):
+    """Threads of this process, for pieces whose work releases the GIL (Parquet reads, compiled
+    kernels): no worker start-up, no pickling, at most `window` pieces held."""
+
+    name = "threads"
+
+    def __init__(self, workers: int, window: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        assert workers >= 1
+        self.workers = workers
+        self.window = window or workers + 1
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pc-advise-piece")
+
+    @property
+    def parallelism(self) -> int:
+        return self.workers
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        return _windowed(self._pool, fn, items, self.window)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _windowed(pool: Any, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """`fn` over `items` on `pool`, results in order, at most `window` submitted and not yet taken."""
+    in_flight: deque[Future[R]] = deque()
+    for item in items:
+        in_flight.append(pool.submit(fn, item))
+        if len(in_flight) >= window:
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
 class ProcessExecutor(Executor):
     """Local worker processes (spawned, so no thread pool of the parent is forked half-held)."""
 
@@ -128,13 +164,7 @@ class ProcessExecutor(Executor):
             self._pool.submit(fn, item)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        in_flight: deque[Future[R]] = deque()
-        for item in items:
-            in_flight.append(self._pool.submit(fn, item))
-            if len(in_flight) >= self.window:
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
+        return _windowed(self._pool, fn, items, self.window)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

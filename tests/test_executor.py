@@ -10,6 +10,7 @@ from advisor.executor import (
     ExecutorOptions,
     InlineExecutor,
     ProcessExecutor,
+    ThreadExecutor,
     open_executor,
 )
 
@@ -25,6 +26,11 @@ def test_inline_runs_in_order() -> None:
 
 def test_processes_keep_the_items_order_past_the_window() -> None:
     with ProcessExecutor(2, window=3) as ex:
+        assert list(ex.map(_slow_square, range(10))) == [x * x for x in range(10)]
+
+
+def test_threads_keep_the_items_order_past_the_window() -> None:
+    with ThreadExecutor(2, window=3) as ex:
         assert list(ex.map(_slow_square, range(10))) == [x * x for x in range(10)]
 
 

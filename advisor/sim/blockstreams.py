@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,12 @@ import pyarrow.parquet as pq
 
 from advisor import blockhash
 from advisor.errors import AdvisorError
-from advisor.executor import ExecutorOptions, InlineExecutor, open_executor
+from advisor.executor import (
+    ExecutorOptions,
+    InlineExecutor,
+    ThreadExecutor,
+    open_executor,
+)
 from advisor.runfolder import atomic_path, file_checksum, write_json
 from advisor.sim.fast import trace as fasttrace
 from advisor.sim.fast.trace import BlockTrace, Interner
@@ -227,7 +233,11 @@ def _hash(inputs: StreamInputs, sizes: tuple[int, ...], shards: list[Shard], blo
     with contextlib.ExitStack() as stack:
         sinks = {bs: stack.enter_context(_sink(blocks_dir, bs)) for bs in sizes}
         parallel = len(shards) > 1 and (executor is not None or int(inputs.n_tokens.sum()) >= PARALLEL_TOKENS)
-        runner = stack.enter_context(open_executor(executor or ExecutorOptions()) if parallel else InlineExecutor())
+        # below PARALLEL_TOKENS, worker processes cost more to start than they save; threads do
+        # not (the reads and the compiled hashing release the GIL)
+        threads = min(len(shards), os.cpu_count() or 1)
+        runner = stack.enter_context(open_executor(executor or ExecutorOptions()) if parallel
+                                     else ThreadExecutor(threads) if threads > 1 else InlineExecutor())
         for shard_keys in runner.map(hash_shard, shards):
             for bs in sizes:
                 sinks[bs].append(interners[bs].add(shard_keys[bs]))
