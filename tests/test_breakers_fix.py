@@ -61,3 +61,18 @@ def test_fixes_the_simulator_cannot_apply_keep_the_estimate_and_say_why() -> Non
     assert "up to" in line and "cannot apply this fix" in line
     assert price_fixes([], Rewrites(workload(log), prefixes, stats), BLOCK, None) is None
     assert price_fixes(fixes, Rewrites(workload(log), None, stats), BLOCK, None) is None
+
+
+def test_naming_every_breaker_is_the_all_fixes_rewrite_made_once() -> None:
+    log = generate("timestamp", 30)
+    stats, prefixes = analysis(log)
+    rewrites = Rewrites(workload(log), prefixes, stats)
+    assert len(stats["breakers"]) == 1
+    alone, record = rewrites.applied(frozenset({0}))
+    assert alone is not None and record["rewritten_requests"] > 0
+    every, every_record = rewrites.applied()
+    assert every is alone and every_record is record  # one rewrite, so one trace
+    # and it is what rewriting with the breaker named gives when made on its own
+    fresh, fresh_record = Rewrites(workload(log), prefixes, stats).applied(frozenset({0}))
+    assert fresh_record == record
+    assert all((fresh.tokens(i) == alone.tokens(i)).all() for i in range(alone.num_requests))

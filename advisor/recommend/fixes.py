@@ -75,6 +75,8 @@ class Rewrites:
     def applied(self, only: frozenset[int] | None = None) -> tuple[Workload | None, dict[str, Any]]:
         """(the workload with the fixes `only` names applied — None: all of them — or None when
         they cannot be applied, the rewrite's record)."""
+        if only is not None and only >= set(range(len((self.stats or {}).get("breakers") or []))):
+            only = None  # every breaker named: the same rewrite as all of them, made once
         if only not in self._done:
             ids, lists = self._lists
             fixed, record = fix_breakers(ids, lists, self.prefixes, self.stats,
