@@ -427,3 +427,25 @@ def test_replicas_section_shows_the_deployment_the_plot_and_the_price_in_both_fo
     # without replica rows there is no section and no plot
     plain = load(write_fixture_run(tmp_path / "plain"))
     assert 'id="replicas"' not in html_report.render(plain) and "Replicas and routers" not in md_report.render(plain)
+
+
+def test_every_svg_reference_points_at_a_prefixed_id() -> None:
+    """Charts are inlined side by side: their ids get the chart's prefix, and every reference
+    (href, url()) follows, also when one id starts another (m1, m10)."""
+    import re
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from advisor.report.plots import to_svg
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.scatter(range(12), range(12), s=[10 + 5 * i for i in range(12)])
+    ax.plot(range(12), "-o")
+    svg = to_svg(fig, "pre", "a chart")
+    ids = set(re.findall(r'\bid="([^"]+)"', svg))
+    refs = re.findall(r'"#([^"]+)"', svg) + re.findall(r"url\(#([^)]+)\)", svg)
+    assert ids and refs and all(i.startswith("pre-") for i in ids)
+    assert set(refs) <= ids
