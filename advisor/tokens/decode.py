@@ -39,18 +39,18 @@ def _backend_alone(folder: Path) -> Any | None:
     """The folder's tokenizers.Tokenizer when it decodes exactly as transformers would, else None."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if config.get("clean_up_tokenization_spaces") is not False:
-        return None
-    added = {str(t.get("id")): t.get("content") for t in spec.get("added_tokens") or []}
-    listed = config.get("added_tokens_decoder") or {}
-    if any(added.get(str(k)) != (v or {}).get("content") for k, v in listed.items()):
+    if config.get("clean_up_tokenization_spaces") is not False or not (folder / "tokenizer.json").is_file():
         return None
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception:  # a tokenizer.json this tokenizers version cannot read: transformers decides
         return None
+    added = {str(i): t.content for i, t in backend.get_added_tokens_decoder().items()}
+    listed = config.get("added_tokens_decoder") or {}
+    if any(added.get(str(k)) != (v or {}).get("content") for k, v in listed.items()):
+        return None
+    return backend
