@@ -449,3 +449,18 @@ def test_every_svg_reference_points_at_a_prefixed_id() -> None:
     refs = re.findall(r'"#([^"]+)"', svg) + re.findall(r"url\(#([^)]+)\)", svg)
     assert ids and refs and all(i.startswith("pre-") for i in ids)
     assert set(refs) <= ids
+
+
+def test_stages_that_ran_side_by_side_are_named_under_the_stage_times() -> None:
+    from advisor.report.facts import overlap_note
+    from advisor.report.model import _overlapped_stages
+
+    def entry(end: str, wall: float) -> dict:
+        return {"finished_at": f"2026-12-03T10:{end}Z", "wall_s": wall}
+
+    side_by_side = {"stages": {"tokenize": entry("00:10", 10.0), "analyze": entry("00:20", 8.0),
+                               "simulate": entry("00:22", 12.0), "recommend": entry("00:30", 8.0)}}
+    assert _overlapped_stages(side_by_side) == ["analyze", "simulate"]
+    assert overlap_note(["analyze", "simulate"]).startswith("analyze and simulate ran side by side")
+    one_after_another = {"stages": {"analyze": entry("00:20", 8.0), "simulate": entry("00:33", 12.4)}}
+    assert _overlapped_stages(one_after_another) == [] and overlap_note([]) is None

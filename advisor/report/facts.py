@@ -494,3 +494,12 @@ def input_formats(ingest: Mapping[str, Any]) -> list[str]:
     out += [f"Approximated or assumed: {note}." for note in ingest.get("notes") or []]
     return out
 
+
+def overlap_note(stages: Sequence[str]) -> str | None:
+    """A line under the stage times when some ran side by side (their times then overlap)."""
+    if not stages:
+        return None
+    names = " and ".join(stages) if len(stages) < 3 else ", ".join(stages[:-1]) + " and " + stages[-1]
+    return (f"{names} ran side by side (pc-advise run starts analyze beside simulate): their wall times "
+            "overlap, so the stage times add up to more than the run took.")
+

@@ -434,6 +434,8 @@ def _inputs(data: ReportData) -> str:
         out.append("<h3>Stage wall times</h3>")
         out.append(_table(("stage", "wall time"), [(s, fx.secs(t)) for s, t in data.stage_times], numeric=(1,),
                           compact=True))
+        if note := fx.overlap_note(data.stages_overlapped):
+            out.append(f"<p>{esc(note)}</p>")
     return "".join(out) + "</section>"
 
 

@@ -346,6 +346,8 @@ def _inputs(data: ReportData) -> list[str]:
     if data.stage_times:
         out += ["### Stage wall times", "",
                 table(("stage", "wall time"), [(s, fx.secs(t)) for s, t in data.stage_times], numeric=(1,)), ""]
+        if note := fx.overlap_note(data.stages_overlapped):
+            out += [note, ""]
     return out
 
 
@@ -354,7 +356,7 @@ def render(data: ReportData, include_timings: bool = True) -> str:
     if not include_timings:
         from dataclasses import replace
 
-        data = replace(data, stage_times=())
+        data = replace(data, stage_times=(), stages_overlapped=())
     name = data.run_dir.rstrip("/").split("/")[-1] or data.run_dir
     lines = [f"# Prefix-cache report: {md_text(name)}", "",
              f"Run folder {md_code(data.run_dir)}" + (f", input: {md_text(data.input_kind)}" if data.input_kind else "")

@@ -12,9 +12,11 @@ so `html.render` and `markdown.render` are pure `ReportData -> str` steps.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ class ReportData:
     redacted: bool = False
     missing: Mapping[str, str] = field(default_factory=dict)  # artifact -> stage writing it
     stage_times: Sequence[tuple[str, float]] = ()  # (stage, wall seconds) in pipeline order
+    stages_overlapped: Sequence[str] = ()  # stages whose runs overlapped another's (analyze beside simulate)
     ingest: Mapping[str, Any] | None = None  # manifest counts of ingest
     rejects: Sequence[tuple[int, str]] = ()  # first (line, reason)
     tokenizer: str | None = None
@@ -135,6 +138,22 @@ def _ordered_stage_times(manifest: Mapping[str, Any]) -> list[tuple[str, float]]
     return [(s, float(stages[s].get("wall_s", 0.0))) for s in (spec.name for spec in rf.STAGES) if s in stages]
 
 
+def _overlapped_stages(manifest: Mapping[str, Any]) -> list[str]:
+    """The stages whose recorded run overlapped another stage's by more than the one-second
+    resolution of `finished_at` (`pc-advise run` runs analyze beside simulate), in pipeline order."""
+    stages = manifest.get("stages") or {}
+    spans = {}
+    for name in (spec.name for spec in rf.STAGES):
+        entry = stages.get(name) or {}
+        try:
+            end = calendar.timegm(time.strptime(str(entry["finished_at"]), "%Y-%m-%dT%H:%M:%SZ"))
+        except (KeyError, ValueError):
+            continue
+        spans[name] = (end - float(entry.get("wall_s", 0.0)), float(end))
+    return [a for a, (s0, e0) in spans.items()
+            if any(b != a and min(e0, e1) - max(s0, s1) > 1.0 for b, (s1, e1) in spans.items())]
+
+
 def build_timeline(
     request_ids: Sequence[str],
     timestamps: Sequence[float | None],
@@ -202,6 +221,7 @@ def build(
         redacted=redact,
         missing=dict(missing or {}),
         stage_times=_ordered_stage_times(manifest),
+        stages_overlapped=_overlapped_stages(manifest),
         ingest=ingest,
         rejects=first,
         tokenizer=tokenizer,
