@@ -32,3 +32,25 @@ def test_token_ids_as_int32_hash_like_int64() -> None:
     b, _ = all_chained_hashes(ids.astype(np.int64), np.array([0, 100]), 16, np.zeros(1, np.uint64))
     np.testing.assert_array_equal(a, b)
     assert len(a) == 6 and len(set(a.tolist())) == 6
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.tuples(st.lists(st.integers(-2**40, 2**40) | st.integers(0, 6), max_size=90),
+                               st.integers(-1, 90)), max_size=8),
+       avg=st.sampled_from([2, 4, 16]))
+def test_every_request_chunks_as_it_does_alone(rows, avg) -> None:
+    """analyze's content chunks of all requests at once, each from its own start (-1: none)."""
+    from advisor.analyze.hashing import all_content_chunks, content_chunks
+
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(u) for u, _ in rows], out=offsets[1:])
+    values = np.array([x for u, _ in rows for x in u], dtype=np.int64)
+    starts = np.array([-1 if k < 0 else offsets[r] + min(k, len(u)) for r, (u, k) in enumerate(rows)], np.int64)
+    hashes, chunk_starts, coff = all_content_chunks(values, offsets, starts, avg)
+    for r, (units, k) in enumerate(rows):
+        if k < 0:
+            assert coff[r + 1] == coff[r]
+            continue
+        want_h, want_s = content_chunks(np.array(units[min(k, len(units)):], dtype=np.int64), avg)
+        np.testing.assert_array_equal(hashes[coff[r] : coff[r + 1]], want_h)
+        np.testing.assert_array_equal(chunk_starts[coff[r] : coff[r + 1]], want_s)

@@ -6,7 +6,7 @@ for text, or None. Output: a `BreakerResult`: the breaker records (stats.json "b
 
 Finding is generic and never looks at the text; it reads whole prompts, with no window:
 1. Candidate pairs. The part of each prompt past its shared prefix is cut into content-defined
-   chunks (`hashing.content_chunks`: boundaries depend on local content, so shifted text
+   chunks (`hashing.content_chunks`, all requests at once by `all_content_chunks`: boundaries depend on local content, so shifted text
    yields the same chunks). A dict maps chunk hash -> the latest request that had it past its
    own shared prefix. A request whose remaining chunks come, for at least VOTE_SHARE of their
    tokens (and two blocks), from one earlier request is near-identical to it while losing its
@@ -38,7 +38,7 @@ import numpy as np
 
 from advisor.analyze import labels as lb
 from advisor.analyze.align import a_window, align, regions
-from advisor.analyze.hashing import content_chunks
+from advisor.analyze.hashing import all_content_chunks
 from advisor.analyze.prefixes import (
     AnalysisView,
     Decode,
@@ -92,6 +92,11 @@ def candidate_pairs(w: AnalysisView, p: PrefixPass, min_tokens: int) -> tuple[li
     ns_of: dict[str | None, int] = {}
     ns = np.array([ns_of.setdefault(x, len(ns_of)) for x in w.namespaces], dtype=np.int64)
     chunked = 0
+    # every request's chunks past its shared prefix (less a margin), in one compiled pass
+    lengths = np.diff(w.offsets)
+    chunk_from = np.maximum(0, p.shared_tokens - _CHUNK_MARGIN)
+    starts_at = np.where(lengths - p.shared_tokens >= min_tokens, w.offsets[:-1] + chunk_from, -1)
+    all_hashes, all_starts, coff = all_content_chunks(w.values, w.offsets, starts_at)
     for r in range(len(w)):
         units = w.units(r)
         s = int(p.shared_tokens[r])
@@ -101,8 +106,8 @@ def candidate_pairs(w: AnalysisView, p: PrefixPass, min_tokens: int) -> tuple[li
             prev_in_session[w.sessions[r]] = r
         if room < min_tokens:
             continue
-        lo = max(0, s - _CHUNK_MARGIN)
-        hashes, starts = content_chunks(units[lo:])
+        lo = int(chunk_from[r])
+        hashes, starts = all_hashes[coff[r] : coff[r + 1]], all_starts[coff[r] : coff[r + 1]]
         chunked += len(units) - lo
         keep = starts + lo >= s
         hashes, lens = hashes[keep], np.diff(np.append(starts, len(units) - lo))[keep]
