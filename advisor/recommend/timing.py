@@ -20,6 +20,7 @@ of replicas caching saves at the same peak load is `1 - off / on`.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from typing import Any
 
@@ -65,12 +66,20 @@ def caching_time(workload: Workload, block_size: int, num_blocks: int, options: 
         variants.append(("sharing_removed", traces.unshared(workload), schema.POLICY_LRU))
     if fixed is not None:
         variants.append(("breakers_fixed", fixed, schema.POLICY_LRU))
-    for load, speedup in (("logged_rate", opts.speedup), ("saturated", SATURATED_SPEEDUP)):
-        for name, w, policy in variants:
-            res = simulate_one(w, block_size, num_blocks, mode=schema.MODE_CONCURRENT, policy=policy,
-                               options=replace(opts, speedup=speedup), trace=traces.trace(w, block_size),
-                               prepared=traces.prepared(w, block_size))
-            runs.setdefault(load, {})[name] = _figures(res)
+    inputs = {id(w): (traces.trace(w, block_size), traces.prepared(w, block_size)) for _, w, _ in variants}
+    loads = (("logged_rate", opts.speedup), ("saturated", SATURATED_SPEEDUP))
+    todo = [(load, speedup, name, w, policy) for load, speedup in loads for name, w, policy in variants]
+
+    def one(item: tuple[str, float, str, Workload, str]) -> dict[str, Any]:
+        _, speedup, _, w, policy = item
+        trace, prepared = inputs[id(w)]
+        return _figures(simulate_one(w, block_size, num_blocks, mode=schema.MODE_CONCURRENT, policy=policy,
+                                     options=replace(opts, speedup=speedup), trace=trace, prepared=prepared))
+
+    # independent runs over shared, read-only inputs: threads (the compiled runs release the GIL)
+    with ThreadPoolExecutor(max(1, min(options.workers, len(todo)))) as pool:
+        for (load, _, name, _, _), figures in zip(todo, pool.map(one, todo), strict=True):
+            runs.setdefault(load, {})[name] = figures
     clock = opts.step_time_model(workload.n_tokens, workload.output_tokens, workload.latency_s, workload.ttft_s)
     logged, sat = runs["logged_rate"], runs["saturated"]
     on_rps, off_rps = sat["on"]["throughput_rps"], sat["off"]["throughput_rps"]
