@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent / "advisor"
 # Floors, lowest first: a module may import its own floor and the floors below it.
 FLOORS: list[tuple[str, ...]] = [
     ("advisor.version", "advisor.errors", "advisor.schema", "advisor.vllm_versions"),
-    ("advisor.blockhash", "advisor.kvmemory", "advisor.kvlayout", "advisor.runfolder", "advisor.workload",
+    ("advisor.blockhash", "advisor.kvmemory", "advisor.kvlayers", "advisor.kvlayout", "advisor.runfolder",
+     "advisor.workload",
      "advisor.executor", "advisor.executor_ray", "advisor.compiled"),
     ("advisor.ingest",),
     ("advisor.tokens",),
