@@ -24,7 +24,8 @@ import os
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor as FuturesPool
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -100,43 +101,42 @@ class InlineExecutor(Executor):
             yield fn(item)
 
 
-class ThreadExecutor(Executor):
-    """Threads of this process, for pieces whose work releases the GIL (Parquet reads, compiled
-    kernels): no worker start-up, no pickling, at most `window` pieces held."""
+class _PoolExecutor(Executor):
+    """A concurrent.futures pool of `workers`, results in order, at most `window` pieces held."""
 
-    name = "threads"
-
-    def __init__(self, workers: int, window: int | None = None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, pool: FuturesPool, workers: int, window: int) -> None:
         assert workers >= 1
-        self.workers = workers
-        self.window = window or workers + 1
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pc-advise-piece")
+        self.workers, self.window, self._pool = workers, window, pool
 
     @property
     def parallelism(self) -> int:
         return self.workers
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        return _windowed(self._pool, fn, items, self.window)
+        in_flight: deque[Future[R]] = deque()
+        for item in items:
+            in_flight.append(self._pool.submit(fn, item))
+            if len(in_flight) >= self.window:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _windowed(pool: Any, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
-    """`fn` over `items` on `pool`, results in order, at most `window` submitted and not yet taken."""
-    in_flight: deque[Future[R]] = deque()
-    for item in items:
-        in_flight.append(pool.submit(fn, item))
-        if len(in_flight) >= window:
-            yield in_flight.popleft().result()
-    while in_flight:
-        yield in_flight.popleft().result()
+class ThreadExecutor(_PoolExecutor):
+    """Threads of this process, for pieces whose work releases the GIL (Parquet reads, compiled
+    kernels): no worker start-up, no pickling."""
+
+    name = "threads"
+
+    def __init__(self, workers: int, window: int | None = None) -> None:
+        super().__init__(ThreadPoolExecutor(workers, thread_name_prefix="pc-advise-piece"), workers,
+                         window or workers + 1)
 
 
-class ProcessExecutor(Executor):
+class ProcessExecutor(_PoolExecutor):
     """Local worker processes (spawned, so no thread pool of the parent is forked half-held)."""
 
     name = "processes"
@@ -144,20 +144,8 @@ class ProcessExecutor(Executor):
     def __init__(self, workers: int, window: int | None = None) -> None:
         import multiprocessing
 
-        assert workers >= 1
-        self.workers = workers
-        self.window = window or 2 * workers
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-    @property
-    def parallelism(self) -> int:
-        return self.workers
-
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        return _windowed(self._pool, fn, items, self.window)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        super().__init__(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")), workers,
+                         window or 2 * workers)
 
 
 def open_executor(options: ExecutorOptions) -> Executor:
