@@ -67,11 +67,15 @@ from advisor.ingest.sources import (
     parsed_records,
     resolve_inputs,
 )
+from advisor.ingest.token_ids import token_id_column
 from advisor.runfolder import REJECTS, REQUESTS, RunDir, StageOutcome, atomic_path
 
 ROW_GROUP = 8192
 ROW_GROUP_BYTES = 64 << 20  # of source lines: long agent prompts flush sooner
 FIRST_REJECTS = 20
+# Token ids are not dictionary-encoded: with vocabularies of 10^5 ids the dictionary overflows and
+# is dropped anyway; without it zstd writes them 2x faster and 2.5x smaller (a 100M-token log)
+_DICTIONARY = [name for name in schema.REQUESTS.names if name != "prompt_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ def _ingest_inputs(
         streams = _opened_streams(inputs, options, result, stdin)
     result.compression = ",".join(sorted({t.compression for t in result.files})) if result.files else "none"
     with atomic_path(requests_path) as req_tmp, atomic_path(rejects_path) as rej_tmp:
-        with pq.ParquetWriter(req_tmp, schema.REQUESTS, compression="zstd") as writer, \
+        with pq.ParquetWriter(req_tmp, schema.REQUESTS, compression="zstd", use_dictionary=_DICTIONARY) as writer, \
                 open(rej_tmp, "w", encoding="utf-8") as rejects:
             sink = _Ingester(options, result, writer, rejects, several=len(result.files) > 1)
             for i, rec in merged_records(streams, result.files):
@@ -370,7 +374,9 @@ class _Ingester:
     def flush(self) -> None:
         if not self.columns["line"]:
             return  # a writer closed with no row group is still a valid, empty file
-        table = pa.Table.from_pydict(self.columns, schema=schema.REQUESTS)
+        columns: dict[str, Any] = dict(self.columns)  # ids as arrays (advisor.ingest.token_ids) go in whole
+        columns["prompt_token_ids"] = token_id_column(self.columns["prompt_token_ids"])
+        table = pa.Table.from_pydict(columns, schema=schema.REQUESTS)
         self.writer.write_table(table, row_group_size=ROW_GROUP)
         for col in self.columns.values():
             col.clear()
