@@ -64,7 +64,7 @@ from advisor.sim.events import run_concurrent
 from advisor.sim.fast import policies as fastpolicy
 from advisor.sim.fast import sequential as fastsim
 from advisor.sim.fast import trace as fasttrace
-from advisor.sim.fast.events import run_concurrent_compiled
+from advisor.sim.fast.events import run_concurrent_compiled, run_never_evicting
 from advisor.sim.hybrid_grid import concurrent_hybrid, sequential_hybrid, sim_groups
 from advisor.sim.routing import (
     DEFAULT_LOAD_WEIGHT,
@@ -484,16 +484,15 @@ def simulate_one(
             groups, num_blocks, block_size, hashes, n_tokens, outputs, arrivals, clock, opts.max_num_seqs,
             opts.max_num_batched_tokens, async_scheduling=opts.scheduling == SCHEDULING_ASYNC, skip_prefix_cache=skip)
     elif engine == "auto":
-        # Infinite cache: a pool with a block for every block the log ever allocates
-        # never has to evict (a hashed block is popped only when no unhashed one is free).
-        pool = num_blocks if num_blocks is not None else 1 + int(
-            (-(-(n_tokens + np.maximum(outputs - 1, 0)) // block_size)).sum())
-        res = run_concurrent_compiled(
-            trace, pool, n_tokens, outputs, arrivals, clock, opts.max_num_seqs,
-            max_num_batched_tokens=opts.max_num_batched_tokens,
-            async_scheduling=opts.scheduling == SCHEDULING_ASYNC, skip_prefix_cache=skip,
-            speculative=opts.speculative if drop_last else None, prepared=prepared)
-        used = res.blocks_used  # the highest block id ever popped + 1 (`ceiling_blocks`)
+        kwargs: dict[str, Any] = dict(max_num_batched_tokens=opts.max_num_batched_tokens,
+                                      async_scheduling=opts.scheduling == SCHEDULING_ASYNC, skip_prefix_cache=skip,
+                                      speculative=opts.speculative if drop_last else None, prepared=prepared)
+        if num_blocks is None:  # a pool only as large as the run holds at once, checked
+            res = run_never_evicting(trace, n_tokens, outputs, arrivals, clock, opts.max_num_seqs, **kwargs)
+        else:
+            res = run_concurrent_compiled(trace, num_blocks, n_tokens, outputs, arrivals, clock, opts.max_num_seqs,
+                                          **kwargs)
+        used = res.blocks_used  # the pool from which this run never evicts (`ceiling_blocks`)
     else:
         cache = PrefixCache(num_blocks, block_size, schema.POLICY_LRU, speculative=opts.speculative,
                             vllm_version=opts.vllm_version)
@@ -541,9 +540,10 @@ def ceiling_blocks(ceiling: ConfigResult) -> int | None:
     """The smallest budget from which a configuration's result IS the infinite-cache run's.
 
     `ceiling.exact_from`: the blocks that run ever took from its pool (concurrent:
-    `ConcurrentResult.blocks_used`; sequential: `_sequential_blocks_used`). A pool of at least that many blocks
-    never evicts: the free queue holds unhashed blocks (freed ones at its head, then the
-    never-used ones in id order) before hashed ones, and allocation pops the head, so a
+    `ConcurrentResult.blocks_used`, which also counts the most blocks an admission check asked
+    for: a chunked prompt's whole length; sequential: `_sequential_blocks_used`). A pool of at
+    least that many blocks never evicts: the free queue holds unhashed blocks (freed ones at its
+    head, then the never-used ones in id order) before hashed ones, and allocation pops the head, so a
     hashed block is taken only once every block has been used; it never lacks blocks
     for an admission or a decode slot either (blocks in use are blocks ever used). So
     hits, evictions (0), preemptions, peak and timings are the infinite run's, for

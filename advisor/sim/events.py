@@ -86,7 +86,7 @@ class ConcurrentResult:
     refused: int
     makespan_s: float  # clock at the last finish, seconds after the first arrival
     steps: int = 0  # engine steps taken
-    blocks_used: int = 0  # highest block id ever taken + 1 (advisor.sim.fast.events; 0 where not tracked)
+    blocks_used: int = 0  # highest block id taken + 1, or more if a check asked more (fast.events; 0: untracked)
     # per request, seconds from its arrival to the end of the step that sampled its first
     # token (TTFT) and its last (end-to-end latency); NaN for requests never run
     ttft_s: np.ndarray | None = None

@@ -75,7 +75,7 @@ ALL_TOKENS = 1 << 62  # a token budget that takes the whole prompt
 def _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, num_tokens, block_size, blocks,  # type: ignore[no-untyped-def]
                    skip, drop_last, token_budget):
     """Admit a request (`PrefixCache.admit`): (hit blocks k, blocks it takes out of the free
-    pool), or (-1, 0) when its whole sequence does not fit the free blocks. `skip`: it does
+    pool), or (-1, blocks it asked for) when its whole sequence does not fit the free blocks. `skip`: it does
     not read the cache (k = 0); `drop_last`: the hit drops its last block
     (`cache.drops_last_hit_block`); `token_budget`: the tokens computed now past the hit (a
     chunked prefill's first chunk): only their blocks are taken and cached now."""
@@ -87,7 +87,7 @@ def _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes, 
         if ref[blocks[i]] == 0:
             evictable += 1
     if nreq - k + evictable > cnt[1]:
-        return -1, 0
+        return -1, nreq - k + evictable
     for i in range(k):  # touch: a hit pulls a free block off the queue
         b = blocks[i]
         if ref[b] == 0:

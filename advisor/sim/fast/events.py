@@ -7,7 +7,10 @@ pool size in usable blocks. Output: the same `events.ConcurrentResult` as
 `events.run_concurrent` over an `advisor.sim.cache.PrefixCache` (tests/test_fastevents.py
 checks every field, clock and step count included, on generated workloads under preemption
 and chunking, in both scheduling modes), plus `blocks_used`, the highest block id ever
-taken + 1 (what an infinite pool's run needs, see `advisor.sim.configuration.ceiling_blocks`).
+taken + 1, or the most blocks an admission or allocation check asked for (in use + asked) where
+that is more: the pool from which this run never evicts (`advisor.sim.configuration.ceiling_blocks`).
+`run_never_evicting` runs the infinite cache in such a pool, checked (tests/test_never_evicting.py).
+Pool and block-table arrays are int32 while ids fit (`index_dtype`).
 
 The loop, its order of operations and its clock are `Engine.advance`'s (read advisor.sim.events:
 it is the readable reference, and vLLM's scheduler is its oracle); this is that code on
@@ -43,6 +46,8 @@ that each call builds a tuple and increfs every array in it, on every step).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from advisor.compiled import compiled
@@ -50,9 +55,11 @@ from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.events import ConcurrentResult
 from advisor.sim.fast.lists import new_free_queue
 from advisor.sim.fast.step import (
+    _CNT_N,
     _EVICTIONS,
     _FREE,
     _MAX_BLOCK,
+    _NEED,
     _NF,
     _NTOK,
     _O_HANDED,
@@ -120,15 +127,24 @@ def _array(arena: Arena | None, name: str, shape: tuple[int, ...], dtype: type,
     return np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)
 
 
+def index_dtype(*bounds: int) -> type:
+    """int32 for arrays whose values (block ids with the free queue's two sentinels, hash ids,
+    reference counts) stay below every bound and 2**31 - 2; int64 past that. Half the bytes
+    per pool slot and per request block: a billion-token log's runs hold tens of millions."""
+    return np.int32 if max(bounds, default=0) < np.iinfo(np.int32).max - 2 else np.int64
+
+
 def new_pools(replicas: int, num_blocks: int, num_ids: int, arena: Arena | None = None) -> tuple[np.ndarray, ...]:
     """`replicas` empty pools of `num_blocks` usable blocks over `num_ids` hash ids, one row each:
-    advisor.sim.fast.cache's arrays (nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt)."""
+    advisor.sim.fast.cache's arrays (nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt); all but
+    the counters `index_dtype(num_blocks, num_ids)`."""
     nxt, prv = new_free_queue(num_blocks)
     r, nb = replicas, num_blocks
-    pools = (_array(arena, "nxt", (r, nb + 2), np.int64), _array(arena, "prv", (r, nb + 2), np.int64),
-             _array(arena, "ref", (r, nb), np.int64, 0), _array(arena, "bhash", (r, nb), np.int64, -1),
-             _array(arena, "first_copy", (r, num_ids), np.int64, -1), _array(arena, "cnext", (r, nb), np.int64),
-             _array(arena, "cprev", (r, nb), np.int64), _array(arena, "cnt", (r, 5), np.int64, 0))
+    ix = index_dtype(num_blocks, num_ids)
+    pools = (_array(arena, "nxt", (r, nb + 2), ix), _array(arena, "prv", (r, nb + 2), ix),
+             _array(arena, "ref", (r, nb), ix, 0), _array(arena, "bhash", (r, nb), ix, -1),
+             _array(arena, "first_copy", (r, num_ids), ix, -1), _array(arena, "cnext", (r, nb), ix),
+             _array(arena, "cprev", (r, nb), ix), _array(arena, "cnt", (r, _CNT_N), np.int64, 0))
     pools[0][:] = nxt
     pools[1][:] = prv
     pools[7][:, _FREE] = num_blocks
@@ -153,9 +169,10 @@ def new_engines(replicas: int, num_requests: int, num_blocks: int, num_ids: int,
 
 def new_requests(ids: np.ndarray, hoff: np.ndarray, boff: np.ndarray, n_tokens: np.ndarray,
                  output_tokens: np.ndarray, arrivals: np.ndarray, skip: np.ndarray | None,
-                 arena: Arena | None = None) -> Requests:
+                 num_blocks: int, arena: Arena | None = None) -> Requests:
     """The per-request arrays every engine shares: (hashes, hoff, boff, arrivals, st, blocks,
-    hits, scheduled, first_at, finish_at); `ids`/`hoff`/`boff` are `request_hashes`'s."""
+    hits, scheduled, first_at, finish_at); `ids`/`hoff`/`boff` are `request_hashes`'s; `blocks`
+    holds ids of a pool of `num_blocks` (`index_dtype`)."""
     n = len(n_tokens)
     st = _array(arena, "st", (n, _NF), np.int64, 0)
     st[:, _PROMPT] = n_tokens
@@ -163,7 +180,8 @@ def new_requests(ids: np.ndarray, hoff: np.ndarray, boff: np.ndarray, n_tokens: 
     st[:, _TARGET] = np.maximum(np.asarray(output_tokens, np.int64), 1)
     if skip is not None:
         st[:, _SKIP] = np.asarray(skip, np.int64)
-    return (ids, hoff, boff, np.asarray(arrivals, np.float64), st, _array(arena, "blocks", (int(boff[n]),), np.int64, 0),
+    blocks = _array(arena, "blocks", (int(boff[n]),), index_dtype(num_blocks), 0)
+    return (ids, hoff, boff, np.asarray(arrivals, np.float64), st, blocks,
             _array(arena, "hits", (n,), np.int64, 0), _array(arena, "scheduled", (n,), np.bool_, 0),
             _array(arena, "first_at", (n,), np.float64, np.nan), _array(arena, "finish_at", (n,), np.float64, np.nan))
 
@@ -282,7 +300,7 @@ def engine_result(reqs: Requests, engines: Engines, r: int, mine: np.ndarray | N
     return ConcurrentResult(
         hit_tokens=hits, scheduled=scheduled, evictions=int(cnt[_EVICTIONS]), peak_blocks_in_use=int(cnt[_PEAK]),
         preemptions=int(c[_O_PREEMPT]), refused=int(c[_O_REFUSED]), makespan_s=float(t[_T_LAST] - t[_T_START]),
-        steps=int(c[_O_STEPS]), blocks_used=int(cnt[_MAX_BLOCK]) + 1, ttft_s=ttft, e2e_s=e2e,
+        steps=int(c[_O_STEPS]), blocks_used=max(int(cnt[_MAX_BLOCK]) + 1, int(cnt[_NEED])), ttft_s=ttft, e2e_s=e2e,
         busy_s=float(t[_T_BUSY]), prefill_s=float(t[_T_PREFILL]))
 
 
@@ -298,7 +316,7 @@ def request_hashes(trace: BlockTrace, n_tokens: np.ndarray, output_tokens: np.nd
     extra = np.maximum(end // bs - pfull, 0)
     hoff = np.zeros(len(prompt) + 1, np.int64)
     np.cumsum(pfull + extra, out=hoff[1:])
-    flat = np.empty(int(hoff[-1]), np.int64)
+    flat = np.empty(int(hoff[-1]), index_dtype(decode_ids_from + int(extra.sum()), trace.num_ids))
     _fill_request_hashes(flat, hoff, trace.ids, trace.offsets, pfull, extra, decode_ids_from)  # no temporaries per block
     boff = np.zeros(len(prompt) + 1, np.int64)
     np.cumsum(-(-end // bs), out=boff[1:])
@@ -347,9 +365,63 @@ def run_concurrent_compiled(
     assert num_blocks >= 1
     limits, coef = engine_limits(max_num_seqs, max_num_batched_tokens, trace.block_size, speculative, clock)
     ids, hoff, boff = prepared or request_hashes(trace, n_tokens, output_tokens, trace.num_ids)
-    reqs = new_requests(ids, hoff, boff, n_tokens, output_tokens, arrivals_s, skip_prefix_cache)
+    reqs = new_requests(ids, hoff, boff, n_tokens, output_tokens, arrivals_s, skip_prefix_cache, int(num_blocks))
     n = len(n_tokens)
     engines = new_engines(1, n, int(num_blocks), num_hash_ids(trace, ids, n_tokens), max_num_seqs)
     order = np.argsort(reqs[3], kind="stable").astype(np.int64)
     _run_one(reqs, limits, coef, skip_quiet_steps, async_scheduling, *engines, np.empty(max(n, 1), np.int64), order)
     return engine_result(reqs, engines, 0)
+
+
+def run_never_evicting(
+    trace: BlockTrace,
+    n_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    arrivals_s: np.ndarray,
+    clock: StepTimeModel,
+    max_num_seqs: int,
+    *,
+    prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    first_pool: int | None = None,
+    **engine: Any,
+) -> ConcurrentResult:
+    """`run_concurrent_compiled` with an infinite cache (`PrefixCache(None)`), in a pool sized
+    by what the run holds at once rather than by every block it ever allocates.
+
+    A pool of `total` blocks (every request's whole sequence, `1 +` the sum of its blocks)
+    never evicts, never preempts and refuses nothing: it is the infinite cache. A smaller pool
+    P (at least the largest request, so nothing is refused) runs a prefix of that run
+    identically, block ids included: both pop the free queue's head, which holds freed
+    unhashed blocks, then never-used ones in id order, then hashed ones, and decide
+    admission and allocation by comparing a request's ask with the free count (P minus the
+    blocks in use). They part at the first step where P's run must do otherwise: pop a
+    hashed block (an eviction) or fail a check (blocks in use + the ask > P, recorded in
+    `_NEED` before the check). So a run in P that evicted nothing and whose `_NEED` stayed
+    within P IS the infinite run, and its `blocks_used` (the larger of the highest block id + 1
+    and `_NEED`) is a pool from which every pool gives this very run (the grid's ceiling
+    threshold). Otherwise P is doubled, up to `total`; the memory is that of the pool run.
+
+    `first_pool`: the pool tried first; None: the distinct hash ids (prompt blocks and each
+    request's own decode blocks, all of which a never-evicting run caches), plus a copy of the
+    largest request and two blocks per running request, plus 1/8 for duplicate copies: vLLM
+    caches a second copy of a block a request computes although the hash is cached (a prompt
+    of whole blocks recomputes its last one, since its last token is never a hit; an EAGLE
+    drafter drops the last hit block; a request may skip the cache read), or is cached by
+    another request meanwhile (concurrent chunked prefills of one prefix). `engine`: the
+    keyword arguments of `run_concurrent_compiled` (batch budget, scheduling, flags).
+    """
+    ids, hoff, boff = prepared or request_hashes(trace, n_tokens, output_tokens, trace.num_ids)
+    sizes = np.diff(boff)
+    total = 1 + int(boff[-1])
+    largest = int(sizes.max(initial=1))
+    if first_pool is None:
+        distinct = num_hash_ids(trace, ids, n_tokens)
+        first_pool = distinct + distinct // 8 + largest + 2 * max_num_seqs
+    pool = min(total, max(int(first_pool), largest, 1))
+    while True:
+        res = run_concurrent_compiled(
+            trace, pool, n_tokens, output_tokens, arrivals_s, clock, max_num_seqs, prepared=(ids, hoff, boff), **engine)
+        if pool >= total or (res.evictions == 0 and res.blocks_used <= pool):
+            return res
+        pool = min(total, 2 * pool)
+

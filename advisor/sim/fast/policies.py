@@ -95,7 +95,8 @@ def _push_unhashed(stack, top, evict_first, m):  # type: ignore[no-untyped-def]
 
 
 @compiled
-def _sequential_fifo(ids, offsets, num_tokens, block_size, num_blocks, num_ids, skip, drop_last, hits):  # type: ignore[no-untyped-def]
+def _sequential_fifo(ids, offsets, num_tokens, block_size, num_blocks, num_ids, skip, drop_last, hits,  # type: ignore[no-untyped-def]
+                     seq_block):
     n = num_blocks
     stack = np.empty(2 * n, np.int64)
     top = 0
@@ -105,7 +106,6 @@ def _sequential_fifo(ids, offsets, num_tokens, block_size, num_blocks, num_ids, 
     is_free = np.ones(n, np.bool_)
     block_id_hash = np.full(n, -1, np.int64)
     cached_seq = np.full(n, -1, np.int64)
-    seq_block = np.empty(len(ids) + 1, np.int64)
     seq = 0  # cachings so far
     cursor = 0  # every live free entry below it is in the revisit heap
     rev_seq = np.full(n, -1, np.int64)  # the sequence number of the block's revisit entry, -1: none
@@ -329,6 +329,18 @@ def _sequential_belady(ids, offsets, num_tokens, block_size, num_blocks, num_ids
 
 
 @compiled
+def _count_uses(ids, offsets, num_tokens, block_size, wants, use_off):  # type: ignore[no-untyped-def]
+    """use_off[h + 1] = how many requests want id h (`future_uses`' counts, before the cumsum)."""
+    for r in range(len(num_tokens)):
+        if not wants[r]:
+            continue
+        base = offsets[r]
+        cap = min(offsets[r + 1] - base, max(num_tokens[r] - 1, 0) // block_size)
+        for i in range(cap):
+            use_off[ids[base + i] + 1] += 1
+
+
+@compiled
 def _fill_uses(ids, offsets, num_tokens, block_size, wants, use_off, use_pos):  # type: ignore[no-untyped-def]
     fill = use_off[:-1].copy()
     for r in range(len(num_tokens)):  # in request order: each id's positions come out ascending
@@ -347,14 +359,12 @@ def future_uses(trace: BlockTrace, skip: np.ndarray | None = None) -> tuple[np.n
     for a request that skips the cache read, `skip`), CSR, as `cache.FutureUses`.
 
     Computed once per trace; pass it to `simulate_reference_policy` for every budget."""
-    full = np.diff(trace.offsets)
     wants = ~request_flags(trace, skip)
-    cap = np.where(wants, np.minimum(full, np.maximum(trace.num_tokens - 1, 0) // trace.block_size), 0)
-    req = np.repeat(np.arange(trace.num_requests, dtype=np.int64), full)
-    wanted = (np.arange(len(trace.ids), dtype=np.int64) - trace.offsets[:-1][req]) < cap[req]
     use_off = np.zeros(max(trace.num_ids, 1) + 1, np.int64)
-    np.cumsum(np.bincount(trace.ids[wanted], minlength=max(trace.num_ids, 1)), out=use_off[1:])
-    use_pos = np.empty(int(use_off[-1]), np.int64)
+    _count_uses(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, wants, use_off)  # no temporaries
+    np.cumsum(use_off, out=use_off)
+    # request positions: int32 while they fit (a billion-token log has tens of millions of uses)
+    use_pos = np.empty(int(use_off[-1]), np.int32 if trace.num_requests < np.iinfo(np.int32).max else np.int64)
     _fill_uses(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, wants, use_off, use_pos)
     return use_pos, use_off
 
@@ -379,8 +389,11 @@ def simulate_reference_policy(trace: BlockTrace, num_blocks: int, policy: str,
                                              max(trace.num_ids, 1), use_pos, use_off, request_flags(trace, skip),
                                              bool(drop_last), hits)
     else:
+        # the block cached at each sequence number: one per cached block, block ids, so int32 while they fit
+        seq_block = np.empty(len(trace.ids) + 1, np.int32 if num_blocks < np.iinfo(np.int32).max else np.int64)
         evictions, peak = _sequential_fifo(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks),
-                                           max(trace.num_ids, 1), request_flags(trace, skip), bool(drop_last), hits)
+                                           max(trace.num_ids, 1), request_flags(trace, skip), bool(drop_last), hits,
+                                           seq_block)
     return SequentialResult(int(num_blocks), hits, int(evictions), int(peak), -(-trace.num_tokens // bs) <= num_blocks)
 
 

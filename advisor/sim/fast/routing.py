@@ -247,7 +247,7 @@ def run_replicas_compiled(
     n = len(n_tokens)
     limits, coef = engine_limits(max_num_seqs, max_num_batched_tokens, trace.block_size, speculative, clock)
     ids, hoff, boff = prepared or request_hashes(trace, n_tokens, output_tokens, trace.num_ids)
-    reqs = new_requests(ids, hoff, boff, n_tokens, output_tokens, arrivals_s, skip_prefix_cache, arena)
+    reqs = new_requests(ids, hoff, boff, n_tokens, output_tokens, arrivals_s, skip_prefix_cache, int(num_blocks), arena)
     engines = new_engines(replicas, n, int(num_blocks), num_hash_ids(trace, ids, n_tokens), max_num_seqs, arena)
     if keys is None:
         keys = router_keys(router, trace, n_tokens, sessions, prefix_hash_blocks)

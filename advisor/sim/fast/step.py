@@ -18,8 +18,10 @@ from advisor.compiled import compiled
 from advisor.sim.fast.cache import _admit_flagged, _allocate, _free
 from advisor.sim.fast.lists import ring_link
 
-# cnt: the cache's counters, shared with advisor.sim.fast.cache's kernels (which use the first two)
-_EVICTIONS, _FREE, _IN_USE, _PEAK, _MAX_BLOCK = 0, 1, 2, 3, 4
+# cnt: the cache's counters, shared with advisor.sim.fast.cache's kernels (which use the first two).
+# _NEED: the most blocks any admission or allocation check asked the pool for, counting those in use
+# (a pool of fewer fails that check; advisor.sim.fast.events' `run_never_evicting` reads it)
+_EVICTIONS, _FREE, _IN_USE, _PEAK, _MAX_BLOCK, _NEED, _CNT_N = 0, 1, 2, 3, 4, 5, 6
 # st[i]: request i's counters (events.Engine's names)
 _PROMPT, _TARGET, _NTOK, _COMP, _PH, _INFL, _STALE, _SLOTS, _NCACHED, _FIN, _RUN, _SKIP, _NF = range(13)
 # counters: the engine's integers. The run's counts (preemptions, refused, steps), then where it
@@ -47,6 +49,7 @@ def _take_blocks(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, bo
     """Blocks for request i's first `total` tokens (nothing taken, False, when the pool is short)."""
     held = (st[i, _SLOTS] + bs - 1) // bs
     num_new = max((total + bs - 1) // bs - held, 0)
+    cnt[_NEED] = max(cnt[_NEED], cnt[_IN_USE] + num_new)
     if num_new > cnt[_FREE]:
         return False
     if num_new > 0:
@@ -71,13 +74,17 @@ def _admit(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, blocks, boff, ha
     blk = blocks[boff[i]:boff[i + 1]]
     k, in_use = _admit_flagged(nxt, prv, ref, bhash, first_copy, cnext, cprev, cnt, hashes[hoff[i]:hoff[i + 1]],
                                total, bs, blk, st[i, _SKIP] == 1, limits[3] == 1, budget)
-    if k < 0:
+    if k < 0:  # in_use: the blocks its check asked for
+        cnt[_NEED] = max(cnt[_NEED], cnt[_IN_USE] + in_use)
         return -1
     upto = min(k * bs + budget, total)
-    for x in range((upto + bs - 1) // bs):
+    taken = (upto + bs - 1) // bs
+    for x in range(taken):
         cnt[_MAX_BLOCK] = max(cnt[_MAX_BLOCK], blk[x])
     cnt[_IN_USE] += in_use
     cnt[_PEAK] = max(cnt[_PEAK], cnt[_IN_USE])
+    # its check asked for its whole prompt (a chunked prefill takes the rest later)
+    cnt[_NEED] = max(cnt[_NEED], cnt[_IN_USE] + (total + bs - 1) // bs - taken)
     st[i, _SLOTS] = upto
     st[i, _NCACHED] = upto // bs
     return k * bs
