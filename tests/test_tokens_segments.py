@@ -321,18 +321,37 @@ def test_processes_write_the_same_bytes_as_one_process(tmp_path, qwen, cache_dir
     assert pq.read_table(tmp_path / "a.parquet").column("token_ids").to_pylist() == whole(qwen, texts)
 
 
-def test_the_embedded_tokenizer_loads_as_autotokenizer_would(qwen, cache_dir):
+def test_tokenizer_folders_load_as_autotokenizer_would(qwen, cache_dir, stripping, tmp_path):
+    """The embedded folder and a user's tokenizer-only folder skip AutoTokenizer (and its torch
+    import) for the class it would pick; a folder with a model config or an auto_map does not."""
+    import shutil
+
     from transformers import AutoTokenizer
 
     from advisor.tokens.default_tokenizer import ensure_embedded
 
-    auto = AutoTokenizer.from_pretrained(str(ensure_embedded(cache_dir)), local_files_only=True)
-    assert type(auto) is type(qwen)
-    assert auto.backend_tokenizer.to_str() == qwen.backend_tokenizer.to_str()
-    assert auto.chat_template == qwen.chat_template and auto.special_tokens_map == qwen.special_tokens_map
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|im_end|>"}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|im_end|> <mark> stop"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    assert render_chat(auto, msgs, tools) == render_chat(qwen, msgs, tools)
+    user = Path(stripping.name_or_path)
+    for folder in (ensure_embedded(cache_dir), user):
+        assert tk._direct_class(folder) is not None, folder
+        auto = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        ours = tk.load_tokenizer(str(folder), cache_dir)
+        assert type(auto) is type(ours)
+        assert auto.backend_tokenizer.to_str() == ours.backend_tokenizer.to_str()
+        assert auto.chat_template == ours.chat_template and auto.special_tokens_map == ours.special_tokens_map
+        assert auto.added_tokens_decoder == ours.added_tokens_decoder
+        text = render_chat(auto, msgs, tools)
+        assert text == render_chat(ours, msgs, tools) and auto.encode(text) == ours.encode(text)
+    for name, extra in (("config.json", {"model_type": "qwen2"}), ("auto_map", None)):
+        folder = tmp_path / name
+        shutil.copytree(user, folder)
+        if extra is not None:
+            (folder / name).write_text(json.dumps(extra))
+        else:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            (folder / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {}}))
+        assert tk._direct_class(folder) is None, name  # AutoTokenizer decides
 
 
 def test_a_small_log_runs_in_this_process_a_large_one_on_every_core():

@@ -145,10 +145,8 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
     model already in the Hugging Face cache.
     """
     resolved = resolve_spec(spec)
-    loader = None
     if resolved == EMBEDDED_SPEC:
         source = str(ensure_embedded(cache_dir))
-        loader = _embedded_class(Path(source))
     else:
         p = Path(resolved)
         if Path(spec or "").expanduser().exists() and not p.is_dir():
@@ -157,6 +155,7 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
                 "and tokenizer_config.json."
             )
         source = resolved
+    loader = _direct_class(Path(source))
     if loader is None:
         from transformers import AutoTokenizer as loader
     try:
@@ -184,13 +183,23 @@ def load_tokenizer(spec: str | None, cache_dir: Path):  # -> transformers fast t
     return tok
 
 
-def _embedded_class(folder: Path) -> Any:
-    """The class AutoTokenizer picks for the embedded folder when its tokenizer_config.json
-    names TokenizersBackend (the folder has no model config), imported without AutoTokenizer's
-    model registry, which imports torch when it is installed (seconds per worker process). A
-    test checks both loads give the same tokenizer. None otherwise: AutoTokenizer decides."""
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    if config.get("tokenizer_class") != "TokenizersBackend":
+def _direct_class(folder: Path) -> Any:
+    """TokenizersBackend, when that is the class AutoTokenizer picks for `folder` by the folder
+    alone: a tokenizer folder with no model config.json and no auto_map whose
+    tokenizer_config.json names TokenizersBackend (what transformers 5 writes for a fast
+    tokenizer, the embedded one included). Imported directly, it skips AutoTokenizer's model
+    registry, which imports torch when torch is installed: about 7 s and 0.5 GiB in every
+    tokenize worker process. None otherwise (a model folder, a model name, any other class):
+    AutoTokenizer decides. tests/test_tokens_segments.py checks both loads give the same
+    tokenizer."""
+    config_path = folder / "tokenizer_config.json"
+    if not folder.is_dir() or (folder / "config.json").exists() or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # AutoTokenizer reports it
+    if not isinstance(config, dict) or config.get("tokenizer_class") != "TokenizersBackend" or "auto_map" in config:
         return None
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
