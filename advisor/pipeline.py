@@ -15,12 +15,16 @@ so no stage reruns when only it changes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import pyarrow as pa
 
 from advisor.analyze.stage import AnalyzeOptions, run_analyze
 from advisor.executor import ExecutorOptions, remote_executor
@@ -134,6 +138,7 @@ def run(
     def record(outcome: StageOutcome) -> None:
         done[outcome.stage] = outcome
         on_stage(outcome)
+        release_free_memory()
 
     with remote_executor(executor):  # one Ray for the stages that use it
         record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin, executor=executor))
@@ -156,3 +161,30 @@ def run(
                       api_key=api_key, warn=warn))
     record(run_report(run_dir, opts["report"], force=force))
     return RunResult(run_dir, done)
+
+
+def release_free_memory() -> None:
+    """Give memory a finished stage freed back to the system before the next one starts.
+
+    The stages of `run` share one process, and freed memory otherwise stays with its allocator:
+    after ingest on a 200 MiB log, Arrow's pool and the C heap kept 0.34 GiB of a 0.56 GiB
+    process, through tokenize, whose worker processes peak beside it. Arrow's pool releases
+    what it holds unused; glibc's `malloc_trim` returns free heap pages (skipped where the C
+    library has none). Nothing a stage holds is touched.
+    """
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc_with_malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc_with_malloc_trim()
+
