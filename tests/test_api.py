@@ -153,3 +153,21 @@ def test_stages_recording_on_two_threads_keep_every_entry(tmp_path: Path) -> Non
         list(pool.map(lambda s: rd.record(s, "k", {}, {}, 0.0, {"n": s}), names))
     assert sorted(rd.manifest()["stages"]) == sorted(names)
     assert all(rd.stage_counts(s) == {"n": s} for s in names)
+
+
+def test_the_package_names_load_on_first_use_and_are_what_they_name() -> None:
+    """`advisor.X` is the object its module defines; a worker importing one stage's module
+    does not load the others (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    assert set(advisor.__all__) == {*advisor._WHERE, "__version__"}
+    for name, module in advisor._WHERE.items():
+        assert getattr(advisor, name) is getattr(__import__(module, fromlist=[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        advisor.nope  # noqa: B018
+    code = ("import sys, advisor.tokens.stage; "
+            "print(sorted(m for m in ('advisor.pipeline', 'advisor.analyze.stage', 'advisor.sim.stage', "
+            "'advisor.report.stage', 'matplotlib', 'polars') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
