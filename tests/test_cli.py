@@ -53,3 +53,25 @@ def test_bare_log_means_run(tmp_path: Path) -> None:
     assert a.exit_code == b.exit_code == 1
     assert a.output == b.output
     assert f"{missing} does not exist" in a.output
+
+
+def test_spawned_workers_of_the_console_script_do_not_rerun_it(monkeypatch):
+    """`pc-advise` as a console script names its __main__ `advisor.__main__`, so a spawned
+    worker (multiprocessing's own preparation data) does not re-import the whole CLI; any
+    other __main__ (a user's script, pytest) is left as it is."""
+    import multiprocessing.spawn
+    import sys
+    import types
+
+    import advisor.cli as cli
+
+    script = types.ModuleType("__main__")
+    script.__file__ = "/usr/local/bin/pc-advise"
+    script.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    for argv0, name in (("/home/me/analysis.py", None), ("/usr/local/bin/pc-advise", "advisor.__main__")):
+        monkeypatch.setattr(sys, "argv", [argv0, "run", "logs.jsonl"])
+        cli._name_main_as_the_package()
+        prep = multiprocessing.spawn.get_preparation_data("worker")
+        assert prep.get("init_main_from_name") == name
+        assert ("init_main_from_path" in prep) is (name is None)
