@@ -77,6 +77,11 @@ class Executor(ABC):
         """How many pieces run at once (callers size their pieces from it)."""
         return 1
 
+    def prestart(self, fn: Callable[[T], Any], item: T) -> None:
+        """Run `fn(item)` once in each worker, now, without waiting (a worker loading what the
+        pieces to come will need while this process does something else); its result and errors
+        are dropped. Nothing where pieces run in this process or elsewhere."""
+
     def share(self, value: T) -> Shared[T]:
         """`value` for every piece to read through the handle's `get()` (module docstring)."""
         return Shared(value)
@@ -146,6 +151,11 @@ class ProcessExecutor(_PoolExecutor):
 
         super().__init__(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")), workers,
                          window or 2 * workers)
+
+    def prestart(self, fn: Callable[[T], Any], item: T) -> None:
+        # one task per worker: each takes one, since a worker busy loading takes no second
+        for _ in range(self.workers):
+            self._pool.submit(fn, item)
 
 
 def open_executor(options: ExecutorOptions) -> Executor:

@@ -15,10 +15,12 @@ so no stage reruns when only it changes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,13 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 
 from advisor.analyze.stage import AnalyzeOptions, run_analyze
-from advisor.executor import ExecutorOptions, remote_executor
+from advisor.executor import (
+    EXECUTOR_LOCAL,
+    Executor,
+    ExecutorOptions,
+    ProcessExecutor,
+    remote_executor,
+)
 from advisor.ingest.stage import IngestOptions, run_ingest
 from advisor.recommend.options import RecommendOptions
 from advisor.recommend.stage import run_recommend
@@ -39,12 +47,13 @@ from advisor.runfolder import (
     REPORT_HTML,
     REPORT_MD,
     STAGES,
+    TOKENS,
     Progress,
     StageOutcome,
 )
 from advisor.sim.configuration import SimulateOptions
 from advisor.sim.stage import run_simulate
-from advisor.tokens.stage import TokenizeOptions, run_tokenize
+from advisor.tokens.stage import TokenizeOptions, run_tokenize, warm_up, warm_up_for
 
 STAGE_FUNCTIONS: dict[str, Callable[..., StageOutcome]] = {
     "ingest": run_ingest, "tokenize": run_tokenize, "analyze": run_analyze,
@@ -110,6 +119,29 @@ def stage_options(**options: Any) -> dict[str, Any]:
     return out
 
 
+WARM_LOG_BYTES = 32 << 20  # from this size on, tokenize's worker processes start during ingest
+
+
+@contextlib.contextmanager
+def _tokenize_workers(log: str | Path, run_dir: Path, executor: ExecutorOptions | None,
+                      options: TokenizeOptions, force: bool, cache_dir: Path) -> Iterator[Executor | None]:
+    """Tokenize's local worker processes, started before ingest and loading the tokenizer while
+    ingest reads the log (seconds per process), when tokenize will want them: a log of
+    `WARM_LOG_BYTES` or more, more than one worker, no Ray, and no tokens.parquet to keep. Else
+    None: tokenize opens its own (or none, for a small log)."""
+    workers = options.workers or os.cpu_count() or 1
+    path = Path(log) if str(log) != "-" else None
+    size = (sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path is not None and path.is_dir()
+            else path.stat().st_size if path is not None and path.is_file() else 0)
+    if ((executor is not None and executor.kind != EXECUTOR_LOCAL) or workers <= 1 or size < WARM_LOG_BYTES
+            or (not force and (run_dir / TOKENS).exists())):
+        yield None
+        return
+    with ProcessExecutor(workers) as pool:
+        pool.prestart(warm_up, warm_up_for(options, cache_dir))
+        yield pool
+
+
 def run(
     log: str | Path,
     out: str | Path | None = None,
@@ -141,9 +173,10 @@ def run(
         release_free_memory()
 
     with remote_executor(executor):  # one Ray for the stages that use it
-        record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin, executor=executor))
-        record(run_tokenize(run_dir, opts["tokenize"], force=force, progress=progress, cache_dir=cache_dir,
-                            executor=executor))
+        with _tokenize_workers(log, run_dir, executor, opts["tokenize"], force, cache_dir) as workers:
+            record(run_ingest(run_dir, log, opts["ingest"], force=force, stdin=stdin, executor=executor))
+            record(run_tokenize(run_dir, opts["tokenize"], force=force, progress=progress, cache_dir=cache_dir,
+                                executor=workers or executor))
         # analyze and simulate read the same inputs and neither reads the other's outputs: analyze
         # (mostly one core) runs on a thread beside simulate (whose compiled runs release the
         # GIL); their outcomes are recorded in stage order.

@@ -171,3 +171,24 @@ def test_the_package_names_load_on_first_use_and_are_what_they_name() -> None:
             "'advisor.report.stage', 'matplotlib', 'polars') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tokenize_workers_start_early_only_for_a_large_log_that_tokenize_will_read(tmp_path: Path) -> None:
+    from advisor.pipeline import WARM_LOG_BYTES, _tokenize_workers
+    from advisor.tokens.stage import TokenizeOptions
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(WARM_LOG_BYTES)  # sparse: only its size is read
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokens.parquet").write_bytes(b"")
+    two = TokenizeOptions(workers=2)
+    cases = [(_log(tmp_path), two, False),  # a small log: tokenize runs it in one process
+             (big, TokenizeOptions(workers=1), False),  # one worker: nothing to start
+             (big, two, False)]  # tokens.parquet is there: tokenize is likely skipped
+    for log, options, force in cases:
+        with _tokenize_workers(log, run, None, options, force, tmp_path) as workers:
+            assert workers is None, (log, options)
+    with _tokenize_workers(big, run, advisor.ExecutorOptions(kind="ray"), two, True, tmp_path) as workers:
+        assert workers is None  # Ray runs the pieces

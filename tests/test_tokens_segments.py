@@ -354,6 +354,28 @@ def test_tokenizer_folders_load_as_autotokenizer_would(qwen, cache_dir, strippin
         assert tk._direct_class(folder) is None, name  # AutoTokenizer decides
 
 
+def test_a_warmed_up_worker_holds_what_the_first_piece_asks_for(tmp_path, cache_dir):
+    """The pipeline starts tokenize's workers during ingest (`warm_up`): the tokenizer they load
+    must be the one the pieces then find in the memo, or the warm-up is wasted."""
+    import pyarrow.parquet as pq
+
+    options = tk.TokenizeOptions(None, 2, batch_rows=8)
+    tk._worker.clear()
+    tk.warm_up(tk.warm_up_for(options, cache_dir))
+    loaded = tk._worker[0].tokenizer
+    req = _chat_requests(tmp_path / "requests.parquet", 8)
+    piece = tk.TokenizePiece(next(pq.ParquetFile(req).iter_batches(8)), tk.resolve_spec(None), str(cache_dir),
+                             json.dumps(options.as_dict(), sort_keys=True), "run", 1 << 20)
+    assert tk._worker_for(piece).tokenizer is loaded
+    # and a held, prestarted pool writes what one process writes
+    inline = tk.tokenize_file_with(InlineExecutor(), req, tmp_path / "a.parquet", options, cache_dir)
+    with ProcessExecutor(2) as ex:
+        ex.prestart(tk.warm_up, tk.warm_up_for(options, cache_dir))
+        held = tk.tokenize_file_with(ex, req, tmp_path / "b.parquet", options, cache_dir)
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert inline.tokens == held.tokens
+
+
 def test_a_small_log_runs_in_this_process_a_large_one_on_every_core():
     assert tk.local_executor(tk.TokenizeOptions(workers=2), 512).workers == 1  # one piece
     assert tk.local_executor(tk.TokenizeOptions(workers=2), 513).workers == 2

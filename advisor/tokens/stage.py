@@ -34,6 +34,7 @@ whole prompt's) where the tokenizer allows it, else whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -280,6 +281,27 @@ def _worker_for(piece: TokenizePiece) -> _Worker:
     return w
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    """What a worker loads ahead of the stage's pieces (`warm_up`): the key they will carry."""
+
+    tokenizer: str  # the resolved spec
+    cache_dir: str
+    fingerprint: str
+
+
+def warm_up_for(options: TokenizeOptions, cache_dir: Path) -> WarmUp:
+    """The warm-up matching the pieces `tokenize_file_with` will send for a log with text."""
+    return WarmUp(resolve_spec(options.tokenizer), str(cache_dir), json.dumps(options.as_dict(), sort_keys=True))
+
+
+def warm_up(w: WarmUp) -> None:
+    """Load the tokenizer into this worker's memo, as the first piece would (`Executor.prestart`)."""
+    key = (w.tokenizer, w.cache_dir, w.fingerprint)
+    if not _worker or _worker[0].key != key:
+        _worker[:] = [_Worker(key, load_tokenizer(w.tokenizer, Path(w.cache_dir)))]
+
+
 def tokenize_piece(piece: TokenizePiece) -> tuple[pa.Table, PieceCounts]:
     """Tokenize one piece where it runs: the tokenizer is loaded once per process."""
     w = _worker_for(piece)
@@ -403,20 +425,21 @@ def local_executor(options: TokenizeOptions, rows: int) -> ExecutorOptions:
 def run_tokenize(
     run_dir: str | Path, options: TokenizeOptions | None = None, *, force: bool = False,
     progress: Progress = NO_PROGRESS, cache_dir: Path = DEFAULT_CACHE_DIR,
-    executor: ExecutorOptions | None = None,
+    executor: ExecutorOptions | Executor | None = None,
 ) -> StageOutcome:
     """The tokenize stage on `run_dir`: requests.parquet -> tokens.parquet.
 
-    `executor` says where the row batches run (None: `local_executor`); it changes neither
-    the output nor the fingerprint."""
+    `executor` says where the row batches run (None: `local_executor`; an open `Executor`:
+    there, left open); it changes neither the output nor the fingerprint."""
     options = options or TokenizeOptions()
     run = RunDir(Path(run_dir))
 
     def body(r: RunDir) -> dict[str, Any]:
         requests = r.require(REQUESTS)
         rows = request_count(requests)
+        held = executor if isinstance(executor, Executor) else None
         with progress.task("tokenize", rows) as advance, \
-                open_executor(executor or local_executor(options, rows)) as ex:
+                (contextlib.nullcontext(held) if held else open_executor(executor or local_executor(options, rows))) as ex:
             return tokenize_file_with(ex, requests, r.path(TOKENS), options, cache_dir, advance).as_counts()
 
     return run.run_stage("tokenize", [run.require(REQUESTS)], options.as_dict(), [TOKENS], body, force=force)
