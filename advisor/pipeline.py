@@ -130,9 +130,7 @@ def _tokenize_workers(log: str | Path, run_dir: Path, executor: ExecutorOptions 
     `WARM_LOG_BYTES` or more, more than one worker, no Ray, and no tokens.parquet to keep. Else
     None: tokenize opens its own (or none, for a small log)."""
     workers = options.workers or os.cpu_count() or 1
-    path = Path(log) if str(log) != "-" else None
-    size = (sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path is not None and path.is_dir()
-            else path.stat().st_size if path is not None and path.is_file() else 0)
+    size = _log_bytes(log)
     if ((executor is not None and executor.kind != EXECUTOR_LOCAL) or workers <= 1 or size < WARM_LOG_BYTES
             or (not force and (run_dir / TOKENS).exists())):
         yield None
@@ -140,6 +138,20 @@ def _tokenize_workers(log: str | Path, run_dir: Path, executor: ExecutorOptions 
     with ProcessExecutor(workers) as pool:
         pool.prestart(warm_up, warm_up_for(options, cache_dir))
         yield pool
+
+
+def _log_bytes(log: str | Path) -> int:
+    """The log's size on disk (a folder's files summed); 0 for stdin, a glob, or what cannot be
+    read (ingest names that problem, not this guess)."""
+    path = Path(log)
+    try:
+        if str(log) == "-" or not path.exists():
+            return 0
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def run(

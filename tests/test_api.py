@@ -192,3 +192,19 @@ def test_tokenize_workers_start_early_only_for_a_large_log_that_tokenize_will_re
             assert workers is None, (log, options)
     with _tokenize_workers(big, run, advisor.ExecutorOptions(kind="ray"), two, True, tmp_path) as workers:
         assert workers is None  # Ray runs the pieces
+
+
+def test_the_early_start_sizes_the_log_and_never_fails_on_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from advisor.pipeline import _log_bytes
+
+    logs = tmp_path / "logs"
+    (logs / "day1").mkdir(parents=True)
+    (logs / "a.jsonl").write_bytes(b"x" * 10)
+    (logs / "day1" / "b.jsonl").write_bytes(b"y" * 5)
+    assert _log_bytes(logs) == 15 and _log_bytes(logs / "a.jsonl") == 10
+    assert _log_bytes("-") == 0 and _log_bytes(str(logs / "*.jsonl")) == 0  # stdin, a glob
+
+    def unreadable(self: Path, pattern: str) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "rglob", unreadable)
+    assert _log_bytes(logs) == 0  # ingest reports what it cannot read
