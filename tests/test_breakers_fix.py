@@ -76,3 +76,18 @@ def test_naming_every_breaker_is_the_all_fixes_rewrite_made_once() -> None:
     fresh, fresh_record = Rewrites(workload(log), prefixes, stats).applied(frozenset({0}))
     assert fresh_record == record
     assert all((fresh.tokens(i) == alone.tokens(i)).all() for i in range(alone.num_requests))
+
+
+def test_a_simulated_loss_is_not_called_the_top_fix() -> None:
+    from advisor.recommend.fixes import top_fix_line
+
+    where = "simulated in sequential mode at block size 16, 5,169 blocks"
+    loss = {"breaker": "varying text", "hit_rate_gain": -0.0016, "estimated_gain": 0.0004, "gain_source": where,
+            "fix": "Move the varying text after the shared content."}
+    line = top_fix_line(loss, where, 0.88, -0.003, 2)
+    assert line.startswith("No prompt fix raises the hit rate: the best, varying text, changes it by -0.2 points")
+    assert "all 2 fixes together: -0.3 points" in line and "+-" not in line and "Move the" not in line
+    gain = {**loss, "hit_rate_gain": 0.05}
+    assert top_fix_line(gain, where, 0.88, None, 1).startswith("Top prompt fix: varying text (+5.0 points of hit rate, ")
+    estimate = {**loss, "hit_rate_gain": 0.03, "gain_source": "estimate: the simulator cannot apply this fix (x)"}
+    assert top_fix_line(estimate, where, 0.88, None, 1).startswith("Top prompt fix: varying text (up to +3.0 points")

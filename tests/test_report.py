@@ -464,3 +464,20 @@ def test_stages_that_ran_side_by_side_are_named_under_the_stage_times() -> None:
     assert overlap_note(["analyze", "simulate"]).startswith("analyze and simulate ran side by side")
     one_after_another = {"stages": {"analyze": entry("00:20", 8.0), "simulate": entry("00:33", 12.4)}}
     assert _overlapped_stages(one_after_another) == [] and overlap_note([]) is None
+
+
+def test_fixes_that_only_lose_hit_rate_are_not_offered_as_fixes(run_dir: Path) -> None:
+    import copy
+    import dataclasses
+
+    data = load(run_dir)
+    rec = copy.deepcopy(data.recommendation)
+    for f in rec["prompt_fixes"]:
+        f["hit_rate_gain"] = -0.0016  # simulated: the rewrite loses hit rate at this budget
+    lost = dataclasses.replace(data, recommendation=rec)
+    for page in (html_report.render(lost), md_report.render(lost)):
+        assert "none raises the hit rate" in page and "Prompt changes tried (none raises the hit rate)" in page
+        assert "Prompt changes that raise the ceiling" not in page
+    fact = facts.top_fix(lost)
+    assert fact is not None and fact.value == "none raises the hit rate" and "-0.16 pp" in fact.detail
+    assert "Prompt changes that raise the ceiling" in md_report.render(data)  # the fixture's fix gains

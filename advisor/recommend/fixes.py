@@ -120,13 +120,23 @@ def price_fixes(
         out.append(f)
     out.sort(key=lambda f: -f["hit_rate_gain"])
     every, _ = rewrites.applied() if len(fixes) > 1 else (None, {})
-    both = ""
-    if every is not None:
-        all_gain = hit_rate(every) - base
-        both = f"; all {len(fixes)} fixes together: +{all_gain * 100:.1f} points"
-    top = out[0]
-    if top["gain_source"] == where:
-        how = f"+{top['hit_rate_gain'] * 100:.1f} points of hit rate, {where}, from {base:.1%}{both}"
-    else:
-        how = f"up to +{top['hit_rate_gain'] * 100:.1f} points of hit rate, {top['gain_source']}"
-    return out, f"Top prompt fix: {top['breaker']} ({how}). {top.get('fix') or ''}".rstrip()
+    all_gain = hit_rate(every) - base if every is not None else None
+    return out, top_fix_line(out[0], where, base, all_gain, len(fixes))
+
+
+def top_fix_line(top: dict[str, Any], where: str, base: float, all_gain: float | None, n_fixes: int) -> str:
+    """The reasoning line for the best fix: its simulated gain (`where`) from `base`, or
+    analyze's estimate when it could not be simulated; when the best simulated gain is not a
+    gain, it says that no fix raises the hit rate rather than calling a loss the top fix."""
+    gain = float(top["hit_rate_gain"])
+    both = f"; all {n_fixes} fixes together: {all_gain * 100:+.1f} points" if all_gain is not None else ""
+    if top["gain_source"] != where:
+        return (f"Top prompt fix: {top['breaker']} (up to {gain * 100:+.1f} points of hit rate, "
+                f"{top['gain_source']}). {top.get('fix') or ''}").rstrip()
+    if gain > 0:
+        return (f"Top prompt fix: {top['breaker']} ({gain * 100:+.1f} points of hit rate, {where}, "
+                f"from {base:.1%}{both}). {top.get('fix') or ''}").rstrip()
+    return (f"No prompt fix raises the hit rate: the best, {top['breaker']}, changes it by {gain * 100:+.1f} "
+            f"points when applied ({where}, from {base:.1%}{both}), against the analysis' estimate of "
+            f"{float(top.get('estimated_gain') or 0.0) * 100:+.2f} points (tokens, an unlimited cache). "
+            "The prompts are best left as they are.")

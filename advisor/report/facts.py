@@ -124,11 +124,26 @@ def replay_status(data: ReportData) -> ReplayStatus:
     return ReplayStatus("info", f"Replay status: {status}", str(rp.get("reason") or ""))
 
 
+def fixes_raise(fixes: list[dict[str, Any]]) -> bool:
+    """Whether any prompt fix raises the hit rate (a simulated loss is no fix)."""
+    return any(float(f.get("hit_rate_gain") or 0.0) > 0 for f in fixes)
+
+
+def fixes_heading(fixes: list[dict[str, Any]]) -> str:
+    return ("Prompt changes that raise the ceiling" if fixes_raise(fixes)
+            else "Prompt changes tried (none raises the hit rate)")
+
+
 def top_fix(data: ReportData) -> Fact | None:
     rec = data.recommendation or {}
     fixes = rec.get("prompt_fixes") or []
     if fixes:
         f = max(fixes, key=lambda f: float(f.get("hit_rate_gain") or 0.0))
+        if not fixes_raise(fixes):
+            return Fact("Top prompt fix", "none raises the hit rate",
+                        f"The largest breaker, {f.get('breaker')}, changes the hit rate by "
+                        f"{points(f.get('hit_rate_gain'))} when its fix is simulated; the prompts are best "
+                        "left as they are.")
         return Fact("Top prompt fix", f"{f.get('breaker')}: {points(f.get('hit_rate_gain'))} hit rate",
                     str(f.get("description") or ""))
     breakers = (data.stats or {}).get("breakers") or []

@@ -186,7 +186,7 @@ def _recommendation(data: ReportData) -> str:
                    + "".join(f"<li>{_prose(c)}</li>" for c in rec["constraints"]) + "</ul>")
     fixes = rec.get("prompt_fixes") or []
     if fixes:
-        out.append("<h3>Prompt changes that raise the ceiling</h3>")
+        out.append(f"<h3>{esc(fx.fixes_heading(fixes))}</h3>")
         out.append(_table(("cache breaker", "hit rate gain", "what to change"),
                           [(f.get("breaker"), fx.points(f.get("hit_rate_gain")), f.get("description")) for f in fixes],
                           numeric=(1,)))

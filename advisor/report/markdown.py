@@ -129,7 +129,7 @@ def _recommendation(data: ReportData) -> list[str]:
         out += ["### Constraints respected", "", *[f"- {md_prose(c)}" for c in rec["constraints"]], ""]
     fixes = rec.get("prompt_fixes") or []
     if fixes:
-        out += ["### Prompt changes that raise the ceiling", "",
+        out += [f"### {fx.fixes_heading(fixes)}", "",
                 table(("cache breaker", "hit rate gain", "what to change"),
                       [(f.get("breaker"), fx.points(f.get("hit_rate_gain")), f.get("description")) for f in fixes],
                       numeric=(1,)), ""]
