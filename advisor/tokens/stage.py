@@ -269,12 +269,21 @@ class _Worker:
 _worker: list[_Worker] = []  # this process's loaded tokenizer (one; executor.py allows this memo)
 
 
-def _worker_for(piece: TokenizePiece) -> _Worker:
-    key = (piece.tokenizer, piece.cache_dir, piece.fingerprint)
+def _loaded(spec: str | None, cache_dir: str, fingerprint: str) -> _Worker:
+    """This process's memo, holding the tokenizer of `spec` (loaded now unless it already is)."""
+    key = (spec, cache_dir, fingerprint)
     if not _worker or _worker[0].key != key:
-        tok = load_tokenizer(piece.tokenizer, Path(piece.cache_dir)) if piece.tokenizer else None
-        _worker[:] = [_Worker(key, tok)]
-    w = _worker[0]
+        _worker[:] = [_Worker(key, load_tokenizer(spec, Path(cache_dir)) if spec else None)]
+    return _worker[0]
+
+
+def _fingerprint(options: TokenizeOptions) -> str:
+    """The options a worker's loaded tokenizer is keyed by (a change reloads it)."""
+    return json.dumps(options.as_dict(), sort_keys=True)
+
+
+def _worker_for(piece: TokenizePiece) -> _Worker:
+    w = _loaded(piece.tokenizer, piece.cache_dir, piece.fingerprint)
     if w.run != piece.run:  # a fresh segment cache per run: counts do not depend on earlier runs
         w.run = piece.run
         w.encoder = segment_encoder(w.tokenizer, piece.cache_bytes) if w.tokenizer is not None else None
@@ -292,14 +301,12 @@ class WarmUp:
 
 def warm_up_for(options: TokenizeOptions, cache_dir: Path) -> WarmUp:
     """The warm-up matching the pieces `tokenize_file_with` will send for a log with text."""
-    return WarmUp(resolve_spec(options.tokenizer), str(cache_dir), json.dumps(options.as_dict(), sort_keys=True))
+    return WarmUp(resolve_spec(options.tokenizer), str(cache_dir), _fingerprint(options))
 
 
 def warm_up(w: WarmUp) -> None:
     """Load the tokenizer into this worker's memo, as the first piece would (`Executor.prestart`)."""
-    key = (w.tokenizer, w.cache_dir, w.fingerprint)
-    if not _worker or _worker[0].key != key:
-        _worker[:] = [_Worker(key, load_tokenizer(w.tokenizer, Path(w.cache_dir)))]
+    _loaded(w.tokenizer, w.cache_dir, w.fingerprint)
 
 
 def tokenize_piece(piece: TokenizePiece) -> tuple[pa.Table, PieceCounts]:
@@ -407,7 +414,7 @@ def tokenize_file_with(
     byte for byte, whichever executor ran it; the segment counts depend on how the pieces
     were shared out."""
     spec = resolve_spec(options.tokenizer) if needs_tokenizer(requests_path) else None
-    fingerprint = json.dumps(options.as_dict(), sort_keys=True) if spec is not None else ""
+    fingerprint = _fingerprint(options) if spec is not None else ""
     run = uuid.uuid4().hex
     by_kind: dict[str, int] = {}
     pieces = (TokenizePiece(b, spec, str(cache_dir), fingerprint, run, options.segment_cache_mb << 20)
