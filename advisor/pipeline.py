@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 
 from advisor.analyze.stage import AnalyzeOptions, run_analyze
+from advisor.errors import AdvisorError
 from advisor.executor import (
     EXECUTOR_LOCAL,
     Executor,
@@ -36,6 +37,7 @@ from advisor.executor import (
     ProcessExecutor,
     remote_executor,
 )
+from advisor.ingest.sources import resolve_inputs
 from advisor.ingest.stage import IngestOptions, run_ingest
 from advisor.recommend.options import RecommendOptions
 from advisor.recommend.stage import run_recommend
@@ -141,16 +143,11 @@ def _tokenize_workers(log: str | Path, run_dir: Path, executor: ExecutorOptions 
 
 
 def _log_bytes(log: str | Path) -> int:
-    """The log's size on disk (a folder's files summed); 0 for stdin, a glob, or what cannot be
-    read (ingest names that problem, not this guess)."""
-    path = Path(log)
+    """The size on disk of the files ingest will read (`resolve_inputs`: a file, a folder's or a
+    glob's files); 0 for stdin or what cannot be read (ingest names that problem, not this guess)."""
     try:
-        if str(log) == "-" or not path.exists():
-            return 0
-        if path.is_dir():
-            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return path.stat().st_size
-    except OSError:
+        return sum(i.path.stat().st_size for i in resolve_inputs(str(log)) if i.path is not None)
+    except (AdvisorError, OSError):
         return 0
 
 
@@ -232,4 +229,3 @@ def _libc_with_malloc_trim() -> Any:
 
 
 _LIBC = _libc_with_malloc_trim()
-

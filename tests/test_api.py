@@ -202,7 +202,8 @@ def test_the_early_start_sizes_the_log_and_never_fails_on_it(tmp_path: Path, mon
     (logs / "a.jsonl").write_bytes(b"x" * 10)
     (logs / "day1" / "b.jsonl").write_bytes(b"y" * 5)
     assert _log_bytes(logs) == 15 and _log_bytes(logs / "a.jsonl") == 10
-    assert _log_bytes("-") == 0 and _log_bytes(str(logs / "*.jsonl")) == 0  # stdin, a glob
+    assert _log_bytes("-") == 0 and _log_bytes(str(logs / "*.jsonl")) == 10  # stdin; a glob, as ingest reads it
+    assert _log_bytes(tmp_path / "missing.jsonl") == 0  # ingest names the problem
 
     def unreadable(self: Path, pattern: str) -> None:
         raise PermissionError(13, "Permission denied", str(self))
