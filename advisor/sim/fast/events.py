@@ -53,7 +53,7 @@ import numpy as np
 from advisor.compiled import compiled
 from advisor.sim.cache import drops_last_hit_block
 from advisor.sim.events import ConcurrentResult
-from advisor.sim.fast.lists import new_free_queue
+from advisor.sim.fast.lists import index_dtype, new_free_queue
 from advisor.sim.fast.step import (
     _CNT_N,
     _EVICTIONS,
@@ -125,13 +125,6 @@ def _array(arena: Arena | None, name: str, shape: tuple[int, ...], dtype: type,
     if arena is not None:
         return arena.take(name, shape, dtype, fill)
     return np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)
-
-
-def index_dtype(*bounds: int) -> type:
-    """int32 for arrays whose values (block ids with the free queue's two sentinels, hash ids,
-    reference counts) stay below every bound and 2**31 - 2; int64 past that. Half the bytes
-    per pool slot and per request block: a billion-token log's runs hold tens of millions."""
-    return np.int32 if max(bounds, default=0) < np.iinfo(np.int32).max - 2 else np.int64
 
 
 def new_pools(replicas: int, num_blocks: int, num_ids: int, arena: Arena | None = None) -> tuple[np.ndarray, ...]:
@@ -424,4 +417,3 @@ def run_never_evicting(
         if pool >= total or (res.evictions == 0 and res.blocks_used <= pool):
             return res
         pool = min(total, 2 * pool)
-

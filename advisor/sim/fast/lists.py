@@ -108,3 +108,11 @@ def ring_unlink(first_copy, cnext, cprev, h, b):  # type: ignore[no-untyped-def]
         first_copy[h] = cnext[b]
         return cnext[b]
     return -1
+
+
+def index_dtype(*bounds: int) -> type:
+    """int32 for arrays whose values (block ids with the free queue's two sentinels, hash ids,
+    reference counts, request positions) stay below every bound and 2**31 - 2; int64 past that.
+    Half the bytes per pool slot and per request block: a billion-token log's runs hold tens of
+    millions."""
+    return np.int32 if max(bounds, default=0) < np.iinfo(np.int32).max - 2 else np.int64

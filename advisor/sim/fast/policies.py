@@ -27,6 +27,7 @@ import numpy as np
 
 from advisor.sim.fast.lists import (
     compiled,
+    index_dtype,
     new_rings,
     ring_link,
     ring_unlink,
@@ -364,7 +365,7 @@ def future_uses(trace: BlockTrace, skip: np.ndarray | None = None) -> tuple[np.n
     _count_uses(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, wants, use_off)  # no temporaries
     np.cumsum(use_off, out=use_off)
     # request positions: int32 while they fit (a billion-token log has tens of millions of uses)
-    use_pos = np.empty(int(use_off[-1]), np.int32 if trace.num_requests < np.iinfo(np.int32).max else np.int64)
+    use_pos = np.empty(int(use_off[-1]), index_dtype(trace.num_requests))
     _fill_uses(trace.ids, trace.offsets, trace.num_tokens, trace.block_size, wants, use_off, use_pos)
     return use_pos, use_off
 
@@ -390,7 +391,7 @@ def simulate_reference_policy(trace: BlockTrace, num_blocks: int, policy: str,
                                              bool(drop_last), hits)
     else:
         # the block cached at each sequence number: one per cached block, block ids, so int32 while they fit
-        seq_block = np.empty(len(trace.ids) + 1, np.int32 if num_blocks < np.iinfo(np.int32).max else np.int64)
+        seq_block = np.empty(len(trace.ids) + 1, index_dtype(num_blocks))
         evictions, peak = _sequential_fifo(trace.ids, trace.offsets, trace.num_tokens, bs, int(num_blocks),
                                            max(trace.num_ids, 1), request_flags(trace, skip), bool(drop_last), hits,
                                            seq_block)
