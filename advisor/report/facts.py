@@ -142,8 +142,8 @@ def top_fix(data: ReportData) -> Fact | None:
         if not fixes_raise(fixes):
             return Fact("Top prompt fix", "none raises the hit rate",
                         f"The largest breaker, {f.get('breaker')}, changes the hit rate by "
-                        f"{points(f.get('hit_rate_gain'))} when its fix is simulated; the prompts are best "
-                        "left as they are.")
+                        f"{points(f.get('hit_rate_gain'))} when fixed ({f.get('gain_source') or 'estimate'}); "
+                        "the prompts are best left as they are.")
         return Fact("Top prompt fix", f"{f.get('breaker')}: {points(f.get('hit_rate_gain'))} hit rate",
                     str(f.get("description") or ""))
     breakers = (data.stats or {}).get("breakers") or []
