@@ -14,6 +14,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
+from advisor.jsonio import dumps_compact, fast_loads, finite_or_marked
+
 # Reject causes (counted in the ingest summary).
 EMPTY = "empty"
 TOO_LONG = "too_long"
@@ -69,7 +71,8 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decode_json = json.JSONDecoder(parse_constant=_no_constants).decode
+_decode_json = json.JSONDecoder(parse_constant=_no_constants, parse_float=finite_or_marked).decode
+_BOM = "\ufeff".encode()
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -77,6 +80,9 @@ def decode_line(data: bytes, first_line: bool = False) -> dict[str, Any]:
     """The JSON object on one line (LineError for empty, non-UTF-8, invalid JSON, non-object)."""
     if not data.strip():
         raise LineError("empty line (or only whitespace); remove it", EMPTY)
+    obj = fast_loads(data[len(_BOM):] if first_line and data.startswith(_BOM) else data)
+    if isinstance(obj, dict):
+        return obj  # anything else (MISS, a non-object) is read below, which names the problem
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -252,7 +258,7 @@ def json_object(v: Any, path: str) -> dict[str, Any] | None:
 
 
 def dump_json(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    return dumps_compact(v)
 
 
 # --- request bodies ---

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from advisor import schema
 from advisor.errors import AdvisorError
+from advisor.jsonio import loads
 from advisor.tokens.chatprompt import RenderError, media_parts, render_chat
 from advisor.tokens.segments import (
     DEFAULT_CACHE_BYTES,
@@ -79,11 +80,11 @@ def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str | None)
         try:
             if kind == schema.KIND_CHAT:
                 _require_chat_template(tokenizer, spec or "")
-                msgs = json.loads(cols["messages"][i]) if cols["messages"][i] else None
-                tools = json.loads(cols["tools"][i]) if cols["tools"][i] else None
+                msgs = loads(cols["messages"][i]) if cols["messages"][i] else None
+                tools = loads(cols["tools"][i]) if cols["tools"][i] else None
                 p.media[i] = media_parts(msgs) or None
                 extra = cols["chat_template_kwargs"][i]
-                p.chat_texts.append(render_chat(tokenizer, msgs, tools, json.loads(extra) if extra else None,
+                p.chat_texts.append(render_chat(tokenizer, msgs, tools, loads(extra) if extra else None,
                                                 from_anthropic=cols["format"][i] == schema.FORMAT_ANTHROPIC))
                 p.chat_rows.append(i)
             elif kind == schema.KIND_COMPLETION:
