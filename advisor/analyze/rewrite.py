@@ -68,16 +68,14 @@ def fix_breakers(
     # A rewritten prompt's old head -> its new head, by head length: later requests that
     # carried the same head (the next turns of a conversation, the rest of a task) get the
     # same fix, as they would from a client that fixed its prompt.
-    heads: dict[int, dict[bytes, np.ndarray]] = {}
+    heads = _Heads()
     inherited = changed = 0
     for i, rid in enumerate(request_ids):
         own = tokens[i]
-        for length in sorted(heads, reverse=True):
-            new_head = heads[length].get(_head_key(own[:length])) if len(own) > length else None
-            if new_head is not None:
-                tokens[i] = np.concatenate([new_head, np.asarray(own[length:], dtype=np.int32)])
-                inherited += 1
-                break
+        length, new_head = heads.longest(own)
+        if new_head is not None:
+            tokens[i] = np.concatenate([new_head, np.asarray(own[length:], dtype=np.int32)])
+            inherited += 1
         if rid not in partner or tokens[i] is not own:
             continue
         a = index.get(partner[rid])
@@ -88,10 +86,10 @@ def fix_breakers(
                                                     np.asarray(own, dtype=np.int64), spans, applied, skipped)
         if new is not None:
             tokens[i] = new
-            heads.setdefault(cut_old, {})[_head_key(own[:cut_old])] = new[:cut_new]
+            heads.add(cut_old, own[:cut_old], new[:cut_new])
             changed += 1
         if new_a is not None:
-            heads.setdefault(len(new_a), {})[_head_key(tokens[a])] = new_a
+            heads.add(len(new_a), tokens[a], new_a)
             tokens[a] = new_a
             changed += 1
     if not applied:
@@ -109,6 +107,38 @@ def fix_breakers(
         "same_head_requests": inherited,
         "skipped": dict(skipped), "prompt_tokens_before": before, "prompt_tokens_after": after,
     }
+
+
+class _Heads:
+    """Rewritten heads: a prompt's old head -> its new head, found for a later prompt by the
+    longest old head it begins with. A head is looked up by its last TAIL tokens first, and
+    by all of its tokens only where those match: each prompt is checked against every head
+    length, and building the whole key of each would cost the prompt's length each time."""
+
+    TAIL = 16
+
+    def __init__(self) -> None:
+        self._by_length: dict[int, tuple[set[bytes], dict[bytes, np.ndarray]]] = {}
+
+    def add(self, length: int, old: Sequence[int], new: np.ndarray) -> None:
+        """`old` -> `new`, found for prompts whose first `length` tokens are `old`."""
+        tails, whole = self._by_length.setdefault(length, (set(), {}))
+        tails.add(_head_key(old[max(0, len(old) - self.TAIL):]))
+        whole[_head_key(old)] = new
+
+    def longest(self, tokens: Sequence[int]) -> tuple[int, np.ndarray | None]:
+        """(the length of the longest old head `tokens` begins with and is longer than, its new
+        head), or (0, None)."""
+        for length in sorted(self._by_length, reverse=True):
+            if len(tokens) <= length:
+                continue
+            tails, whole = self._by_length[length]
+            if _head_key(tokens[max(0, length - self.TAIL):length]) not in tails:
+                continue
+            new_head = whole.get(_head_key(tokens[:length]))
+            if new_head is not None:
+                return length, new_head
+        return 0, None
 
 
 def _head_key(head: Sequence[int]) -> bytes:
