@@ -19,7 +19,9 @@ Rules for what goes through `map`, so that every executor can run it:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 from abc import ABC, abstractmethod
 from collections import deque
@@ -141,6 +143,18 @@ class ThreadExecutor(_PoolExecutor):
                          window or workers + 1)
 
 
+def end_without_final_collection() -> None:
+    """Let this process end without the interpreter's last garbage collection.
+
+    At exit, after the atexit callbacks, the interpreter collects garbage over every object the
+    process still holds, a pass that frees nothing the operating system would not: measured,
+    0.3-0.45 s of a stage command's exit, and 0.25 s to close tokenize's workers. Registered
+    first, `gc.freeze` runs as the last atexit callback (they run last-in first-out), after
+    every other one (multiprocessing's joins, Ray's shutdown), and leaves that pass nothing to
+    walk. Called where a process begins: the console script, each worker process."""
+    atexit.register(gc.freeze)
+
+
 class ProcessExecutor(_PoolExecutor):
     """Local worker processes (spawned, so no thread pool of the parent is forked half-held)."""
 
@@ -149,8 +163,9 @@ class ProcessExecutor(_PoolExecutor):
     def __init__(self, workers: int, window: int | None = None) -> None:
         import multiprocessing
 
-        super().__init__(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")), workers,
-                         window or 2 * workers)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=end_without_final_collection)
+        super().__init__(pool, workers, window or 2 * workers)
 
     def prestart(self, fn: Callable[[T], Any], item: T) -> None:
         # one task per worker: each takes one, since a worker busy loading takes no second

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +49,44 @@ def test_a_worker_error_reaches_the_caller() -> None:
 
 def _divide_by(x: int) -> float:
     return 1 / x
+
+
+# --- processes end without the interpreter's final collection ------------------------------
+class _Loop:
+    """A reference cycle that says when the garbage collector frees it."""
+
+    def __del__(self) -> None:
+        print("a loop was collected", flush=True)
+
+
+def _leave_a_loop(_: int) -> int:
+    loop = _Loop()
+    loop.me = loop  # type: ignore[attr-defined]
+    return os.getpid()
+
+
+_SCRIPT = """
+import sys
+from advisor.executor import end_without_final_collection
+sys.path.insert(0, {tests!r})
+from test_executor import _leave_a_loop
+if sys.argv[1] == "on":
+    end_without_final_collection()
+_leave_a_loop(0)
+"""
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_process_ends_without_its_final_collection(on: bool) -> None:
+    """The cycle left at exit is collected by the interpreter's last pass unless the process
+    asked to end without it (then the operating system takes the memory back)."""
+    out = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=str(Path(__file__).parent)),
+                          "on" if on else "off"], capture_output=True, text=True, check=True).stdout
+    assert ("a loop was collected" in out) is not on
+
+
+def test_worker_processes_end_without_their_final_collection(capfd: pytest.CaptureFixture[str]) -> None:
+    with ProcessExecutor(1) as ex:
+        pids = list(ex.map(_leave_a_loop, [0]))
+    assert pids[0] != os.getpid()
+    assert "a loop was collected" not in capfd.readouterr().out  # the worker has exited: joined above

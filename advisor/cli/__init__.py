@@ -46,7 +46,7 @@ from advisor.cli.stages import (
 )
 from advisor.cli.summary import render_table, summary_rows
 from advisor.errors import AdvisorError
-from advisor.executor import remote_executor
+from advisor.executor import end_without_final_collection, remote_executor
 from advisor.ingest.stage import run_ingest
 from advisor.recommend.stage import run_recommend
 from advisor.replay.stage import run_replay
@@ -83,6 +83,13 @@ def main() -> None:
     # transformers advises at import that PyTorch is absent: true, and irrelevant to tokenizing.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _name_main_as_the_package()
+
+
+def console() -> None:
+    """The `pc-advise` console script and `python -m advisor`: the CLI, in a process that
+    ends when it returns (`end_without_final_collection`). Tests call `main` instead."""
+    end_without_final_collection()
+    main()
 
 
 def _name_main_as_the_package() -> None:
