@@ -63,11 +63,22 @@ class _Pending:
     trace_lengths: dict[int, int] = field(default_factory=dict)  # hash-trace rows: input_length
 
 
+_JSON_COLUMNS = ("messages", "tools", "chat_template_kwargs")  # JSON texts: read as their UTF-8 bytes
+
+
+def _column(batch: pa.RecordBatch | pa.Table, name: str) -> list[Any]:
+    """A column's values; a JSON text's as the bytes Arrow holds, which the JSON reader takes
+    as they are (as a str, each would be decoded here and encoded again there)."""
+    col = batch.column(name)
+    if name in _JSON_COLUMNS and pa.types.is_string(col.type):
+        col = col.cast(pa.binary())
+    return col.to_pylist()
+
+
 def _prepare(batch: pa.RecordBatch | pa.Table, tokenizer: Any, spec: str | None) -> _Pending:
     n = batch.num_rows
     # optional columns (absent from older or partial tables) read as all-null
-    cols = {c: batch.column(c).to_pylist() if c in batch.schema.names else [None] * n
-            for c in COLUMNS + OPTIONAL_COLUMNS}
+    cols = {c: _column(batch, c) if c in batch.schema.names else [None] * n for c in COLUMNS + OPTIONAL_COLUMNS}
     p = _Pending(cols["request_id"], cols["line"], [None] * n, [None] * n)
     p.out_counts = [None] * n
     p.media = [None] * n
