@@ -7,12 +7,12 @@ for text, or None. Output: a `BreakerResult`: the breaker records (stats.json "b
 Finding is generic and never looks at the text; it reads whole prompts, with no window:
 1. Candidate pairs. The part of each prompt past its shared prefix is cut into content-defined
    chunks (`hashing.content_chunks`, all requests at once by `all_content_chunks`: boundaries depend on local content, so shifted text
-   yields the same chunks). A dict maps chunk hash -> the latest request that had it past its
+   yields the same chunks). Each chunk is owned by the latest request that had it past its
    own shared prefix. A request whose remaining chunks come, for at least VOTE_SHARE of their
    tokens (and two blocks), from one earlier request is near-identical to it while losing its
    prefix: a pair. The earlier request holding its deepest such chunk and the previous request
-   of its session are candidates too; the alignment keeps the one it loses most to.
-   Cost: one pass over the tokens past each shared prefix.
+   of its session are candidates too; the alignment keeps the one it loses most to
+   (advisor/analyze/candidates.py). Cost: one pass over the tokens past each shared prefix.
 2. Alignment (advisor/analyze/align.py). Each pair is aligned over the whole of b: the chain of
    runs b shares with a, cut into regions, each a changed value or a reordering followed by
    content shared again. A region's price is what b would share if that region agreed, given
@@ -28,7 +28,6 @@ Finding is generic and never looks at the text; it reads whole prompts, with no 
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import numpy as np
 
 from advisor.analyze import labels as lb
 from advisor.analyze.align import a_window, align, regions
-from advisor.analyze.hashing import all_content_chunks
+from advisor.analyze.candidates import candidate_pairs
 from advisor.analyze.prefixes import (
     AnalysisView,
     Decode,
@@ -46,8 +45,6 @@ from advisor.analyze.prefixes import (
     ceiling_per_request,
 )
 
-VOTE_SHARE = 0.15  # of the tokens past the shared prefix that must come from one earlier request
-_CHUNK_MARGIN = 8  # units before the shared end re-chunked, so chunk boundaries past it are exact
 _EXAMPLES = 3
 _NAMED = 12  # example pairs decoded per breaker for its label
 _NAMED_SITES = 200  # sites named from text, the costliest first; the rest keep their structural label
@@ -77,58 +74,6 @@ class BreakerResult:
     breakers: list[dict[str, Any]]  # stats.json "breakers", largest loss first
     pairs: list[PairFinding]  # every priced region, in request order
     search: dict[str, Any]  # stats.json "breaker_search": what was searched
-
-
-def candidate_pairs(w: AnalysisView, p: PrefixPass, min_tokens: int) -> tuple[list[tuple[tuple[int, ...], int]], int]:
-    """(earlier candidates, later request) for near-identical prompts, and the tokens chunked.
-
-    The candidates are the earlier request that holds most of the later one's remaining
-    tokens, the one that holds its deepest such chunk, and the previous request of its
-    session (a conversation's previous turn shares the history too, not only the template).
-    """
-    last: dict[int, int] = {}
-    prev_in_session: dict[str, int] = {}
-    pairs: list[tuple[tuple[int, ...], int]] = []
-    ns_of: dict[str | None, int] = {}
-    ns = np.array([ns_of.setdefault(x, len(ns_of)) for x in w.namespaces], dtype=np.int64)
-    chunked = 0
-    # every request's chunks past its shared prefix (less a margin), in one compiled pass
-    lengths = np.diff(w.offsets)
-    chunk_from = np.maximum(0, p.shared_tokens - _CHUNK_MARGIN)
-    starts_at = np.where(lengths - p.shared_tokens >= min_tokens, w.offsets[:-1] + chunk_from, -1)
-    all_hashes, all_starts, coff = all_content_chunks(w.values, w.offsets, starts_at)
-    for r in range(len(w)):
-        units = w.units(r)
-        s = int(p.shared_tokens[r])
-        room = len(units) - s
-        before = prev_in_session.get(w.sessions[r]) if w.sessions[r] is not None else None
-        if w.sessions[r] is not None:
-            prev_in_session[w.sessions[r]] = r
-        if room < min_tokens:
-            continue
-        lo = int(chunk_from[r])
-        hashes, starts = all_hashes[coff[r] : coff[r + 1]], all_starts[coff[r] : coff[r + 1]]
-        chunked += len(units) - lo
-        keep = starts + lo >= s
-        hashes, lens = hashes[keep], np.diff(np.append(starts, len(units) - lo))[keep]
-        if last and len(hashes):
-            owners = np.array(list(map(last.get, hashes.tolist(), itertools.repeat(-1))), dtype=np.int64)
-            ok = owners >= 0
-            ok[ok] = ns[owners[ok]] == ns[r]
-            if ok.any():
-                who, inv = np.unique(owners[ok], return_inverse=True)
-                votes = np.bincount(inv, weights=lens[ok])
-                best = int(np.flatnonzero(votes == votes.max())[-1])  # ties: the latest request
-                if votes[best] >= max(min_tokens, VOTE_SHARE * room):
-                    cands = [int(who[best])]
-                    deepest = int(owners[ok][-1])
-                    if votes[int(np.searchsorted(who, deepest))] >= min_tokens:
-                        cands.append(deepest)
-                    if before is not None and ns[before] == ns[r]:
-                        cands.append(before)
-                    pairs.append((tuple(dict.fromkeys(cands)), r))
-        last.update(dict.fromkeys(hashes.tolist(), r))
-    return pairs, chunked
 
 
 def analyse_pairs(
