@@ -264,3 +264,21 @@ def test_group_requests_keeps_every_request_once() -> None:
     g = group_requests(w, prefix_pass(w, B), np.array(times + [99.0]), None)
     assert int(g.table.column("requests").to_numpy().sum()) == len(lists)
     assert g.table.column("kind").to_pylist()[-1] == KIND_ONE_SHOT
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.one_of(st.floats(-1e6, 1e6), st.just(float("nan")),
+                                                       st.just(float("inf")), st.integers(0, 9).map(float))),
+                max_size=80))
+def test_group_quantiles_equal_numpy_group_by_group(pairs) -> None:
+    """The one-sort per-group quantiles equal np.quantile(method="inverted_cdf") on each group's
+    finite values (repeated values, a group of one, groups with none)."""
+    from advisor.analyze.clusters import _group_quantiles, _quantiles
+
+    groups = np.array([g for g, _ in pairs], dtype=np.int64)
+    values = np.array([v for _, v in pairs], dtype=np.float64)
+    p50, p90 = _group_quantiles(groups, values, 7)
+    for g in range(7):
+        want = _quantiles(values[groups == g])
+        got = tuple(None if np.isnan(x) else float(x) for x in (p50[g], p90[g]))
+        assert got == want

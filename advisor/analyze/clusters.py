@@ -21,6 +21,7 @@ and the recommendation turn them into bytes with the model's KV bytes per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,11 +57,37 @@ class Groups:
 
 
 def _quantiles(values: np.ndarray) -> tuple[float | None, float | None]:
+    """The 0.5 and 0.9 quantiles of the finite values (numpy's inverted_cdf), or None: the
+    readable reference, which `_group_quantiles` equals group by group (a test checks)."""
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return None, None
     q = np.quantile(values, [0.5, 0.9], method="inverted_cdf")
     return float(q[0]), float(q[1])
+
+
+def _group_quantiles(groups: np.ndarray, values: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group 0..n_groups-1, `_quantiles` of its values, in one sort: (p50, p90), NaN for a
+    group with no finite value. Each is the sorted value at numpy's inverted_cdf index,
+    computed as numpy computes it (n x q - 1, rounded up unless whole, at least 0)."""
+    finite = np.isfinite(values)
+    groups, values = groups[finite], values[finite]
+    order = np.lexsort((values, groups))
+    values = values[order]
+    counts = np.bincount(groups, minlength=n_groups)
+    starts = np.zeros(n_groups, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    out = []
+    for q in (0.5, 0.9):
+        index = counts * q - 1
+        below = np.floor(index)
+        at = np.where(index - below == 0, below, below + 1).astype(np.intp)
+        at[at < 0] = 0
+        got = np.full(n_groups, np.nan)
+        has = counts > 0
+        got[has] = values[starts[has] + at[has]]
+        out.append(got)
+    return out[0], out[1]
 
 
 def _texts(w: AnalysisView, decode: Decode | None, owner: int, start: int, end: int) -> tuple[str | None, str | None]:
@@ -90,6 +117,7 @@ def group_requests(w: AnalysisView, p: PrefixPass, times: np.ndarray | None, dec
     gap[hit] = t[hit] - t[reuse.last_user[hit]]
     level = tree.level()
     rows: dict[str, list] = {f.name: [] for f in schema.CLUSTERS}
+    figures = _member_figures(labels, g_count + 1, w.n_tokens, ceil, hit, gap, reuse.distance)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(g_count + 2))
     for g in range(g_count + 1):
@@ -115,27 +143,30 @@ def group_requests(w: AnalysisView, p: PrefixPass, times: np.ndarray | None, dec
         rows["prefix_tokens"].append(end)
         rows["prefix_start_text"].append(head)
         rows["prefix_end_text"].append(tail)
-        _add_member_figures(rows, members, w.n_tokens, ceil, int(ceil.sum()), hit, gap, reuse.distance)
+        for name, column in figures.items():
+            rows[name].append(column[g])
     return Groups(labels, pa.table(rows, schema=schema.CLUSTERS), tree, reuse)
 
 
-def _add_member_figures(rows: dict[str, list], members: np.ndarray, n_tokens: np.ndarray, ceil: np.ndarray,
-                        total_hits: int, hit: np.ndarray, gap: np.ndarray, distance: np.ndarray) -> None:
-    """A group's figures over its members: size, ceiling, share of hits, gap and distance percentiles."""
-    tokens = int(n_tokens[members].sum())
-    shared = int(ceil[members].sum())
-    hits = members[hit[members]]
-    rows["requests"].append(len(members))
-    rows["tokens"].append(tokens)
-    rows["shared_tokens"].append(shared)
-    rows["ceiling"].append(shared / tokens if tokens else 0.0)
-    rows["hit_share"].append(shared / total_hits if total_hits else 0.0)
-    rows["reuses"].append(len(hits))
-    for name, values in (("gap", gap[hits]), ("distance", distance[hits].astype(np.float64))):
+def _member_figures(labels: np.ndarray, n_groups: int, n_tokens: np.ndarray, ceil: np.ndarray,
+                    hit: np.ndarray, gap: np.ndarray, distance: np.ndarray) -> dict[str, list[Any]]:
+    """Each group's figures over its members (`labels`): size, ceiling, share of hits, gap and
+    distance percentiles; clusters.parquet's columns by name, one value per group."""
+    requests = np.bincount(labels, minlength=n_groups)
+    tokens = np.bincount(labels, weights=n_tokens, minlength=n_groups).astype(np.int64).tolist()
+    shared = np.bincount(labels, weights=ceil, minlength=n_groups).astype(np.int64).tolist()
+    total_hits = int(ceil.sum())
+    out: dict[str, list[Any]] = {
+        "requests": requests.tolist(), "tokens": tokens, "shared_tokens": shared,
+        "ceiling": [s / t if t else 0.0 for s, t in zip(shared, tokens)],
+        "hit_share": [s / total_hits if total_hits else 0.0 for s in shared],
+        "reuses": np.bincount(labels[hit], minlength=n_groups).tolist(),
+    }
+    for name, values in (("gap", gap), ("distance", distance.astype(np.float64))):
         unit = "s" if name == "gap" else "blocks"
-        p50, p90 = _quantiles(values)
-        rows[f"{name}_p50_{unit}"].append(p50)
-        rows[f"{name}_p90_{unit}"].append(p90)
+        for q, got in zip(("p50", "p90"), _group_quantiles(labels[hit], values[hit], n_groups)):
+            out[f"{name}_{q}_{unit}"] = [None if np.isnan(v) else v for v in got.tolist()]
+    return out
 
 
 def summary(groups: Groups, block_tokens: int, listed: int) -> dict:
