@@ -16,7 +16,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("advisor.version", "advisor.errors", "advisor.schema", "advisor.vllm_versions"),
     ("advisor.blockhash", "advisor.kvmemory", "advisor.kvlayers", "advisor.kvlayout", "advisor.runfolder",
      "advisor.workload",
-     "advisor.executor", "advisor.executor_ray", "advisor.compiled"),
+     "advisor.executor", "advisor.executor_ray", "advisor.compiled", "advisor.jsonio"),
     ("advisor.ingest",),
     ("advisor.tokens",),
     ("advisor.analyze", "advisor.sim"),
