@@ -270,6 +270,20 @@ def test_replay_not_run_says_how_to_confirm(tmp_path: Path) -> None:
     assert "Prediction unconfirmed" in md and f"pc-advise replay {run}\n" in md
 
 
+def test_the_replay_reason_shows_its_command_as_code(tmp_path: Path) -> None:
+    """replay.json's reason is our sentence with the command in backticks (`--no-replay`): the
+    summary and the replay section show it as code, not as escaped backticks."""
+    run = write_fixture_run(tmp_path / "r", replay_status="not_run")
+    replay = json.loads((run / rf.REPLAY).read_text())
+    replay["reason"] = "replay skipped (--no-replay): the prediction is unconfirmed; confirm it with `pc-advise replay out`."
+    (run / rf.REPLAY).write_text(json.dumps(replay))
+    md = md_report.render(load(run))
+    page = html_report.render(load(run))
+    lines = [ln for ln in md.splitlines() if "pc-advise replay out`" in ln]
+    assert len(lines) == 2 and not any("\\`" in ln for ln in lines)  # summary line and replay section
+    assert page.count("<code>pc-advise replay out</code>") == 2  # summary card and replay note
+
+
 # --- golden Markdown ----------------------------------------------------------------------
 def test_markdown_matches_golden(run_dir: Path) -> None:
     doc = md_report.render(load(run_dir), include_timings=False)

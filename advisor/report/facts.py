@@ -70,6 +70,7 @@ class Fact:
     label: str
     value: str
     detail: str = ""
+    prose: bool = False  # the detail is our own sentence: `backticked` names show as code
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def summary(data: ReportData) -> list[Fact]:
     if fix:
         out.append(fix)
     rs = replay_status(data)
-    out.append(Fact("Replay", rs.headline, rs.detail))
+    out.append(Fact("Replay", rs.headline, rs.detail, prose=True))
     return out
 
 

@@ -147,8 +147,9 @@ def _summary(data: ReportData) -> str:
     rs = fx.replay_status(data)
     for f in fx.summary(data):
         level = rs.level if f.label == "Replay" else ""
+        detail = _prose(f.detail) if f.prose else esc(f.detail)
         cards.append(f'<div class="card {level}"><div class="label">{esc(f.label)}</div>'
-                     f'<div class="value">{esc(f.value)}</div><div class="detail">{esc(f.detail)}</div></div>')
+                     f'<div class="value">{esc(f.value)}</div><div class="detail">{detail}</div></div>')
     out = [f'<section id="summary"><h2>Summary</h2><div class="cards">{"".join(cards)}</div>']
     rec = data.recommendation
     if rec is None:
@@ -391,7 +392,7 @@ def _clusters(data: ReportData) -> str:
 def _replay(data: ReportData) -> str:
     rs = fx.replay_status(data)
     out = ['<section id="replay"><h2>Replay through vLLM</h2>',
-           f'<div class="note {rs.level}"><b>{esc(rs.headline)}.</b> {esc(rs.detail)}</div>']
+           f'<div class="note {rs.level}"><b>{esc(rs.headline)}.</b> {_prose(rs.detail)}</div>']
     if rs.commands:
         out.append(f"<pre>{esc(chr(10).join(rs.commands))}</pre>")
     rp = data.replay

@@ -94,7 +94,7 @@ def _shell(cmds: Sequence[str]) -> str:
 
 def _summary(data: ReportData) -> list[str]:
     out = ["## Summary", ""]
-    out += [f"- **{md_text(f.label)}:** {md_text(f.value)}" + (f" — {md_text(f.detail)}" if f.detail else "")
+    out += [f"- **{md_text(f.label)}:** {md_text(f.value)}" + (f" — {md_prose(f.detail) if f.prose else md_text(f.detail)}" if f.detail else "")
             for f in fx.summary(data)]
     out.append("")
     rec = data.recommendation
@@ -305,7 +305,7 @@ def _clusters(data: ReportData) -> list[str]:
 
 def _replay(data: ReportData) -> list[str]:
     rs = fx.replay_status(data)
-    out = ["## Replay through vLLM", "", f"**{md_text(rs.headline)}.** {md_text(rs.detail)}", ""]
+    out = ["## Replay through vLLM", "", f"**{md_text(rs.headline)}.** {md_prose(rs.detail)}", ""]
     if rs.commands:
         out += [_shell(rs.commands), ""]
     rp = data.replay
