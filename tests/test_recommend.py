@@ -170,7 +170,7 @@ def test_prefers_concurrent_warm_rows_and_says_so() -> None:
     out = recommend(table, None, RecommendOptions())
     assert out["view"] == {"policy": "lru", "mode": "concurrent", "window": "warm"}
     assert out["recommended"]["hit_rate"] == 0.70
-    assert "concurrent simulation, warm window" in out["reasoning"][1]
+    assert "concurrent simulation's warm window" in out["reasoning"][1]
 
 
 def test_offloading_when_the_curve_climbs_past_the_gpu() -> None:

@@ -103,7 +103,7 @@ def describe(view: Mapping[str, str]) -> str:
     """What the recommendation read, for its reasoning."""
     mode, window = view["mode"], view["window"]
     return (
-        f"Read the {mode} simulation, {window} window ("
+        f"Hit rates here come from the {mode} simulation's {window} window ("
         + ("steady state after the warm-up; the cold figure counts the cache filling up" if window == WINDOW_WARM
            else "whole log, including the cache filling up")
         + ("; arrivals at logged times with running requests holding their blocks)" if mode == MODE_CONCURRENT
