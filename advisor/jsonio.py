@@ -48,13 +48,13 @@ def finite_or_marked(literal: str) -> float:
     return value if value - value == 0.0 else NonFinite(value)
 
 
-def fast_loads(text: bytes | str) -> Any:
+def fast_loads(text: bytes | bytearray | memoryview | str) -> Any:
     """The value of `text` as `json.loads` reads it, or MISS (module docstring)."""
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         return MISS
-    digits = (text if isinstance(text, bytes) else text.encode("utf-8")).translate(_DIGITS_TO_NUL)
+    digits = (text.encode("utf-8") if isinstance(text, str) else bytes(text)).translate(_DIGITS_TO_NUL)
     return MISS if _RUN in digits or _NEGATIVE_RUN in digits else value
 
 

@@ -131,3 +131,9 @@ def test_ingest_keeps_big_integers_and_overflowing_numbers_in_the_texts_it_write
     assert rows[0]["tools"] == json.dumps(tools, separators=(",", ":"))  # orjson alone: "maximum":null
     assert "123456789012345678901234567890" in rows[1]["messages"]  # orjson alone: 1.2345678901234568e+29
     assert [json.loads(r["messages"]) for r in rows] == [plain, big, plain]
+
+
+def test_any_bytes_like_text_is_read():
+    for text in (b'{"a": [1, 2]}', bytearray(b'{"a": [1, 2]}'), memoryview(b'{"a": [1, 2]}')):
+        assert fast_loads(text) == {"a": [1, 2]}
+    assert fast_loads(bytearray(b'{"a": 18446744073709551616}')) is MISS
