@@ -495,3 +495,31 @@ def test_fixes_that_only_lose_hit_rate_are_not_offered_as_fixes(run_dir: Path) -
     fact = facts.top_fix(lost)
     assert fact is not None and fact.value == "none raises the hit rate" and "-0.16 pp" in fact.detail
     assert "Prompt changes that raise the ceiling" in md_report.render(data)  # the fixture's fix gains
+
+
+def test_an_overloaded_engine_gets_no_speed_up_ratio(tmp_path: Path) -> None:
+    """Caching off is overloaded at the logged rate (its queue grows with the log): its TTFT is
+    marked, the on/off column gives no ratio, and the verdict says overloaded, not 'cuts'."""
+    from advisor.report.facts import overlap_rows, time_facts
+
+    run = write_fixture_run(tmp_path / "r")
+    rec = json.loads((run / rf.RECOMMENDATION).read_text())
+    figures = {"hit_rate": 0.5, "ttft_p50_s": 0.05, "ttft_p95_s": 0.09, "ttft_p99_s": 0.1, "e2e_p50_s": 0.05,
+               "e2e_p95_s": 0.09, "prefill_s": 10.0, "throughput_rps": 100.0}
+    slow = {**figures, "hit_rate": 0.0, "ttft_p50_s": 1835.8, "ttft_p95_s": 3489.1, "ttft_p99_s": 3642.4,
+            "e2e_p50_s": 1835.8, "e2e_p95_s": 3489.1, "prefill_s": 80.0, "throughput_rps": 4.5}
+    rec["time"] = {"block_size": 16, "num_blocks": 100, "scheduling": "sync", "arrival_rps": 20.0,
+                   "clock": {"kind": "flat", "basis": "flat rates"}, "overloaded": {"on": False, "off": True},
+                   "logged_rate": {"on": figures, "off": slow}, "saturated": {"on": figures, "off": slow},
+                   "saturated_throughput_gain": 22.2, "replicas_saved_share": 0.955}
+    (run / rf.RECOMMENDATION).write_text(json.dumps(rec))
+    data = load(run)
+    _, rows, verdict = time_facts(data)
+    ttft = dict((r[0], r[1:]) for r in rows)["TTFT p50 at the logged rate"]
+    assert ttft == ("1835.8 s (overloaded)", "50 ms", "— (overloaded)")
+    assert dict((r[0], r[1:]) for r in rows)["prefill GPU time, whole log"][2] == "8.00x faster"  # not a queue time
+    assert "without caching is overloaded" in verdict and "cuts median TTFT" not in verdict
+    overlap, _ = overlap_rows(data)
+    assert overlap[1][2] == "1835.8 s (overloaded)" and overlap[0][2] == "50 ms"
+    for doc in (md_report.render(data), html_report.render(data)):
+        assert "(overloaded)" in doc and "36716" not in doc

@@ -420,10 +420,19 @@ def time_facts(data: ReportData) -> tuple[str, list[tuple[str, ...]], str] | Non
         return None
     lr, sat = t["logged_rate"], t["saturated"]
     on, off = lr["on"], lr["off"]
-    rows = [(f"TTFT {p} at the logged rate", secs(off[f"ttft_{p}_s"]), secs(on[f"ttft_{p}_s"]),
-             _times(off[f"ttft_{p}_s"], on[f"ttft_{p}_s"])) for p in ("p50", "p95", "p99")]
-    rows += [(f"end-to-end {p} at the logged rate", secs(off[f"e2e_{p}_s"]), secs(on[f"e2e_{p}_s"]),
-              _times(off[f"e2e_{p}_s"], on[f"e2e_{p}_s"])) for p in ("p50", "p95")]
+    over = {name for name, yes in (t.get("overloaded") or {}).items() if yes}
+
+    def at_logged_rate(what: str) -> tuple[str, str, str]:
+        """(off, on, ratio) of a time at the logged rate: an overloaded engine's time is marked, and
+        no ratio is given against it (its queue grows with the log's length: docs/simulate.md,
+        section Step time)."""
+        off_cell, on_cell = (secs(v[what]) + (" (overloaded)" if name in over else "")
+                             for name, v in (("off", off), ("on", on)))
+        ratio = "— (overloaded)" if over & {"off", "on"} else _times(off[what], on[what])
+        return off_cell, on_cell, ratio
+
+    rows = [(f"TTFT {p} at the logged rate", *at_logged_rate(f"ttft_{p}_s")) for p in ("p50", "p95", "p99")]
+    rows += [(f"end-to-end {p} at the logged rate", *at_logged_rate(f"e2e_{p}_s")) for p in ("p50", "p95")]
     rows += [("prefill GPU time, whole log", secs(off["prefill_s"]), secs(on["prefill_s"]),
               _times(off["prefill_s"], on["prefill_s"])),
              ("hit rate, whole log", pct(off["hit_rate"]), pct(on["hit_rate"]), ""),
@@ -435,17 +444,21 @@ def time_facts(data: ReportData) -> tuple[str, list[tuple[str, ...]], str] | Non
     caption = (f"Predicted by concurrent mode at block size {t['block_size']}, {num(t['num_blocks'])} blocks, "
                f"{t.get('scheduling')} scheduling; each step priced by the {clock_text(t['clock'])}. "
                "Caching off is the same engine with no cache read.")
-    verdict = (f"At the logged rate caching cuts median TTFT from {secs(off['ttft_p50_s'])} to "
-               f"{secs(on['ttft_p50_s'])}.")
+    if "off" in over and "on" not in over:
+        verdict = (f"At the logged rate the engine without caching is overloaded (median TTFT "
+                   f"{secs(off['ttft_p50_s'])} and growing with the log), with caching it is {secs(on['ttft_p50_s'])}.")
+    else:
+        verdict = (f"At the logged rate caching cuts median TTFT from {secs(off['ttft_p50_s'])} to "
+                   f"{secs(on['ttft_p50_s'])}.")
     if t.get("saturated_throughput_gain"):
         verdict += (f" At full load the engine completes {_rate(sat['on']['throughput_rps'])} with caching and "
                     f"{_rate(sat['off']['throughput_rps'])} without ({t['saturated_throughput_gain']:.2f}x): at the "
                     f"same peak load, caching saves {t['replicas_saved_share']:.0%} of the replicas.")
-    over = [name for name in ("off", "on") if (t.get("overloaded") or {}).get(name)]
-    if over:
+    if over & {"off", "on"}:
         which = {"off": "without caching", "on": "with caching"}
         verdict += (f" The log arrives at {_rate(t['arrival_rps'])}, more than this engine sustains "
-                    f"{' or '.join(which[k] for k in over)}: at the logged rate its queue grows for the whole "
+                    f"{' or '.join(which[k] for k in ('off', 'on') if k in over)}: at the logged rate its queue "
+                    "grows for the whole "
                     "log, so those TTFT figures measure the log's length more than the engine. Compare the "
                     "sustained rates"
                     + (", or give --model and --gpu for a roofline clock." if (t.get("clock") or {}).get("kind")
@@ -469,8 +482,11 @@ def overlap_rows(data: ReportData) -> tuple[list[tuple[str, ...]], str | None] |
     if not t:
         return None
     lr, sat = t["logged_rate"], t["saturated"]
-    rows = [(label, pct(lr[k]["hit_rate"]), secs(lr[k]["ttft_p50_s"]), secs(lr[k]["ttft_p95_s"]),
-             _rate(sat[k]["throughput_rps"])) for k, label in _OVERLAP if k in lr and k in sat]
+    over = t.get("overloaded") or {}
+    mark = lambda k: " (overloaded)" if over.get(k) else ""  # noqa: E731
+    rows = [(label, pct(lr[k]["hit_rate"]), secs(lr[k]["ttft_p50_s"]) + mark(k),
+             secs(lr[k]["ttft_p95_s"]) + mark(k), _rate(sat[k]["throughput_rps"]))
+            for k, label in _OVERLAP if k in lr and k in sat]
     fixed = t.get("breakers_fixed") or {}
     why = None if "breakers_fixed" in lr else (fixed.get("reason") or "analyze's findings were not available")
     return rows, why

@@ -266,7 +266,7 @@ def _draw_ttft(fig: Figure, on: Sequence[tuple[float, float, float]], off: tuple
     ax.set_xlabel("KV cache memory (GiB, log scale)" if use_gib
                   else "KV cache capacity (tokens = blocks x block size, log scale)")
     ax.set_ylabel("time to first token (ms, log scale)")
-    ax.legend(loc="upper right", fontsize=8.5)
+    ax.legend(loc="best", fontsize=8.5)  # caching off's lines may run along the top
 
 
 def ttft_curve(data: ReportData) -> str | None:
