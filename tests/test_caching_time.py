@@ -106,7 +106,7 @@ def test_the_report_says_what_caching_buys_in_time(tmp_path) -> None:
 def test_the_report_quotes_a_timed_replay_as_measured_not_predicted() -> None:
     from types import SimpleNamespace
 
-    from advisor.report.facts import measured_time_text
+    from advisor.report.timefacts import measured_time_text
 
     replay = {"time": {"device": "cpu", "model": "tiny", "runs": [
         {"mode": "sequential", "arrivals": None, "ratios": {"on_vs_off": {"ttft_p50": 0.14, "requests_per_s": 6.1}}},

@@ -500,7 +500,7 @@ def test_fixes_that_only_lose_hit_rate_are_not_offered_as_fixes(run_dir: Path) -
 def test_an_overloaded_engine_gets_no_speed_up_ratio(tmp_path: Path) -> None:
     """Caching off is overloaded at the logged rate (its queue grows with the log): its TTFT is
     marked, the on/off column gives no ratio, and the verdict says overloaded, not 'cuts'."""
-    from advisor.report.facts import overlap_rows, time_facts
+    from advisor.report.timefacts import overlap_rows, time_facts
 
     run = write_fixture_run(tmp_path / "r")
     rec = json.loads((run / rf.RECOMMENDATION).read_text())

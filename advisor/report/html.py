@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from advisor.report import facts as fx
+from advisor.report import timefacts as tf
 from advisor.report import plots
 from advisor.report.clusters import group_facts, group_points
 from advisor.report.layout import LAYOUT_HEADER, layout_facts
@@ -213,7 +214,7 @@ def _layout(data: ReportData) -> str:
 
 
 def _time(data: ReportData) -> str:
-    facts = fx.time_facts(data)
+    facts = tf.time_facts(data)
     if facts is None:
         return ""
     caption, rows, verdict = facts
@@ -221,16 +222,16 @@ def _time(data: ReportData) -> str:
             + _figure(plots.ttft_curve(data), "Predicted TTFT (p50 and p95, concurrent mode at the logged rate) at "
                       "the recommended block size as the KV cache grows; the dotted lines are caching off.",
                       "No concurrent rows with times to plot.")
-            + f"<p>{esc(caption)}</p>" + _table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)) + _overlap(data)
+            + f"<p>{esc(caption)}</p>" + _table(tf.TIME_HEADER, rows, numeric=(1, 2, 3)) + _overlap(data)
             + "</section>")
 
 
 def _overlap(data: ReportData) -> str:
-    overlap = fx.overlap_rows(data)
+    overlap = tf.overlap_rows(data)
     if not overlap:
         return ""
     rows, why = overlap
-    return ("<h3>High vs low overlap, on this log</h3>" + _table(fx.OVERLAP_HEADER, rows, numeric=(1, 2, 3, 4))
+    return ("<h3>High vs low overlap, on this log</h3>" + _table(tf.OVERLAP_HEADER, rows, numeric=(1, 2, 3, 4))
             + (f"<p>Breakers fixed: not predicted ({esc(why)}).</p>" if why else ""))
 
 

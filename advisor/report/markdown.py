@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from advisor.report import facts as fx
+from advisor.report import timefacts as tf
 from advisor.report.clusters import group_facts
 from advisor.report.layout import LAYOUT_HEADER, layout_facts
 from advisor.report.model import ReportData
@@ -153,16 +154,16 @@ def _layout(data: ReportData) -> list[str]:
 
 
 def _time(data: ReportData) -> list[str]:
-    facts = fx.time_facts(data)
+    facts = tf.time_facts(data)
     if facts is None:
         return []
     caption, rows, verdict = facts
     out = ["## What caching buys in time", "", md_text(verdict), "", md_text(caption), "",
-           table(fx.TIME_HEADER, rows, numeric=(1, 2, 3)), ""]
-    overlap = fx.overlap_rows(data)
+           table(tf.TIME_HEADER, rows, numeric=(1, 2, 3)), ""]
+    overlap = tf.overlap_rows(data)
     if overlap:
         rows, why = overlap
-        out += ["### High vs low overlap, on this log", "", table(fx.OVERLAP_HEADER, rows, numeric=(1, 2, 3, 4)), ""]
+        out += ["### High vs low overlap, on this log", "", table(tf.OVERLAP_HEADER, rows, numeric=(1, 2, 3, 4)), ""]
         if why:
             out += [f"Breakers fixed: not predicted ({md_text(why)}).", ""]
     return out
