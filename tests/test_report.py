@@ -284,6 +284,19 @@ def test_the_replay_reason_shows_its_command_as_code(tmp_path: Path) -> None:
     assert page.count("<code>pc-advise replay out</code>") == 2  # summary card and replay note
 
 
+def test_a_log_without_sessions_says_so_instead_of_dashes(tmp_path: Path) -> None:
+    """stats.json's reuse_sources without sessions (a log of bare request bodies) reads as a
+    sentence saying why, not 'same session: — (—); across requests: —'."""
+    run = write_fixture_run(tmp_path / "r")
+    stats = json.loads((run / rf.STATS).read_text())
+    stats["reuse_sources"] = {"sessions_known": False, "same_session_tokens": None, "cross_request_tokens": None,
+                              "same_session_share": None, "note": "the log has no session or conversation ids"}
+    (run / rf.STATS).write_text(json.dumps(stats))
+    data = load(run)
+    for doc in (md_report.render(data), stdhtml.unescape(html_report.render(data))):
+        assert "names no session or conversation" in doc and "same session: —" not in doc
+
+
 # --- golden Markdown ----------------------------------------------------------------------
 def test_markdown_matches_golden(run_dir: Path) -> None:
     doc = md_report.render(load(run_dir), include_timings=False)
@@ -523,3 +536,9 @@ def test_an_overloaded_engine_gets_no_speed_up_ratio(tmp_path: Path) -> None:
     assert overlap[1][2] == "1835.8 s (overloaded)" and overlap[0][2] == "50 ms"
     for doc in (md_report.render(data), html_report.render(data)):
         assert "(overloaded)" in doc and "36716" not in doc
+
+
+def test_a_small_loss_does_not_read_as_zero() -> None:
+    from advisor.report.facts import share
+
+    assert (share(0.00008), share(0.0), share(0.5), share(None)) == ("<0.1%", "0.0%", "50.0%", "—")

@@ -39,6 +39,16 @@ def pct(x: Any, digits: int = 1) -> str:
         return str(x)
 
 
+def share(x: Any) -> str:
+    """`pct`, where a share that is not zero never reads as 0.0% ("<0.1%")."""
+    try:
+        if x is not None and 0 < float(x) < 0.0005:
+            return "<0.1%"
+    except (TypeError, ValueError):
+        pass
+    return pct(x)
+
+
 def points(x: Any) -> str:
     """A difference of rates, in percentage points."""
     if x is None:
@@ -150,7 +160,7 @@ def top_fix(data: ReportData) -> Fact | None:
     breakers = (data.stats or {}).get("breakers") or []
     if breakers:
         b = max(breakers, key=lambda b: float(b.get("rate_lost") or 0.0))
-        return Fact("Top cache breaker", f"{b.get('label')}: {pct(b.get('rate_lost'))} of prompt tokens lost",
+        return Fact("Top cache breaker", f"{b.get('label')}: {share(b.get('rate_lost'))} of prompt tokens lost",
                     str(b.get("description") or ""))
     return None
 
@@ -357,6 +367,20 @@ def config_rows(rec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         (label, f(a.get(k)) if a.get(k) is not None else "—", (f(b.get(k)) if b.get(k) is not None else "—") if b else "")
         for label, k, f in spec
     ]
+
+
+def reuse_sources_text(stats: Mapping[str, Any]) -> str | None:
+    """stats.json's `reuse_sources` in a sentence: reuse within a session against across
+    requests, or why the log cannot tell them apart (it names no sessions)."""
+    rsrc = stats.get("reuse_sources") or {}
+    if not rsrc:
+        return None
+    if rsrc.get("sessions_known") is False or rsrc.get("same_session_tokens") is None:
+        return ("The log names no session or conversation, so reuse within a conversation is not told apart "
+                "from reuse across requests; a `user` field or a session id on each request gives the split "
+                "(docs/formats.md).")
+    return (f"Reusable tokens from the same session: {num(rsrc.get('same_session_tokens'))} "
+            f"({pct(rsrc.get('same_session_share'))}); across requests: {num(rsrc.get('cross_request_tokens'))}.")
 
 
 def tokenizer_note(data: ReportData) -> str:

@@ -304,11 +304,9 @@ def _prompts(data: ReportData) -> str:
         f"any cache size). {fx.num(st.get('requests'))} requests.",
         "No shared-prefix histogram in stats.json.",
     ))
-    rsrc = st.get("reuse_sources") or {}
-    if rsrc:
-        out.append(f"<p>Reusable tokens from the same session: {esc(fx.num(rsrc.get('same_session_tokens')))} "
-                   f"({esc(fx.pct(rsrc.get('same_session_share')))}); across requests: "
-                   f"{esc(fx.num(rsrc.get('cross_request_tokens')))}.</p>")
+    reuse = fx.reuse_sources_text(st)
+    if reuse:
+        out.append(f"<p>{_prose(reuse)}</p>")
     by_model = st.get("by_model") or {}
     if len(by_model) > 1:
         out.append("<h3>By model</h3>" + _table(
@@ -341,7 +339,7 @@ def _prompts(data: ReportData) -> str:
         out.append(
             f'<div class="note warn"><b>{esc(b.get("label"))}</b> at token {esc(fx.num(b.get("position_token")))} '
             f'(block {esc(fx.num(b.get("position_block")))}): {esc(fx.num(b.get("requests_affected")))} requests, '
-            f'{esc(fx.num(b.get("tokens_lost")))} tokens lost ({esc(fx.pct(b.get("rate_lost")))} of all prompt tokens). '
+            f'{esc(fx.num(b.get("tokens_lost")))} tokens lost ({esc(fx.share(b.get("rate_lost")))} of all prompt tokens). '
             f'{esc(b.get("description"))}</div>'
         )
         ex = b.get("examples") or []

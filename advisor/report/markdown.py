@@ -225,11 +225,9 @@ def _prompts(data: ReportData) -> list[str]:
                  f"{fx.num(edges[i + 1]) if i + 1 < len(edges) else '…'}", fx.num(c)) for i, c in enumerate(counts)]
         out += ["Longest prefix each request shares with an earlier one (tokens):", "",
                 table(("shared prefix (tokens)", "requests"), rows, numeric=(1,)), ""]
-    rsrc = st.get("reuse_sources") or {}
-    if rsrc:
-        out += [f"Reusable tokens from the same session: {fx.num(rsrc.get('same_session_tokens'))} "
-                f"({fx.pct(rsrc.get('same_session_share'))}); across requests: "
-                f"{fx.num(rsrc.get('cross_request_tokens'))}.", ""]
+    reuse = fx.reuse_sources_text(st)
+    if reuse:
+        out += [md_prose(reuse), ""]
     by_model = st.get("by_model") or {}
     if len(by_model) > 1:
         out += ["### By model", "", table(
@@ -259,7 +257,7 @@ def _prompts(data: ReportData) -> list[str]:
     if breakers:
         out += [table(("breaker", "at token", "at block", "requests", "tokens lost", "share lost", "description"),
                       [(b.get("label"), fx.num(b.get("position_token")), fx.num(b.get("position_block")),
-                        fx.num(b.get("requests_affected")), fx.num(b.get("tokens_lost")), fx.pct(b.get("rate_lost")),
+                        fx.num(b.get("requests_affected")), fx.num(b.get("tokens_lost")), fx.share(b.get("rate_lost")),
                         b.get("description")) for b in breakers], numeric=range(1, 6)), ""]
         for b in breakers:
             for e in b.get("examples") or []:
