@@ -22,7 +22,6 @@ standard-library path decides:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -58,10 +57,10 @@ def fast_loads(text: bytes | bytearray | memoryview | str) -> Any:
     return MISS if _RUN in digits or _NEGATIVE_RUN in digits else value
 
 
-def loads(text: bytes | str, standard: Callable[[Any], Any] = json.loads) -> Any:
-    """`standard(text)`'s value (`json.loads` by default), through orjson where it agrees."""
+def loads(text: bytes | str) -> Any:
+    """`json.loads(text)`'s value, through orjson where it agrees."""
     value = fast_loads(text)
-    return standard(text) if value is MISS else value
+    return json.loads(text) if value is MISS else value
 
 
 def dumps_compact(value: Any) -> str:

@@ -54,3 +54,15 @@ def test_every_request_chunks_as_it_does_alone(rows, avg) -> None:
         want_h, want_s = content_chunks(np.array(units[min(k, len(units)):], dtype=np.int64), avg)
         np.testing.assert_array_equal(hashes[coff[r] : coff[r + 1]], want_h)
         np.testing.assert_array_equal(chunk_starts[coff[r] : coff[r + 1]], want_s)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=120), st.lists(st.integers(0, 3), max_size=120))
+def test_common_prefix_len_equals_counting_one_by_one(a, b) -> None:
+    """Short arrays (compared as lists) and long ones (in growing numpy slices) alike."""
+    from advisor.analyze.hashing import common_prefix_len
+
+    want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert common_prefix_len(np.array(a, np.int32), np.array(b, np.int32)) == want
+    shared = list(range(200)) + a  # a long common part first: the slice path
+    assert common_prefix_len(np.array(shared, np.int32), np.array(list(range(200)) + b, np.int32)) == 200 + want

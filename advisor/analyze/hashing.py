@@ -108,10 +108,20 @@ def _chain_all(values, offsets, hoff, block, namespaces, out):  # type: ignore[n
             out[hoff[r] + d] = _mix1(poly ^ ((np.uint64(d + 1) * k_depth) ^ namespaces[r]))
 
 
+_SHORT = 32  # at most this many elements are compared as Python lists: cheaper than numpy calls
+
+
 def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
     """Number of leading equal elements of two 1-d arrays, in time proportional to the answer
     (compared in growing slices), not to the arrays' length."""
     k = min(len(a), len(b))
+    if k <= _SHORT:
+        n = 0
+        for x, y in zip(a[:k].tolist(), b[:k].tolist()):
+            if x != y:
+                break
+            n += 1
+        return n
     i, step = 0, 32
     while i < k:
         j = min(k, i + step)

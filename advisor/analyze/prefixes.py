@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from advisor import workload
-from advisor.analyze.hashing import all_chained_hashes
+from advisor.analyze.hashing import all_chained_hashes, common_prefix_len
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -131,9 +131,8 @@ def prefix_pass(w: AnalysisView, block_size: int) -> PrefixPass:
         if len(tail) and not w.hash_trace:
             key = parent ^ (int(tail[0]) * 0x9E3779B97F4A7C15 & _MASK)
             pool = cands.setdefault(key, [])
-            mine = tail.tolist()  # at most a block: compared in Python, cheaper than numpy calls
             for c in ([b] if b >= 0 else []) + pool:
-                e = _common_prefix(mine, w.units(c)[m * unit_block : (m + 1) * unit_block].tolist())
+                e = common_prefix_len(tail, w.units(c)[m * unit_block : (m + 1) * unit_block])
                 if e > ext:
                     ext, b = e, c
             if len(pool) < _MAX_CANDIDATES:
@@ -153,17 +152,6 @@ def prefix_pass(w: AnalysisView, block_size: int) -> PrefixPass:
                 same[r] += ext
     blocks = np.minimum(shared // block_tokens, hash_offsets[1:] - hash_offsets[:-1])
     return PrefixPass(shared, blocks, best, same, hashes, hash_offsets, block_tokens)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading elements of two short lists are equal (`hashing.common_prefix_len`
-    for long arrays)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _codes(values: Sequence[str | None]) -> np.ndarray:

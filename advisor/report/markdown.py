@@ -95,8 +95,9 @@ def _shell(cmds: Sequence[str]) -> str:
 
 def _summary(data: ReportData) -> list[str]:
     out = ["## Summary", ""]
-    out += [f"- **{md_text(f.label)}:** {md_text(f.value)}" + (f" — {md_prose(f.detail) if f.prose else md_text(f.detail)}" if f.detail else "")
-            for f in fx.summary(data)]
+    for f in fx.summary(data):
+        detail = (md_prose(f.detail) if f.prose else md_text(f.detail)) if f.detail else ""
+        out.append(f"- **{md_text(f.label)}:** {md_text(f.value)}" + (f" — {detail}" if detail else ""))
     out.append("")
     rec = data.recommendation
     if rec is None:
